@@ -1,0 +1,111 @@
+"""Atomic file writes, JSONL, and the provenance block every artifact carries."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write to a temp file in the same folder, fsync, then rename over the target."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def append_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
+    """Append rows and fsync, so a kill loses at most the line being written."""
+    with open(path, "a") as f:
+        for row in rows:
+            f.write(json.dumps(row, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
+    """Rows of a JSONL file; a torn last line (from a kill mid-write) is skipped."""
+    with open(path) as f:
+        lines = f.readlines()
+    for i, line in enumerate(lines):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                return  # torn final line
+            raise ValueError(f"{path}: line {i + 1} is not valid JSON") from None
+
+
+def repair_jsonl(path: str | os.PathLike) -> int:
+    """Drop a torn last line in place (before appending after a kill); returns rows kept."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    rows = list(read_jsonl(path))
+    atomic_write_text(path, "".join(json.dumps(r, default=str) + "\n" for r in rows))
+    return len(rows)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def provenance(model: Any = None, config: Any = None, seed: int | None = None) -> dict:
+    """What made an artifact: model id and weights hash, config, seed, package versions."""
+    from . import __version__
+
+    prov: dict[str, Any] = {
+        "steerdiff_version": __version__,
+        "torch_version": torch.__version__,
+        "python": platform.python_version(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    try:
+        import transformers
+
+        prov["transformers_version"] = transformers.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    if model is not None and hasattr(model, "provenance"):
+        prov.update(model.provenance())
+    if config is not None:
+        prov["config"] = config.model_dump() if hasattr(config, "model_dump") else config
+    if seed is not None:
+        prov["seed"] = seed
+    return prov
