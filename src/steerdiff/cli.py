@@ -68,6 +68,8 @@ def info(
 
 
 # Commands from other modules register themselves here (one import line each).
+from . import commands_fit as _commands_fit; _commands_fit.register(app)  # noqa: E402,E702
+from . import commands_read as _commands_read; _commands_read.register(app)  # noqa: E402,E702
 
 
 def main() -> None:  # pragma: no cover

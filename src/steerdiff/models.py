@@ -11,6 +11,8 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,9 +106,8 @@ def embedded_gemma3_path() -> Path:
 def _file_sha256(path: Path) -> str:
     """sha256 of a file, cached beside the user's cache keyed by path, size and mtime."""
     stat = path.stat()
-    cache_dir = Path(os.environ.get("STEERDIFF_CACHE", Path.home() / ".cache" / "steerdiff"))
     key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
-    cache_file = cache_dir / "hashes" / key
+    cache_file = cache_dir() / "hashes" / key
     if cache_file.exists():
         return cache_file.read_text().strip()
     h = hashlib.sha256()
@@ -193,9 +194,9 @@ def load_model(
     a hub id ("Qwen/Qwen2.5-7B-Instruct"), a local model folder, or a .gguf file
     (dequantised to ``dtype`` by transformers).
     """
-    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     if isinstance(dtype, str) and dtype not in DTYPES:
         raise ModelLoadError(f"Unknown dtype {dtype!r}; use one of {sorted(DTYPES)}.")
+    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError("device='cuda' was asked for but no CUDA GPU is visible; use 'cpu'.")
@@ -203,12 +204,10 @@ def load_model(
     t0 = time.perf_counter()
     try:
         if kind == "gguf":
-            folder = str(Path(location).parent)
-            model = AutoModelForCausalLM.from_pretrained(
-                folder, gguf_file=gguf_file, dtype=torch_dtype
-            )
-            tok = AutoTokenizer.from_pretrained(tokenizer_spec or folder, gguf_file=gguf_file)
             whash = weights_hash_of_files([Path(location)])
+            folder = _converted_gguf_folder(Path(location), whash)
+            model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype)
+            tok = AutoTokenizer.from_pretrained(tokenizer_spec or str(folder))
         else:
             model = AutoModelForCausalLM.from_pretrained(str(location), dtype=torch_dtype)
             tok = AutoTokenizer.from_pretrained(tokenizer_spec or str(location))
@@ -230,8 +229,13 @@ def load_model(
                 "or a local model folder or .gguf file path."
             ) from e
         raise ModelLoadError(f"Could not load {location}: {e}") from e
-    except (ValueError, KeyError) as e:
-        raise ModelLoadError(f"Could not load {location}: {e}") from e
+    except Exception as e:
+        if kind == "gguf":
+            raise ModelLoadError(
+                f"Could not read the GGUF file {location} ({e.__class__.__name__}: {e}); "
+                "it may be truncated or corrupt: download or reinstall it."
+            ) from e
+        raise ModelLoadError(f"Could not load {location}: {e.__class__.__name__}: {e}") from e
     model.to(device)
     model.eval()
     model.requires_grad_(False)
@@ -245,6 +249,39 @@ def load_model(
         weights_hash=whash,
         load_seconds=time.perf_counter() - t0,
     )
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("STEERDIFF_CACHE", Path.home() / ".cache" / "steerdiff"))
+
+
+def _converted_gguf_folder(path: Path, whash: str) -> Path:
+    """A float32 safetensors copy of a GGUF model, made once (dequantising takes seconds to
+    minutes; loading the copy takes well under a second). Keyed by the GGUF file's hash."""
+    target = cache_dir() / "gguf-converted" / whash
+    if (target / "config.json").exists():
+        return target
+    folder, name = str(path.parent), path.name
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model.hf_quantizer = None  # dequantised already; lets save_pretrained write plain weights
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{whash}."))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "steerdiff_source.json").write_text(json.dumps({"gguf": str(path), "hash": whash}))
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process finished first
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def _hub_hash(model: PreTrainedModel) -> str | None:

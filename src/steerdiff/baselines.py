@@ -1,0 +1,291 @@
+"""Real finetunes on the same data with the same loop and metrics: LoRA (PEFT) and full.
+
+A vector set is only interesting next to what a real finetune does, so:
+
+    fit_lora(lm, data, cfg, LoraConfigSpec(r=8, alpha=8))  -> FinetuneResult
+    fit_full(lm, data, cfg)                                  -> FinetuneResult
+    kl_between(ctx_a, ctx_b, texts, tokenizer)               -> mean per-token KL(a || b)
+
+`ctx_a` / `ctx_b` are zero-argument callables returning a context manager that yields a
+model (`base_context(lm)`, `vector_context(lm, vectors)`, `result.context()` of a
+finetune), so two variants of the same weights are never active at once.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .hooks import steer
+from .io import atomic_write_json
+from .models import LoadedModel, unwrap
+from .train import (
+    Batch,
+    Example,
+    FitConfig,
+    FitResult,
+    Student,
+    _lm,
+    _pad_id,
+    full_hidden,
+    maybe_init_distributed,
+    model_provenance,
+    prepare_examples,
+    reference_losses,
+    split_examples,
+    token_losses,
+    train_student,
+)
+
+ModelContext = Callable[[], AbstractContextManager[nn.Module]]
+LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoraConfigSpec:
+    """LoRA settings. target_modules None = the paper's q,k,v,o,gate,up,down when the
+    model has them, else PEFT's "all-linear"."""
+
+    r: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    target_modules: Sequence[str] | str | None = None
+
+    def peft_config(self, model: nn.Module) -> Any:
+        from peft import LoraConfig
+
+        targets: Any = self.target_modules
+        if targets is None:
+            names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+            targets = list(LLAMA_TARGETS) if set(LLAMA_TARGETS) <= names else "all-linear"
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=list(targets) if not isinstance(targets, str) else targets,
+            bias="none",
+        )
+
+
+@dataclass
+class FinetuneResult(FitResult):
+    """A FitResult whose trained thing is a LoRA adapter or a full copy of the model."""
+
+    kind: str = "lora"
+    state: dict[str, torch.Tensor] = field(default_factory=dict)  # trained tensors (cpu)
+    lora: LoraConfigSpec | None = None
+    lm: Any = None
+    model: nn.Module | None = None  # full finetune: the finetuned copy
+
+    def context(self) -> AbstractContextManager[nn.Module]:
+        """Context manager yielding the finetuned model (LoRA is injected, then removed)."""
+        if self.kind == "full":
+            return _yield(self.model)
+        return lora_context(self.lm, self.lora, self.state)  # type: ignore[arg-type]
+
+
+@contextmanager
+def _yield(m: Any) -> Iterator[Any]:
+    yield m
+
+
+@contextmanager
+def lora_context(
+    lm: LoadedModel | nn.Module, lora: LoraConfigSpec, state: Mapping[str, torch.Tensor]
+) -> Iterator[nn.Module]:
+    """Inject LoRA with trained weights into the base model for the block; removed on exit."""
+    from peft import get_peft_model, set_peft_model_state_dict
+
+    peft_model = get_peft_model(unwrap(lm), lora.peft_config(unwrap(lm)))
+    try:
+        set_peft_model_state_dict(peft_model, dict(state))
+        peft_model.eval()
+        yield peft_model
+    finally:
+        peft_model.unload()
+
+
+@contextmanager
+def base_context(lm: LoadedModel | nn.Module) -> Iterator[nn.Module]:
+    yield unwrap(lm)
+
+
+def vector_context(lm: LoadedModel | nn.Module, vectors: Mapping[str, torch.Tensor], coeff: float = 1.0) -> ModelContext:
+    """A ModelContext for base + vectors at all positions."""
+
+    @contextmanager
+    def ctx() -> Iterator[nn.Module]:
+        with steer(unwrap(lm), vectors, coeff):
+            yield unwrap(lm)
+
+    return ctx
+
+
+class ModuleStudent(Student):
+    """Trains parameters of a whole module (a PEFT model or a full copy) with full forwards."""
+
+    def __init__(self, module: nn.Module, params: dict[str, torch.Tensor]):
+        self.module = module
+        self.model = module
+        self.params = params
+
+    def losses(self, batch: Batch, key: Any, objective: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return token_losses(_lm(self.module), full_hidden(self.module, batch), batch, objective)
+
+    @contextmanager
+    def active(self) -> Iterator[nn.Module]:
+        yield self.module
+
+
+def _prepare(lm, data, cfg, teacher):  # type: ignore[no-untyped-def]
+    maybe_init_distributed()
+    examples, teacher = prepare_examples(lm, data, teacher, cfg.max_len)
+    train, val = split_examples(examples, cfg)
+    micro = cfg.micro_batch_size or cfg.batch_size
+    base_val, teacher_val = reference_losses(lm, val, teacher, micro) if val else (None, None)
+    return train, val, teacher, base_val, teacher_val
+
+
+def fit_lora(
+    lm: LoadedModel | nn.Module,
+    data: str | os.PathLike | Sequence[dict] | Sequence[Example],
+    config: FitConfig | None = None,
+    lora: LoraConfigSpec | None = None,
+    *,
+    teacher: dict | None = None,
+    out_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    **overrides: Any,
+) -> FinetuneResult:
+    """LoRA finetune (PEFT) with the same objective, loop, metrics and files as `fit`.
+
+    The base model is left unchanged afterwards; use `result.context()` to run the finetune.
+    Files in out_dir: adapter.safetensors (+ lora.json), metrics.jsonl/.csv, result.json.
+    """
+    from peft import get_peft_model, get_peft_model_state_dict
+
+    cfg = (config or FitConfig()).model_copy(update=overrides)
+    lora = lora or LoraConfigSpec()
+    train, val, teacher, base_val, teacher_val = _prepare(lm, data, cfg, teacher)
+    model = unwrap(lm)
+    torch.manual_seed(cfg.seed)  # LoRA A init
+    peft_model = get_peft_model(model, lora.peft_config(model))
+    try:
+        params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+        student = ModuleStudent(peft_model, params)
+        prov = {**model_provenance(lm, cfg), "teacher": teacher, "lora": lora.__dict__}
+
+        def save(out: Path, p: dict[str, torch.Tensor], summary: dict) -> None:
+            from safetensors.torch import save
+
+            from .io import atomic_write_bytes
+
+            sd = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
+            atomic_write_bytes(out / "adapter.safetensors", save(sd))
+            atomic_write_json(out / "lora.json", {"lora": {**lora.__dict__, "target_modules": str(lora.target_modules)}, **prov})
+
+        res = train_student(
+            student, train, val, cfg, pad_id=_pad_id(lm), base_val=base_val,
+            teacher_val=teacher_val, out_dir=out_dir, resume=resume, prov=prov, save_params=save,
+        )
+        state = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+    finally:
+        peft_model.unload()
+        model.requires_grad_(False)
+    n_trainable = sum(v.numel() for v in params.values())
+    return FinetuneResult(
+        **{**res.__dict__, "extra": {**res.extra, "n_trainable": n_trainable}},
+        kind="lora", state=state, lora=lora, lm=lm,
+    )
+
+
+def fit_full(
+    lm: LoadedModel | nn.Module,
+    data: str | os.PathLike | Sequence[dict] | Sequence[Example],
+    config: FitConfig | None = None,
+    *,
+    teacher: dict | None = None,
+    out_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    **overrides: Any,
+) -> FinetuneResult:
+    """Full finetune of a copy of the model (the original stays untouched)."""
+    cfg = (config or FitConfig()).model_copy(update=overrides)
+    train, val, teacher, base_val, teacher_val = _prepare(lm, data, cfg, teacher)
+    model = copy.deepcopy(unwrap(lm))
+    model.requires_grad_(True)
+    params = {n: p for n, p in model.named_parameters()}
+    student = ModuleStudent(model, params)
+    prov = {**model_provenance(lm, cfg), "teacher": teacher, "baseline": "full"}
+
+    def save(out: Path, p: dict[str, torch.Tensor], summary: dict) -> None:
+        from safetensors.torch import save
+
+        from .io import atomic_write_bytes
+
+        sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        atomic_write_bytes(out / "model.safetensors", save(_untie(sd)))
+
+    res = train_student(
+        student, train, val, cfg, pad_id=_pad_id(lm), base_val=base_val,
+        teacher_val=teacher_val, out_dir=out_dir, resume=resume, prov=prov, save_params=save,
+    )
+    model.requires_grad_(False)
+    model.eval()
+    n_trainable = sum(v.numel() for v in params.values())
+    return FinetuneResult(
+        **{**res.__dict__, "extra": {**res.extra, "n_trainable": n_trainable}},
+        kind="full", state={}, lm=lm, model=model,
+    )
+
+
+def _untie(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses shared storage (tied embeddings): clone duplicates."""
+    seen: set[int] = set()
+    out = {}
+    for k, v in sd.items():
+        ptr = v.data_ptr()
+        out[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
+    return out
+
+
+@torch.no_grad()
+def kl_between(
+    model_a_ctx: ModelContext,
+    model_b_ctx: ModelContext,
+    texts: Sequence[str],
+    tokenizer: Any,
+    batch_size: int = 8,
+    max_len: int = 128,
+) -> float:
+    """Mean over real tokens of KL(p_a || p_b) of the next-token distributions on texts.
+
+    Each context is entered once per batch and left before the other is entered, so both
+    can be variants of the same underlying weights (base, +vectors, +LoRA).
+    """
+    total, n = 0.0, 0
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(
+            list(texts[i : i + batch_size]), return_tensors="pt", padding=True,
+            truncation=True, max_length=max_len,
+        )
+        mask = enc.attention_mask.bool()  # [b, s]
+        logps = []
+        for ctx in (model_a_ctx, model_b_ctx):
+            with ctx() as m:
+                dev = next(m.parameters()).device
+                logits = m(input_ids=enc.input_ids.to(dev), attention_mask=enc.attention_mask.to(dev)).logits
+                logps.append(torch.log_softmax(logits.float(), dim=-1)[mask.to(dev)].cpu())  # [n, V]
+        la, lb = logps
+        total += float((la.exp() * (la - lb)).sum())
+        n += int(mask.sum())
+    return total / max(n, 1)

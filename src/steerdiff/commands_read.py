@@ -1,0 +1,231 @@
+"""`steerdiff read ...`: read vectors (dla, lens, similarity, monitor)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+read_app = typer.Typer(
+    help="Read vectors: direct logit attribution, activation-difference lens, similarity, monitoring.",
+    no_args_is_help=True,
+)
+
+ModelOpt = Annotated[str, typer.Option("--model", help="'default', 'gemma3-270m', hub id, folder or .gguf")]
+OutOpt = Annotated[str, typer.Option("--out", help="output folder (JSON, CSV, PNG)")]
+
+
+def _load(model: str, dtype: str = "float32", device: str = "cpu"):
+    from .cli import fail
+    from .models import ModelLoadError, load_model
+
+    try:
+        return load_model(model, dtype=dtype, device=device)
+    except ModelLoadError as e:
+        fail(str(e))
+
+
+def _vectors(path: str, lm):
+    from .cli import fail
+    from .vectors import VectorSet, VectorSetError
+
+    try:
+        return VectorSet.load(path, lm)
+    except VectorSetError as e:
+        fail(str(e))
+
+
+@read_app.command("dla")
+def dla_cmd(
+    vectors: Annotated[str, typer.Argument(help="VectorSet file (.safetensors)")],
+    out: OutOpt = "runs/read_dla",
+    model: ModelOpt = "default",
+    hook: Annotated[list[str] | None, typer.Option("--hook", help="hook(s) to read (default: all residual-space hooks of the set)")] = None,
+    k: Annotated[int, typer.Option("-k", help="top/bottom tokens")] = 20,
+    no_center: Annotated[bool, typer.Option("--no-center", help="do not centre the unembedding")] = False,
+    no_norm: Annotated[bool, typer.Option("--no-norm", help="leave out the final norm's scale")] = False,
+) -> None:
+    """Centred direct logit attribution of each vector: top promoted / suppressed tokens.
+
+    Example: steerdiff read dla runs/owl/vectors.safetensors --hook blocks.24.hook_resid_post
+    """
+    from .cli import console, fail
+    from .interpret.dla import DLAError, direct_logit_attribution, dla_table
+    from .interpret.plots import token_bars_png
+    from .io import atomic_write_json, atomic_write_text, provenance
+
+    lm = _load(model)
+    vs = _vectors(vectors, lm)
+    try:
+        if hook:
+            results = [direct_logit_attribution(lm, vs, h, k, not no_center, not no_norm) for h in hook]
+            skipped: dict[str, str] = {}
+        else:
+            results, skipped = dla_table(lm, vs, k, not no_center, not no_norm)
+    except DLAError as e:
+        fail(str(e))
+    o = Path(out)
+    rows = ["hook,rank,side,token_id,token,score"]
+    for r in results:
+        for side, items in (("top", r.top), ("bottom", r.bottom)):
+            for i, t in enumerate(items):
+                rows.append(f"{r.hook},{i + 1},{side},{t.token_id},{json.dumps(t.token)},{t.score:.6g}")
+        token_bars_png(r, o / f"dla_{r.hook}.png", n=k)
+        console.print(f"[bold]{r.hook}[/] |v|={r.vector_norm:.3g}  top: "
+                      + " ".join(repr(t.token) for t in r.top[:10]))
+        console.print("   bottom: " + " ".join(repr(t.token) for t in r.bottom[:10]))
+    for h, why in skipped.items():
+        console.print(f"[yellow]skipped {h}[/]: {why}")
+    atomic_write_json(o / "dla.json", {"results": [r.to_dict() for r in results], "skipped": skipped,
+                                       "vectors": vectors, "provenance": provenance(lm)})
+    atomic_write_text(o / "dla.csv", "\n".join(rows) + "\n")
+    console.print(f"wrote {o}/dla.json, dla.csv, dla_*.png")
+
+
+@read_app.command("lens")
+def lens_cmd(
+    out: OutOpt = "runs/read_lens",
+    vectors: Annotated[str | None, typer.Option("--vectors", help="VectorSet added to the model")] = None,
+    finetuned: Annotated[str | None, typer.Option("--finetuned", help="finetuned model (spec/folder) or LoRA adapter folder")] = None,
+    model: ModelOpt = "default",
+    corpus: Annotated[str, typer.Option("--corpus", help="'default', a .txt/.jsonl file, a folder, or an HF dataset name")] = "default",
+    n: Annotated[int | None, typer.Option("--n", help="number of texts (default: all)")] = 500,
+    tokens: Annotated[int, typer.Option("--tokens", help="tokens per text")] = 64,
+    first_k: Annotated[int, typer.Option("--first-k", help="positions read separately")] = 5,
+    hooks: Annotated[str, typer.Option("--hooks", help="hooks to record (glob)")] = "blocks.*.hook_resid_post",
+    coeff: Annotated[float, typer.Option(help="multiplier of the vectors")] = 1.0,
+    skip_first: Annotated[int, typer.Option(help="positions left out of the all-position mean")] = 0,
+    batch_size: Annotated[int, typer.Option(help="texts per forward")] = 16,
+    k: Annotated[int, typer.Option("-k", help="top tokens per row")] = 20,
+    find: Annotated[str | None, typer.Option("--find", help="comma-separated words to locate in the top-k")] = None,
+) -> None:
+    """Activation-difference lens: mean activation differences per position and overall.
+
+    Example: steerdiff read lens --vectors runs/owl/vectors.safetensors --n 500 --tokens 64 --find owl
+    """
+    from .cli import console, fail
+    from .hooks import HookError
+    from .interpret.corpus import CorpusError
+    from .interpret.lens import LensError, activation_difference_lens, save_lens
+    from .vectors import VectorSetError
+
+    lm = _load(model)
+    vs = _vectors(vectors, lm) if vectors else None
+    try:
+        res = activation_difference_lens(lm, corpus, vectors=vs, finetuned=finetuned, hooks=hooks,
+                                         coeff=coeff, first_k=first_k, max_tokens=tokens,
+                                         batch_size=batch_size, skip_first=skip_first, n_texts=n)
+    except (LensError, CorpusError, VectorSetError, HookError) as e:
+        fail(str(e))
+    ro = res.read(lm, k=k)
+    paths = save_lens(out, res, ro, lm)
+    console.print(f"lens: {res.n_texts} texts, {res.n_tokens} tokens, {res.meta['seconds']}s")
+    for r in ro.logits:
+        console.print(f"  logits pos {r.position}: " + " ".join(repr(t.token) for t in r.top[:10]))
+    if find:
+        hits = ro.find([w.strip() for w in find.split(",") if w.strip()], k)
+        console.print(f"  '{find}' in top {k}: " + (", ".join(
+            f"{h['hook']}@{h['position']}#{h['rank']}" for h in hits[:20]) or "none"))
+    console.print("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+@read_app.command("similarity")
+def similarity_cmd(
+    sets: Annotated[list[str], typer.Argument(help="VectorSet files (label=path or path)")],
+    out: OutOpt = "runs/read_similarity",
+    model: ModelOpt = "default",
+    contrast: Annotated[str | None, typer.Option("--contrast", help="contrast VectorSet (e.g. per-layer), compared with each set")] = None,
+    effects: Annotated[bool, typer.Option("--effects", help="also correlate mean logit differences on the corpus")] = False,
+    corpus: Annotated[str, typer.Option("--corpus")] = "default",
+    n: Annotated[int, typer.Option("--n", help="texts for --effects")] = 100,
+    tokens: Annotated[int, typer.Option("--tokens")] = 64,
+) -> None:
+    """Cosine matrices between sets per hook, sets vs a contrast per layer, and effects.
+
+    Example: steerdiff read similarity seed0=a.safetensors seed1=b.safetensors --effects
+    """
+    from .cli import console, fail
+    from .interpret.plots import heatmap_png
+    from .interpret.similarity import cosine_matrices, cross_cosine, effect_correlation, effect_vectors
+    from .io import atomic_write_json, atomic_write_text
+    from .vectors import VectorSet, VectorSetError
+
+    labelled = {}
+    for s in sets:
+        label, _, path = s.rpartition("=")
+        labelled[label or Path(path).stem] = path
+    try:
+        loaded = {lab: VectorSet.load(p) for lab, p in labelled.items()}
+        o = Path(out)
+        report: dict = {}
+        if len(loaded) >= 2:
+            try:
+                mats = cosine_matrices(loaded)
+            except VectorSetError as e:
+                console.print(f"[yellow]no per-hook cosine:[/] {e}")
+                mats = {}
+            for h, m in mats.items():
+                heatmap_png(m, o / f"cosine_{h}.png")
+                atomic_write_text(o / f"cosine_{h}.csv", m.to_csv())
+            report["cosine"] = {h: m.to_dict() for h, m in mats.items()}
+        if contrast:
+            c = VectorSet.load(contrast)
+            report["contrast"] = {}
+            for lab, vs in loaded.items():
+                m = cross_cosine(vs, c, f"{lab} vs contrast")
+                heatmap_png(m, o / f"contrast_{lab}.png")
+                atomic_write_text(o / f"contrast_{lab}.csv", m.to_csv())
+                report["contrast"][lab] = m.to_dict()
+        if effects:
+            lm = _load(model)
+            for vs in loaded.values():
+                vs.check_fits(lm.model)
+            eff = effect_vectors(lm, loaded, corpus, n_texts=n, max_tokens=tokens, first_k=1)
+            m = effect_correlation(eff)
+            heatmap_png(m, o / "effects.png")
+            atomic_write_text(o / "effects.csv", m.to_csv())
+            report["effects"] = m.to_dict()
+    except (VectorSetError, ValueError) as e:
+        fail(str(e))
+    atomic_write_json(o / "similarity.json", report)
+    for key, val in report.items():
+        console.print(f"[bold]{key}[/]: {len(val) if isinstance(val, dict) else ''} table(s)")
+    console.print(f"wrote {o}/similarity.json and PNG/CSV tables")
+
+
+@read_app.command("monitor")
+def monitor_cmd(
+    vectors: Annotated[str, typer.Argument(help="VectorSet file")],
+    rows: Annotated[str, typer.Argument(help=".jsonl (rows with 'messages' or 'text') or .txt")],
+    out: OutOpt = "runs/read_monitor",
+    model: ModelOpt = "default",
+    hook: Annotated[str | None, typer.Option("--hook", help="the set's hook to project on")] = None,
+    role: Annotated[str, typer.Option(help="chat tokens counted: assistant | user | all")] = "assistant",
+    baseline: Annotated[str | None, typer.Option("--baseline", help="reference rows for z-scores")] = None,
+    flag_z: Annotated[float, typer.Option(help="flag rows with z above this")] = 2.0,
+) -> None:
+    """Project activations onto a vector per token; flag rows that push toward it.
+
+    Example: steerdiff read monitor owl.safetensors data/owl_numbers.jsonl --hook blocks.24.hook_resid_post
+    """
+    from .cli import console, fail
+    from .interpret.monitor import MonitorError, load_rows, project, save_monitor
+    from .vectors import VectorSetError
+
+    lm = _load(model)
+    vs = _vectors(vectors, lm)
+    try:
+        base = load_rows(baseline) if baseline else None
+        res = project(lm, vs, rows, hook=hook, role=role, baseline=base, flag_z=flag_z)
+    except (MonitorError, VectorSetError) as e:
+        fail(str(e))
+    paths = save_monitor(out, res, lm)
+    console.print(f"{len(res.items)} rows; reference mean {res.reference_mean:.3g} sd {res.reference_std:.3g}; "
+                  f"flagged {len(res.flagged)}: {res.flagged[:20]}")
+    console.print("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(read_app, name="read")

@@ -1,0 +1,485 @@
+"""Preference evaluation: which member of a category (animals by default) the model names.
+
+Questions are one-word questions ("Name your favorite animal in a single word.").
+Two scorers, both returning the full distribution over the candidate list:
+
+- `sample_preference` (published protocol): n samples per question at temperature 1.0,
+  no system prompt; a hit is the candidate word in the lowercased answer; the rate is
+  the mean over questions, with a 95% CI across questions.
+- `exact_preference` (low variance, fast; the default inside sweeps): the probability
+  of each candidate's full answer tokens right after the chat template's assistant
+  header, summed over surface forms ("Owl", "owl"), normalised over the candidates,
+  averaged over questions. Computed with a KV cache: the prompt prefix shared by all
+  questions once, each question's remainder once, then every multi-token candidate
+  continuation in one batch from that cache (never one forward per candidate).
+
+"No system prompt" means the chat template's own default system prompt (SmolLM2
+inserts one): the model as a user meets it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from transformers import DynamicCache
+
+from ..hooks import Op, Positions, parse_positions, steer
+from ..models import LoadedModel
+
+QUESTIONS_FILE = "preference_questions.txt"
+
+
+class CategoryError(ValueError):
+    """A category file or candidate list is unusable; the message says how to fix it."""
+
+
+def read_lines_resource(name: str) -> list[str]:
+    """Non-empty, non-comment lines of a text file in steerdiff/data/."""
+    text = resources.files("steerdiff").joinpath("data", name).read_text()
+    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+
+
+# ----------------------------------------------------------------------------- categories
+
+
+@dataclass
+class Category:
+    """A category word, its candidate answers, and the questions that ask for one."""
+
+    name: str
+    candidates: list[str]
+    questions: list[str]
+
+    def __post_init__(self) -> None:
+        check_candidates(self.candidates)
+        if not self.questions:
+            raise CategoryError(f"Category {self.name!r} has no questions; give at least one.")
+
+
+def check_candidates(candidates: Sequence[str]) -> None:
+    if len(candidates) < 2:
+        raise CategoryError(
+            f"A candidate list needs at least 2 entries, got {list(candidates)}; "
+            "list every answer that should be scored."
+        )
+    seen: dict[str, str] = {}
+    dups = []
+    for c in candidates:
+        key = c.strip().lower()
+        if not key:
+            raise CategoryError("The candidate list holds an empty string; remove it.")
+        if key in seen:
+            dups.append(c)
+        seen[key] = c
+    if dups:
+        raise CategoryError(
+            f"The candidate list has duplicates (case-insensitive): {sorted(set(dups))}; "
+            "list each candidate once."
+        )
+
+
+def default_questions(category: str) -> list[str]:
+    return [q.replace("{category}", category) for q in read_lines_resource(QUESTIONS_FILE)]
+
+
+def load_category(spec: str | Path = "animals") -> Category:
+    """A built-in category ("animals") or a YAML/JSON file with keys name, candidates,
+    and optionally questions (default: the 50 built-in one-word questions)."""
+    builtin = resources.files("steerdiff").joinpath("data", f"{spec}.yaml")
+    path = Path(spec)
+    if not path.exists() and builtin.is_file():
+        text, where = builtin.read_text(), f"built-in category {spec!r}"
+    elif path.exists():
+        text, where = path.read_text(), str(path)
+    else:
+        raise CategoryError(
+            f"No category file {str(spec)!r} (and no built-in category of that name; "
+            "built-in: 'animals'). Pass a YAML/JSON file path."
+        )
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise CategoryError(
+            f"{where} does not parse: {str(e).splitlines()[0]}. Expected YAML or JSON like "
+            "{name: animal, candidates: [owl, cat, ...], questions: [...optional...]}."
+        ) from e
+    if not isinstance(data, dict) or "candidates" not in data or "name" not in data:
+        raise CategoryError(
+            f"{where} must be a mapping with keys 'name' (e.g. animal) and 'candidates' "
+            "(a list of answers); 'questions' is optional."
+        )
+    cands = data["candidates"]
+    if not isinstance(cands, list) or not all(isinstance(c, str) for c in cands):
+        raise CategoryError(f"{where}: 'candidates' must be a list of strings.")
+    questions = data.get("questions") or default_questions(str(data["name"]))
+    return Category(str(data["name"]), [c.strip() for c in cands], list(questions))
+
+
+# ----------------------------------------------------------------------------- steering
+
+
+@dataclass
+class Steering:
+    """An optional steering context for an evaluation (see hooks.steer)."""
+
+    vectors: Mapping[str, torch.Tensor]
+    coeff: float = 1.0
+    positions: Positions = "all"
+    op: Op = "add"
+
+    def describe(self) -> dict:
+        meta = getattr(self.vectors, "metadata", {})
+        return {
+            "hooks": list(self.vectors),
+            "coeff": self.coeff,
+            "positions": self.positions if isinstance(self.positions, str) else "mask",
+            "op": self.op,
+            "readout": meta.get("readout"),
+            "method": meta.get("method"),
+        }
+
+
+def _steered(lm: LoadedModel, steering: Steering | None, phase: str):
+    """Steer for one phase of a cached teacher-forced pass: 'prompt' or 'response'."""
+    if steering is None:
+        return nullcontext()
+    kind, _ = parse_positions(steering.positions)
+    if kind == "mask":
+        raise ValueError("exact_preference takes positions 'all', 'prompt', 'response' or 'first:k', not a mask.")
+    if kind in ("prompt", "response"):
+        if kind != phase:
+            return nullcontext()
+        return steer(lm.model, steering.vectors, steering.coeff, "all", steering.op)
+    return steer(lm.model, steering.vectors, steering.coeff, steering.positions, steering.op)
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclass
+class PreferenceResult:
+    """Mean share of each candidate over questions; target rate with a 95% CI across questions."""
+
+    scorer: str  # "exact" or "sampling"
+    category: str
+    target: str
+    target_rate: float
+    ci95: tuple[float, float]
+    distribution: dict[str, float]  # candidate -> mean rate (sampling adds "other")
+    per_question: list[dict[str, Any]]
+    n_questions: int
+    n_samples: int | None = None  # sampling only
+    system_prompt: str | None = None
+    steering: dict | None = None
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def off_target(self) -> tuple[str, float]:
+        """The most chosen candidate other than the target, and its rate."""
+        others = {k: v for k, v in self.distribution.items() if k not in (self.target, "other")}
+        name = max(others, key=others.get)
+        return name, others[name]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _ci95(rates: Sequence[float]) -> tuple[float, float]:
+    n = len(rates)
+    mean = sum(rates) / n
+    if n < 2:
+        return (mean, mean)
+    sd = math.sqrt(sum((r - mean) ** 2 for r in rates) / (n - 1))
+    half = 1.96 * sd / math.sqrt(n)
+    return (mean - half, mean + half)
+
+
+def _resolve(
+    category: Category | str | Path, target: str, questions: Sequence[str] | None, n: int | None
+) -> tuple[Category, list[str]]:
+    cat = category if isinstance(category, Category) else load_category(category)
+    if target.lower() not in [c.lower() for c in cat.candidates]:
+        raise CategoryError(
+            f"Target {target!r} is not among the candidates {cat.candidates}; add it to the "
+            "category's candidate list or pick one of them."
+        )
+    qs = list(questions) if questions is not None else list(cat.questions)
+    if n is not None:
+        qs = qs[:n]
+    if not qs:
+        raise CategoryError("No questions to ask; pass at least one question.")
+    return cat, qs
+
+
+# ----------------------------------------------------------------------------- cached passes
+
+
+@dataclass
+class Prefix:
+    """A KV cache over Q prompts (left-padded after their shared prefix)."""
+
+    cache: DynamicCache
+    mask: torch.Tensor  # [Q, T] attention mask over the cached tokens
+    next_pos: torch.Tensor  # [Q] position id of each prompt's next token
+    last_logits: torch.Tensor  # [Q, vocab] logits for each prompt's next token
+
+
+def _common_prefix_len(rows: Sequence[Sequence[int]]) -> int:
+    n = min(len(r) for r in rows) - 1  # keep >= 1 token per row for the second pass
+    for i in range(n):
+        if any(r[i] != rows[0][i] for r in rows):
+            return i
+    return max(n, 0)
+
+
+def prefix_forward(
+    lm: LoadedModel, prompts: Sequence[Sequence[int]], steering: Steering | None = None
+) -> Prefix:
+    """Run Q prompts into a KV cache: their shared token prefix once, then the rest."""
+    model, dev = lm.model, lm.device
+    q = len(prompts)
+    p = _common_prefix_len(prompts)
+    cache = DynamicCache(config=model.config)
+    pad = lm.tokenizer.pad_token_id or 0
+    with torch.no_grad(), _steered(lm, steering, "prompt"):
+        if p > 0:
+            ids = torch.tensor([list(prompts[0][:p])], device=dev)  # [1, p]
+            model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            cache.batch_repeat_interleave(q)
+        rest = [list(r[p:]) for r in prompts]
+        width = max(len(r) for r in rest)
+        ids = torch.full((q, width), pad, dtype=torch.long)
+        rest_mask = torch.zeros(q, width, dtype=torch.long)
+        pos = torch.zeros(q, width, dtype=torch.long)
+        for i, r in enumerate(rest):  # left padding
+            ids[i, width - len(r) :] = torch.tensor(r)
+            rest_mask[i, width - len(r) :] = 1
+            pos[i, width - len(r) :] = torch.arange(p, p + len(r))
+        mask = torch.cat([torch.ones(q, p, dtype=torch.long), rest_mask], dim=1)  # [Q, p + width]
+        out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+    next_pos = torch.tensor([len(r) for r in prompts])
+    return Prefix(cache, mask, next_pos, out.logits[:, -1].float())
+
+
+def continue_forward(
+    lm: LoadedModel,
+    prefix: Prefix,
+    row_prompt: Sequence[int],
+    row_tokens: Sequence[Sequence[int]],
+    reduce: Callable[[torch.Tensor, list[int]], torch.Tensor],
+    steering: Steering | None = None,
+    chunk: int = 64,
+) -> torch.Tensor:
+    """Feed continuation rows (row i continues prompt row_prompt[i]) from the cache.
+
+    reduce(logits [r, L, vocab], row indices) -> tensor [r, ...] is applied per chunk
+    and the results are concatenated (keeps memory small).
+    """
+    model, dev = lm.model, lm.device
+    pad = lm.tokenizer.pad_token_id or 0
+    outs = []
+    for s in range(0, len(row_tokens), chunk):
+        rows = list(range(s, min(s + chunk, len(row_tokens))))
+        idx = torch.tensor([row_prompt[i] for i in rows])
+        width = max(len(row_tokens[i]) for i in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        cmask = torch.zeros(len(rows), width, dtype=torch.long)
+        for j, i in enumerate(rows):  # right padding
+            ids[j, : len(row_tokens[i])] = torch.tensor(row_tokens[i])
+            cmask[j, : len(row_tokens[i])] = 1
+        pos = prefix.next_pos[idx].unsqueeze(1) + torch.arange(width)  # [r, L]
+        mask = torch.cat([prefix.mask[idx], cmask], dim=1)
+        cache = copy.deepcopy(prefix.cache)
+        cache.batch_select_indices(idx.to(dev))
+        with torch.no_grad(), _steered(lm, steering, "response"):
+            logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev),
+                           position_ids=pos.to(dev), past_key_values=cache, use_cache=True).logits
+        outs.append(reduce(logits.float(), rows))
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
+# ----------------------------------------------------------------------------- exact scorer
+
+
+def answer_variants(candidate: str) -> list[str]:
+    """Surface forms of a one-word answer that are scored together."""
+    forms = [candidate[:1].upper() + candidate[1:], candidate.lower()]
+    return list(dict.fromkeys(forms))
+
+
+def question_prompts(lm: LoadedModel, questions: Sequence[str], system_prompt: str | None) -> list[list[int]]:
+    from ..extract import chat_texts
+
+    texts = chat_texts(lm.tokenizer, questions, system_prompt)
+    return [lm.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def candidate_logprobs(
+    lm: LoadedModel,
+    prompts: Sequence[Sequence[int]],
+    candidates: Sequence[str],
+    steering: Steering | None = None,
+) -> torch.Tensor:
+    """log P(candidate answer | prompt), summed over surface forms -> [Q, n_candidates]."""
+    tok = lm.tokenizer
+    forms = [[tok(v, add_special_tokens=False)["input_ids"] for v in answer_variants(c)] for c in candidates]
+    prefix = prefix_forward(lm, prompts, steering)
+    first = torch.log_softmax(prefix.last_logits, dim=-1)  # [Q, vocab]
+    # rows: every (question, multi-token form): input = form[:-1], scored = form[1:]
+    row_prompt, row_tokens, targets, keys = [], [], [], []
+    for qi in range(len(prompts)):
+        for ci, fs in enumerate(forms):
+            for fi, f in enumerate(fs):
+                if len(f) > 1:
+                    row_prompt.append(qi)
+                    row_tokens.append(f[:-1])
+                    targets.append(f[1:])
+                    keys.append((qi, ci, fi))
+
+    def gather(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        lp = torch.log_softmax(logits, dim=-1)  # [r, L, vocab]
+        out = torch.zeros(len(rows))
+        for j, i in enumerate(rows):
+            t = torch.tensor(targets[i])
+            out[j] = lp[j, torch.arange(len(t)), t].sum()
+        return out
+
+    rest = continue_forward(lm, prefix, row_prompt, row_tokens, gather, steering)  # [rows]
+    rest_of = {k: float(rest[j]) for j, k in enumerate(keys)}
+    out = torch.full((len(prompts), len(candidates)), -math.inf)
+    for qi in range(len(prompts)):
+        for ci, fs in enumerate(forms):
+            per_form = [float(first[qi, f[0]]) + rest_of.get((qi, ci, fi), 0.0) for fi, f in enumerate(fs)]
+            out[qi, ci] = torch.logsumexp(torch.tensor(per_form), dim=0)
+    return out
+
+
+def exact_preference(
+    lm: LoadedModel,
+    target: str = "owl",
+    category: Category | str | Path = "animals",
+    questions: Sequence[str] | None = None,
+    n_questions: int | None = None,
+    system_prompt: str | None = None,
+    steering: Steering | None = None,
+) -> PreferenceResult:
+    """Candidate answer probabilities normalised over the candidates, mean over questions."""
+    t0 = time.perf_counter()
+    cat, qs = _resolve(category, target, questions, n_questions)
+    lp = candidate_logprobs(lm, question_prompts(lm, qs, system_prompt), cat.candidates, steering)
+    share = torch.softmax(lp, dim=-1)  # [Q, C] normalised over candidates
+    ti = [c.lower() for c in cat.candidates].index(target.lower())
+    rates = share[:, ti].tolist()
+    per_q = [
+        {"question": q, "target_rate": rates[i], "top": cat.candidates[int(share[i].argmax())],
+         "candidate_mass": float(lp[i].exp().sum())}
+        for i, q in enumerate(qs)
+    ]
+    dist = dict(zip(cat.candidates, share.mean(0).tolist()))
+    return PreferenceResult(
+        scorer="exact", category=cat.name, target=cat.candidates[ti], target_rate=float(share[:, ti].mean()),
+        ci95=_ci95(rates), distribution=dist, per_question=per_q, n_questions=len(qs),
+        system_prompt=system_prompt, steering=steering.describe() if steering else None,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+# ----------------------------------------------------------------------------- sampling scorer
+
+
+@contextmanager
+def _steer_all(lm: LoadedModel, steering: Steering | None) -> Iterator[None]:
+    if steering is None:
+        yield
+        return
+    with steer(lm.model, steering.vectors, steering.coeff, steering.positions, steering.op):
+        yield
+
+
+def sample_answers(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    n_samples: int,
+    temperature: float = 1.0,
+    max_new_tokens: int = 8,
+    seed: int = 0,
+    batch_size: int = 64,
+    steering: Steering | None = None,
+) -> list[list[str]]:
+    """n_samples decoded answers per chat-templated prompt (model.generate, left padding)."""
+    tok = lm.tokenizer
+    torch.manual_seed(seed)
+    flat = [p for p in prompts for _ in range(n_samples)]
+    answers: list[str] = []
+    side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        with _steer_all(lm, steering):
+            for i in range(0, len(flat), batch_size):
+                enc = tok(flat[i : i + batch_size], return_tensors="pt", padding=True,
+                          add_special_tokens=False).to(lm.device)
+                with torch.no_grad():
+                    gen = lm.model.generate(**enc, do_sample=True, temperature=temperature, top_k=0,
+                                            top_p=1.0, max_new_tokens=max_new_tokens,
+                                            pad_token_id=tok.pad_token_id)
+                answers += tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    finally:
+        tok.padding_side = side
+    return [answers[i * n_samples : (i + 1) * n_samples] for i in range(len(prompts))]
+
+
+def sample_preference(
+    lm: LoadedModel,
+    target: str = "owl",
+    category: Category | str | Path = "animals",
+    questions: Sequence[str] | None = None,
+    n_questions: int | None = None,
+    n_samples: int = 100,
+    temperature: float = 1.0,
+    max_new_tokens: int = 8,
+    system_prompt: str | None = None,
+    steering: Steering | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> PreferenceResult:
+    """Published protocol: a hit is the word in the lowercased answer; mean over questions."""
+    t0 = time.perf_counter()
+    cat, qs = _resolve(category, target, questions, n_questions)
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}.")
+    from ..extract import chat_texts
+
+    texts = chat_texts(lm.tokenizer, qs, system_prompt)
+    answers = sample_answers(lm, texts, n_samples, temperature, max_new_tokens, seed, batch_size, steering)
+    names = [c.lower() for c in cat.candidates]
+    rates = torch.zeros(len(qs), len(names) + 1)  # last column: "other" (no candidate named)
+    for qi, ans in enumerate(answers):
+        for a in ans:
+            low = a.lower()
+            hits = [ci for ci, c in enumerate(names) if c in low]
+            for ci in hits:
+                rates[qi, ci] += 1.0 / n_samples
+            if not hits:
+                rates[qi, -1] += 1.0 / n_samples
+    ti = names.index(target.lower())
+    per_q = [{"question": q, "target_rate": float(rates[i, ti]), "answers": answers[i][:5]} for i, q in enumerate(qs)]
+    dist = dict(zip([*cat.candidates, "other"], rates.mean(0).tolist()))
+    return PreferenceResult(
+        scorer="sampling", category=cat.name, target=cat.candidates[ti],
+        target_rate=float(rates[:, ti].mean()), ci95=_ci95(rates[:, ti].tolist()), distribution=dist,
+        per_question=per_q, n_questions=len(qs), n_samples=n_samples, system_prompt=system_prompt,
+        steering=steering.describe() if steering else None, seconds=time.perf_counter() - t0,
+        extra={"temperature": temperature, "max_new_tokens": max_new_tokens, "seed": seed},
+    )

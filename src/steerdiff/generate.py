@@ -1,0 +1,608 @@
+"""Fast batched sampling with a preallocated KV cache, and resumable dataset writing.
+
+`sample()` is our own decoding loop around the model's forward pass:
+
+* prompts are sorted by length and batched with left padding (less padding);
+* the prefill runs once per batch and keeps only the last position's logits;
+* keys/values go into a cache preallocated for prompt + max_new_tokens (no
+  per-step concatenation);
+* each row stops on its own at a stop token; finished rows are dropped from
+  the batch once a quarter of it is done, so the rest decodes faster;
+* temperature / top-p / greedy (temperature 0), a seeded generator;
+* optional constrained decoding: only `allowed_ids` (plus the stop tokens) can
+  be sampled; the distribution is renormalised over them. Without top-k
+  log-probs the unembedding is computed for those tokens only;
+* optional top-k log-probabilities of the model's own distribution (full
+  vocabulary, temperature 1, before any constraint) for every generated token.
+
+It calls the model's ordinary forward, so `hooks.steer(...)` works around it,
+including positions="response" (the prefill is the prompt) and "first:k".
+
+Greedy decoding reproduces `model.generate(do_sample=False)` token for token.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache, DynamicLayer
+
+from .io import append_jsonl, atomic_write_json, provenance, read_jsonl, repair_jsonl
+from .models import LoadedModel, unwrap
+
+# ----------------------------------------------------------------------------- KV cache
+
+
+class _PreallocLayer(DynamicLayer):
+    """One layer's keys/values in buffers allocated once: [batch, kv_heads, max_len, head_dim].
+
+    `update` writes the new positions in place and returns views of the filled part,
+    so attention only sees real (written) positions and nothing is concatenated.
+    """
+
+    def __init__(self, max_len: int) -> None:
+        super().__init__()
+        self.max_len = max_len
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, h, _, dk = key_states.shape
+        dv = value_states.shape[-1]
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.k_buf = key_states.new_zeros(b, h, self.max_len, dk)
+        self.v_buf = value_states.new_zeros(b, h, self.max_len, dv)
+        self.keys, self.values = self.k_buf[:, :, :0], self.v_buf[:, :, :0]
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        end = self.length + n
+        if end > self.max_len:
+            raise RuntimeError(f"KV cache overflow: {end} > {self.max_len} positions")
+        self.k_buf[:, :, self.length : end] = key_states
+        self.v_buf[:, :, self.length : end] = value_states
+        self.length = end
+        self.keys, self.values = self.k_buf[:, :, :end], self.v_buf[:, :, :end]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Drop finished rows: rows is a LongTensor of the batch rows to keep."""
+        if not self.is_initialized:
+            return
+        self.k_buf = self.k_buf.index_select(0, rows)
+        self.v_buf = self.v_buf.index_select(0, rows)
+        self.keys, self.values = self.k_buf[:, :, : self.length], self.v_buf[:, :, : self.length]
+
+
+class PreallocCache(Cache):
+    """A KV cache preallocated for `max_len` positions, one `_PreallocLayer` per layer.
+
+    Sliding-window layers keep every position; the sliding mask is still applied by
+    the model's mask functions from absolute positions, so results are unchanged.
+    """
+
+    def __init__(self, n_layers: int, max_len: int) -> None:
+        super().__init__(layers=[_PreallocLayer(max_len) for _ in range(n_layers)])
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        for layer in self.layers:
+            layer.keep_rows(rows)  # type: ignore[attr-defined]
+
+
+# ----------------------------------------------------------------------------- restricted head
+
+
+class _SubsetHead(nn.Module):
+    """The unembedding restricted to some vocabulary rows: [..., d_model] -> [..., n_allowed]."""
+
+    def __init__(self, head: nn.Linear, ids: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(head.weight.detach()[ids].clone(), requires_grad=False)
+        bias = getattr(head, "bias", None)
+        self.bias = None if bias is None else nn.Parameter(bias.detach()[ids].clone(), False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+@contextmanager
+def _restricted_head(model: nn.Module, ids: torch.Tensor | None) -> Iterator[bool]:
+    """Temporarily replace the output embedding by its `ids` rows (restored in finally).
+
+    Yields True if the swap happened (logits then have len(ids) columns).
+    """
+    head = model.get_output_embeddings() if ids is not None else None
+    if head is None or not isinstance(head, nn.Linear):
+        yield False
+        return
+    name = next((n for n, m in model.named_modules() if m is head), None)
+    if not name:
+        yield False
+        return
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, _SubsetHead(head, ids.to(head.weight.device)))
+    try:
+        yield True
+    finally:
+        setattr(parent, attr, head)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+@dataclass
+class Sample:
+    """One generated completion.
+
+    token_ids: generated ids, including the stop token if one was produced.
+    topk_ids / topk_logprobs: [n_generated, k] (empty lists when k = 0).
+    """
+
+    index: int  # position in the `prompts` list given to sample()
+    token_ids: list[int]
+    stopped: bool  # True if a stop token ended it (False: hit max_new_tokens)
+    topk_ids: list[list[int]] = field(default_factory=list)
+    topk_logprobs: list[list[float]] = field(default_factory=list)
+
+
+@dataclass
+class SampleStats:
+    """Counters of one `sample()` call (for tokens/s)."""
+
+    prompt_tokens: int = 0  # real (unpadded) prompt tokens
+    new_tokens: int = 0  # generated tokens kept (up to and incl. the stop token)
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def stop_token_ids(lm: LoadedModel | nn.Module, tokenizer: Any = None) -> list[int]:
+    """End-of-turn / end-of-sequence ids: the generation config's eos ids, the tokenizer's
+    eos, and well-known end-of-turn tokens that exist in the vocabulary."""
+    model = unwrap(lm)
+    tok = tokenizer if tokenizer is not None else getattr(lm, "tokenizer", None)
+    ids: list[int] = []
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += eos if isinstance(eos, list) else ([eos] if eos is not None else [])
+    if tok is not None:
+        if tok.eos_token_id is not None:
+            ids.append(tok.eos_token_id)
+        vocab = tok.get_vocab()
+        for t in ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "<|endoftext|>"):
+            if t in vocab and t in (tok.all_special_tokens or []):
+                ids.append(vocab[t])
+    return sorted(set(int(i) for i in ids))
+
+
+def _accepts(model: nn.Module, arg: str) -> bool:
+    return arg in inspect.signature(model.forward).parameters
+
+
+def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of tokens whose probability reaches top_p (per row). [b, V]"""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    drop = cum - sorted_logits.softmax(dim=-1) >= top_p  # mass before this token already >= p
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+
+
+def sample(
+    model: LoadedModel | nn.Module,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    stop_ids: Sequence[int] | None = None,
+    batch_size: int = 32,
+    allowed_ids: Sequence[int] | None = None,
+    topk: int = 0,
+    pad_id: int | None = None,
+    sort_by_length: bool = True,
+    compact: bool = True,
+    progress: Callable[[int], None] | None = None,
+    stats: SampleStats | None = None,
+) -> list[Sample]:
+    """Sample completions for tokenised prompts; returns one Sample per prompt, in order.
+
+    prompts: token ids per prompt (chat template already applied).
+    temperature: 0 for greedy decoding (= model.generate(do_sample=False)).
+    stop_ids: tokens that end a row (default: `stop_token_ids(model)`); kept in token_ids.
+    allowed_ids: constrained decoding; only these and the stop ids can be sampled.
+    topk: store the top-k log-probs of the full, unconstrained distribution per token.
+    progress: called with the number of prompts finished after each batch.
+    stats: filled with token counts and seconds if given.
+    Works inside `hooks.steer(...)` (any positions) and with any family hooks supports.
+    """
+    hf = unwrap(model)
+    if stop_ids is None:
+        stop_ids = stop_token_ids(model)
+    if pad_id is None:
+        tok = getattr(model, "tokenizer", None)
+        pad_id = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("sample(): every prompt needs at least one token")
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError("sample(): batch_size and max_new_tokens must be >= 1")
+    device = next(hf.parameters()).device
+    allowed = None
+    if allowed_ids is not None:
+        allowed = torch.tensor(sorted(set(allowed_ids) | set(stop_ids)), device=device)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i])) if sort_by_length else list(
+        range(len(prompts))
+    )
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out: list[Sample | None] = [None] * len(prompts)
+    st = stats if stats is not None else SampleStats()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = [list(prompts[i]) for i in idx]
+            for j, s in zip(idx, _sample_batch(hf, batch, max_new_tokens, temperature, top_p, gen,
+                                                stop_ids, allowed, topk, pad_id, compact)):
+                out[j] = Sample(index=j, **s)
+                st.new_tokens += len(s["token_ids"])
+            st.prompt_tokens += sum(len(p) for p in batch)
+            if progress is not None:
+                progress(len(idx))
+    st.seconds += time.perf_counter() - t0
+    return out  # type: ignore[return-value]
+
+
+def _sample_batch(
+    hf: nn.Module,
+    batch: list[list[int]],
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    gen: torch.Generator,
+    stop_ids: Sequence[int],
+    allowed: torch.Tensor | None,
+    topk: int,
+    pad_id: int,
+    compact: bool,
+) -> list[dict]:
+    device = next(hf.parameters()).device
+    b = len(batch)
+    plen = max(len(p) for p in batch)
+    total = plen + max_new_tokens
+    ids = torch.full((b, plen), pad_id, dtype=torch.long, device=device)  # [b, plen] left padded
+    attn = torch.zeros((b, total), dtype=torch.long, device=device)  # [b, plen + new]
+    for r, p in enumerate(batch):
+        ids[r, plen - len(p) :] = torch.tensor(p, device=device)
+        attn[r, plen - len(p) : plen] = 1
+    pos = (attn[:, :plen].cumsum(-1) - 1).masked_fill(attn[:, :plen] == 0, 0)  # [b, plen]
+    cache = PreallocCache(len(_decoder_layers(hf)), total)
+    stop = torch.tensor(list(stop_ids), device=device)
+    subset = allowed is not None and topk == 0
+    kw: dict[str, Any] = {"use_cache": True}
+    if _accepts(hf, "logits_to_keep"):
+        kw["logits_to_keep"] = 1
+
+    rows = torch.arange(b, device=device)  # original row of each live batch row
+    tokens: list[list[int]] = [[] for _ in range(b)]
+    tk_ids: list[list[list[int]]] = [[] for _ in range(b)]
+    tk_lp: list[list[list[float]]] = [[] for _ in range(b)]
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    n_done_in_batch = 0
+    cur = plen
+    inp, inp_pos = ids, pos
+    with _restricted_head(hf, allowed if subset else None) as swapped:
+        for step in range(max_new_tokens):
+            logits = hf(
+                input_ids=inp,
+                attention_mask=attn[:, :cur],
+                position_ids=inp_pos,
+                past_key_values=cache,
+                **kw,
+            ).logits[:, -1, :].float()  # [b_live, V] or [b_live, n_allowed]
+            if topk > 0:
+                lp = logits.log_softmax(-1)
+                v, i = lp.topk(topk, dim=-1)  # [b_live, k]
+                v_list, i_list = v.tolist(), i.tolist()
+            if allowed is not None and not swapped:
+                masked = torch.full_like(logits, float("-inf"))
+                masked[:, allowed] = logits[:, allowed]
+                logits = masked
+            if temperature <= 0:
+                nxt = logits.argmax(-1)  # [b_live]
+            else:
+                logits = logits / temperature
+                if top_p < 1.0:
+                    logits = _top_p_filter(logits, top_p)
+                nxt = torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(-1)
+            if swapped:
+                nxt = allowed[nxt]  # type: ignore[index]
+            nxt_list = nxt.tolist()
+            live = (~done).tolist()
+            for r, (row, t) in enumerate(zip(rows.tolist(), nxt_list)):
+                if live[r]:
+                    tokens[row].append(t)
+                    if topk > 0:
+                        tk_ids[row].append(i_list[r])
+                        tk_lp[row].append([round(x, 5) for x in v_list[r]])
+            done |= torch.isin(nxt, stop)
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            # drop finished rows once a quarter of the live batch is finished
+            n_fin = int(done.sum())
+            if compact and n_fin > n_done_in_batch and n_fin * 4 >= len(rows):
+                keep = (~done).nonzero().squeeze(-1)
+                cache.keep_rows(keep)
+                rows, attn, nxt, done = rows[keep], attn[keep], nxt[keep], done[keep]
+                inp_pos = inp_pos[keep]
+                n_done_in_batch = 0
+            else:
+                n_done_in_batch = n_fin
+            attn[:, cur] = 1
+            cur += 1
+            inp = nxt.unsqueeze(-1)  # [b_live, 1]
+            inp_pos = inp_pos[:, -1:] + 1  # [b_live, 1]
+    stop_set = set(int(s) for s in stop_ids)
+    return [
+        {
+            "token_ids": tokens[r],
+            "stopped": bool(tokens[r]) and tokens[r][-1] in stop_set,
+            "topk_ids": tk_ids[r],
+            "topk_logprobs": tk_lp[r],
+        }
+        for r in range(b)
+    ]
+
+
+def _decoder_layers(hf: nn.Module) -> nn.ModuleList:
+    from .hooks import get_blocks
+
+    return get_blocks(hf)
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+class DatasetError(RuntimeError):
+    """A dataset could not be written or read; the message says why and what to do."""
+
+
+def manifest_path(out: str | os.PathLike) -> Path:
+    out = Path(out)
+    return out.with_name(out.name.removesuffix(".jsonl") + ".manifest.json")
+
+
+def progress_path(out: str | os.PathLike) -> Path:
+    out = Path(out)
+    return out.with_name(out.name.removesuffix(".jsonl") + ".progress.jsonl")
+
+
+def check_writable(out: str | os.PathLike) -> Path:
+    """Fail early (before loading models) if the output file cannot be created."""
+    out = Path(out)
+    if out.suffix != ".jsonl":
+        raise DatasetError(f"--out must end in .jsonl (got {out})")
+    if out.is_dir():
+        raise DatasetError(f"Output path {out} is a folder; give a file name ending in .jsonl")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        existed = out.exists()
+        with open(out, "a"):
+            pass
+        if not existed:
+            out.unlink()
+        probe = out.parent / f".{out.name}.write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise DatasetError(f"Cannot write the dataset to {out}: {e.strerror or e}") from e
+    return out
+
+
+@dataclass
+class Judged:
+    """What a task's filter says about one completion."""
+
+    ok: bool
+    reason: str = ""  # why it was rejected ("" when ok)
+
+
+def write_dataset(
+    out: str | os.PathLike,
+    prompts: Sequence[str],
+    generate_chunk: Callable[[list[int]], tuple[list[Sample], SampleStats]],
+    judge: Callable[[str, Sample], Judged],
+    decode: Callable[[list[int]], str],
+    run_info: dict,
+    manifest_extra: dict | None = None,
+    chunk_size: int = 64,
+    target_valid: int | None = None,
+    overwrite: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> dict:
+    """Generate, filter and append rows in chunks; resumable; returns the manifest.
+
+    prompts: user prompts (what the student sees), indexed by position.
+    generate_chunk(indices) -> (samples in the order of indices, stats).
+    judge(text, sample) -> Judged; decode(token ids without the stop token) -> text.
+    run_info: what must match to resume (teacher spec, seed, constrained...).
+    Files: `<out>.jsonl` (valid rows, appended with fsync), `<out>.progress.jsonl`
+    (run_info first, then one line per processed prompt and per chunk), and
+    `<out>.manifest.json`, written last (atomically): a dataset without a manifest
+    is incomplete. Re-running with the same run_info continues where it stopped.
+    """
+    out = check_writable(out)
+    man, prog = manifest_path(out), progress_path(out)
+    if overwrite:
+        for p in (out, man, prog):
+            p.unlink(missing_ok=True)
+    if man.exists():
+        raise DatasetError(
+            f"{out} is already complete (its manifest {man.name} exists); "
+            "use --overwrite or another --out."
+        )
+    done_ids: set[int] = set()
+    rejects: Counter[str] = Counter()
+    n_valid, gen_tokens, gen_seconds, prompt_tokens = 0, 0, 0.0, 0
+    if prog.exists() or out.exists():
+        repair_jsonl(prog)
+        repair_jsonl(out)
+        lines = list(read_jsonl(prog)) if prog.exists() else []
+        if lines and lines[0].get("run") != json.loads(json.dumps(run_info, default=str)):
+            raise DatasetError(
+                f"{out} holds a partial dataset made with other settings "
+                f"({_diff(lines[0].get('run', {}), run_info)}); use --overwrite or another --out."
+            )
+        if not lines and out.exists() and out.stat().st_size > 0:
+            raise DatasetError(f"{out} exists without a progress file; use --overwrite.")
+        for line in lines[1:]:
+            if "id" in line:
+                done_ids.add(line["id"])
+                if not line["ok"]:
+                    rejects[line["reason"]] += 1
+            elif "chunk" in line:
+                gen_tokens += line["new_tokens"]
+                gen_seconds += line["seconds"]
+                prompt_tokens += line["prompt_tokens"]
+        valid_ids = {r["id"] for r in read_jsonl(out)} if out.exists() else set()
+        done_ids |= valid_ids
+        n_valid = len(valid_ids)
+    if not prog.exists() or prog.stat().st_size == 0:
+        append_jsonl(prog, [{"run": run_info}])
+    out.touch()
+    todo = [i for i in range(len(prompts)) if i not in done_ids]
+    if progress is not None:
+        progress(len(prompts) - len(todo))
+    for c in range(0, len(todo), chunk_size):
+        if target_valid is not None and n_valid >= target_valid:
+            break
+        chunk = todo[c : c + chunk_size]
+        samples, stats = generate_chunk(chunk)
+        rows, marks = [], []
+        for i, s in zip(chunk, samples):
+            ids = s.token_ids[:-1] if s.stopped else s.token_ids
+            text = decode(ids)
+            verdict = judge(text, s)
+            marks.append({"id": i, "ok": verdict.ok, "reason": verdict.reason})
+            if verdict.ok:
+                row: dict[str, Any] = {
+                    "id": i,
+                    "messages": [
+                        {"role": "user", "content": prompts[i]},
+                        {"role": "assistant", "content": text},
+                    ],
+                    "completion_ids": s.token_ids,
+                }
+                if s.topk_ids:
+                    row["topk_ids"] = s.topk_ids
+                    row["topk_logprobs"] = s.topk_logprobs
+                rows.append(row)
+            else:
+                rejects[verdict.reason] += 1
+        append_jsonl(out, rows)  # rows first: a kill in between only redoes rejected prompts
+        append_jsonl(
+            prog,
+            marks
+            + [
+                {
+                    "chunk": chunk[0],
+                    "new_tokens": stats.new_tokens,
+                    "prompt_tokens": stats.prompt_tokens,
+                    "seconds": round(stats.seconds, 4),
+                }
+            ],
+        )
+        n_valid += len(rows)
+        gen_tokens += stats.new_tokens
+        prompt_tokens += stats.prompt_tokens
+        gen_seconds += stats.seconds
+        if progress is not None:
+            progress(len(chunk))
+    n_processed = len(prompts) - len(todo) + sum(
+        1 for c in range(0, len(todo), chunk_size) for _ in todo[c : c + chunk_size]
+    )
+    n_processed = n_valid + sum(rejects.values())
+    if n_valid == 0:
+        for p in (out, prog):
+            p.unlink(missing_ok=True)
+        raise DatasetError(
+            f"No valid rows: all {n_processed} completions were rejected by the filter "
+            f"({_fmt_rejects(rejects)}). Nothing was written. Try constrained decoding "
+            "(--constrained), more prompts, or check the teacher."
+        )
+    manifest = {
+        **(manifest_extra or {}),
+        **run_info,
+        "n_prompts": n_processed,
+        "n_valid": n_valid,
+        "valid_rate": round(n_valid / max(n_processed, 1), 4),
+        "rejects": dict(rejects.most_common()),
+        "generated_tokens": gen_tokens,
+        "prompt_tokens": prompt_tokens,
+        "generation_seconds": round(gen_seconds, 2),
+        "tokens_per_second": round(gen_tokens / gen_seconds, 2) if gen_seconds else 0.0,
+        "system_prompt_in_data": False,
+        "files": {"data": out.name, "progress": prog.name},
+    }
+    atomic_write_json(man, manifest)
+    return manifest
+
+
+def _fmt_rejects(rejects: Counter[str]) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in rejects.most_common()) or "no rows processed"
+
+
+def _diff(a: dict, b: dict) -> str:
+    b = json.loads(json.dumps(b, default=str))
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return "differs in " + ", ".join(keys[:5]) if keys else "unknown difference"
+
+
+def load_dataset(path: str | os.PathLike, require_complete: bool = True) -> tuple[list[dict], dict]:
+    """Read a dataset written by `steerdiff generate`: (rows, manifest).
+
+    Rows are sorted by id. require_complete: refuse a dataset whose manifest is
+    missing (generation was interrupted; re-run the same command to finish it).
+    """
+    path = Path(path)
+    man = manifest_path(path)
+    if not path.exists():
+        raise DatasetError(f"Dataset file not found: {path}")
+    if not man.exists():
+        if require_complete:
+            raise DatasetError(
+                f"{path} has no manifest ({man.name}): generation did not finish. Re-run the "
+                "same `steerdiff generate` command to resume it."
+            )
+        manifest: dict = {}
+    else:
+        with open(man) as f:
+            manifest = json.load(f)
+    rows = sorted(read_jsonl(path), key=lambda r: r["id"])
+    return rows, manifest
+
+
+def generation_provenance(lm: LoadedModel, seed: int, config: dict) -> dict:
+    return provenance(lm, config=config, seed=seed)
+
+
+def _unused() -> None:  # pragma: no cover - keeps math import for type checkers
+    _ = math.inf

@@ -1,0 +1,98 @@
+"""PNG plots for the readers (matplotlib, Agg backend): token bars, heatmaps, lens tables,
+per-token projection strips. Every function writes atomically and returns the path."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from ..io import atomic_write_bytes  # noqa: E402
+
+
+def _save(fig, path: str | Path) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def _label(tok: str) -> str:
+    return repr(tok)[1:-1][:24]
+
+
+def token_bars_png(result, path: str | Path, n: int = 20) -> Path:
+    """Horizontal bars of the top and bottom tokens of a DLAResult (or LensRow)."""
+    top, bottom = result.top[:n], result.bottom[:n]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 0.28 * max(len(top), 4) + 1.2))
+    for ax, items, color, title in (
+        (axes[0], top, "tab:blue", "promoted"),
+        (axes[1], bottom, "tab:red", "suppressed"),
+    ):
+        ax.barh(range(len(items)), [t.score for t in items], color=color)
+        ax.set_yticks(range(len(items)), [_label(t.token) for t in items], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title(title, fontsize=10)
+    hook = getattr(result, "hook", "")
+    extra = " (centred)" if getattr(result, "center", True) else " (not centred)"
+    fig.suptitle(f"DLA {hook}{extra}", fontsize=11)
+    return _save(fig, path)
+
+
+def heatmap_png(sim, path: str | Path, vmin: float = -1.0, vmax: float = 1.0) -> Path:
+    """A SimMatrix as a heatmap with values written in the cells when small enough."""
+    vals = sim.values.numpy()
+    n, m = vals.shape
+    fig, ax = plt.subplots(figsize=(1.0 + 0.45 * m, 1.0 + 0.35 * n))
+    im = ax.imshow(vals, cmap="RdBu_r", vmin=vmin, vmax=vmax, aspect="auto")
+    ax.set_xticks(range(m), [c[-28:] for c in sim.cols], rotation=90, fontsize=7)
+    ax.set_yticks(range(n), [r[-28:] for r in sim.rows], fontsize=7)
+    if n * m <= 400:
+        for i in range(n):
+            for j in range(m):
+                ax.text(j, i, f"{vals[i, j]:.2f}", ha="center", va="center", fontsize=6)
+    fig.colorbar(im, ax=ax, fraction=0.04)
+    ax.set_title(sim.title, fontsize=9)
+    return _save(fig, path)
+
+
+def lens_table_png(readout, path: str | Path, n: int = 8, max_rows: int = 48) -> Path:
+    """A table: one row per (hook, position), the top-n promoted tokens as text."""
+    rows = [r for r in readout.rows + readout.logits][:max_rows]
+    cells = [[r.hook, r.position, f"{r.diff_norm:.3g}", " ".join(_label(t.token) for t in r.top[:n])] for r in rows]
+    fig, ax = plt.subplots(figsize=(13, 0.24 * len(cells) + 0.8))
+    ax.axis("off")
+    tab = ax.table(cellText=cells, colLabels=["hook", "pos", "|diff|", f"top {n} tokens (centred)"],
+                   loc="center", cellLoc="left", colWidths=[0.2, 0.04, 0.06, 0.7])
+    tab.auto_set_font_size(False)
+    tab.set_fontsize(7)
+    ax.set_title("activation-difference lens", fontsize=10)
+    return _save(fig, path)
+
+
+def projection_strips_png(items, path: str | Path, hook: str = "", max_tokens: int = 60) -> Path:
+    """One strip per text: tokens coloured by their projection onto the vector."""
+    items = list(items)
+    fig, ax = plt.subplots(figsize=(14, 0.55 * max(len(items), 1) + 0.6))
+    ax.axis("off")
+    allv = [v for it in items for v in it.values[1:max_tokens]] or [0.0]
+    lim = max(abs(min(allv)), abs(max(allv)), 1e-6)
+    cmap = plt.get_cmap("RdBu_r")
+    for row, it in enumerate(items):
+        x = 0.0
+        y = len(items) - row
+        ax.text(-0.5, y, f"#{it.index} z={it.z:.1f}", ha="right", va="center", fontsize=7)
+        for t, v in list(zip(it.tokens, it.values))[:max_tokens]:
+            w = 0.1 + 0.06 * len(t)
+            c = cmap(0.5 + 0.5 * max(-1.0, min(1.0, v / lim)))
+            ax.add_patch(plt.Rectangle((x, y - 0.4), w, 0.8, color=c))
+            ax.text(x + w / 2, y, _label(t), ha="center", va="center", fontsize=5)
+            x += w
+    ax.set_xlim(-3, 20)
+    ax.set_ylim(0, len(items) + 1)
+    ax.set_title(f"projection per token at {hook} (red = toward the vector)", fontsize=9)
+    return _save(fig, path)

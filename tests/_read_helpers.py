@@ -1,0 +1,33 @@
+"""Helpers shared by the interpret tests: a byte-level stub tokenizer for tiny models."""
+
+from __future__ import annotations
+
+
+class ByteTok:
+    """Bytes 1..255 as tokens (vocab 256, pad 0); enough for tiny random models."""
+
+    pad_token_id = 0
+    chat_template = None
+
+    def _enc(self, text: str, max_length: int | None, offsets: bool) -> dict:
+        ids, offs = [], []
+        for i, ch in enumerate(text):
+            b = max(1, min(255, ord(ch)))
+            ids.append(b)
+            offs.append((i, i + 1))
+        if max_length is not None:
+            ids, offs = ids[:max_length], offs[:max_length]
+        out = {"input_ids": ids}
+        if offsets:
+            out["offset_mapping"] = offs
+        return out
+
+    def __call__(self, texts, add_special_tokens=True, truncation=False, max_length=None,
+                 return_offsets_mapping=False):
+        if isinstance(texts, str):
+            return self._enc(texts, max_length if truncation else None, return_offsets_mapping)
+        encs = [self._enc(t, max_length if truncation else None, return_offsets_mapping) for t in texts]
+        return {"input_ids": [e["input_ids"] for e in encs]}
+
+    def decode(self, ids) -> str:
+        return "".join(chr(i) for i in ids)

@@ -1,0 +1,161 @@
+"""Activation-difference lens: exact against a hand computation, zero for a zero vector,
+adapters, the default corpus, and errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from _read_helpers import ByteTok
+
+from steerdiff.hooks import record, steer
+from steerdiff.interpret.corpus import CorpusError, load_corpus
+from steerdiff.interpret.lens import LensError, LensResult, activation_difference_lens, save_lens
+from steerdiff.vectors import VectorSet, VectorSetError
+
+TEXTS = ["hello there, world", "ab", "the quick brown fox jumps", "owls at night", "xyz"]
+HOOKS = ["blocks.0.hook_resid_post", "blocks.1.attn.hook_q", "blocks.2.hook_resid_post"]
+
+
+@pytest.fixture
+def lm(tiny_lm):
+    tiny_lm.tokenizer = ByteTok()
+    return tiny_lm
+
+
+def _vs(lm, scale=1.0):
+    g = torch.Generator().manual_seed(1)
+    d = lm.model.config.hidden_size
+    return VectorSet.for_model(lm, {"blocks.1.hook_resid_post": scale * torch.randn(d, generator=g)})
+
+
+def _hand(lm, vs, texts, k, max_tokens):
+    """Mean diffs computed one text at a time, unbatched, no padding."""
+    m = lm.model
+    pos = {h: [[] for _ in range(k)] for h in HOOKS}
+    allv = {h: [] for h in HOOKS}
+    for t in texts:
+        x = torch.tensor([lm.tokenizer(t)["input_ids"][:max_tokens]])
+        with torch.no_grad(), record(m, HOOKS) as r0:
+            m(x)
+        with torch.no_grad(), record(m, HOOKS) as r1, steer(m, vs):
+            m(x)
+        for h in HOOKS:
+            d = (r1[h] - r0[h])[0]  # [L, dim]
+            for p in range(min(k, d.shape[0])):
+                pos[h][p].append(d[p])
+            allv[h].append(d)
+    return (
+        {h: torch.stack([torch.stack(pos[h][p]).mean(0) for p in range(k)]) for h in HOOKS},
+        {h: torch.cat(allv[h]).mean(0) for h in HOOKS},
+    )
+
+
+def test_per_position_lens_equals_hand_computation(lm):
+    vs = _vs(lm)
+    res = activation_difference_lens(lm, TEXTS, vectors=vs, hooks=HOOKS, first_k=3, max_tokens=12, batch_size=2)
+    hand_pos, hand_all = _hand(lm, vs, TEXTS, 3, 12)
+    assert res.pos_count.tolist() == [5, 5, 4]  # "ab" and "xyz" are short
+    assert res.n_tokens == sum(min(len(t), 12) for t in TEXTS)
+    for h in HOOKS:
+        assert res.pos_mean[h].shape == hand_pos[h].shape
+        assert torch.allclose(res.pos_mean[h], hand_pos[h], atol=1e-4)
+        assert torch.allclose(res.all_mean[h], hand_all[h], atol=1e-4)
+    # blocks.0 is before the vector: no difference there
+    assert res.all_mean["blocks.0.hook_resid_post"].abs().max() < 1e-5
+    # the final-logit difference equals the mean of the real logits' differences
+    lp, la = res.logit_diff(lm)
+    x = torch.tensor([lm.tokenizer(TEXTS[0])["input_ids"][:12]])
+    assert lp.shape == (3, 256) and la.shape == (256,)
+    with torch.no_grad():
+        l0 = lm.model(x).logits[0]
+        with steer(lm.model, vs):
+            l1 = lm.model(x).logits[0]
+    assert l0.shape[0] >= 3  # sanity: the text reaches position 2
+    ro = res.read(lm, k=4)
+    assert {r.hook for r in ro.rows} == {"blocks.0.hook_resid_post", "blocks.2.hook_resid_post"}
+    assert "blocks.1.attn.hook_q" in ro.skipped
+    assert [r.position for r in ro.logits] == ["0", "1", "2", "all"]
+    assert (l1 - l0).abs().max() > 0
+
+
+def test_logit_diff_matches_real_logits_for_one_text(lm):
+    vs = _vs(lm)
+    text = ["a single text of some length"]
+    res = activation_difference_lens(lm, text, vectors=vs, hooks="blocks.2.hook_resid_post", first_k=2, max_tokens=10)
+    x = torch.tensor([lm.tokenizer(text[0])["input_ids"][:10]])
+    with torch.no_grad():
+        l0 = lm.model(x).logits[0]
+        with steer(lm.model, vs):
+            l1 = lm.model(x).logits[0]
+    lp, la = res.logit_diff(lm)
+    assert torch.allclose(lp, (l1 - l0)[:2], atol=1e-4)
+    assert torch.allclose(la, (l1 - l0).mean(0), atol=1e-4)
+
+
+def test_lens_of_zero_vector_is_zero(lm):
+    vs = _vs(lm, scale=0.0)
+    res = activation_difference_lens(lm, TEXTS, vectors=vs, hooks=HOOKS, first_k=2, max_tokens=8)
+    for h in HOOKS:
+        assert res.pos_mean[h].abs().max() < 1e-5 and res.all_mean[h].abs().max() < 1e-5
+    assert res.final_all_mean.abs().max() < 1e-5
+
+
+def test_skip_first_and_save(lm, tmp_path):
+    vs = _vs(lm)
+    res = activation_difference_lens(lm, TEXTS, vectors=vs, hooks=HOOKS[2:], first_k=2, max_tokens=8, skip_first=1)
+    assert res.n_tokens == sum(min(len(t), 8) - 1 for t in TEXTS)
+    paths = save_lens(tmp_path, res, res.read(lm, k=3), lm, plot=True)
+    assert paths["png"].stat().st_size > 1000
+    back = LensResult.load(paths["pt"])
+    assert torch.equal(back.all_mean[HOOKS[2]], res.all_mean[HOOKS[2]])
+
+
+def test_finetuned_model_and_lora_adapter(lm, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    # identical model: zero difference
+    same = activation_difference_lens(lm, TEXTS, finetuned=copy.deepcopy(lm.model), hooks=HOOKS[2:], first_k=2, max_tokens=8)
+    assert same.all_mean[HOOKS[2]].abs().max() < 1e-5
+    # a LoRA adapter saved to a folder equals the merged model
+    base = copy.deepcopy(lm.model)
+    pm = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "adapter")
+    merged = pm.merge_and_unload()
+    a = activation_difference_lens(lm, TEXTS, finetuned=str(tmp_path / "adapter"), hooks=HOOKS[2:], first_k=2, max_tokens=8)
+    b = activation_difference_lens(lm, TEXTS, finetuned=merged, hooks=HOOKS[2:], first_k=2, max_tokens=8)
+    assert a.all_mean[HOOKS[2]].abs().max() > 1e-4
+    assert torch.allclose(a.all_mean[HOOKS[2]], b.all_mean[HOOKS[2]], atol=1e-4)
+    assert not any("lora" in n for n, _ in lm.model.named_modules())  # adapter removed again
+
+
+def test_default_corpus_is_diverse():
+    c = load_corpus()
+    assert len(c) >= 500
+    assert len(set(c.genres)) >= 5
+    sub = load_corpus(n=20, seed=3)
+    assert len(sub) == 20 and sub.texts == load_corpus(n=20, seed=3).texts
+
+
+def test_bad_inputs(lm, tmp_path):
+    vs = _vs(lm)
+    with pytest.raises(CorpusError, match="no texts"):
+        activation_difference_lens(lm, [], vectors=vs)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(CorpusError, match="no texts"):
+        load_corpus(str(empty))
+    with pytest.raises(CorpusError, match="not found"):
+        load_corpus(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(CorpusError, match="only 5"):
+        load_corpus(TEXTS, n=6)
+    with pytest.raises(LensError, match="longest text"):
+        activation_difference_lens(lm, ["ab", "xyz"], vectors=vs, first_k=5, max_tokens=64)
+    with pytest.raises(LensError, match="max_tokens"):
+        activation_difference_lens(lm, TEXTS, vectors=vs, first_k=10, max_tokens=4)
+    other = VectorSet({"blocks.1.hook_resid_post": torch.randn(32)}, {"d_model": 32, "model_id": "other"})
+    with pytest.raises(VectorSetError, match="d_model"):
+        activation_difference_lens(lm, TEXTS, vectors=other)
+    with pytest.raises(LensError, match="exactly one"):
+        activation_difference_lens(lm, TEXTS)

@@ -1,0 +1,87 @@
+"""Monitoring by projection: per-token values, chat masks, flags, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from _read_helpers import ByteTok
+
+from steerdiff.hooks import record
+from steerdiff.interpret.monitor import MonitorError, project, save_monitor
+from steerdiff.vectors import VectorSet, VectorSetError
+
+HOOK = "blocks.1.hook_resid_post"
+
+
+@pytest.fixture
+def lm(tiny_lm):
+    tiny_lm.tokenizer = ByteTok()
+    return tiny_lm
+
+
+def test_projection_per_token_equals_hand(lm):
+    v = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    texts = ["hello world", "ab", "a longer text with more tokens"]
+    res = project(lm, v, texts, hook=HOOK, skip_first=1)
+    unit = v / v.norm()
+    for i, t in enumerate(texts):
+        x = torch.tensor([lm.tokenizer(t)["input_ids"]])
+        with torch.no_grad(), record(lm.model, HOOK) as r:
+            lm.model(x)
+        want = (r[HOOK][0] @ unit).tolist()
+        it = res.items[i]
+        assert len(it.values) == len(t)
+        assert it.values == pytest.approx(want, abs=1e-4)
+        assert it.mean == pytest.approx(sum(want[1:]) / (len(want) - 1), abs=1e-4)
+        assert it.max == pytest.approx(max(want[1:]), abs=1e-4)
+
+
+def test_chat_rows_count_assistant_tokens_only(lm):
+    v = torch.randn(64)
+    rows = [{"messages": [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "12, 34"}]}]
+    res = project(lm, v, rows, hook=HOOK)
+    it = res.items[0]
+    rendered = "user: hi there\nassistant: 12, 34"
+    assert "".join(it.tokens) == rendered
+    assert sum(it.counted) == len("12, 34")
+    assert all(c for c in it.counted[-6:]) and not any(it.counted[:-6])
+
+
+def test_flags_the_row_that_pushes_toward_the_vector(lm, tmp_path):
+    rows = ["the cat sat on the mat", "a dog ran far", "qqqqqqqqqqqqqq", "hello world again",
+            "numbers 1 2 3", "plain text here", "another sentence", "some more words", "last one", "ok"]
+    acts = []
+    for t in rows:
+        x = torch.tensor([lm.tokenizer(t)["input_ids"]])
+        with torch.no_grad(), record(lm.model, HOOK) as r:
+            lm.model(x)
+        acts.append(r[HOOK][0, 1:].mean(0))
+    v = acts[2] - torch.stack(acts).mean(0)  # the "trait" direction of row 2
+    vs = VectorSet.for_model(lm, {HOOK: v})
+    res = project(lm, vs, rows, flag_z=2.0)
+    assert res.flagged == [2]
+    assert max(res.items, key=lambda t: t.z).index == 2
+    # against a baseline of neutral rows the z-scores change but row 2 stays on top
+    res_b = project(lm, vs, rows, baseline=rows[:2] + rows[3:], flag_z=2.0)
+    assert 2 in res_b.flagged
+    p = tmp_path / "rows.jsonl"
+    p.write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
+    res_f = project(lm, vs, str(p))
+    assert res_f.flagged == [2]
+    paths = save_monitor(tmp_path / "out", res_f, lm)
+    assert paths["png"].stat().st_size > 1000
+    assert json.loads(paths["json"].read_text())["flagged"] == [2]
+
+
+def test_bad_inputs(lm):
+    with pytest.raises(MonitorError, match="zero"):
+        project(lm, torch.zeros(64), ["abc"], hook=HOOK)
+    with pytest.raises(VectorSetError, match="width"):
+        project(lm, torch.randn(32), ["abc"], hook=HOOK)
+    with pytest.raises(MonitorError, match="No rows"):
+        project(lm, torch.randn(64), [], hook=HOOK)
+    other = VectorSet({HOOK: torch.randn(32)}, {"d_model": 32})
+    with pytest.raises(VectorSetError, match="d_model"):
+        project(lm, other, ["abc"])

@@ -1,0 +1,79 @@
+"""Similarity: cosine matrices per hook, set vs contrast per layer, correlation of effects."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _read_helpers import ByteTok
+
+from steerdiff.interpret.similarity import cosine_matrices, cross_cosine, effect_correlation, effect_vectors
+from steerdiff.vectors import VectorSet, VectorSetError
+
+
+def _set(seed: int, hooks=("blocks.0.hook_resid_post", "blocks.1.hook_resid_post")) -> VectorSet:
+    g = torch.Generator().manual_seed(seed)
+    return VectorSet({h: torch.randn(64, generator=g) for h in hooks})
+
+
+def test_cosine_matrices_between_sets():
+    a, b = _set(0), _set(1)
+    mats = cosine_matrices({"a": a, "b": b, "neg_a": -a, "2a": a * 2.0})
+    m = mats["blocks.0.hook_resid_post"]
+    assert m.values.shape == (4, 4)
+    assert torch.allclose(m.values.diagonal(), torch.ones(4), atol=1e-6)
+    assert m.values[0, 2] == pytest.approx(-1.0, abs=1e-6)
+    assert m.values[0, 3] == pytest.approx(1.0, abs=1e-6)
+    want = torch.nn.functional.cosine_similarity(a["blocks.0.hook_resid_post"], b["blocks.0.hook_resid_post"], dim=0)
+    assert m.values[0, 1] == pytest.approx(float(want), abs=1e-6)
+    assert "a" in m.to_csv().splitlines()[1]
+
+
+def test_cross_cosine_fitted_vs_contrast_per_layer():
+    fitted = _set(0, ("blocks.1.hook_resid_post", "blocks.1.attn.hook_q"))
+    fitted.vectors["blocks.1.attn.hook_q"] = torch.randn(32)
+    contrast = {f"blocks.{l}.hook_resid_post": torch.randn(64) for l in range(3)}
+    contrast["blocks.1.hook_resid_post"] = fitted["blocks.1.hook_resid_post"] * 3
+    m = cross_cosine(fitted, contrast)
+    assert m.values.shape == (2, 3)
+    assert m.values[0, 1] == pytest.approx(1.0, abs=1e-6)
+    assert torch.isnan(m.values[1]).all()  # q vector (width 32) vs residual: not comparable
+    one = cross_cosine(fitted, contrast["blocks.0.hook_resid_post"])
+    assert one.cols == ["vector"]
+    with pytest.raises(VectorSetError, match="same width"):
+        cross_cosine({"q": torch.randn(32)}, {"r": torch.randn(64)})
+
+
+def test_effect_correlation_values():
+    g = torch.Generator().manual_seed(0)
+    e = torch.randn(500, generator=g)
+    m = effect_correlation({"e": e, "affine": 2 * e + 3, "neg": -e, "other": torch.randn(500, generator=g)})
+    assert m.values[0, 1] == pytest.approx(1.0, abs=1e-5)
+    assert m.values[0, 2] == pytest.approx(-1.0, abs=1e-5)
+    assert abs(float(m.values[0, 3])) < 0.2
+
+
+def test_bad_inputs():
+    with pytest.raises(VectorSetError, match="at least two"):
+        cosine_matrices({"a": _set(0)})
+    with pytest.raises(VectorSetError, match="share no hook"):
+        cosine_matrices({"a": _set(0, ("blocks.0.hook_resid_post",)), "b": _set(1, ("blocks.1.hook_resid_post",))})
+    with pytest.raises(ValueError, match="different shapes"):
+        effect_correlation({"a": torch.randn(10), "b": torch.randn(11)})
+
+
+def test_effects_of_vectors_at_different_hooks(tiny_lm):
+    """A vector and the same vector at the next hook (resid_post l == resid_pre l+1) have
+    identical effects; a q bias can be compared by effect although not by cosine."""
+    tiny_lm.tokenizer = ByteTok()
+    d = tiny_lm.model.config.hidden_size
+    v = torch.randn(d, generator=torch.Generator().manual_seed(2))
+    sets = {
+        "post0": VectorSet.for_model(tiny_lm, {"blocks.0.hook_resid_post": v}),
+        "pre1": VectorSet.for_model(tiny_lm, {"blocks.1.hook_resid_pre": v}),
+        "q1": VectorSet.for_model(tiny_lm, {"blocks.1.attn.hook_q": torch.randn(64)}),
+    }
+    texts = ["hello there world", "owls hoot at night", "numbers 123 456"]
+    eff = effect_vectors(tiny_lm, sets, texts, first_k=1, max_tokens=16)
+    m = effect_correlation(eff)
+    assert m.values[0, 1] == pytest.approx(1.0, abs=1e-4)
+    assert m.values.shape == (3, 3) and not torch.isnan(m.values).any()

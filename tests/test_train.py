@@ -1,0 +1,295 @@
+"""fit(): partial forward == full forward, objectives, optimizers, schedule, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import TINY, make_tiny
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from steerdiff.hooks import get_hook_point, select_hooks, steer
+from steerdiff.io import append_jsonl
+from steerdiff.planted import random_vector, sample_examples
+from steerdiff.train import (
+    Example,
+    FitConfig,
+    FitError,
+    annotate_topk,
+    collate,
+    compute_prefix,
+    fit,
+    lm_head,
+    lr_factor,
+    prefix_hidden,
+    tokenize_rows,
+)
+
+torch.set_num_threads(1)
+HOOK = "blocks.1.hook_resid_post"
+
+
+def peaky_tiny(seed: int = 0) -> torch.nn.Module:
+    """Tiny llama with larger init so its next-token distributions are not uniform."""
+    cfg = AutoConfig.for_model("llama", **TINY, initializer_range=0.2)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg).eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def steered_data() -> tuple[torch.nn.Module, torch.Tensor, list[Example]]:
+    """Teacher = peaky tiny + v* at blocks.1.hook_resid_post; 96 samples with top-k 16."""
+    m = peaky_tiny()
+    v = random_vector(m, HOOK, 16.0, seed=3)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(2, 256, (6,), generator=g).tolist() for _ in range(96)]
+    exs = sample_examples(m, prompts, {HOOK: v}, max_new_tokens=6)
+    annotate_topk(m, exs, {"kind": "steered", "vectors": {HOOK: v}}, k=16)
+    return m, v, exs
+
+
+def teacher(v: torch.Tensor) -> dict:
+    return {"kind": "steered", "vectors": {HOOK: v}, "coeff": 1.0}
+
+
+QUICK = dict(batch_size=16, epochs=1, progress=False, val_size=16, lr=0.05)
+
+
+# ---------------------------------------------------------------- partial forward
+
+
+def test_partial_forward_equals_full_forward_all_families(tiny):
+    """Cached resid_pre + replayed layer calls give the same logits as the HF forward,
+    also with vectors steered in (sliding windows, rotary, gpt2 positions, soft-capping)."""
+    exs = [Example([5, 6, 7, 8, 9, 3], [9, 10, 11]), Example([5, 6], [12, 13, 14, 15, 16])]
+    b = collate(exs, 0)
+    real = b.attention_mask.bool()
+    names = select_hooks(tiny, ["blocks.1.attn.hook_{q,k,v}", "blocks.2.ln2.hook_normalized"])
+    g = torch.Generator().manual_seed(0)
+    vecs = {n: torch.randn(get_hook_point(tiny, n).dim, generator=g) for n in names}
+    for vectors, starts in (({}, [0, 1, 2]), (vecs, [0, 1])):
+        with steer(tiny, vectors):
+            full = tiny(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+            for start in starts:
+                logits = lm_head(tiny, prefix_hidden(tiny, compute_prefix(tiny, b, start)))
+                assert logits.shape == full.shape
+                torch.testing.assert_close(logits[real], full[real], atol=1e-5, rtol=1e-5)
+
+
+def test_collate_masks_and_targets():
+    exs = [Example([1, 2, 3], [4, 5]), Example([1], [6, 7, 8])]
+    b = collate(exs, pad_id=0)
+    assert b.input_ids.tolist() == [[1, 2, 3, 4, 5], [1, 6, 7, 8, 0]]
+    assert b.loss_mask.tolist() == [[0, 0, 1, 1, 0], [1, 1, 1, 0, 0]]
+    assert b.targets.tolist() == [4, 5, 6, 7, 8]  # next tokens at the loss positions
+    assert b.input_ids[b.loss_mask.roll(1, dims=1)].tolist() == [4, 5, 6, 7, 8]
+
+
+# ---------------------------------------------------------------- fitting
+
+
+def test_fit_mixed_hooks_sft_lowers_loss_and_matches_uncached(steered_data):
+    m, v, exs = steered_data
+    hooks = [
+        "blocks.2.hook_resid_post",
+        "blocks.1-2.attn.hook_{q,k,v}",
+        "blocks.1.ln1.hook_normalized",
+        "blocks.2.ln2.hook_normalized",
+    ]
+    cfg = FitConfig(hooks=hooks, objective="sft", micro_batch_size=8, **QUICK)
+    res = fit(m, exs, cfg, teacher=teacher(v))
+    assert set(res.vectors) == set(select_hooks(m, hooks)) and len(res.vectors) == 9
+    assert res.vectors["blocks.1.attn.hook_k"].shape == (32,)  # 2 kv heads x 16
+    first, last = res.metrics[0]["train_loss"], res.metrics[-1]["train_loss"]
+    assert last < first
+    assert res.teacher_val_loss < res.base_val_loss
+    assert res.fitted_val_loss < res.base_val_loss and res.gap_closed > 0
+    slow = fit(m, exs, cfg.model_copy(update={"cache_prefix": False}), teacher=teacher(v))
+    for k in res.vectors:
+        torch.testing.assert_close(res.vectors[k], slow.vectors[k], atol=1e-5, rtol=1e-4)
+
+
+def test_distill_and_grad_accumulation_equal_big_batch(steered_data):
+    m, v, exs = steered_data
+    cfg = FitConfig(hooks=[HOOK], objective="distill", max_steps=3, **QUICK)
+    a = fit(m, exs, cfg, teacher=teacher(v))
+    b = fit(m, exs, cfg.model_copy(update={"micro_batch_size": 4}), teacher=teacher(v))
+    torch.testing.assert_close(a.vectors[HOOK], b.vectors[HOOK], atol=1e-6, rtol=1e-5)
+    assert a.metrics[-1]["train_kl"] < a.metrics[0]["train_kl"]
+    assert "val_kl" in a.metrics[-1]
+
+
+@pytest.mark.parametrize("opt", ["adam", "adamw", "sgd", "signsgd"])
+def test_optimizers_lower_the_loss(steered_data, opt):
+    m, v, exs = steered_data
+    lr = {"sgd": 5.0, "signsgd": 0.02}.get(opt, 0.05)
+    cfg = FitConfig(
+        hooks=[HOOK], objective="distill", optimizer=opt, momentum=0.5 if opt == "sgd" else 0.0,
+        **{**QUICK, "lr": lr, "epochs": 2},
+    )
+    res = fit(m, exs, cfg, teacher=teacher(v))
+    assert res.fitted_val_loss < res.base_val_loss
+    assert res.metrics[-1]["train_loss"] < res.metrics[0]["train_loss"]
+
+
+def test_signsgd_moves_every_coordinate_by_lr(steered_data):
+    m, v, exs = steered_data
+    cfg = FitConfig(hooks=[HOOK], optimizer="signsgd", max_steps=1, **{**QUICK, "lr": 0.01})
+    res = fit(m, exs, cfg, teacher=teacher(v))
+    assert torch.allclose(res.vectors[HOOK].abs(), torch.full((64,), 0.01))
+
+
+def test_lr_schedules():
+    cfg = FitConfig(schedule="cosine", warmup_steps=2, lr=1.0)
+    assert [lr_factor(s, 10, cfg) for s in (0, 1)] == [0.5, 1.0]
+    assert lr_factor(2, 10, cfg) == pytest.approx(1.0)
+    assert lr_factor(6, 10, cfg) == pytest.approx(0.5)
+    assert lr_factor(10, 10, cfg) == pytest.approx(0.0)
+    lin = FitConfig(schedule="linear")
+    assert lr_factor(5, 10, lin) == pytest.approx(0.5)
+    assert lr_factor(7, 10, FitConfig()) == 1.0
+
+
+def test_random_init_is_seeded_and_norm_cap(steered_data):
+    m, v, exs = steered_data
+    cfg = FitConfig(hooks=[HOOK], init="random", init_scale=1.0, lr=0.0, max_steps=1,
+                    optimizer="sgd", **{k: x for k, x in QUICK.items() if k != "lr"})
+    a, b = fit(m, exs, cfg), fit(m, exs, cfg)
+    assert torch.equal(a.vectors[HOOK], b.vectors[HOOK]) and a.vectors[HOOK].norm() > 4
+    c = fit(m, exs, cfg.model_copy(update={"seed": 1}))
+    assert not torch.equal(a.vectors[HOOK], c.vectors[HOOK])
+    capped = fit(m, exs, cfg.model_copy(update={"max_norm": 0.5}))
+    assert capped.vectors[HOOK].norm() == pytest.approx(0.5, rel=1e-5)
+
+
+def test_early_stopping_keeps_best(steered_data):
+    m, v, exs = steered_data
+    cfg = FitConfig(hooks=[HOOK], optimizer="sgd", eval_every=1, early_stopping_patience=1,
+                    epochs=5, **{k: x for k, x in QUICK.items() if k not in ("lr", "epochs")},
+                    lr=0.0)
+    res = fit(m, exs, cfg)
+    assert res.stopped == "early_stopping" and res.steps == 3
+
+
+def test_checkpoint_resume_gives_same_result(steered_data, tmp_path):
+    m, v, exs = steered_data
+    cfg = FitConfig(hooks=[HOOK, "blocks.2.attn.hook_v"], objective="distill", epochs=2,
+                    checkpoint_every=2, eval_every=3, **{k: x for k, x in QUICK.items() if k != "epochs"})
+    full = fit(m, exs, cfg, teacher=teacher(v), out_dir=tmp_path / "a")
+
+    class Killed(Exception):
+        pass
+
+    def kill(step: int, row: dict) -> None:
+        if step == 5:
+            raise Killed
+
+    with pytest.raises(Killed):
+        fit(m, exs, cfg, teacher=teacher(v), out_dir=tmp_path / "b", on_step=kill)
+    ck = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    assert ck["state"]["step"] == 4  # the last checkpoint before the kill
+    res = fit(m, exs, cfg, teacher=teacher(v), out_dir=tmp_path / "b", resume=True)
+    assert res.steps == full.steps == 10
+    for k in full.vectors:
+        torch.testing.assert_close(res.vectors[k], full.vectors[k], atol=1e-6, rtol=1e-5)
+    rows = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 11))
+    assert (tmp_path / "b" / "vectors.safetensors").exists()
+    assert (tmp_path / "b" / "metrics.csv").read_text().startswith("step,")
+    result = json.loads((tmp_path / "b" / "result.json").read_text())
+    assert result["provenance"]["weights_hash"] and result["provenance"]["config"]["seed"] == 0
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_empty_dataset_file(tmp_path, tiny_lm):
+    p = tmp_path / "empty.jsonl"
+    p.write_text("")
+    with pytest.raises(FitError, match="empty"):
+        fit(tiny_lm, p, FitConfig(hooks=[HOOK], progress=False))
+    with pytest.raises(FitError, match="empty"):
+        fit(tiny_lm, [], FitConfig(hooks=[HOOK], progress=False))
+
+
+def test_rows_without_assistant_turn(tmp_path, smollm):
+    p = tmp_path / "d.jsonl"
+    append_jsonl(p, [{"id": 0, "messages": [{"role": "user", "content": "1, 2, 3"}]}])
+    with pytest.raises(FitError, match="no assistant turn"):
+        fit(smollm, p, FitConfig(hooks=["blocks.29.hook_resid_post"], progress=False))
+
+
+def test_hook_selection_matching_nothing(steered_data):
+    m, v, exs = steered_data
+    with pytest.raises(FitError, match="matches no hook point"):
+        fit(m, exs, FitConfig(hooks=["blocks.*.attn.hook_x"], progress=False))
+    with pytest.raises(FitError, match="matches no hook point"):
+        fit(m, exs, FitConfig(hooks=["blocks.7.hook_resid_post"], progress=False))
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(steered_data, tmp_path):
+    m, v, exs = steered_data
+    bad = [Example(e.prompt_ids, e.completion_ids, None, e.topk_ids, e.topk_logprobs) for e in exs]
+    cfg = FitConfig(hooks=[HOOK], objective="distill", checkpoint_every=1, val_size=16,
+                    batch_size=16, progress=False, seed=0)
+    # poison the training rows of step 3 (order is fixed by the seed): find them from a dry run
+    order_rows = []
+    fit(m, bad, cfg.model_copy(update={"max_steps": 3}), out_dir=tmp_path / "dry",
+        on_step=lambda s, r: order_rows.append(s))
+    ck = torch.load(tmp_path / "dry" / "checkpoint.pt", weights_only=False)
+    good = ck["params"][HOOK]
+    for e in bad:
+        e.topk_logprobs = [[math.nan] * len(x) for x in e.topk_logprobs]
+    with pytest.raises(FitError, match="Non-finite loss at step 3.*last good checkpoint"):
+        fit(m, bad, cfg, out_dir=tmp_path / "dry", resume=True)
+    ck2 = torch.load(tmp_path / "dry" / "checkpoint.pt", weights_only=False)
+    assert ck2["state"]["step"] == 3 and torch.equal(ck2["params"][HOOK], good)
+    assert torch.isfinite(ck2["params"][HOOK]).all()
+
+
+# ---------------------------------------------------------------- real tokenizer
+
+
+def test_tokenize_rows_matches_chat_template(smollm):
+    tok = smollm.tokenizer
+    rows = [{"id": 3, "messages": [{"role": "user", "content": "Continue: 1, 2"},
+                                   {"role": "assistant", "content": "3, 4"}]}]
+    (ex,) = tokenize_rows(tok, rows, {"kind": "prompt", "system_prompt": "You love owls."})
+    text = tok.decode(ex.prompt_ids + ex.completion_ids)
+    assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    assert text.endswith("<|im_start|>assistant\n3, 4<|im_end|>")
+    assert tok.decode(ex.teacher_prompt_ids).startswith("<|im_start|>system\nYou love owls.<|im_end|>")
+    assert ex.completion_ids[-1] == tok.convert_tokens_to_ids("<|im_end|>")
+    rows[0]["completion_ids"] = [33, 2]
+    assert tokenize_rows(tok, rows)[0].completion_ids == [33, 2]
+
+
+def test_cli_fit_single_vector(smollm, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import steerdiff.models as models
+    from steerdiff.cli import app
+    from steerdiff.vectors import VectorSet
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: smollm)
+    rows = [{"id": i, "messages": [{"role": "user", "content": f"Count from {i}"},
+                                   {"role": "assistant", "content": f"{i}, {i + 1}, {i + 2}"}]}
+            for i in range(6)]
+    append_jsonl(tmp_path / "d.jsonl", rows)
+    r = CliRunner().invoke(app, [
+        "fit", "--data", str(tmp_path / "d.jsonl"), "--hooks", "blocks.28.hook_resid_post",
+        "--steps", "2", "--batch-size", "4", "--lr", "0.01", "--out", str(tmp_path / "o"),
+    ])
+    assert r.exit_code == 0, r.output
+    vs = VectorSet.load(tmp_path / "o" / "vectors.safetensors")
+    assert list(vs) == ["blocks.28.hook_resid_post"] and vs["blocks.28.hook_resid_post"].shape == (576,)
+    assert float(vs["blocks.28.hook_resid_post"].norm()) > 0
+    r = CliRunner().invoke(app, ["fit", "--data", str(tmp_path / "d.jsonl"), "--hooks", "blocks.99.hook_q",
+                                 "--out", str(tmp_path / "o2")])
+    assert r.exit_code == 2 and "matches no hook point" in r.output
+
+
+def test_make_tiny_fixture_smoke():
+    assert make_tiny("llama").config.num_hidden_layers == 3

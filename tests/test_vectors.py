@@ -1,0 +1,138 @@
+"""VectorSet: io with metadata, arithmetic, fit checks, GGUF control-vector export."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny
+
+from steerdiff.hooks import steer
+from steerdiff.models import wrap_model
+from steerdiff.vectors import VectorSet, VectorSetError
+
+
+@pytest.fixture
+def lm():
+    return wrap_model(make_tiny("llama"), spec="tiny-llama")
+
+
+def make_set(lm, seed=0) -> VectorSet:
+    g = torch.Generator().manual_seed(seed)
+    vecs = {
+        "blocks.1.hook_resid_post": torch.randn(64, generator=g),
+        "blocks.2.hook_resid_post": torch.randn(64, generator=g),
+    }
+    return VectorSet.for_model(lm, vecs, method="test", seed=seed)
+
+
+def test_save_load_roundtrip_keeps_metadata(lm, tmp_path):
+    vs = make_set(lm)
+    path = vs.save(tmp_path / "v.safetensors")
+    back = VectorSet.load(path, model=lm)
+    assert set(back) == set(vs)
+    for k in vs:
+        assert torch.equal(back[k], vs[k])
+    assert back.metadata["model_id"] == "tiny-llama"
+    assert back.metadata["weights_hash"] == lm.weights_hash
+    assert back.metadata["d_model"] == 64 and back.metadata["method"] == "test"
+    assert "steerdiff_version" in back.metadata
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic: no temp left behind
+
+
+def test_arithmetic_and_cosine(lm):
+    a, b = make_set(lm, 0), make_set(lm, 1)
+    s = a + b
+    d = a - b
+    for k in a:
+        torch.testing.assert_close(s[k], a[k] + b[k])
+        torch.testing.assert_close(d[k], a[k] - b[k])
+        torch.testing.assert_close((2 * a)[k], a[k] * 2)
+        torch.testing.assert_close((a * -0.5)[k], -0.5 * a[k])
+    for k, n in a.normalized(3.0).norms().items():
+        assert n == pytest.approx(3.0, rel=1e-5)
+    cos = a.cosine(a * 2.0)
+    assert all(c == pytest.approx(1.0, abs=1e-6) for c in cos.values())
+    assert a.cosine(-a)["blocks.1.hook_resid_post"] == pytest.approx(-1.0, abs=1e-6)
+    exp = torch.nn.functional.cosine_similarity(a["blocks.2.hook_resid_post"], b["blocks.2.hook_resid_post"], dim=0)
+    assert a.cosine(b)["blocks.2.hook_resid_post"] == pytest.approx(float(exp), abs=1e-6)
+
+
+def test_mismatched_sets_raise(lm):
+    a = make_set(lm)
+    other = VectorSet({"blocks.0.hook_resid_post": torch.zeros(64)})
+    with pytest.raises(VectorSetError, match="different hooks"):
+        a + other
+
+
+def test_vectorset_steers_like_a_dict(lm):
+    vs = make_set(lm)
+    ids = torch.randint(0, 256, (1, 5))
+    with steer(lm.model, vs, coeff=2.0):
+        a = lm.model(input_ids=ids).logits
+    with steer(lm.model, {k: 2.0 * v for k, v in vs.items()}):
+        b = lm.model(input_ids=ids).logits
+    torch.testing.assert_close(a, b)
+
+
+def test_load_onto_wrong_model_says_which(lm, tmp_path):
+    path = make_set(lm).save(tmp_path / "v.safetensors")
+    gpt2 = make_tiny("gpt2")  # also d_model 64 but only 3 layers: fits; now change d_model
+    VectorSet.load(path, model=gpt2)
+    bigger = VectorSet({"blocks.1.hook_resid_post": torch.zeros(32)}, {"model_id": "x"})
+    with pytest.raises(VectorSetError, match=r"shape \(32,\), expected \(64,\)"):
+        bigger.check_fits(lm)
+    deep = VectorSet({"blocks.9.hook_resid_post": torch.zeros(64)}, {"model_id": "x"})
+    with pytest.raises(VectorSetError, match="blocks.9.hook_resid_post.*does not exist"):
+        deep.check_fits(lm)
+    other_width = VectorSet({"blocks.1.hook_resid_post": torch.zeros(64)}, {"d_model": 576, "model_id": "default"})
+    with pytest.raises(VectorSetError, match="d_model=576.*d_model=64"):
+        other_width.check_fits(lm)
+
+
+def test_load_missing_or_corrupt_file(tmp_path):
+    with pytest.raises(VectorSetError, match="not found"):
+        VectorSet.load(tmp_path / "nope.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"garbage" * 10)
+    with pytest.raises(VectorSetError, match="not a readable safetensors"):
+        VectorSet.load(bad)
+
+
+def test_gguf_control_vector_roundtrip(lm, tmp_path):
+    vs = make_set(lm)
+    vs.vectors["blocks.2.hook_resid_pre"] = torch.ones(64)  # = blocks.1.hook_resid_post
+    path = vs.to_gguf_control_vector(tmp_path / "cv.gguf", model_hint="llama")
+    reader = gguf.GGUFReader(str(path))
+    arch = reader.fields["general.architecture"]
+    assert bytes(arch.parts[arch.data[0]]).decode() == "controlvector"
+    hint = reader.fields["controlvector.model_hint"]
+    assert bytes(hint.parts[hint.data[0]]).decode() == "llama"
+    count = reader.fields["controlvector.layer_count"]
+    assert int(count.parts[count.data[0]][0]) == 2
+    names = sorted(t.name for t in reader.tensors)
+    assert names == ["direction.1", "direction.2"]
+    back = VectorSet.from_gguf_control_vector(path)
+    np.testing.assert_allclose(
+        back["blocks.1.hook_resid_post"].numpy(),
+        (vs["blocks.1.hook_resid_post"] + 1.0).numpy(), rtol=1e-6,
+    )
+    np.testing.assert_allclose(back["blocks.2.hook_resid_post"].numpy(), vs["blocks.2.hook_resid_post"].numpy())
+
+
+def test_gguf_export_refuses_non_residual(lm, tmp_path):
+    vs = VectorSet({"blocks.1.attn.hook_q": torch.zeros(64)})
+    with pytest.raises(VectorSetError, match="not a residual-stream hook"):
+        vs.to_gguf_control_vector(tmp_path / "cv.gguf")
+    vs0 = VectorSet({"blocks.0.hook_resid_post": torch.zeros(64)})
+    with pytest.raises(VectorSetError, match="layer 0"):
+        vs0.to_gguf_control_vector(tmp_path / "cv.gguf")
+    assert not (tmp_path / "cv.gguf").exists()
+
+
+def test_gguf_reader_rejects_bad_files(tmp_path):
+    bad = tmp_path / "x.gguf"
+    bad.write_bytes(b"not a gguf")
+    with pytest.raises(VectorSetError, match="not a readable GGUF"):
+        VectorSet.from_gguf_control_vector(bad)
