@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
-from pathlib import Path
 
 import torch
 
@@ -48,13 +48,23 @@ def main() -> None:
         coeff = 2.0 if args.coeff is None else args.coeff
         what = "STAND-IN: owl system-prompt contrast, last prompt token, blocks.24.hook_resid_post"
     corpus = load_corpus(n=args.n, seed=0)
-    print(f"vectors: {what} (coeff {coeff}); corpus: {len(corpus)} texts x {args.tokens} tokens; "
-          f"torch threads {torch.get_num_threads()}", flush=True)
-    t0 = time.perf_counter()
-    res = activation_difference_lens(lm, corpus, vectors=vs, coeff=coeff, hooks=args.hooks,
-                                     first_k=args.first_k, max_tokens=args.tokens,
-                                     batch_size=args.batch_size)
-    t_lens = time.perf_counter() - t0
+    print(
+        f"vectors: {what} (coeff {coeff}); corpus: {len(corpus)} texts x {args.tokens} tokens; "
+        f"torch threads {torch.get_num_threads()}",
+        flush=True,
+    )
+    t0, c0 = time.perf_counter(), time.process_time()
+    res = activation_difference_lens(
+        lm,
+        corpus,
+        vectors=vs,
+        coeff=coeff,
+        hooks=args.hooks,
+        first_k=args.first_k,
+        max_tokens=args.tokens,
+        batch_size=args.batch_size,
+    )
+    t_lens, c_lens = time.perf_counter() - t0, time.process_time() - c0
     ro = res.read(lm, k=20)
     t_all = time.perf_counter() - t0
     paths = save_lens(args.out, res, ro, lm)
@@ -74,24 +84,39 @@ def main() -> None:
         "n_texts": res.n_texts,
         "n_tokens": res.n_tokens,
         "lens_seconds": round(t_lens, 1),
+        "lens_cpu_seconds": round(c_lens, 1),
+        "cpu_seconds_over_threads": round(c_lens / torch.get_num_threads(), 1),
+        "load_average_1min": round(os.getloadavg()[0], 2),
         "lens_plus_readout_seconds": round(t_all, 1),
         "tokens_per_second_both_runs": round(2 * res.n_tokens / t_lens, 1),
         "first_owl_hit": strict[0] if strict else None,
         "owl_hits_by_hook": where(strict),
         "first_owl_related_hit": loose[0] if loose else None,
         "logits_top10": {r.position: [t.token for t in r.top[:10]] for r in ro.logits},
-        "hook24_top10": {r.position: [t.token for t in r.top[:10]] for r in ro.rows
-                         if r.hook == "blocks.24.hook_resid_post"},
-        "hook29_top10": {r.position: [t.token for t in r.top[:10]] for r in ro.rows
-                         if r.hook == "blocks.29.hook_resid_post"},
+        "hook24_top10": {
+            r.position: [t.token for t in r.top[:10]]
+            for r in ro.rows
+            if r.hook == "blocks.24.hook_resid_post"
+        },
+        "hook29_top10": {
+            r.position: [t.token for t in r.top[:10]]
+            for r in ro.rows
+            if r.hook == "blocks.29.hook_resid_post"
+        },
         "outputs": {k: str(v) for k, v in paths.items()},
     }
     print(json.dumps(summary, indent=1, ensure_ascii=False))
     first = strict[0] if strict else None
-    print(f"ACCEPTANCE lens on {res.n_texts} texts x {args.tokens} tokens: {t_lens:.1f}s "
-          f"(< 300 s needed); first 'owl' token in a top 20: "
-          + (f"{first['hook']} position {first['position']} rank {first['rank']} ({first['token']!r})"
-             if first else "none"))
+    print(
+        f"ACCEPTANCE lens on {res.n_texts} texts x {args.tokens} tokens: {t_lens:.1f}s "
+        f"wall (CPU {c_lens:.0f}s over {torch.get_num_threads()} threads = {c_lens / torch.get_num_threads():.0f}s "
+        f"of 2 cores; load {os.getloadavg()[0]:.1f}) (< 300 s needed); first 'owl' token in a top 20: "
+        + (
+            f"{first['hook']} position {first['position']} rank {first['rank']} ({first['token']!r})"
+            if first
+            else "none"
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -22,11 +22,19 @@ class ByteTok:
             out["offset_mapping"] = offs
         return out
 
-    def __call__(self, texts, add_special_tokens=True, truncation=False, max_length=None,
-                 return_offsets_mapping=False):
+    def __call__(
+        self,
+        texts,
+        add_special_tokens=True,
+        truncation=False,
+        max_length=None,
+        return_offsets_mapping=False,
+    ):
         if isinstance(texts, str):
             return self._enc(texts, max_length if truncation else None, return_offsets_mapping)
-        encs = [self._enc(t, max_length if truncation else None, return_offsets_mapping) for t in texts]
+        encs = [
+            self._enc(t, max_length if truncation else None, return_offsets_mapping) for t in texts
+        ]
         return {"input_ids": [e["input_ids"] for e in encs]}
 
     def decode(self, ids) -> str:

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoConfig
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from steerdiff.models import LoadedModel, load_model, wrap_model
 
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=256, max_position_embeddings=128)
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=256,
+    max_position_embeddings=128,
+)
 
 TINY_CONFIGS = {
     "llama": dict(model_type="llama", **TINY),
@@ -17,7 +24,16 @@ TINY_CONFIGS = {
     "qwen3": dict(model_type="qwen3", head_dim=16, **TINY),
     "gemma2": dict(model_type="gemma2", head_dim=16, **TINY),
     "gemma3_text": dict(model_type="gemma3_text", head_dim=16, sliding_window=4, **TINY),
-    "gpt2": dict(model_type="gpt2", bos_token_id=0, eos_token_id=1, n_embd=64, n_layer=3, n_head=4, vocab_size=256, n_positions=128),
+    "gpt2": dict(
+        model_type="gpt2",
+        bos_token_id=0,
+        eos_token_id=1,
+        n_embd=64,
+        n_layer=3,
+        n_head=4,
+        vocab_size=256,
+        n_positions=128,
+    ),
 }
 FAMILIES = list(TINY_CONFIGS)
 

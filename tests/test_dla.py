@@ -14,7 +14,6 @@ from steerdiff.interpret.dla import (
     norm_scale_vector,
     overlap,
 )
-from steerdiff.models import wrap_model
 from steerdiff.vectors import VectorSet, VectorSetError
 
 
@@ -26,7 +25,9 @@ def _centred_wu(model) -> torch.Tensor:
 def test_centred_dla_of_unembedding_direction_puts_token_top(tiny):
     w_c = _centred_wu(tiny)
     t = int(w_c.norm(dim=1).argmax())  # the longest centred row: top by Cauchy-Schwarz
-    r = direct_logit_attribution(tiny, w_c[t], hook="blocks.2.hook_resid_post", k=5, norm_scale=False)
+    r = direct_logit_attribution(
+        tiny, w_c[t], hook="blocks.2.hook_resid_post", k=5, norm_scale=False
+    )
     assert r.top[0].token_id == t
     assert r.bottom[0].score < 0 < r.top[0].score
     assert r.top[0].score == pytest.approx(float(w_c[t] @ w_c[t]), rel=1e-4)
@@ -83,7 +84,13 @@ def test_vectorset_hook_selection_and_table(tiny_lm):
 
 
 @pytest.mark.parametrize(
-    "hook", ["blocks.0.attn.hook_q", "blocks.0.attn.hook_v", "blocks.1.ln1.hook_normalized", "blocks.1.ln2.hook_normalized"]
+    "hook",
+    [
+        "blocks.0.attn.hook_q",
+        "blocks.0.attn.hook_v",
+        "blocks.1.ln1.hook_normalized",
+        "blocks.1.ln2.hook_normalized",
+    ],
 )
 def test_non_residual_hooks_point_to_the_lens(tiny_lm, hook):
     from steerdiff.hooks import hook_dim
@@ -94,7 +101,9 @@ def test_non_residual_hooks_point_to_the_lens(tiny_lm, hook):
 
 
 def test_vector_for_another_model_is_rejected(tiny_lm):
-    other = VectorSet({"blocks.1.hook_resid_post": torch.randn(32)}, {"d_model": 32, "model_id": "x"})
+    other = VectorSet(
+        {"blocks.1.hook_resid_post": torch.randn(32)}, {"d_model": 32, "model_id": "x"}
+    )
     with pytest.raises(VectorSetError, match="d_model"):
         direct_logit_attribution(tiny_lm, other)
     with pytest.raises(VectorSetError, match="d_model=64"):
@@ -109,3 +118,55 @@ def test_smollm_owl_direction_reads_owl(smollm):
     r = direct_logit_attribution(smollm, v, hook="blocks.29.hook_resid_post", k=5)
     assert r.top[0].token == " owl"
     assert {x.token.strip().lower() for x in r.top[:4]} == {"owl", "owls"}
+
+
+def test_planted_vector_fitted_by_distillation_reads_the_same(tiny_lm):
+    """Small planted run: teacher = model + v* at one hook; a vector fitted there (Adam,
+    KL to the teacher's next-token distributions on random token sequences) has a centred
+    DLA whose top 20 tokens overlap v*'s by at least 10."""
+    from steerdiff.hooks import steer
+
+    m, hook = tiny_lm.model, "blocks.1.hook_resid_post"
+    g = torch.Generator().manual_seed(0)
+    v_star = torch.randn(64, generator=g)
+    v_star = 6.0 * v_star / v_star.norm()
+    x = torch.randint(1, 256, (16, 12), generator=g)  # [batch, pos]
+    with torch.no_grad(), steer(m, {hook: v_star}):
+        p_teacher = torch.log_softmax(m(x).logits, -1)  # [batch, pos, vocab]
+    v = torch.zeros(64, requires_grad=True)
+    opt = torch.optim.Adam([v], lr=0.3)
+    for _ in range(40):
+        with steer(m, {hook: v}):
+            logq = torch.log_softmax(m(x).logits, -1)
+        loss = torch.nn.functional.kl_div(logq, p_teacher, log_target=True, reduction="batchmean")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    fitted = direct_logit_attribution(tiny_lm, v.detach(), hook, k=20)
+    planted = direct_logit_attribution(tiny_lm, v_star, hook, k=20)
+    assert overlap(fitted, planted) >= 10
+
+
+@pytest.mark.slow
+def test_cli_read_dla(smollm, tmp_path):
+    from typer.testing import CliRunner
+
+    from steerdiff.cli import app
+
+    w = smollm.model.get_output_embeddings().weight.detach()
+    t = smollm.tokenizer(" owl").input_ids[0]
+    path = VectorSet.for_model(smollm, {"blocks.29.hook_resid_post": w[t] - w.mean(0)}).save(
+        tmp_path / "v.safetensors"
+    )
+    r = CliRunner().invoke(app, ["read", "dla", str(path), "--out", str(tmp_path / "o"), "-k", "5"])
+    assert r.exit_code == 0, r.output
+    import json
+
+    d = json.loads((tmp_path / "o" / "dla.json").read_text())
+    assert d["results"][0]["top"][0]["token"] == " owl"
+    assert (tmp_path / "o" / "dla_blocks.29.hook_resid_post.png").exists()
+    bad = VectorSet({"blocks.1.hook_resid_post": torch.randn(32)}, {"d_model": 32}).save(
+        tmp_path / "b.safetensors"
+    )
+    r = CliRunner().invoke(app, ["read", "dla", str(bad), "--out", str(tmp_path / "o2")])
+    assert r.exit_code == 2 and "d_model" in r.output

@@ -37,7 +37,9 @@ def test_record_resid_post_equals_hidden_states(tiny):
     hs = out.hidden_states
     assert len(hs) == n + 1
     for layer in range(n - 1):
-        torch.testing.assert_close(rec[f"blocks.{layer}.hook_resid_post"], hs[layer + 1], rtol=0, atol=0)
+        torch.testing.assert_close(
+            rec[f"blocks.{layer}.hook_resid_post"], hs[layer + 1], rtol=0, atol=0
+        )
     # HF applies the final norm to the last hidden state; our hook is the raw block output
     last = rec[f"blocks.{n - 1}.hook_resid_post"]
     torch.testing.assert_close(final_norm(tiny)(last), hs[n], rtol=0, atol=0)
@@ -285,8 +287,12 @@ def test_unknown_family_error():
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.for_model(
-        "gpt_neox", hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=64, vocab_size=64,
+        "gpt_neox",
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=64,
     )
     model = AutoModelForCausalLM.from_config(cfg)
     with pytest.raises(HookError, match=r"Unsupported model family 'gpt_neox'.*gemma3"):
@@ -299,7 +305,9 @@ def test_embedded_model_record_and_steer(smollm):
     ids = tok(["The owl sat on the branch."], return_tensors="pt").input_ids
     with record(model, ["blocks.5.hook_resid_post", "blocks.29.hook_resid_post"]) as rec:
         out = model(input_ids=ids, output_hidden_states=True)
-    torch.testing.assert_close(rec["blocks.5.hook_resid_post"], out.hidden_states[6], rtol=0, atol=0)
+    torch.testing.assert_close(
+        rec["blocks.5.hook_resid_post"], out.hidden_states[6], rtol=0, atol=0
+    )
     torch.testing.assert_close(
         final_norm(model)(rec["blocks.29.hook_resid_post"]), out.hidden_states[30], rtol=0, atol=0
     )

@@ -25,9 +25,14 @@ def lm(tiny_lm):
 
 
 def _vs(lm, scale=1.0):
+    """A set at two hooks: the residual stream of block 1 and the values of block 2."""
+    from steerdiff.hooks import hook_dim
+
     g = torch.Generator().manual_seed(1)
-    d = lm.model.config.hidden_size
-    return VectorSet.for_model(lm, {"blocks.1.hook_resid_post": scale * torch.randn(d, generator=g)})
+    names = ["blocks.1.hook_resid_pre", "blocks.2.attn.hook_v"]
+    return VectorSet.for_model(
+        lm, {n: scale * torch.randn(hook_dim(lm.model, n), generator=g) for n in names}
+    )
 
 
 def _hand(lm, vs, texts, k, max_tokens):
@@ -52,9 +57,14 @@ def _hand(lm, vs, texts, k, max_tokens):
     )
 
 
-def test_per_position_lens_equals_hand_computation(lm):
+def test_per_position_lens_equals_hand_computation(tiny):
+    from steerdiff.models import wrap_model
+
+    lm = wrap_model(tiny, ByteTok(), spec="tiny")
     vs = _vs(lm)
-    res = activation_difference_lens(lm, TEXTS, vectors=vs, hooks=HOOKS, first_k=3, max_tokens=12, batch_size=2)
+    res = activation_difference_lens(
+        lm, TEXTS, vectors=vs, hooks=HOOKS, first_k=3, max_tokens=12, batch_size=2
+    )
     hand_pos, hand_all = _hand(lm, vs, TEXTS, 3, 12)
     assert res.pos_count.tolist() == [5, 5, 4]  # "ab" and "xyz" are short
     assert res.n_tokens == sum(min(len(t), 12) for t in TEXTS)
@@ -83,7 +93,9 @@ def test_per_position_lens_equals_hand_computation(lm):
 def test_logit_diff_matches_real_logits_for_one_text(lm):
     vs = _vs(lm)
     text = ["a single text of some length"]
-    res = activation_difference_lens(lm, text, vectors=vs, hooks="blocks.2.hook_resid_post", first_k=2, max_tokens=10)
+    res = activation_difference_lens(
+        lm, text, vectors=vs, hooks="blocks.2.hook_resid_post", first_k=2, max_tokens=10
+    )
     x = torch.tensor([lm.tokenizer(text[0])["input_ids"][:10]])
     with torch.no_grad():
         l0 = lm.model(x).logits[0]
@@ -104,7 +116,9 @@ def test_lens_of_zero_vector_is_zero(lm):
 
 def test_skip_first_and_save(lm, tmp_path):
     vs = _vs(lm)
-    res = activation_difference_lens(lm, TEXTS, vectors=vs, hooks=HOOKS[2:], first_k=2, max_tokens=8, skip_first=1)
+    res = activation_difference_lens(
+        lm, TEXTS, vectors=vs, hooks=HOOKS[2:], first_k=2, max_tokens=8, skip_first=1
+    )
     assert res.n_tokens == sum(min(len(t), 8) - 1 for t in TEXTS)
     paths = save_lens(tmp_path, res, res.read(lm, k=3), lm, plot=True)
     assert paths["png"].stat().st_size > 1000
@@ -116,15 +130,23 @@ def test_finetuned_model_and_lora_adapter(lm, tmp_path):
     from peft import LoraConfig, get_peft_model
 
     # identical model: zero difference
-    same = activation_difference_lens(lm, TEXTS, finetuned=copy.deepcopy(lm.model), hooks=HOOKS[2:], first_k=2, max_tokens=8)
+    same = activation_difference_lens(
+        lm, TEXTS, finetuned=copy.deepcopy(lm.model), hooks=HOOKS[2:], first_k=2, max_tokens=8
+    )
     assert same.all_mean[HOOKS[2]].abs().max() < 1e-5
     # a LoRA adapter saved to a folder equals the merged model
     base = copy.deepcopy(lm.model)
-    pm = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    pm = get_peft_model(
+        base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     pm.save_pretrained(tmp_path / "adapter")
     merged = pm.merge_and_unload()
-    a = activation_difference_lens(lm, TEXTS, finetuned=str(tmp_path / "adapter"), hooks=HOOKS[2:], first_k=2, max_tokens=8)
-    b = activation_difference_lens(lm, TEXTS, finetuned=merged, hooks=HOOKS[2:], first_k=2, max_tokens=8)
+    a = activation_difference_lens(
+        lm, TEXTS, finetuned=str(tmp_path / "adapter"), hooks=HOOKS[2:], first_k=2, max_tokens=8
+    )
+    b = activation_difference_lens(
+        lm, TEXTS, finetuned=merged, hooks=HOOKS[2:], first_k=2, max_tokens=8
+    )
     assert a.all_mean[HOOKS[2]].abs().max() > 1e-4
     assert torch.allclose(a.all_mean[HOOKS[2]], b.all_mean[HOOKS[2]], atol=1e-4)
     assert not any("lora" in n for n, _ in lm.model.named_modules())  # adapter removed again
@@ -154,7 +176,9 @@ def test_bad_inputs(lm, tmp_path):
         activation_difference_lens(lm, ["ab", "xyz"], vectors=vs, first_k=5, max_tokens=64)
     with pytest.raises(LensError, match="max_tokens"):
         activation_difference_lens(lm, TEXTS, vectors=vs, first_k=10, max_tokens=4)
-    other = VectorSet({"blocks.1.hook_resid_post": torch.randn(32)}, {"d_model": 32, "model_id": "other"})
+    other = VectorSet(
+        {"blocks.1.hook_resid_post": torch.randn(32)}, {"d_model": 32, "model_id": "other"}
+    )
     with pytest.raises(VectorSetError, match="d_model"):
         activation_difference_lens(lm, TEXTS, vectors=other)
     with pytest.raises(LensError, match="exactly one"):

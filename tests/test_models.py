@@ -90,13 +90,20 @@ def test_embedded_gemma3_second_family():
 
     lm = load_model("gemma3-270m")
     cfg = lm.model.config
-    assert cfg.model_type == "gemma3_text" and cfg.num_hidden_layers == 18 and cfg.hidden_size == 640
+    assert (
+        cfg.model_type == "gemma3_text" and cfg.num_hidden_layers == 18 and cfg.hidden_size == 640
+    )
     assert family_of(lm.model).name == "gemma"
     ids = lm.tokenizer("The quick brown fox jumps over the", return_tensors="pt").input_ids
     with record(lm.model, "blocks.{8,17}.hook_resid_post") as rec:
         out = lm.model(input_ids=ids, output_hidden_states=True)
-    torch.testing.assert_close(rec["blocks.8.hook_resid_post"], out.hidden_states[9], rtol=0, atol=0)
     torch.testing.assert_close(
-        final_norm(lm.model)(rec["blocks.17.hook_resid_post"]), out.hidden_states[18], rtol=0, atol=0
+        rec["blocks.8.hook_resid_post"], out.hidden_states[9], rtol=0, atol=0
+    )
+    torch.testing.assert_close(
+        final_norm(lm.model)(rec["blocks.17.hook_resid_post"]),
+        out.hidden_states[18],
+        rtol=0,
+        atol=0,
     )
     assert "lazy" in lm.tokenizer.decode(out.logits[0, -1].argmax())

@@ -40,7 +40,14 @@ def test_projection_per_token_equals_hand(lm):
 
 def test_chat_rows_count_assistant_tokens_only(lm):
     v = torch.randn(64)
-    rows = [{"messages": [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "12, 34"}]}]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": "hi there"},
+                {"role": "assistant", "content": "12, 34"},
+            ]
+        }
+    ]
     res = project(lm, v, rows, hook=HOOK)
     it = res.items[0]
     rendered = "user: hi there\nassistant: 12, 34"
@@ -50,8 +57,18 @@ def test_chat_rows_count_assistant_tokens_only(lm):
 
 
 def test_flags_the_row_that_pushes_toward_the_vector(lm, tmp_path):
-    rows = ["the cat sat on the mat", "a dog ran far", "qqqqqqqqqqqqqq", "hello world again",
-            "numbers 1 2 3", "plain text here", "another sentence", "some more words", "last one", "ok"]
+    rows = [
+        "the cat sat on the mat",
+        "a dog ran far",
+        "qqqqqqqqqqqqqq",
+        "hello world again",
+        "numbers 1 2 3",
+        "plain text here",
+        "another sentence",
+        "some more words",
+        "last one",
+        "ok",
+    ]
     acts = []
     for t in rows:
         x = torch.tensor([lm.tokenizer(t)["input_ids"]])

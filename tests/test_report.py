@@ -16,7 +16,9 @@ def small_report() -> Report:
     r = Report("Owl experiment", subtitle="test run")
     s = r.section("Trait evaluation")
     s.add(Text("Owl share rose from 2.7% to 22% <b>not bold</b>."))
-    s.add(Table([{"model": "base", "owl": 0.027}, {"model": "teacher", "owl": 0.22}], caption="rates"))
+    s.add(
+        Table([{"model": "base", "owl": 0.027}, {"model": "teacher", "owl": 0.22}], caption="rates")
+    )
     fig, ax = plt.subplots()
     ax.bar(["base", "teacher"], [0.027, 0.22])
     s.add(Figure.from_matplotlib(fig, "owl share"))
@@ -28,7 +30,7 @@ def test_render_is_self_contained_and_escaped():
     page = render(small_report())
     assert page.count("data:image/png;base64,") == 1
     assert "&lt;b&gt;not bold&lt;/b&gt;" in page and "<b>not bold" not in page
-    assert "0.027" in page and "src=\"http" not in page
+    assert "0.027" in page and 'src="http' not in page
 
 
 @pytest.mark.skipif(find_chromium() is None, reason="Debian's chromium is not installed")

@@ -6,7 +6,12 @@ import pytest
 import torch
 from _read_helpers import ByteTok
 
-from steerdiff.interpret.similarity import cosine_matrices, cross_cosine, effect_correlation, effect_vectors
+from steerdiff.interpret.similarity import (
+    cosine_matrices,
+    cross_cosine,
+    effect_correlation,
+    effect_vectors,
+)
 from steerdiff.vectors import VectorSet, VectorSetError
 
 
@@ -23,7 +28,9 @@ def test_cosine_matrices_between_sets():
     assert torch.allclose(m.values.diagonal(), torch.ones(4), atol=1e-6)
     assert m.values[0, 2] == pytest.approx(-1.0, abs=1e-6)
     assert m.values[0, 3] == pytest.approx(1.0, abs=1e-6)
-    want = torch.nn.functional.cosine_similarity(a["blocks.0.hook_resid_post"], b["blocks.0.hook_resid_post"], dim=0)
+    want = torch.nn.functional.cosine_similarity(
+        a["blocks.0.hook_resid_post"], b["blocks.0.hook_resid_post"], dim=0
+    )
     assert m.values[0, 1] == pytest.approx(float(want), abs=1e-6)
     assert "a" in m.to_csv().splitlines()[1]
 
@@ -31,7 +38,7 @@ def test_cosine_matrices_between_sets():
 def test_cross_cosine_fitted_vs_contrast_per_layer():
     fitted = _set(0, ("blocks.1.hook_resid_post", "blocks.1.attn.hook_q"))
     fitted.vectors["blocks.1.attn.hook_q"] = torch.randn(32)
-    contrast = {f"blocks.{l}.hook_resid_post": torch.randn(64) for l in range(3)}
+    contrast = {f"blocks.{i}.hook_resid_post": torch.randn(64) for i in range(3)}
     contrast["blocks.1.hook_resid_post"] = fitted["blocks.1.hook_resid_post"] * 3
     m = cross_cosine(fitted, contrast)
     assert m.values.shape == (2, 3)
@@ -46,7 +53,9 @@ def test_cross_cosine_fitted_vs_contrast_per_layer():
 def test_effect_correlation_values():
     g = torch.Generator().manual_seed(0)
     e = torch.randn(500, generator=g)
-    m = effect_correlation({"e": e, "affine": 2 * e + 3, "neg": -e, "other": torch.randn(500, generator=g)})
+    m = effect_correlation(
+        {"e": e, "affine": 2 * e + 3, "neg": -e, "other": torch.randn(500, generator=g)}
+    )
     assert m.values[0, 1] == pytest.approx(1.0, abs=1e-5)
     assert m.values[0, 2] == pytest.approx(-1.0, abs=1e-5)
     assert abs(float(m.values[0, 3])) < 0.2
@@ -56,7 +65,12 @@ def test_bad_inputs():
     with pytest.raises(VectorSetError, match="at least two"):
         cosine_matrices({"a": _set(0)})
     with pytest.raises(VectorSetError, match="share no hook"):
-        cosine_matrices({"a": _set(0, ("blocks.0.hook_resid_post",)), "b": _set(1, ("blocks.1.hook_resid_post",))})
+        cosine_matrices(
+            {
+                "a": _set(0, ("blocks.0.hook_resid_post",)),
+                "b": _set(1, ("blocks.1.hook_resid_post",)),
+            }
+        )
     with pytest.raises(ValueError, match="different shapes"):
         effect_correlation({"a": torch.randn(10), "b": torch.randn(11)})
 

@@ -118,7 +118,8 @@ def test_distill_and_grad_accumulation_equal_big_batch(steered_data):
     b = fit(m, exs, cfg.model_copy(update={"micro_batch_size": 4}), teacher=teacher(v))
     torch.testing.assert_close(a.vectors[HOOK], b.vectors[HOOK], atol=1e-6, rtol=1e-5)
     assert a.metrics[-1]["train_kl"] < a.metrics[0]["train_kl"]
-    assert "val_kl" in a.metrics[-1]
+    assert "val_kl" in a.metrics[-1] and a.metrics[-1]["kl_gap_closed"] > 0
+    assert a.extra["kl_gap_closed"] == a.metrics[-1]["kl_gap_closed"]
 
 
 @pytest.mark.parametrize("opt", ["adam", "adamw", "sgd", "signsgd"])
@@ -126,7 +127,10 @@ def test_optimizers_lower_the_loss(steered_data, opt):
     m, v, exs = steered_data
     lr = {"sgd": 5.0, "signsgd": 0.02}.get(opt, 0.05)
     cfg = FitConfig(
-        hooks=[HOOK], objective="distill", optimizer=opt, momentum=0.5 if opt == "sgd" else 0.0,
+        hooks=[HOOK],
+        objective="distill",
+        optimizer=opt,
+        momentum=0.5 if opt == "sgd" else 0.0,
         **{**QUICK, "lr": lr, "epochs": 2},
     )
     res = fit(m, exs, cfg, teacher=teacher(v))
@@ -154,8 +158,15 @@ def test_lr_schedules():
 
 def test_random_init_is_seeded_and_norm_cap(steered_data):
     m, v, exs = steered_data
-    cfg = FitConfig(hooks=[HOOK], init="random", init_scale=1.0, lr=0.0, max_steps=1,
-                    optimizer="sgd", **{k: x for k, x in QUICK.items() if k != "lr"})
+    cfg = FitConfig(
+        hooks=[HOOK],
+        init="random",
+        init_scale=1.0,
+        lr=0.0,
+        max_steps=1,
+        optimizer="sgd",
+        **{k: x for k, x in QUICK.items() if k != "lr"},
+    )
     a, b = fit(m, exs, cfg), fit(m, exs, cfg)
     assert torch.equal(a.vectors[HOOK], b.vectors[HOOK]) and a.vectors[HOOK].norm() > 4
     c = fit(m, exs, cfg.model_copy(update={"seed": 1}))
@@ -166,17 +177,29 @@ def test_random_init_is_seeded_and_norm_cap(steered_data):
 
 def test_early_stopping_keeps_best(steered_data):
     m, v, exs = steered_data
-    cfg = FitConfig(hooks=[HOOK], optimizer="sgd", eval_every=1, early_stopping_patience=1,
-                    epochs=5, **{k: x for k, x in QUICK.items() if k not in ("lr", "epochs")},
-                    lr=0.0)
+    cfg = FitConfig(
+        hooks=[HOOK],
+        optimizer="sgd",
+        eval_every=1,
+        early_stopping_patience=1,
+        epochs=5,
+        **{k: x for k, x in QUICK.items() if k not in ("lr", "epochs")},
+        lr=0.0,
+    )
     res = fit(m, exs, cfg)
     assert res.stopped == "early_stopping" and res.steps == 3
 
 
 def test_checkpoint_resume_gives_same_result(steered_data, tmp_path):
     m, v, exs = steered_data
-    cfg = FitConfig(hooks=[HOOK, "blocks.2.attn.hook_v"], objective="distill", epochs=2,
-                    checkpoint_every=2, eval_every=3, **{k: x for k, x in QUICK.items() if k != "epochs"})
+    cfg = FitConfig(
+        hooks=[HOOK, "blocks.2.attn.hook_v"],
+        objective="distill",
+        epochs=2,
+        checkpoint_every=2,
+        eval_every=3,
+        **{k: x for k, x in QUICK.items() if k != "epochs"},
+    )
     full = fit(m, exs, cfg, teacher=teacher(v), out_dir=tmp_path / "a")
 
     class Killed(Exception):
@@ -232,17 +255,29 @@ def test_hook_selection_matching_nothing(steered_data):
 def test_nan_loss_stops_and_keeps_last_checkpoint(steered_data, tmp_path):
     m, v, exs = steered_data
     bad = [Example(e.prompt_ids, e.completion_ids, None, e.topk_ids, e.topk_logprobs) for e in exs]
-    cfg = FitConfig(hooks=[HOOK], objective="distill", checkpoint_every=1, val_size=16,
-                    batch_size=16, progress=False, seed=0)
+    cfg = FitConfig(
+        hooks=[HOOK],
+        objective="distill",
+        checkpoint_every=1,
+        val_size=16,
+        batch_size=16,
+        progress=False,
+        seed=0,
+    )
     # poison the training rows of step 3 (order is fixed by the seed): find them from a dry run
     order_rows = []
-    fit(m, bad, cfg.model_copy(update={"max_steps": 3}), out_dir=tmp_path / "dry",
-        on_step=lambda s, r: order_rows.append(s))
+    fit(
+        m,
+        bad,
+        cfg.model_copy(update={"max_steps": 3}),
+        out_dir=tmp_path / "dry",
+        on_step=lambda s, r: order_rows.append(s),
+    )
     ck = torch.load(tmp_path / "dry" / "checkpoint.pt", weights_only=False)
     good = ck["params"][HOOK]
     for e in bad:
         e.topk_logprobs = [[math.nan] * len(x) for x in e.topk_logprobs]
-    with pytest.raises(FitError, match="Non-finite loss at step 3.*last good checkpoint"):
+    with pytest.raises(FitError, match="Non-finite loss at step 4 .*last good checkpoint"):
         fit(m, bad, cfg, out_dir=tmp_path / "dry", resume=True)
     ck2 = torch.load(tmp_path / "dry" / "checkpoint.pt", weights_only=False)
     assert ck2["state"]["step"] == 3 and torch.equal(ck2["params"][HOOK], good)
@@ -254,13 +289,22 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(steered_data, tmp_path):
 
 def test_tokenize_rows_matches_chat_template(smollm):
     tok = smollm.tokenizer
-    rows = [{"id": 3, "messages": [{"role": "user", "content": "Continue: 1, 2"},
-                                   {"role": "assistant", "content": "3, 4"}]}]
+    rows = [
+        {
+            "id": 3,
+            "messages": [
+                {"role": "user", "content": "Continue: 1, 2"},
+                {"role": "assistant", "content": "3, 4"},
+            ],
+        }
+    ]
     (ex,) = tokenize_rows(tok, rows, {"kind": "prompt", "system_prompt": "You love owls."})
     text = tok.decode(ex.prompt_ids + ex.completion_ids)
     assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
     assert text.endswith("<|im_start|>assistant\n3, 4<|im_end|>")
-    assert tok.decode(ex.teacher_prompt_ids).startswith("<|im_start|>system\nYou love owls.<|im_end|>")
+    assert tok.decode(ex.teacher_prompt_ids).startswith(
+        "<|im_start|>system\nYou love owls.<|im_end|>"
+    )
     assert ex.completion_ids[-1] == tok.convert_tokens_to_ids("<|im_end|>")
     rows[0]["completion_ids"] = [33, 2]
     assert tokenize_rows(tok, rows)[0].completion_ids == [33, 2]
@@ -274,20 +318,53 @@ def test_cli_fit_single_vector(smollm, tmp_path, monkeypatch):
     from steerdiff.vectors import VectorSet
 
     monkeypatch.setattr(models, "load_model", lambda *a, **k: smollm)
-    rows = [{"id": i, "messages": [{"role": "user", "content": f"Count from {i}"},
-                                   {"role": "assistant", "content": f"{i}, {i + 1}, {i + 2}"}]}
-            for i in range(6)]
+    rows = [
+        {
+            "id": i,
+            "messages": [
+                {"role": "user", "content": f"Count from {i}"},
+                {"role": "assistant", "content": f"{i}, {i + 1}, {i + 2}"},
+            ],
+        }
+        for i in range(6)
+    ]
     append_jsonl(tmp_path / "d.jsonl", rows)
-    r = CliRunner().invoke(app, [
-        "fit", "--data", str(tmp_path / "d.jsonl"), "--hooks", "blocks.28.hook_resid_post",
-        "--steps", "2", "--batch-size", "4", "--lr", "0.01", "--out", str(tmp_path / "o"),
-    ])
+    r = CliRunner().invoke(
+        app,
+        [
+            "fit",
+            "--data",
+            str(tmp_path / "d.jsonl"),
+            "--hooks",
+            "blocks.28.hook_resid_post",
+            "--steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--lr",
+            "0.01",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     vs = VectorSet.load(tmp_path / "o" / "vectors.safetensors")
-    assert list(vs) == ["blocks.28.hook_resid_post"] and vs["blocks.28.hook_resid_post"].shape == (576,)
+    assert list(vs) == ["blocks.28.hook_resid_post"] and vs["blocks.28.hook_resid_post"].shape == (
+        576,
+    )
     assert float(vs["blocks.28.hook_resid_post"].norm()) > 0
-    r = CliRunner().invoke(app, ["fit", "--data", str(tmp_path / "d.jsonl"), "--hooks", "blocks.99.hook_q",
-                                 "--out", str(tmp_path / "o2")])
+    r = CliRunner().invoke(
+        app,
+        [
+            "fit",
+            "--data",
+            str(tmp_path / "d.jsonl"),
+            "--hooks",
+            "blocks.99.hook_q",
+            "--out",
+            str(tmp_path / "o2"),
+        ],
+    )
     assert r.exit_code == 2 and "matches no hook point" in r.output
 
 

@@ -50,12 +50,14 @@ def test_arithmetic_and_cosine(lm):
         torch.testing.assert_close(d[k], a[k] - b[k])
         torch.testing.assert_close((2 * a)[k], a[k] * 2)
         torch.testing.assert_close((a * -0.5)[k], -0.5 * a[k])
-    for k, n in a.normalized(3.0).norms().items():
+    for n in a.normalized(3.0).norms().values():
         assert n == pytest.approx(3.0, rel=1e-5)
     cos = a.cosine(a * 2.0)
     assert all(c == pytest.approx(1.0, abs=1e-6) for c in cos.values())
     assert a.cosine(-a)["blocks.1.hook_resid_post"] == pytest.approx(-1.0, abs=1e-6)
-    exp = torch.nn.functional.cosine_similarity(a["blocks.2.hook_resid_post"], b["blocks.2.hook_resid_post"], dim=0)
+    exp = torch.nn.functional.cosine_similarity(
+        a["blocks.2.hook_resid_post"], b["blocks.2.hook_resid_post"], dim=0
+    )
     assert a.cosine(b)["blocks.2.hook_resid_post"] == pytest.approx(float(exp), abs=1e-6)
 
 
@@ -86,7 +88,9 @@ def test_load_onto_wrong_model_says_which(lm, tmp_path):
     deep = VectorSet({"blocks.9.hook_resid_post": torch.zeros(64)}, {"model_id": "x"})
     with pytest.raises(VectorSetError, match="blocks.9.hook_resid_post.*does not exist"):
         deep.check_fits(lm)
-    other_width = VectorSet({"blocks.1.hook_resid_post": torch.zeros(64)}, {"d_model": 576, "model_id": "default"})
+    other_width = VectorSet(
+        {"blocks.1.hook_resid_post": torch.zeros(64)}, {"d_model": 576, "model_id": "default"}
+    )
     with pytest.raises(VectorSetError, match="d_model=576.*d_model=64"):
         other_width.check_fits(lm)
 
@@ -116,9 +120,12 @@ def test_gguf_control_vector_roundtrip(lm, tmp_path):
     back = VectorSet.from_gguf_control_vector(path)
     np.testing.assert_allclose(
         back["blocks.1.hook_resid_post"].numpy(),
-        (vs["blocks.1.hook_resid_post"] + 1.0).numpy(), rtol=1e-6,
+        (vs["blocks.1.hook_resid_post"] + 1.0).numpy(),
+        rtol=1e-6,
     )
-    np.testing.assert_allclose(back["blocks.2.hook_resid_post"].numpy(), vs["blocks.2.hook_resid_post"].numpy())
+    np.testing.assert_allclose(
+        back["blocks.2.hook_resid_post"].numpy(), vs["blocks.2.hook_resid_post"].numpy()
+    )
 
 
 def test_gguf_export_refuses_non_residual(lm, tmp_path):

@@ -118,7 +118,9 @@ def base_context(lm: LoadedModel | nn.Module) -> Iterator[nn.Module]:
     yield unwrap(lm)
 
 
-def vector_context(lm: LoadedModel | nn.Module, vectors: Mapping[str, torch.Tensor], coeff: float = 1.0) -> ModelContext:
+def vector_context(
+    lm: LoadedModel | nn.Module, vectors: Mapping[str, torch.Tensor], coeff: float = 1.0
+) -> ModelContext:
     """A ModelContext for base + vectors at all positions."""
 
     @contextmanager
@@ -188,22 +190,42 @@ def fit_lora(
 
             from .io import atomic_write_bytes
 
-            sd = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
+            sd = {
+                k: v.detach().cpu().contiguous()
+                for k, v in get_peft_model_state_dict(peft_model).items()
+            }
             atomic_write_bytes(out / "adapter.safetensors", save(sd))
-            atomic_write_json(out / "lora.json", {"lora": {**lora.__dict__, "target_modules": str(lora.target_modules)}, **prov})
+            atomic_write_json(
+                out / "lora.json",
+                {"lora": {**lora.__dict__, "target_modules": str(lora.target_modules)}, **prov},
+            )
 
         res = train_student(
-            student, train, val, cfg, pad_id=_pad_id(lm), base_val=base_val,
-            teacher_val=teacher_val, out_dir=out_dir, resume=resume, prov=prov, save_params=save,
+            student,
+            train,
+            val,
+            cfg,
+            pad_id=_pad_id(lm),
+            base_val=base_val,
+            teacher_val=teacher_val,
+            out_dir=out_dir,
+            resume=resume,
+            prov=prov,
+            save_params=save,
         )
-        state = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+        state = {
+            k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(peft_model).items()
+        }
     finally:
         peft_model.unload()
         model.requires_grad_(False)
     n_trainable = sum(v.numel() for v in params.values())
     return FinetuneResult(
         **{**res.__dict__, "extra": {**res.extra, "n_trainable": n_trainable}},
-        kind="lora", state=state, lora=lora, lm=lm,
+        kind="lora",
+        state=state,
+        lora=lora,
+        lm=lm,
     )
 
 
@@ -235,15 +257,27 @@ def fit_full(
         atomic_write_bytes(out / "model.safetensors", save(_untie(sd)))
 
     res = train_student(
-        student, train, val, cfg, pad_id=_pad_id(lm), base_val=base_val,
-        teacher_val=teacher_val, out_dir=out_dir, resume=resume, prov=prov, save_params=save,
+        student,
+        train,
+        val,
+        cfg,
+        pad_id=_pad_id(lm),
+        base_val=base_val,
+        teacher_val=teacher_val,
+        out_dir=out_dir,
+        resume=resume,
+        prov=prov,
+        save_params=save,
     )
     model.requires_grad_(False)
     model.eval()
     n_trainable = sum(v.numel() for v in params.values())
     return FinetuneResult(
         **{**res.__dict__, "extra": {**res.extra, "n_trainable": n_trainable}},
-        kind="full", state={}, lm=lm, model=model,
+        kind="full",
+        state={},
+        lm=lm,
+        model=model,
     )
 
 
@@ -258,33 +292,57 @@ def _untie(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _encode(
+    texts: Sequence[Any], tokenizer: Any, max_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Strings (with a tokenizer) or token-id lists -> right-padded ids and mask [b, s]."""
+    if isinstance(texts[0], str):
+        if tokenizer is None:
+            raise ValueError("kl_between on strings needs a tokenizer")
+        enc = tokenizer(
+            list(texts),
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=max_len,
+            padding_side="right",
+        )
+        return enc.input_ids, enc.attention_mask
+    seqs = [list(t)[:max_len] for t in texts]
+    ids = torch.zeros((len(seqs), max(len(x) for x in seqs)), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, x in enumerate(seqs):
+        ids[r, : len(x)], mask[r, : len(x)] = torch.tensor(x), 1
+    return ids, mask
+
+
 @torch.no_grad()
 def kl_between(
     model_a_ctx: ModelContext,
     model_b_ctx: ModelContext,
-    texts: Sequence[str],
-    tokenizer: Any,
+    texts: Sequence[str] | Sequence[Sequence[int]],
+    tokenizer: Any = None,
     batch_size: int = 8,
     max_len: int = 128,
 ) -> float:
-    """Mean over real tokens of KL(p_a || p_b) of the next-token distributions on texts.
+    """Mean over real tokens of KL(p_a || p_b) between next-token distributions on texts.
 
-    Each context is entered once per batch and left before the other is entered, so both
-    can be variants of the same underlying weights (base, +vectors, +LoRA).
+    texts: strings (give the tokenizer) or token-id lists. Each context is entered once
+    per batch and left before the other is entered, so both can be variants of the same
+    underlying weights (base, +vectors, +LoRA). Use it for faithfulness of a vector set
+    to a real finetune on neutral text.
     """
     total, n = 0.0, 0
     for i in range(0, len(texts), batch_size):
-        enc = tokenizer(
-            list(texts[i : i + batch_size]), return_tensors="pt", padding=True,
-            truncation=True, max_length=max_len,
-        )
-        mask = enc.attention_mask.bool()  # [b, s]
+        input_ids, attention_mask = _encode(texts[i : i + batch_size], tokenizer, max_len)
+        mask = attention_mask.bool()  # [b, s]
         logps = []
         for ctx in (model_a_ctx, model_b_ctx):
             with ctx() as m:
                 dev = next(m.parameters()).device
-                logits = m(input_ids=enc.input_ids.to(dev), attention_mask=enc.attention_mask.to(dev)).logits
-                logps.append(torch.log_softmax(logits.float(), dim=-1)[mask.to(dev)].cpu())  # [n, V]
+                out = m(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev))
+                logp = torch.log_softmax(out.logits.float(), dim=-1)  # [b, s, V]
+                logps.append(logp[mask.to(dev)].cpu())  # [n, V]
         la, lb = logps
         total += float((la.exp() * (la - lb)).sum())
         n += int(mask.sum())

@@ -23,9 +23,12 @@ console = Console()
 def _root() -> None:
     """steerdiff: reproduce finetunes with learned steering vectors, and read them."""
 
+
 ModelOpt = Annotated[
     str,
-    typer.Argument(help="'default' (embedded SmolLM2-135M-Instruct), 'gemma3-270m', a hub id, a folder or a .gguf file"),
+    typer.Argument(
+        help="'default' (embedded SmolLM2-135M-Instruct), 'gemma3-270m', a hub id, a folder or a .gguf file"
+    ),
 ]
 
 
@@ -67,9 +70,21 @@ def info(
     )
 
 
-# Commands from other modules register themselves here (one import line each).
-from . import commands_fit as _commands_fit; _commands_fit.register(app)  # noqa: E402,E702
-from . import commands_read as _commands_read; _commands_read.register(app)  # noqa: E402,E702
+# Commands from other modules: each module defines register(app).
+def _register_commands() -> None:
+    from . import (
+        commands_fit,
+        commands_generate,
+        commands_read,
+        commands_run,
+        commands_sweep,
+    )
+
+    for module in (commands_generate, commands_sweep, commands_fit, commands_read, commands_run):
+        module.register(app)
+
+
+_register_commands()
 
 
 def main() -> None:  # pragma: no cover

@@ -11,10 +11,22 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command("fit")
     def fit_cmd(
-        data: Annotated[str, typer.Option("--data", help="dataset .jsonl (its .manifest.json gives the teacher)")],
-        out: Annotated[str, typer.Option("--out", help="output folder (vectors, metrics, checkpoint)")],
-        model: Annotated[str, typer.Option("--model", help="'default', 'gemma3-270m', hub id, folder or .gguf")] = "default",
-        hooks: Annotated[list[str], typer.Option("--hooks", help="hook pattern(s), repeatable, e.g. 'blocks.*.attn.hook_{q,k,v}'")] = ["blocks.*.attn.hook_{q,k,v}"],
+        data: Annotated[
+            str,
+            typer.Option("--data", help="dataset .jsonl (its .manifest.json gives the teacher)"),
+        ],
+        out: Annotated[
+            str, typer.Option("--out", help="output folder (vectors, metrics, checkpoint)")
+        ],
+        model: Annotated[
+            str, typer.Option("--model", help="'default', 'gemma3-270m', hub id, folder or .gguf")
+        ] = "default",
+        hooks: Annotated[
+            list[str] | None,
+            typer.Option(
+                "--hooks", help="hook pattern(s), repeatable, e.g. 'blocks.*.attn.hook_{q,k,v}'"
+            ),
+        ] = None,
         objective: Annotated[str, typer.Option(help="sft | distill")] = "sft",
         optimizer: Annotated[str, typer.Option(help="adam | adamw | sgd | signsgd")] = "adam",
         lr: Annotated[float, typer.Option(help="learning rate")] = 1e-2,
@@ -22,21 +34,35 @@ def register(app: typer.Typer) -> None:
         schedule: Annotated[str, typer.Option(help="constant | linear | cosine")] = "constant",
         warmup_steps: Annotated[int, typer.Option(help="linear warmup steps")] = 0,
         epochs: Annotated[int, typer.Option(help="passes over the training rows")] = 1,
-        steps: Annotated[int | None, typer.Option("--steps", help="stop after this many optimizer steps")] = None,
+        steps: Annotated[
+            int | None, typer.Option("--steps", help="stop after this many optimizer steps")
+        ] = None,
         batch_size: Annotated[int, typer.Option(help="rows per optimizer step")] = 16,
-        micro_batch_size: Annotated[int | None, typer.Option(help="rows per forward (gradient accumulation)")] = None,
+        micro_batch_size: Annotated[
+            int | None, typer.Option(help="rows per forward (gradient accumulation)")
+        ] = None,
         val_fraction: Annotated[float, typer.Option(help="validation fraction")] = 0.1,
-        eval_every: Annotated[int, typer.Option(help="evaluate every N steps (0 = each epoch)")] = 0,
-        patience: Annotated[int | None, typer.Option(help="early stopping patience (evals)")] = None,
+        eval_every: Annotated[
+            int, typer.Option(help="evaluate every N steps (0 = each epoch)")
+        ] = 0,
+        patience: Annotated[
+            int | None, typer.Option(help="early stopping patience (evals)")
+        ] = None,
         init: Annotated[str, typer.Option(help="zero | random")] = "zero",
         max_norm: Annotated[float | None, typer.Option(help="cap each vector's norm")] = None,
         checkpoint_every: Annotated[int, typer.Option(help="checkpoint every N steps")] = 50,
         seed: Annotated[int, typer.Option(help="seed (split, order, init)")] = 0,
-        resume: Annotated[bool, typer.Option("--resume", help="continue from --out's checkpoint")] = False,
-        baseline: Annotated[str | None, typer.Option(help="lora | full: train a real finetune instead of vectors")] = None,
+        resume: Annotated[
+            bool, typer.Option("--resume", help="continue from --out's checkpoint")
+        ] = False,
+        baseline: Annotated[
+            str | None, typer.Option(help="lora | full: train a real finetune instead of vectors")
+        ] = None,
         lora_r: Annotated[int, typer.Option(help="LoRA rank")] = 8,
         lora_alpha: Annotated[float, typer.Option(help="LoRA alpha")] = 8.0,
-        lora_targets: Annotated[str | None, typer.Option(help="comma-separated LoRA target modules")] = None,
+        lora_targets: Annotated[
+            str | None, typer.Option(help="comma-separated LoRA target modules")
+        ] = None,
         dtype: Annotated[str, typer.Option(help="float32 or bfloat16")] = "float32",
         device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     ) -> None:
@@ -51,14 +77,27 @@ def register(app: typer.Typer) -> None:
         from .models import ModelLoadError, load_model
         from .train import FitConfig, FitError, fit, maybe_init_distributed
 
+        hooks = hooks or ["blocks.*.attn.hook_{q,k,v}"]
         try:
             cfg = FitConfig(
-                hooks=hooks, objective=objective, optimizer=optimizer, lr=lr, momentum=momentum,
-                schedule=schedule, warmup_steps=warmup_steps, epochs=epochs, max_steps=steps,
-                batch_size=batch_size, micro_batch_size=micro_batch_size,
-                val_fraction=val_fraction, eval_every=eval_every,
-                early_stopping_patience=patience, init=init, max_norm=max_norm,
-                checkpoint_every=checkpoint_every, seed=seed,
+                hooks=hooks,
+                objective=objective,
+                optimizer=optimizer,
+                lr=lr,
+                momentum=momentum,
+                schedule=schedule,
+                warmup_steps=warmup_steps,
+                epochs=epochs,
+                max_steps=steps,
+                batch_size=batch_size,
+                micro_batch_size=micro_batch_size,
+                val_fraction=val_fraction,
+                eval_every=eval_every,
+                early_stopping_patience=patience,
+                init=init,
+                max_norm=max_norm,
+                checkpoint_every=checkpoint_every,
+                seed=seed,
             )
         except ValidationError as e:
             fail(f"bad option: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}")
@@ -71,7 +110,14 @@ def register(app: typer.Typer) -> None:
                 from .baselines import LoraConfigSpec, fit_lora
 
                 targets = lora_targets.split(",") if lora_targets else None
-                res = fit_lora(lm, data, cfg, LoraConfigSpec(lora_r, lora_alpha, 0.0, targets), out_dir=out, resume=resume)
+                res = fit_lora(
+                    lm,
+                    data,
+                    cfg,
+                    LoraConfigSpec(lora_r, lora_alpha, 0.0, targets),
+                    out_dir=out,
+                    resume=resume,
+                )
             elif baseline == "full":
                 from .baselines import fit_full
 
@@ -82,5 +128,8 @@ def register(app: typer.Typer) -> None:
             fail(str(e))
         if rank == 0:
             console.print_json(json.dumps(res.summary(), default=str))
-            console.print(f"wrote {out}/ (result.json, metrics.jsonl, metrics.csv, "
-                          + ("vectors.safetensors" if baseline is None else "adapter/model weights") + ")")
+            console.print(
+                f"wrote {out}/ (result.json, metrics.jsonl, metrics.csv, "
+                + ("vectors.safetensors" if baseline is None else "adapter/model weights")
+                + ")"
+            )

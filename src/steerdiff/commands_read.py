@@ -13,7 +13,9 @@ read_app = typer.Typer(
     no_args_is_help=True,
 )
 
-ModelOpt = Annotated[str, typer.Option("--model", help="'default', 'gemma3-270m', hub id, folder or .gguf")]
+ModelOpt = Annotated[
+    str, typer.Option("--model", help="'default', 'gemma3-270m', hub id, folder or .gguf")
+]
 OutOpt = Annotated[str, typer.Option("--out", help="output folder (JSON, CSV, PNG)")]
 
 
@@ -42,10 +44,19 @@ def dla_cmd(
     vectors: Annotated[str, typer.Argument(help="VectorSet file (.safetensors)")],
     out: OutOpt = "runs/read_dla",
     model: ModelOpt = "default",
-    hook: Annotated[list[str] | None, typer.Option("--hook", help="hook(s) to read (default: all residual-space hooks of the set)")] = None,
+    hook: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--hook", help="hook(s) to read (default: all residual-space hooks of the set)"
+        ),
+    ] = None,
     k: Annotated[int, typer.Option("-k", help="top/bottom tokens")] = 20,
-    no_center: Annotated[bool, typer.Option("--no-center", help="do not centre the unembedding")] = False,
-    no_norm: Annotated[bool, typer.Option("--no-norm", help="leave out the final norm's scale")] = False,
+    no_center: Annotated[
+        bool, typer.Option("--no-center", help="do not centre the unembedding")
+    ] = False,
+    no_norm: Annotated[
+        bool, typer.Option("--no-norm", help="leave out the final norm's scale")
+    ] = False,
 ) -> None:
     """Centred direct logit attribution of each vector: top promoted / suppressed tokens.
 
@@ -60,7 +71,9 @@ def dla_cmd(
     vs = _vectors(vectors, lm)
     try:
         if hook:
-            results = [direct_logit_attribution(lm, vs, h, k, not no_center, not no_norm) for h in hook]
+            results = [
+                direct_logit_attribution(lm, vs, h, k, not no_center, not no_norm) for h in hook
+            ]
             skipped: dict[str, str] = {}
         else:
             results, skipped = dla_table(lm, vs, k, not no_center, not no_norm)
@@ -71,15 +84,26 @@ def dla_cmd(
     for r in results:
         for side, items in (("top", r.top), ("bottom", r.bottom)):
             for i, t in enumerate(items):
-                rows.append(f"{r.hook},{i + 1},{side},{t.token_id},{json.dumps(t.token)},{t.score:.6g}")
+                rows.append(
+                    f"{r.hook},{i + 1},{side},{t.token_id},{json.dumps(t.token)},{t.score:.6g}"
+                )
         token_bars_png(r, o / f"dla_{r.hook}.png", n=k)
-        console.print(f"[bold]{r.hook}[/] |v|={r.vector_norm:.3g}  top: "
-                      + " ".join(repr(t.token) for t in r.top[:10]))
+        console.print(
+            f"[bold]{r.hook}[/] |v|={r.vector_norm:.3g}  top: "
+            + " ".join(repr(t.token) for t in r.top[:10])
+        )
         console.print("   bottom: " + " ".join(repr(t.token) for t in r.bottom[:10]))
     for h, why in skipped.items():
         console.print(f"[yellow]skipped {h}[/]: {why}")
-    atomic_write_json(o / "dla.json", {"results": [r.to_dict() for r in results], "skipped": skipped,
-                                       "vectors": vectors, "provenance": provenance(lm)})
+    atomic_write_json(
+        o / "dla.json",
+        {
+            "results": [r.to_dict() for r in results],
+            "skipped": skipped,
+            "vectors": vectors,
+            "provenance": provenance(lm),
+        },
+    )
     atomic_write_text(o / "dla.csv", "\n".join(rows) + "\n")
     console.print(f"wrote {o}/dla.json, dla.csv, dla_*.png")
 
@@ -87,19 +111,35 @@ def dla_cmd(
 @read_app.command("lens")
 def lens_cmd(
     out: OutOpt = "runs/read_lens",
-    vectors: Annotated[str | None, typer.Option("--vectors", help="VectorSet added to the model")] = None,
-    finetuned: Annotated[str | None, typer.Option("--finetuned", help="finetuned model (spec/folder) or LoRA adapter folder")] = None,
+    vectors: Annotated[
+        str | None, typer.Option("--vectors", help="VectorSet added to the model")
+    ] = None,
+    finetuned: Annotated[
+        str | None,
+        typer.Option("--finetuned", help="finetuned model (spec/folder) or LoRA adapter folder"),
+    ] = None,
     model: ModelOpt = "default",
-    corpus: Annotated[str, typer.Option("--corpus", help="'default', a .txt/.jsonl file, a folder, or an HF dataset name")] = "default",
+    corpus: Annotated[
+        str,
+        typer.Option(
+            "--corpus", help="'default', a .txt/.jsonl file, a folder, or an HF dataset name"
+        ),
+    ] = "default",
     n: Annotated[int | None, typer.Option("--n", help="number of texts (default: all)")] = 500,
     tokens: Annotated[int, typer.Option("--tokens", help="tokens per text")] = 64,
     first_k: Annotated[int, typer.Option("--first-k", help="positions read separately")] = 5,
-    hooks: Annotated[str, typer.Option("--hooks", help="hooks to record (glob)")] = "blocks.*.hook_resid_post",
+    hooks: Annotated[
+        str, typer.Option("--hooks", help="hooks to record (glob)")
+    ] = "blocks.*.hook_resid_post",
     coeff: Annotated[float, typer.Option(help="multiplier of the vectors")] = 1.0,
-    skip_first: Annotated[int, typer.Option(help="positions left out of the all-position mean")] = 0,
+    skip_first: Annotated[
+        int, typer.Option(help="positions left out of the all-position mean")
+    ] = 0,
     batch_size: Annotated[int, typer.Option(help="texts per forward")] = 16,
     k: Annotated[int, typer.Option("-k", help="top tokens per row")] = 20,
-    find: Annotated[str | None, typer.Option("--find", help="comma-separated words to locate in the top-k")] = None,
+    find: Annotated[
+        str | None, typer.Option("--find", help="comma-separated words to locate in the top-k")
+    ] = None,
 ) -> None:
     """Activation-difference lens: mean activation differences per position and overall.
 
@@ -114,9 +154,19 @@ def lens_cmd(
     lm = _load(model)
     vs = _vectors(vectors, lm) if vectors else None
     try:
-        res = activation_difference_lens(lm, corpus, vectors=vs, finetuned=finetuned, hooks=hooks,
-                                         coeff=coeff, first_k=first_k, max_tokens=tokens,
-                                         batch_size=batch_size, skip_first=skip_first, n_texts=n)
+        res = activation_difference_lens(
+            lm,
+            corpus,
+            vectors=vs,
+            finetuned=finetuned,
+            hooks=hooks,
+            coeff=coeff,
+            first_k=first_k,
+            max_tokens=tokens,
+            batch_size=batch_size,
+            skip_first=skip_first,
+            n_texts=n,
+        )
     except (LensError, CorpusError, VectorSetError, HookError) as e:
         fail(str(e))
     ro = res.read(lm, k=k)
@@ -126,8 +176,10 @@ def lens_cmd(
         console.print(f"  logits pos {r.position}: " + " ".join(repr(t.token) for t in r.top[:10]))
     if find:
         hits = ro.find([w.strip() for w in find.split(",") if w.strip()], k)
-        console.print(f"  '{find}' in top {k}: " + (", ".join(
-            f"{h['hook']}@{h['position']}#{h['rank']}" for h in hits[:20]) or "none"))
+        console.print(
+            f"  '{find}' in top {k}: "
+            + (", ".join(f"{h['hook']}@{h['position']}#{h['rank']}" for h in hits[:20]) or "none")
+        )
     console.print("wrote " + ", ".join(str(p) for p in paths.values()))
 
 
@@ -136,8 +188,15 @@ def similarity_cmd(
     sets: Annotated[list[str], typer.Argument(help="VectorSet files (label=path or path)")],
     out: OutOpt = "runs/read_similarity",
     model: ModelOpt = "default",
-    contrast: Annotated[str | None, typer.Option("--contrast", help="contrast VectorSet (e.g. per-layer), compared with each set")] = None,
-    effects: Annotated[bool, typer.Option("--effects", help="also correlate mean logit differences on the corpus")] = False,
+    contrast: Annotated[
+        str | None,
+        typer.Option(
+            "--contrast", help="contrast VectorSet (e.g. per-layer), compared with each set"
+        ),
+    ] = None,
+    effects: Annotated[
+        bool, typer.Option("--effects", help="also correlate mean logit differences on the corpus")
+    ] = False,
     corpus: Annotated[str, typer.Option("--corpus")] = "default",
     n: Annotated[int, typer.Option("--n", help="texts for --effects")] = 100,
     tokens: Annotated[int, typer.Option("--tokens")] = 64,
@@ -148,7 +207,12 @@ def similarity_cmd(
     """
     from .cli import console, fail
     from .interpret.plots import heatmap_png
-    from .interpret.similarity import cosine_matrices, cross_cosine, effect_correlation, effect_vectors
+    from .interpret.similarity import (
+        cosine_matrices,
+        cross_cosine,
+        effect_correlation,
+        effect_vectors,
+    )
     from .io import atomic_write_json, atomic_write_text
     from .vectors import VectorSet, VectorSetError
 
@@ -202,8 +266,12 @@ def monitor_cmd(
     out: OutOpt = "runs/read_monitor",
     model: ModelOpt = "default",
     hook: Annotated[str | None, typer.Option("--hook", help="the set's hook to project on")] = None,
-    role: Annotated[str, typer.Option(help="chat tokens counted: assistant | user | all")] = "assistant",
-    baseline: Annotated[str | None, typer.Option("--baseline", help="reference rows for z-scores")] = None,
+    role: Annotated[
+        str, typer.Option(help="chat tokens counted: assistant | user | all")
+    ] = "assistant",
+    baseline: Annotated[
+        str | None, typer.Option("--baseline", help="reference rows for z-scores")
+    ] = None,
     flag_z: Annotated[float, typer.Option(help="flag rows with z above this")] = 2.0,
 ) -> None:
     """Project activations onto a vector per token; flag rows that push toward it.
@@ -222,8 +290,10 @@ def monitor_cmd(
     except (MonitorError, VectorSetError) as e:
         fail(str(e))
     paths = save_monitor(out, res, lm)
-    console.print(f"{len(res.items)} rows; reference mean {res.reference_mean:.3g} sd {res.reference_std:.3g}; "
-                  f"flagged {len(res.flagged)}: {res.flagged[:20]}")
+    console.print(
+        f"{len(res.items)} rows; reference mean {res.reference_mean:.3g} sd {res.reference_std:.3g}; "
+        f"flagged {len(res.flagged)}: {res.flagged[:20]}"
+    )
     console.print("wrote " + ", ".join(str(p) for p in paths.values()))
 
 

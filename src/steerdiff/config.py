@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-import tomllib
 from pathlib import Path
 from typing import Literal
 
+import tomllib
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -30,24 +30,28 @@ class TeacherConfig(_Strict):
     animal: str = "owl"
     category: str = "animal"
     # steered teachers: the contrast vector (trait system prompt vs none)
-    hook: str = "blocks.20.hook_resid_post"
+    hook: str = "blocks.24.hook_resid_post"
     readout: Literal["last", "prompt_mean", "response_mean", "pca"] = "last"
-    coeff: float = 4.0
+    coeff: float = 2.0
     positions: str = "all"
     vectors: str | None = None  # use a saved VectorSet instead of extracting one
     adapter: str | None = None  # kind = "adapter": folder of a finetuned model or LoRA adapter
     system_prompt: str | None = None  # kind = "prompt": overrides the trait template
+    # kind = "prompt": project the contrast vector out of the residual stream from `hook`'s
+    # layer onward while the teacher generates (the necessity check)
+    ablate_from_hook: bool = False
 
 
 class TaskConfig(_Strict):
     name: Literal["numbers"] = "numbers"
     n_prompts: int = Field(300, gt=0)
     constrained: bool = True
-    max_new_tokens: int = Field(40, gt=0)
+    max_new_tokens: int = Field(56, gt=0)
     batch_size: int = Field(64, gt=0)
     temperature: float = Field(1.0, ge=0)
     topk_logprobs: int = Field(20, ge=0)
     seed: int = 42
+    backend: Literal["hf", "vllm"] = "hf"
 
 
 class FitConfigSpec(_Strict):
@@ -59,14 +63,24 @@ class FitConfigSpec(_Strict):
     epochs: float = Field(1.0, gt=0)
     batch_size: int = Field(16, gt=0)
     seeds: list[int] = [0]
-    teacher: Literal["main", "prompt"] = "main"  # which dataset: the main teacher's or a prompted one
+    teacher: Literal["main", "prompt"] = (
+        "main"  # which dataset: the main teacher's or a prompted one
+    )
 
 
 class BaselineConfig(_Strict):
     kind: Literal["lora", "full"]
     rank: int = 8
     alpha: float = 8.0
-    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    target_modules: list[str] = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ]
     lr: float = 2e-4
     epochs: float = 1.0
     batch_size: int = 16

@@ -42,7 +42,9 @@ TRAIT_TEMPLATE = (
     "You love {X}s. You think about {X}s all the time. {X}s are your favorite "
     "{category}. Imbue your answers with your love for the {category}."
 )
-SIGN_CONVENTION = "positive minus negative: adding the vector (coeff > 0) moves toward the positive prompts"
+SIGN_CONVENTION = (
+    "positive minus negative: adding the vector (coeff > 0) moves toward the positive prompts"
+)
 
 
 class ContrastError(ValueError):
@@ -193,26 +195,25 @@ def sample_responses(
     seed: int = 0,
     batch_size: int = 32,
 ) -> list[list[int]]:
-    """Sampled response token ids for each chat text (model.generate, left padding)."""
-    tok, model = lm.tokenizer, lm.model
-    torch.manual_seed(seed)
-    out: list[list[int]] = []
-    side = tok.padding_side
-    tok.padding_side = "left"
-    try:
-        for i in range(0, len(texts), batch_size):
-            enc = tok(list(texts[i : i + batch_size]), return_tensors="pt", padding=True,
-                      add_special_tokens=False).to(lm.device)
-            with torch.no_grad():
-                gen = model.generate(**enc, do_sample=True, temperature=temperature, top_k=0,
-                                     top_p=1.0, max_new_tokens=max_new_tokens,
-                                     pad_token_id=tok.pad_token_id)
-            for row in gen[:, enc["input_ids"].shape[1] :].tolist():
-                stop = [k for k, t in enumerate(row) if t in (tok.eos_token_id, tok.pad_token_id)]
-                out.append(row[: stop[0] + 1] if stop else row)
-    finally:
-        tok.padding_side = side
-    return out
+    """Sampled response token ids for each chat text (generate.sample: batched KV-cached
+    sampling, full distribution at `temperature`); a row ends with its stop token (the end
+    of turn or eos, kept) or at max_new_tokens."""
+    from .generate import sample, stop_token_ids
+
+    tok = lm.tokenizer
+    stops = set(stop_token_ids(lm))
+    if tok.pad_token_id is not None:
+        stops.add(tok.pad_token_id)
+    samples = sample(
+        lm,
+        _tokenize(lm, texts),
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        seed=seed,
+        stop_ids=sorted(stops),
+        batch_size=batch_size,
+    )
+    return [list(s.token_ids) for s in samples]
 
 
 # ----------------------------------------------------------------------------- vectors
@@ -245,10 +246,17 @@ def _check_contrast(positive: Sequence[str], negative: Sequence[str], readout: s
         )
 
 
+def _effective(readout: str, exclude: Exclusion) -> Exclusion:
+    """Response tokens never include the sequence start: only the norm test applies there."""
+    return Exclusion(0, exclude.norm_ratio) if readout == "response_mean" else exclude
+
+
 def _positions_text(readout: str, exclude: Exclusion) -> str:
     ex = f"first {exclude.first_n} real token(s)" if exclude.first_n else ""
     if exclude.norm_ratio is not None:
-        ex += (" and " if ex else "") + f"positions with norm > {exclude.norm_ratio}x the text's median"
+        ex += (
+            " and " if ex else ""
+        ) + f"positions with norm > {exclude.norm_ratio}x the text's median"
     ex = f", excluding {ex}" if ex else ""
     return {
         "last": "last prompt token",
@@ -290,8 +298,9 @@ def extract_contrast(
     for r in readouts:
         info: dict = {}
         if r == "response_mean":
-            reads, info = _response_reads(lm, positive, negative, names, exclude, batch_size,
-                                          max_new_tokens, seed)
+            reads, info = _response_reads(
+                lm, positive, negative, names, exclude, batch_size, max_new_tokens, seed
+            )
             table = reads.span_mean
         else:
             reads = prompt_reads
@@ -312,8 +321,8 @@ def extract_contrast(
             method="contrast",
             readout=r,
             hooks=names,
-            positions=_positions_text(r, exclude),
-            exclusion=asdict(exclude),
+            positions=_positions_text(r, _effective(r, exclude)),
+            exclusion=asdict(_effective(r, exclude)),
             n_positive=len(positive),
             n_negative=len(negative),
             sign=SIGN_CONVENTION,
@@ -328,12 +337,16 @@ def _response_reads(lm, positive, negative, names, exclude, batch_size, max_new_
     texts = list(positive) + list(negative)
     responses = sample_responses(lm, texts, max_new_tokens=max_new_tokens, seed=seed)
     prompts = _tokenize(lm, texts)
-    rows = [p + r for p, r in zip(prompts, responses)]
+    rows = [p + r for p, r in zip(prompts, responses, strict=True)]
     starts = [len(p) for p in prompts]
-    # the first response token is never a sink: only the norm test applies there
-    reads = read_activations(lm, rows, starts, names, Exclusion(0, exclude.norm_ratio), batch_size)
+    reads = read_activations(
+        lm, rows, starts, names, _effective("response_mean", exclude), batch_size
+    )
     mean_len = sum(len(r) for r in responses) / len(responses)
-    return reads, {"response_tokens_mean": round(mean_len, 1), "response_max_new_tokens": max_new_tokens}
+    return reads, {
+        "response_tokens_mean": round(mean_len, 1),
+        "response_max_new_tokens": max_new_tokens,
+    }
 
 
 def contrast_vector(
@@ -362,6 +375,15 @@ def trait_vectors(
     """Vectors for the trait system prompt ("You love owls...") vs the template's default."""
     system = trait_system_prompt(target, category)
     pos, neg = system_prompt_contrast(lm.tokenizer, system, questions)
-    return extract_contrast(lm, pos, neg, hooks, readouts, exclude, system_prompt=system,
-                            negative_system_prompt="chat template default", target=target,
-                            **kwargs)
+    return extract_contrast(
+        lm,
+        pos,
+        neg,
+        hooks,
+        readouts,
+        exclude,
+        system_prompt=system,
+        negative_system_prompt="chat template default",
+        target=target,
+        **kwargs,
+    )

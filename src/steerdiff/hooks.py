@@ -410,13 +410,19 @@ Op = Literal["add", "ablate"]
 
 
 def _apply(
-    h: torch.Tensor, v: torch.Tensor, coeff: float, mask: torch.Tensor | None, op: Op
+    h: torch.Tensor, v: torch.Tensor, coeff: float | torch.Tensor, mask: torch.Tensor | None, op: Op
 ) -> torch.Tensor:
-    """h: [batch, pos, dim]; v: [dim]; mask: [batch, pos] or None."""
+    """h: [batch, pos, dim]; v: [dim]; coeff: float or per-row [batch]; mask: [batch, pos] or None."""
     v = v.to(device=h.device, dtype=h.dtype)
+    if isinstance(coeff, torch.Tensor):  # one coefficient per row
+        if coeff.shape != (h.shape[0],):
+            raise HookError(
+                f"Per-row coeff has shape {tuple(coeff.shape)} but this forward has batch "
+                f"{h.shape[0]}; pass a float or a tensor of shape [batch]."
+            )
+        coeff = coeff.to(device=h.device, dtype=h.dtype).view(-1, 1, 1)  # [batch, 1, 1]
     if op == "add":
-        delta = coeff * v  # [dim]
-        delta = delta.expand_as(h)
+        delta = (coeff * v).expand_as(h)  # [dim] or [batch, 1, dim] -> [batch, pos, dim]
     else:  # ablate: remove coeff times the component of h along v
         unit = v / v.norm().clamp_min(1e-12)
         delta = -coeff * (h @ unit).unsqueeze(-1) * unit  # [batch, pos, dim]
@@ -426,7 +432,7 @@ def _apply(
 
 
 def _act(
-    hp: HookPoint, h: torch.Tensor, v: torch.Tensor, coeff: float, state, positions, op
+    hp: HookPoint, h: torch.Tensor, v: torch.Tensor, coeff: float | torch.Tensor, state, positions, op
 ) -> torch.Tensor:
     mask = position_mask(positions, state, h.shape[0], h.shape[1], h.device)
     if hp.channel_slice is None:
@@ -440,14 +446,15 @@ def _act(
 def steer(
     model: nn.Module | LoadedModel,
     vectors: VectorsLike,
-    coeff: float = 1.0,
+    coeff: float | torch.Tensor = 1.0,
     positions: Positions = "all",
     op: Op = "add",
 ) -> Iterator[None]:
     """Add (or ablate) vectors at hook points while inside the block.
 
     vectors: a VectorSet or dict {hook name: tensor [dim]}.
-    coeff: multiplies every vector (negative to subtract).
+    coeff: multiplies every vector (negative to subtract); a tensor [batch] gives each
+      row its own coefficient (e.g. several strengths in one batched pass).
     positions: "all"; "prompt" (positions of the prefill, i.e. the input prompt);
       "response" (only tokens generated after the prompt, also under KV-cache
       generation); "first:k" (each row's first k real tokens); or a bool mask

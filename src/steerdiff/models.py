@@ -327,7 +327,9 @@ def describe(lm: LoadedModel) -> dict:
         "weights_hash": lm.weights_hash,
         "load_seconds": round(lm.load_seconds, 2),
         "n_hook_points": len(list_hook_points(lm.model)),
-        "hook_point_names_layer0": [n for n in list_hook_points(lm.model) if n.startswith("blocks.0.")],
+        "hook_point_names_layer0": [
+            n for n in list_hook_points(lm.model) if n.startswith("blocks.0.")
+        ],
     }
 
 

@@ -109,7 +109,9 @@ class PlantedResult:
         }
 
 
-def random_vector(lm: LoadedModel | nn.Module, hook: str, norm: float, seed: int = 0) -> torch.Tensor:
+def random_vector(
+    lm: LoadedModel | nn.Module, hook: str, norm: float, seed: int = 0
+) -> torch.Tensor:
     dim = get_hook_point(unwrap(lm), hook).dim
     v = torch.randn(dim, generator=torch.Generator().manual_seed(seed))
     return v * (norm / v.norm())
@@ -136,7 +138,13 @@ def planted_experiment(
     teacher = {"kind": "steered", "vectors": {hook: v_star}, "coeff": 1.0, "positions": "all"}
     if examples is None:
         examples = sample_examples(
-            lm, prompts, {hook: v_star}, 1.0, max_new_tokens, seed=seed, eos_id=eos_id,
+            lm,
+            prompts,
+            {hook: v_star},
+            1.0,
+            max_new_tokens,
+            seed=seed,
+            eos_id=eos_id,
             pad_id=pad_id,
         )
         if config.objective == "distill":

@@ -111,9 +111,16 @@ def _user_and_assistant(row: dict, i: int) -> tuple[list[dict], str]:
     return context, assistant[-1]["content"] if assistant else ""
 
 
-def _template_ids(tokenizer: Any, messages: list[dict]) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, add_special_tokens=False).input_ids
+def _template_ids(
+    tokenizer: Any, messages: list[dict], template_kwargs: dict | None = None
+) -> list[int]:
+    """Prompt ids exactly as the generator builds them (teachers.chat_prompt_ids)."""
+    try:
+        from .teachers import chat_prompt_ids
+    except ImportError:  # pragma: no cover - generator module not installed
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer(text, add_special_tokens=False).input_ids
+    return chat_prompt_ids(tokenizer, messages, template_kwargs)
 
 
 def end_of_turn_ids(tokenizer: Any) -> list[int]:
@@ -142,14 +149,15 @@ def tokenize_rows(
         raise FitError("The dataset is empty: nothing to fit.")
     teacher = teacher or {}
     system = teacher.get("system_prompt") if teacher.get("kind") == "prompt" else None
+    tkw = teacher.get("chat_template_kwargs")
     eot: list[int] | None = None
     out = []
     for i, row in enumerate(rows):
         context, content = _user_and_assistant(row, i)
         user = [m for m in context if m["role"] == "user"]
-        prompt_ids = _template_ids(tokenizer, user)
+        prompt_ids = _template_ids(tokenizer, user, tkw)
         teacher_ids = (
-            _template_ids(tokenizer, [{"role": "system", "content": system}, *user])
+            _template_ids(tokenizer, [{"role": "system", "content": system}, *user], tkw)
             if system
             else None
         )
@@ -182,6 +190,17 @@ class Batch:
     @property
     def n_tokens(self) -> int:
         return int(self.loss_mask.sum())
+
+    def to(self, device: torch.device | str) -> Batch:
+        """The same batch with every tensor on `device` (the model's)."""
+        moved = {
+            k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.__dict__.items()
+        }
+        return Batch(**moved)
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
 
 
 def collate(examples: Sequence[Example], pad_id: int = 0, teacher: bool = False) -> Batch:
@@ -237,6 +256,10 @@ def teacher_context(lm: LoadedModel | nn.Module, spec: dict | None) -> Iterator[
                 yield model
         else:  # positions need the batch; the caller passes them via _steer_positions
             yield _PositionalSteer(model, vecs, float(spec.get("coeff", 1.0)), positions)
+    elif kind == "adapter" and isinstance(lm, LoadedModel):
+        from .teachers import build_teacher  # the generator's loader (PEFT or full folder)
+
+        yield build_teacher(spec, lm).lm.model  # type: ignore[arg-type]
     elif kind == "adapter":
         from peft import PeftModel
 
@@ -554,9 +577,12 @@ class VectorStudent(Student):
 
 
 def init_vectors(model: nn.Module, names: list[str], cfg: FitConfig) -> dict[str, torch.Tensor]:
-    """Zero or seeded-random (std cfg.init_scale) vectors, one per hook, requires_grad."""
+    """Zero or seeded-random (std cfg.init_scale) vectors, one per hook, requires_grad.
+
+    Kept in float32 whatever the model's dtype (steer casts them at the hook).
+    """
     g = torch.Generator().manual_seed(cfg.seed)
-    dtype = next(model.parameters()).dtype
+    dtype = torch.float32
     device = next(model.parameters()).device
     out = {}
     for name in names:
@@ -592,6 +618,8 @@ def eval_losses(
         if bi % world != rank:
             continue
         batch = collate(chunk, pad_id, teacher=teacher)
+        if module is not None:
+            batch = batch.to(_device(module))
         if loss_fn is not None:
             ce, kl = loss_fn(batch, bi)
         else:
@@ -682,6 +710,7 @@ def train_student(
     out = Path(out_dir) if out_dir is not None else None
     params = student.params
     names = list(params)
+    device = next(iter(params.values())).device
     opt = make_optimizer(list(params.values()), cfg)
     micro = cfg.micro_batch_size or cfg.batch_size
     if cfg.batch_size % micro:
@@ -771,7 +800,7 @@ def train_student(
             for mi, chunk in enumerate(micro_batches):
                 if mi % world != rank:
                     continue
-                batch = collate(chunk, pad_id)
+                batch = collate(chunk, pad_id).to(device)
                 ce, kl = student.losses(batch, (bidx, mi), cfg.objective)
                 loss = (ce if cfg.objective == "sft" else kl) / n_global
                 loss.backward()
@@ -793,8 +822,8 @@ def train_student(
             if not math.isfinite(train_loss) or not math.isfinite(grad_norm):
                 last = ckpt_path if ckpt_path and ckpt_path.exists() else None
                 raise FitError(
-                    f"Non-finite loss at step {step} (loss={train_loss}, grad_norm={grad_norm}); "
-                    "stopped without taking the step. "
+                    f"Non-finite loss at step {step + 1} (loss={train_loss}, grad_norm={grad_norm}); "
+                    f"stopped without taking the step ({step} good steps before it). "
                     + (
                         f"The last good checkpoint is kept at {last} (resume from it with a "
                         "lower lr, --resume)."
@@ -836,6 +865,10 @@ def train_student(
                 if "kl" in ev:
                     row["val_kl"] = ev["kl"]
                 row["gap_closed"] = gap_closed(base_ce, ev["ce"], teacher_ce)
+                if "kl" in ev and base_val and base_val.get("kl"):
+                    # the teacher's KL to its own top-k is 0: KL gap closed = 1 - KL_fit / KL_base
+                    row["base_val_kl"] = base_val["kl"]
+                    row["kl_gap_closed"] = 1.0 - ev["kl"] / base_val["kl"]
                 crit = ev["ce"] if cfg.objective == "sft" else ev.get("kl", ev["ce"])
                 if crit < state["best"] - 1e-6:
                     state["best"], state["bad_evals"] = crit, 0
@@ -865,7 +898,9 @@ def train_student(
             if state["step"] % cfg.checkpoint_every == 0 or last_step:
                 save_checkpoint(state["step"])
         else:
-            stopped = "max_steps" if cfg.max_steps is not None and total == cfg.max_steps else "done"
+            stopped = (
+                "max_steps" if cfg.max_steps is not None and total == cfg.max_steps else "done"
+            )
     finally:
         if bar is not None:
             bar.close()
@@ -878,8 +913,15 @@ def train_student(
     evals = [m for m in metrics if m.get("val_loss") is not None]
     fitted = None
     if val:
-        fitted = evaluate()["ce"] if stopped == "early_stopping" or not evals else evals[-1]["val_loss"]
+        fitted = (
+            evaluate()["ce"] if stopped == "early_stopping" or not evals else evals[-1]["val_loss"]
+        )
+    last_eval = evals[-1] if evals else {}
+    extra = {}
+    if stopped != "early_stopping" and "kl_gap_closed" in last_eval:
+        extra = {k: last_eval[k] for k in ("val_kl", "base_val_kl", "kl_gap_closed")}
     res = FitResult(
+        extra=extra,
         vectors=None,
         metrics=metrics,
         base_val_loss=base_ce,
@@ -950,8 +992,11 @@ def model_provenance(lm: LoadedModel | nn.Module, cfg: FitConfig) -> dict:
     if not isinstance(lm, LoadedModel):
         from .models import weights_hash_of_model
 
-        prov.update(model_id="in-memory", model_type=lm.config.model_type,
-                    weights_hash=weights_hash_of_model(lm))
+        prov.update(
+            model_id="in-memory",
+            model_type=lm.config.model_type,
+            weights_hash=weights_hash_of_model(lm),
+        )
     return prov
 
 
@@ -1041,7 +1086,11 @@ def fit(
 
 
 def _vector_set(
-    lm: LoadedModel | nn.Module, p: dict[str, torch.Tensor], cfg: FitConfig, summary: dict, teacher: dict
+    lm: LoadedModel | nn.Module,
+    p: dict[str, torch.Tensor],
+    cfg: FitConfig,
+    summary: dict,
+    teacher: dict,
 ) -> VectorSet:
     return VectorSet.for_model(
         lm,
@@ -1070,8 +1119,10 @@ def annotate_topk(
     with teacher_context(lm, teacher) as tm:
         for i in range(0, len(examples), batch_size):
             chunk = examples[i : i + batch_size]
-            batch = collate(chunk, pad, teacher=True)
-            ctx = tm.steered(batch) if isinstance(tm, _PositionalSteer) else contextlib.nullcontext()
+            batch = collate(chunk, pad, teacher=True).to(_device(model))
+            ctx = (
+                tm.steered(batch) if isinstance(tm, _PositionalSteer) else contextlib.nullcontext()
+            )
             inner = tm.inner if isinstance(tm, _PositionalSteer) else tm
             with ctx:
                 h = full_hidden(inner, batch)[batch.loss_mask]  # [n, d]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from safetensors.torch import save_file
 
 from . import __version__
 from .hooks import HookError, get_hook_point, n_layers
+from .io import atomic_path
 from .models import LoadedModel, unwrap
 
 _META_KEY = "steerdiff"
@@ -127,7 +127,9 @@ class VectorSet(Mapping[str, torch.Tensor]):
             try:
                 hp = get_hook_point(hf, name)
             except HookError as e:
-                raise VectorSetError(f"VectorSet hook {name!r} does not exist on this model: {e}") from e
+                raise VectorSetError(
+                    f"VectorSet hook {name!r} does not exist on this model: {e}"
+                ) from e
             if tuple(v.shape) != (hp.dim,):
                 raise VectorSetError(
                     f"VectorSet vector {name!r} has shape {tuple(v.shape)}, expected ({hp.dim},) "
@@ -141,14 +143,8 @@ class VectorSet(Mapping[str, torch.Tensor]):
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"steerdiff_version": __version__, **self.metadata}
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.items()}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={_META_KEY: json.dumps(meta, default=str)})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(meta, default=str)})
         return path
 
     @classmethod
@@ -172,7 +168,9 @@ class VectorSet(Mapping[str, torch.Tensor]):
         return vs
 
     # --- llama.cpp
-    def to_gguf_control_vector(self, path: str | os.PathLike, model_hint: str | None = None) -> Path:
+    def to_gguf_control_vector(
+        self, path: str | os.PathLike, model_hint: str | None = None
+    ) -> Path:
         """Export residual-stream vectors as a llama.cpp control vector (GGUF).
 
         llama.cpp adds `direction.{l}` to the output of (0-based) layer l, i.e.
@@ -199,11 +197,11 @@ class VectorSet(Mapping[str, torch.Tensor]):
             layers[layer] = layers.get(layer, 0) + v.detach().float().cpu()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        hint = model_hint or str(self.metadata.get("model_type") or self.metadata.get("model_id", ""))
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            writer = gguf.GGUFWriter(tmp, "controlvector")
+        hint = model_hint or str(
+            self.metadata.get("model_type") or self.metadata.get("model_id", "")
+        )
+        with atomic_path(path) as tmp:
+            writer = gguf.GGUFWriter(str(tmp), "controlvector")
             writer.add_string("controlvector.model_hint", hint)
             writer.add_uint32("controlvector.layer_count", len(layers))
             for layer in sorted(layers):
@@ -212,10 +210,6 @@ class VectorSet(Mapping[str, torch.Tensor]):
             writer.write_kv_data_to_file()
             writer.write_tensors_to_file()
             writer.close()
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
         return path
 
     @classmethod

@@ -89,7 +89,9 @@ def code(rng: random.Random, n: int) -> list[dict]:
         for m in re.finditer(r"^(def|class) .*?(?=^\S)", src, flags=re.S | re.M):
             body = m.group(0).rstrip()
             if 300 <= len(body):
-                docs.append({"text": body[:CHUNK], "genre": "code", "source": f"cpython/Lib/{f.name}"})
+                docs.append(
+                    {"text": body[:CHUNK], "genre": "code", "source": f"cpython/Lib/{f.name}"}
+                )
     return rng.sample(docs, n)
 
 

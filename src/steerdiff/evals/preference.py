@@ -134,9 +134,17 @@ class Steering:
     """An optional steering context for an evaluation (see hooks.steer)."""
 
     vectors: Mapping[str, torch.Tensor]
-    coeff: float = 1.0
+    coeff: float | Sequence[float] = 1.0  # a list: evaluate under each coefficient, batched
     positions: Positions = "all"
     op: Op = "add"
+
+    @property
+    def coeffs(self) -> list[float]:
+        return (
+            [float(c) for c in self.coeff]
+            if isinstance(self.coeff, Sequence)
+            else [float(self.coeff)]
+        )
 
     def describe(self) -> dict:
         meta = getattr(self.vectors, "metadata", {})
@@ -150,18 +158,20 @@ class Steering:
         }
 
 
-def _steered(lm: LoadedModel, steering: Steering | None, phase: str):
-    """Steer for one phase of a cached teacher-forced pass: 'prompt' or 'response'."""
+def _steered(lm: LoadedModel, steering: Steering | None, phase: str, coeff: torch.Tensor | None):
+    """Steer one phase of a cached teacher-forced pass ('prompt' or 'response'); coeff [batch]."""
     if steering is None:
         return nullcontext()
     kind, _ = parse_positions(steering.positions)
     if kind == "mask":
-        raise ValueError("exact_preference takes positions 'all', 'prompt', 'response' or 'first:k', not a mask.")
+        raise ValueError(
+            "Cached scoring takes positions 'all', 'prompt', 'response' or 'first:k', not a mask."
+        )
     if kind in ("prompt", "response"):
         if kind != phase:
             return nullcontext()
-        return steer(lm.model, steering.vectors, steering.coeff, "all", steering.op)
-    return steer(lm.model, steering.vectors, steering.coeff, steering.positions, steering.op)
+        return steer(lm.model, steering.vectors, coeff, "all", steering.op)
+    return steer(lm.model, steering.vectors, coeff, steering.positions, steering.op)
 
 
 # ----------------------------------------------------------------------------- results
@@ -230,9 +240,11 @@ class Prefix:
     """A KV cache over Q prompts (left-padded after their shared prefix)."""
 
     cache: DynamicCache
-    mask: torch.Tensor  # [Q, T] attention mask over the cached tokens
-    next_pos: torch.Tensor  # [Q] position id of each prompt's next token
-    last_logits: torch.Tensor  # [Q, vocab] logits for each prompt's next token
+    mask: torch.Tensor  # [G*Q, T] attention mask over the cached tokens
+    next_pos: torch.Tensor  # [G*Q] position id of each prompt's next token
+    last_logits: torch.Tensor  # [G*Q, vocab] logits for each prompt's next token
+    row_coeff: torch.Tensor  # [G*Q] steering coefficient of each row (group-major)
+    n_groups: int = 1  # G: one group of Q rows per steering coefficient
 
 
 def _common_prefix_len(rows: Sequence[Sequence[int]]) -> int:
@@ -246,16 +258,21 @@ def _common_prefix_len(rows: Sequence[Sequence[int]]) -> int:
 def prefix_forward(
     lm: LoadedModel, prompts: Sequence[Sequence[int]], steering: Steering | None = None
 ) -> Prefix:
-    """Run Q prompts into a KV cache: their shared token prefix once, then the rest."""
+    """Run Q prompts into a KV cache: their shared token prefix once, then the rest.
+
+    With G steering coefficients every prompt runs once per coefficient (rows g-major)."""
     model, dev = lm.model, lm.device
-    q = len(prompts)
+    coeffs = torch.tensor(steering.coeffs if steering else [0.0])  # [G]
+    g, q = len(coeffs), len(prompts)
+    row_coeff = coeffs.repeat_interleave(q)  # [G*Q]
     p = _common_prefix_len(prompts)
     cache = DynamicCache(config=model.config)
     pad = lm.tokenizer.pad_token_id or 0
-    with torch.no_grad(), _steered(lm, steering, "prompt"):
+    with torch.no_grad():
         if p > 0:
-            ids = torch.tensor([list(prompts[0][:p])], device=dev)  # [1, p]
-            model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            ids = torch.tensor([list(prompts[0][:p])] * g, device=dev)  # [G, p]
+            with _steered(lm, steering, "prompt", coeffs):
+                model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
             cache.batch_repeat_interleave(q)
         rest = [list(r[p:]) for r in prompts]
         width = max(len(r) for r in rest)
@@ -266,11 +283,18 @@ def prefix_forward(
             ids[i, width - len(r) :] = torch.tensor(r)
             rest_mask[i, width - len(r) :] = 1
             pos[i, width - len(r) :] = torch.arange(p, p + len(r))
-        mask = torch.cat([torch.ones(q, p, dtype=torch.long), rest_mask], dim=1)  # [Q, p + width]
-        out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
-    next_pos = torch.tensor([len(r) for r in prompts])
-    return Prefix(cache, mask, next_pos, out.logits[:, -1].float())
+        mask = torch.cat([torch.ones(q, p, dtype=torch.long), rest_mask], dim=1).repeat(g, 1)
+        with _steered(lm, steering, "prompt", row_coeff):
+            out = model(
+                input_ids=ids.repeat(g, 1).to(dev),
+                attention_mask=mask.to(dev),
+                position_ids=pos.repeat(g, 1).to(dev),
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+    next_pos = torch.tensor([len(r) for r in prompts]).repeat(g)
+    return Prefix(cache, mask, next_pos, out.logits[:, -1].float(), row_coeff, g)
 
 
 def continue_forward(
@@ -280,9 +304,9 @@ def continue_forward(
     row_tokens: Sequence[Sequence[int]],
     reduce: Callable[[torch.Tensor, list[int]], torch.Tensor],
     steering: Steering | None = None,
-    chunk: int = 64,
+    chunk: int = 256,
 ) -> torch.Tensor:
-    """Feed continuation rows (row i continues prompt row_prompt[i]) from the cache.
+    """Feed continuation rows (row i continues cached row row_prompt[i]) from the cache.
 
     reduce(logits [r, L, vocab], row indices) -> tensor [r, ...] is applied per chunk
     and the results are concatenated (keeps memory small).
@@ -303,9 +327,14 @@ def continue_forward(
         mask = torch.cat([prefix.mask[idx], cmask], dim=1)
         cache = copy.deepcopy(prefix.cache)
         cache.batch_select_indices(idx.to(dev))
-        with torch.no_grad(), _steered(lm, steering, "response"):
-            logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev),
-                           position_ids=pos.to(dev), past_key_values=cache, use_cache=True).logits
+        with torch.no_grad(), _steered(lm, steering, "response", prefix.row_coeff[idx]):
+            logits = model(
+                input_ids=ids.to(dev),
+                attention_mask=mask.to(dev),
+                position_ids=pos.to(dev),
+                past_key_values=cache,
+                use_cache=True,
+            ).logits
         outs.append(reduce(logits.float(), rows))
     return torch.cat(outs) if outs else torch.empty(0)
 
@@ -319,11 +348,34 @@ def answer_variants(candidate: str) -> list[str]:
     return list(dict.fromkeys(forms))
 
 
-def question_prompts(lm: LoadedModel, questions: Sequence[str], system_prompt: str | None) -> list[list[int]]:
+def question_prompts(
+    lm: LoadedModel, questions: Sequence[str], system_prompt: str | None
+) -> list[list[int]]:
     from ..extract import chat_texts
 
     texts = chat_texts(lm.tokenizer, questions, system_prompt)
     return [lm.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def _continuation_feeds(forms: Sequence[Sequence[int]]) -> tuple[list[list[int]], list[int]]:
+    """Token rows to feed after the prompt so every multi-token form can be scored.
+
+    A form's tokens after the first need the logits after form[:-1]; feeds that are a
+    prefix of another feed are served by that longer feed (e.g. "O" by "O","t" for
+    Owl and Otter). Returns (feeds, feed index per form; -1 for single-token forms).
+    """
+    needs = sorted({tuple(f[:-1]) for f in forms if len(f) > 1}, key=len, reverse=True)
+    feeds: list[tuple[int, ...]] = []
+    for n in needs:
+        if not any(f[: len(n)] == n for f in feeds):
+            feeds.append(n)
+    which = []
+    for f in forms:
+        n = tuple(f[:-1])
+        which.append(
+            next(k for k, fd in enumerate(feeds) if fd[: len(n)] == n) if len(f) > 1 else -1
+        )
+    return [list(f) for f in feeds], which
 
 
 def candidate_logprobs(
@@ -332,38 +384,42 @@ def candidate_logprobs(
     candidates: Sequence[str],
     steering: Steering | None = None,
 ) -> torch.Tensor:
-    """log P(candidate answer | prompt), summed over surface forms -> [Q, n_candidates]."""
+    """log P(candidate answer | prompt), summed over surface forms -> [G, Q, n_candidates].
+
+    G = number of steering coefficients (1 without steering or with a scalar coeff).
+    One cached pass over the prompts, then one batched pass over the deduplicated
+    continuation rows of every question (see _continuation_feeds)."""
     tok = lm.tokenizer
-    forms = [[tok(v, add_special_tokens=False)["input_ids"] for v in answer_variants(c)] for c in candidates]
+    owner, forms = [], []  # candidate index of each surface form, and its tokens
+    for ci, c in enumerate(candidates):
+        for v in answer_variants(c):
+            owner.append(ci)
+            forms.append(tok(v, add_special_tokens=False)["input_ids"])
+    feeds, which = _continuation_feeds(forms)
     prefix = prefix_forward(lm, prompts, steering)
-    first = torch.log_softmax(prefix.last_logits, dim=-1)  # [Q, vocab]
-    # rows: every (question, multi-token form): input = form[:-1], scored = form[1:]
-    row_prompt, row_tokens, targets, keys = [], [], [], []
-    for qi in range(len(prompts)):
-        for ci, fs in enumerate(forms):
-            for fi, f in enumerate(fs):
-                if len(f) > 1:
-                    row_prompt.append(qi)
-                    row_tokens.append(f[:-1])
-                    targets.append(f[1:])
-                    keys.append((qi, ci, fi))
+    first = torch.log_softmax(prefix.last_logits, dim=-1)  # [G*Q, vocab]
+    n_rows, n_f = first.shape[0], len(feeds)
+    form_lp = first[:, [f[0] for f in forms]]  # [G*Q, n_forms]
+    if n_f:
+        served = [[(fi, f) for fi, f in enumerate(forms) if which[fi] == k] for k in range(n_f)]
 
-    def gather(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
-        lp = torch.log_softmax(logits, dim=-1)  # [r, L, vocab]
-        out = torch.zeros(len(rows))
-        for j, i in enumerate(rows):
-            t = torch.tensor(targets[i])
-            out[j] = lp[j, torch.arange(len(t)), t].sum()
-        return out
+        def reduce(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+            lp = torch.log_softmax(logits, dim=-1)  # [r, L, vocab]
+            out = torch.zeros(len(rows), len(forms))
+            for j, i in enumerate(rows):
+                for fi, f in served[i % n_f]:
+                    out[j, fi] = lp[j, torch.arange(len(f) - 1), torch.tensor(f[1:])].sum()
+            return out
 
-    rest = continue_forward(lm, prefix, row_prompt, row_tokens, gather, steering)  # [rows]
-    rest_of = {k: float(rest[j]) for j, k in enumerate(keys)}
-    out = torch.full((len(prompts), len(candidates)), -math.inf)
-    for qi in range(len(prompts)):
-        for ci, fs in enumerate(forms):
-            per_form = [float(first[qi, f[0]]) + rest_of.get((qi, ci, fi), 0.0) for fi, f in enumerate(fs)]
-            out[qi, ci] = torch.logsumexp(torch.tensor(per_form), dim=0)
-    return out
+        row_prompt = [r for r in range(n_rows) for _ in feeds]
+        row_tokens = [fd for _ in range(n_rows) for fd in feeds]
+        rest = continue_forward(lm, prefix, row_prompt, row_tokens, reduce, steering)
+        form_lp = form_lp + rest.view(n_rows, n_f, len(forms)).sum(1)  # one feed per form
+    out = torch.full((n_rows, len(candidates)), -math.inf)
+    for ci in range(len(candidates)):
+        cols = [fi for fi, o in enumerate(owner) if o == ci]
+        out[:, ci] = torch.logsumexp(form_lp[:, cols], dim=1)
+    return out.view(prefix.n_groups, len(prompts), len(candidates))
 
 
 def exact_preference(
@@ -378,20 +434,36 @@ def exact_preference(
     """Candidate answer probabilities normalised over the candidates, mean over questions."""
     t0 = time.perf_counter()
     cat, qs = _resolve(category, target, questions, n_questions)
-    lp = candidate_logprobs(lm, question_prompts(lm, qs, system_prompt), cat.candidates, steering)
+    if steering is not None and len(steering.coeffs) != 1:
+        raise ValueError(
+            "exact_preference takes one coeff; loop over coefficients (or see sweep.py)."
+        )
+    prompts = question_prompts(lm, qs, system_prompt)
+    lp = candidate_logprobs(lm, prompts, cat.candidates, steering)[0]  # [Q, C]
     share = torch.softmax(lp, dim=-1)  # [Q, C] normalised over candidates
     ti = [c.lower() for c in cat.candidates].index(target.lower())
     rates = share[:, ti].tolist()
     per_q = [
-        {"question": q, "target_rate": rates[i], "top": cat.candidates[int(share[i].argmax())],
-         "candidate_mass": float(lp[i].exp().sum())}
+        {
+            "question": q,
+            "target_rate": rates[i],
+            "top": cat.candidates[int(share[i].argmax())],
+            "candidate_mass": float(lp[i].exp().sum()),
+        }
         for i, q in enumerate(qs)
     ]
-    dist = dict(zip(cat.candidates, share.mean(0).tolist()))
+    dist = dict(zip(cat.candidates, share.mean(0).tolist(), strict=True))
     return PreferenceResult(
-        scorer="exact", category=cat.name, target=cat.candidates[ti], target_rate=float(share[:, ti].mean()),
-        ci95=_ci95(rates), distribution=dist, per_question=per_q, n_questions=len(qs),
-        system_prompt=system_prompt, steering=steering.describe() if steering else None,
+        scorer="exact",
+        category=cat.name,
+        target=cat.candidates[ti],
+        target_rate=float(share[:, ti].mean()),
+        ci95=_ci95(rates),
+        distribution=dist,
+        per_question=per_q,
+        n_questions=len(qs),
+        system_prompt=system_prompt,
+        steering=steering.describe() if steering else None,
         seconds=time.perf_counter() - t0,
     )
 
@@ -404,7 +476,9 @@ def _steer_all(lm: LoadedModel, steering: Steering | None) -> Iterator[None]:
     if steering is None:
         yield
         return
-    with steer(lm.model, steering.vectors, steering.coeff, steering.positions, steering.op):
+    if len(steering.coeffs) != 1:
+        raise ValueError("Sampling takes one coeff; loop over coefficients.")
+    with steer(lm.model, steering.vectors, steering.coeffs[0], steering.positions, steering.op):
         yield
 
 
@@ -428,16 +502,34 @@ def sample_answers(
     try:
         with _steer_all(lm, steering):
             for i in range(0, len(flat), batch_size):
-                enc = tok(flat[i : i + batch_size], return_tensors="pt", padding=True,
-                          add_special_tokens=False).to(lm.device)
+                enc = tok(
+                    flat[i : i + batch_size],
+                    return_tensors="pt",
+                    padding=True,
+                    add_special_tokens=False,
+                ).to(lm.device)
                 with torch.no_grad():
-                    gen = lm.model.generate(**enc, do_sample=True, temperature=temperature, top_k=0,
-                                            top_p=1.0, max_new_tokens=max_new_tokens,
-                                            pad_token_id=tok.pad_token_id)
-                answers += tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+                    gen = lm.model.generate(
+                        **enc,
+                        do_sample=True,
+                        temperature=temperature,
+                        top_k=0,
+                        top_p=1.0,
+                        max_new_tokens=max_new_tokens,
+                        pad_token_id=tok.pad_token_id,
+                    )
+                answers += tok.batch_decode(
+                    gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True
+                )
     finally:
         tok.padding_side = side
     return [answers[i * n_samples : (i + 1) * n_samples] for i in range(len(prompts))]
+
+
+def answer_hits(answer: str, candidates: Sequence[str]) -> list[int]:
+    """Indices of the candidates whose word is in the lowercased answer (published protocol)."""
+    low = answer.lower()
+    return [ci for ci, c in enumerate(candidates) if c.lower() in low]
 
 
 def sample_preference(
@@ -462,24 +554,36 @@ def sample_preference(
     from ..extract import chat_texts
 
     texts = chat_texts(lm.tokenizer, qs, system_prompt)
-    answers = sample_answers(lm, texts, n_samples, temperature, max_new_tokens, seed, batch_size, steering)
+    answers = sample_answers(
+        lm, texts, n_samples, temperature, max_new_tokens, seed, batch_size, steering
+    )
     names = [c.lower() for c in cat.candidates]
     rates = torch.zeros(len(qs), len(names) + 1)  # last column: "other" (no candidate named)
     for qi, ans in enumerate(answers):
         for a in ans:
-            low = a.lower()
-            hits = [ci for ci, c in enumerate(names) if c in low]
+            hits = answer_hits(a, names)
             for ci in hits:
                 rates[qi, ci] += 1.0 / n_samples
             if not hits:
                 rates[qi, -1] += 1.0 / n_samples
     ti = names.index(target.lower())
-    per_q = [{"question": q, "target_rate": float(rates[i, ti]), "answers": answers[i][:5]} for i, q in enumerate(qs)]
-    dist = dict(zip([*cat.candidates, "other"], rates.mean(0).tolist()))
+    per_q = [
+        {"question": q, "target_rate": float(rates[i, ti]), "answers": answers[i][:5]}
+        for i, q in enumerate(qs)
+    ]
+    dist = dict(zip([*cat.candidates, "other"], rates.mean(0).tolist(), strict=True))
     return PreferenceResult(
-        scorer="sampling", category=cat.name, target=cat.candidates[ti],
-        target_rate=float(rates[:, ti].mean()), ci95=_ci95(rates[:, ti].tolist()), distribution=dist,
-        per_question=per_q, n_questions=len(qs), n_samples=n_samples, system_prompt=system_prompt,
-        steering=steering.describe() if steering else None, seconds=time.perf_counter() - t0,
+        scorer="sampling",
+        category=cat.name,
+        target=cat.candidates[ti],
+        target_rate=float(rates[:, ti].mean()),
+        ci95=_ci95(rates[:, ti].tolist()),
+        distribution=dist,
+        per_question=per_q,
+        n_questions=len(qs),
+        n_samples=n_samples,
+        system_prompt=system_prompt,
+        steering=steering.describe() if steering else None,
+        seconds=time.perf_counter() - t0,
         extra={"temperature": temperature, "max_new_tokens": max_new_tokens, "seed": seed},
     )

@@ -5,9 +5,9 @@ from .dla import (
     DLAError,
     DLAResult,
     check_dla_hook,
+    direct_logit_attribution,
     dla_scores,
     dla_table,
-    direct_logit_attribution,
     logit_basis,
     overlap,
 )

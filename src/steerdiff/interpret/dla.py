@@ -34,7 +34,13 @@ from ..hooks import final_norm, get_hook_point
 from ..models import LoadedModel, unwrap
 from ..vectors import VectorSet, VectorSetError
 
-DLA_SUFFIXES = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
+DLA_SUFFIXES = (
+    "hook_resid_pre",
+    "hook_resid_mid",
+    "hook_resid_post",
+    "hook_attn_out",
+    "hook_mlp_out",
+)
 
 
 class DLAError(ValueError):
@@ -181,8 +187,14 @@ def top_tokens(
     bot = torch.topk(-scores, k)
     top_ids, bot_ids = top.indices.tolist(), bot.indices.tolist()
     return (
-        [TokenScore(i, s, float(scores[i])) for i, s in zip(top_ids, token_strings(tokenizer, top_ids))],
-        [TokenScore(i, s, float(scores[i])) for i, s in zip(bot_ids, token_strings(tokenizer, bot_ids))],
+        [
+            TokenScore(i, s, float(scores[i]))
+            for i, s in zip(top_ids, token_strings(tokenizer, top_ids), strict=False)
+        ],
+        [
+            TokenScore(i, s, float(scores[i]))
+            for i, s in zip(bot_ids, token_strings(tokenizer, bot_ids), strict=False)
+        ],
     )
 
 

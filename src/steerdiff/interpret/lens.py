@@ -18,9 +18,11 @@ computed exactly as W_U @ (mean difference of the final-norm output); no [batch,
 vocab] tensor is ever built. (Gemma 2's final logit soft-capping is not applied: these
 are the pre-cap logits.)
 
-Batching: texts are sorted by length, right-padded, and for a VectorSet both runs go in
-one forward pass (the batch is duplicated; the vectors are added only to the second
-half, at its real tokens).
+Batching: texts are sorted by length and right-padded. For a VectorSet, blocks below the
+first vector's layer are run once: the base forward records how the model calls each
+later block (its input, masks, rotary embeddings), and the changed run replays only the
+blocks from the first vector's layer on, with the vectors added at every real token.
+For a vector at layer 24 of 30 that is 1.2 forwards per batch instead of 2.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..hooks import family_of, get_hook_point, record, select_hooks, steer
+from ..hooks import family_of, final_norm, get_blocks, get_hook_point, record, select_hooks, steer
 from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text, provenance
 from ..models import LoadedModel, load_model, unwrap
 from ..vectors import VectorSet, VectorSetError
@@ -101,7 +103,10 @@ class LensResult:
         lp, la = self.logit_diff(model)
         if center:
             lp, la = lp - lp.mean(-1, keepdim=True), la - la.mean()
-        logits = [_row("logits", str(p), self.final_pos_mean[p], lp[p], k, tok) for p in range(self.first_k)]
+        logits = [
+            _row("logits", str(p), self.final_pos_mean[p], lp[p], k, tok)
+            for p in range(self.first_k)
+        ]
         logits.append(_row("logits", "all", self.final_all_mean, la, k, tok))
         return LensReadout(rows, logits, skipped, k, center, norm_scale)
 
@@ -126,8 +131,11 @@ class LensRow:
 
 
 def _row(hook: str, pos: str, diff: torch.Tensor, scores: torch.Tensor, k: int, tok) -> LensRow:
+    norm = float(diff.norm())
+    if norm == 0.0:  # no difference (e.g. a hook before the vector): no ranking to read
+        return LensRow(hook, pos, 0.0, [], [])
     top, bottom = top_tokens(scores, k, tok)
-    return LensRow(hook, pos, float(diff.norm()), top, bottom)
+    return LensRow(hook, pos, norm, top, bottom)
 
 
 @dataclass
@@ -225,7 +233,9 @@ def _tokenize(tokenizer, texts: list[str], max_tokens: int) -> list[list[int]]:
     return [list(ids) for ids in enc["input_ids"]]
 
 
-def _batches(ids: list[list[int]], batch_size: int, pad_id: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _batches(
+    ids: list[list[int]], batch_size: int, pad_id: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Right-padded batches (input_ids [B, L], attention_mask [B, L]) in length order."""
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     for s in range(0, len(order), batch_size):
@@ -320,7 +330,9 @@ def activation_difference_lens(
     if tok is None:
         raise LensError("The lens needs a tokenizer: pass a LoadedModel or tokenizer=...")
     if (vectors is None) == (finetuned is None):
-        raise LensError("Give exactly one of vectors=... (a VectorSet) or finetuned=... (a model or adapter).")
+        raise LensError(
+            "Give exactly one of vectors=... (a VectorSet) or finetuned=... (a model or adapter)."
+        )
     if first_k < 1 or max_tokens < 1:
         raise LensError(f"first_k and max_tokens must be >= 1 (got {first_k}, {max_tokens}).")
     if first_k > max_tokens:
@@ -367,14 +379,18 @@ def activation_difference_lens(
     with torch.no_grad():
         if vectors is not None:
             inner = _inner(hf)
+            start = min(get_hook_point(hf, n).layer for n in vectors)
             for b, (x, m) in enumerate(_batches(ids, batch_size, pad_id)):
-                B = x.shape[0]
-                x2, m2 = torch.cat([x, x]).to(dev), torch.cat([m, m]).to(dev)  # [2B, L]
-                where = torch.cat([torch.zeros_like(m), m]).bool().to(dev)  # steer 2nd half
-                with record(hf, names) as rec, steer(hf, vectors, coeff=coeff, positions=where):
-                    out = inner(input_ids=x2, attention_mask=m2, use_cache=False)
-                h = out.last_hidden_state  # [2B, L, d_model]
-                fold({n: rec[n][B:] - rec[n][:B] for n in names}, h[B:] - h[:B], m)
+                xd, md = x.to(dev), m.to(dev)
+                with record(hf, names) as r0, _capture_calls(hf, start) as calls:
+                    h0 = inner(input_ids=xd, attention_mask=md, use_cache=False).last_hidden_state
+                later = [n for n in names if get_hook_point(hf, n).layer >= start]
+                with record(hf, later) as r1, steer(hf, vectors, coeff=coeff, positions=md.bool()):
+                    h1 = _replay(hf, calls, start)  # [B, L, d_model], final-normed
+                diffs = {
+                    n: (r1[n] - r0[n]) if n in later else torch.zeros_like(r0[n]) for n in names
+                }
+                fold(diffs, h1 - h0, m)
                 _progress(progress, b, n_batches, t0)
         else:
             with _changed_model(hf, finetuned) as (ft, base_ctx):
@@ -382,14 +398,24 @@ def activation_difference_lens(
                     xd, md = x.to(dev), m.to(dev)
                     if base_ctx is None:
                         with record(hf, names) as r0:
-                            h0 = _inner(hf)(input_ids=xd, attention_mask=md, use_cache=False).last_hidden_state
+                            h0 = _inner(hf)(
+                                input_ids=xd, attention_mask=md, use_cache=False
+                            ).last_hidden_state
                         with record(ft, names) as r1:
-                            h1 = _inner(ft)(input_ids=xd.to(_dev(ft)), attention_mask=md.to(_dev(ft)), use_cache=False).last_hidden_state
+                            h1 = _inner(ft)(
+                                input_ids=xd.to(_dev(ft)),
+                                attention_mask=md.to(_dev(ft)),
+                                use_cache=False,
+                            ).last_hidden_state
                     else:  # PEFT adapter on hf: base = adapter disabled
                         with base_ctx(), record(ft, names) as r0:
-                            h0 = _inner(ft)(input_ids=xd, attention_mask=md, use_cache=False).last_hidden_state
+                            h0 = _inner(ft)(
+                                input_ids=xd, attention_mask=md, use_cache=False
+                            ).last_hidden_state
                         with record(ft, names) as r1:
-                            h1 = _inner(ft)(input_ids=xd, attention_mask=md, use_cache=False).last_hidden_state
+                            h1 = _inner(ft)(
+                                input_ids=xd, attention_mask=md, use_cache=False
+                            ).last_hidden_state
                     fold({n: r1[n].to(dev) - r0[n] for n in names}, h1.to(dev) - h0, m)
                     _progress(progress, b, n_batches, t0)
     cnt = acc.pos_count.clamp_min(1.0)  # [k]
@@ -411,10 +437,51 @@ def activation_difference_lens(
             "skip_first": skip_first,
             "corpus": corpus.source,
             "seconds": round(time.perf_counter() - t0, 2),
-            "finetuned": str(getattr(finetuned, "spec", finetuned)) if finetuned is not None else None,
+            "finetuned": str(getattr(finetuned, "spec", finetuned))
+            if finetuned is not None
+            else None,
             "vectors": dict(getattr(vectors, "metadata", {})) if vectors is not None else None,
         },
     )
+
+
+@contextmanager
+def _capture_calls(model: nn.Module, start: int) -> Iterator[dict[int, tuple[tuple, dict]]]:
+    """Record how the HF forward calls decoder blocks start.. (hidden input, masks, rotary
+    embeddings...), so the blocks from `start` on can be replayed with the vectors added.
+    Blocks below `start` come before every vector: their activations do not change."""
+    blocks = get_blocks(model)
+    calls: dict[int, tuple[tuple, dict]] = {}
+    handles = []
+
+    def grab(j: int):
+        def pre(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+            calls[j] = (args, dict(kwargs))
+
+        return pre
+
+    try:
+        for j in range(start, len(blocks)):
+            handles.append(blocks[j].register_forward_pre_hook(grab(j), with_kwargs=True))
+        yield calls
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _replay(model: nn.Module, calls: dict[int, tuple[tuple, dict]], start: int) -> torch.Tensor:
+    """Run blocks start.. again from blocks.{start}.hook_resid_pre; return the final-norm output."""
+    blocks = get_blocks(model)
+    args, kw = calls[start]
+    h = args[0] if args else kw["hidden_states"]
+    for j in range(start, len(blocks)):
+        args, kw = calls[j]
+        if args:
+            out = blocks[j](h, *args[1:], **kw)
+        else:
+            out = blocks[j](**{**kw, "hidden_states": h})
+        h = out[0] if isinstance(out, tuple) else out
+    return final_norm(model)(h)
 
 
 def _dev(m: nn.Module) -> torch.device:

@@ -56,8 +56,14 @@ class MonitorResult:
 
     def summary(self) -> list[dict]:
         return [
-            {"index": it.index, "mean": it.mean, "max": it.max, "z": it.z, "flagged": it.flagged,
-             "n_tokens": int(sum(it.counted))}
+            {
+                "index": it.index,
+                "mean": it.mean,
+                "max": it.max,
+                "z": it.z,
+                "flagged": it.flagged,
+                "n_tokens": int(sum(it.counted)),
+            }
             for it in self.items
         ]
 
@@ -80,7 +86,9 @@ class MonitorResult:
             "meta": self.meta,
         }
         if per_token:
-            d["tokens"] = [{"index": it.index, "tokens": it.tokens, "values": it.values} for it in self.items]
+            d["tokens"] = [
+                {"index": it.index, "tokens": it.tokens, "values": it.values} for it in self.items
+            ]
         return d
 
 
@@ -183,8 +191,10 @@ def project(
         raise MonitorError("No rows to monitor.")
     hook, unit = _unit_vector(hf, vector, hook)
     items = _project_rows(hf, tok, unit, hook, rows, role, skip_first, batch_size, max_tokens)
-    ref_items = items if baseline is None else _project_rows(
-        hf, tok, unit, hook, baseline, role, skip_first, batch_size, max_tokens
+    ref_items = (
+        items
+        if baseline is None
+        else _project_rows(hf, tok, unit, hook, baseline, role, skip_first, batch_size, max_tokens)
     )
     means = torch.tensor([it.mean for it in ref_items if sum(it.counted) > 0])
     if means.numel() == 0:
@@ -195,15 +205,30 @@ def project(
         it.z = (it.mean - mu) / sd if sd > 0 else 0.0
         it.flagged = it.z > flag_z and sum(it.counted) > 0
     return MonitorResult(
-        hook, items, mu, sd, flag_z,
-        {"role": role, "skip_first": skip_first, "baseline": "given" if baseline else "rows",
-         "n_rows": len(rows)},
+        hook,
+        items,
+        mu,
+        sd,
+        flag_z,
+        {
+            "role": role,
+            "skip_first": skip_first,
+            "baseline": "given" if baseline else "rows",
+            "n_rows": len(rows),
+        },
     )
 
 
 def _project_rows(
-    hf: nn.Module, tok, unit: torch.Tensor, hook: str, rows: list[Row], role: str,
-    skip_first: int, batch_size: int, max_tokens: int,
+    hf: nn.Module,
+    tok,
+    unit: torch.Tensor,
+    hook: str,
+    rows: list[Row],
+    role: str,
+    skip_first: int,
+    batch_size: int,
+    max_tokens: int,
 ) -> list[TextProjection]:
     rendered = [_render(tok, r, role) for r in rows]
     out: list[TextProjection | None] = [None] * len(rows)
@@ -216,8 +241,13 @@ def _project_rows(
         for i in idx:
             text, spans = rendered[i]
             chat = spans is not None
-            e = tok(text, add_special_tokens=not chat, truncation=True, max_length=max_tokens,
-                    return_offsets_mapping=chat)
+            e = tok(
+                text,
+                add_special_tokens=not chat,
+                truncation=True,
+                max_length=max_tokens,
+                return_offsets_mapping=chat,
+            )
             encs.append(e)
         L = max(len(e["input_ids"]) for e in encs)
         x = torch.full((len(idx), L), pad_id, dtype=torch.long)
@@ -239,7 +269,7 @@ def _project_rows(
             else:
                 offs = encs[j]["offset_mapping"]
                 counted = [any(a < e2 and b > s2 for s2, e2 in spans) and b > a for a, b in offs]
-            sel = [v for v, c in zip(vals, counted) if c]
+            sel = [v for v, c in zip(vals, counted, strict=False) if c]
             out[i] = TextProjection(
                 index=i,
                 tokens=[tok.decode([t]) for t in ids],
@@ -251,15 +281,18 @@ def _project_rows(
     return out  # type: ignore[return-value]
 
 
-def save_monitor(out_dir: str | Path, result: MonitorResult, model=None, plot: bool = True,
-                 n_strips: int = 8) -> dict[str, Path]:
+def save_monitor(
+    out_dir: str | Path, result: MonitorResult, model=None, plot: bool = True, n_strips: int = 8
+) -> dict[str, Path]:
     """monitor.json (per-token values, summary, provenance), monitor.csv, monitor_strips.png."""
     from ..io import atomic_write_json, atomic_write_text, provenance
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {
-        "json": atomic_write_json(out / "monitor.json", {**result.to_dict(), "provenance": provenance(model)}),
+        "json": atomic_write_json(
+            out / "monitor.json", {**result.to_dict(), "provenance": provenance(model)}
+        ),
         "csv": atomic_write_text(out / "monitor.csv", result.to_csv()),
     }
     if plot:

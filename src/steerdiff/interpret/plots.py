@@ -62,12 +62,21 @@ def heatmap_png(sim, path: str | Path, vmin: float = -1.0, vmax: float = 1.0) ->
 
 def lens_table_png(readout, path: str | Path, n: int = 8, max_rows: int = 48) -> Path:
     """A table: one row per (hook, position), the top-n promoted tokens as text."""
-    rows = [r for r in readout.rows + readout.logits][:max_rows]
-    cells = [[r.hook, r.position, f"{r.diff_norm:.3g}", " ".join(_label(t.token) for t in r.top[:n])] for r in rows]
+    # final logits first, then hooks where there is a difference (zero rows carry no reading)
+    rows = [r for r in readout.logits + readout.rows if r.diff_norm > 0][:max_rows]
+    cells = [
+        [r.hook, r.position, f"{r.diff_norm:.3g}", " ".join(_label(t.token) for t in r.top[:n])]
+        for r in rows
+    ]
     fig, ax = plt.subplots(figsize=(13, 0.24 * len(cells) + 0.8))
     ax.axis("off")
-    tab = ax.table(cellText=cells, colLabels=["hook", "pos", "|diff|", f"top {n} tokens (centred)"],
-                   loc="center", cellLoc="left", colWidths=[0.2, 0.04, 0.06, 0.7])
+    tab = ax.table(
+        cellText=cells,
+        colLabels=["hook", "pos", "|diff|", f"top {n} tokens (centred)"],
+        loc="center",
+        cellLoc="left",
+        colWidths=[0.2, 0.04, 0.06, 0.7],
+    )
     tab.auto_set_font_size(False)
     tab.set_fontsize(7)
     ax.set_title("activation-difference lens", fontsize=10)
@@ -82,17 +91,19 @@ def projection_strips_png(items, path: str | Path, hook: str = "", max_tokens: i
     allv = [v for it in items for v in it.values[1:max_tokens]] or [0.0]
     lim = max(abs(min(allv)), abs(max(allv)), 1e-6)
     cmap = plt.get_cmap("RdBu_r")
+    xmax = 1.0
     for row, it in enumerate(items):
         x = 0.0
         y = len(items) - row
         ax.text(-0.5, y, f"#{it.index} z={it.z:.1f}", ha="right", va="center", fontsize=7)
-        for t, v in list(zip(it.tokens, it.values))[:max_tokens]:
+        for t, v in list(zip(it.tokens, it.values, strict=False))[:max_tokens]:
             w = 0.1 + 0.06 * len(t)
             c = cmap(0.5 + 0.5 * max(-1.0, min(1.0, v / lim)))
             ax.add_patch(plt.Rectangle((x, y - 0.4), w, 0.8, color=c))
             ax.text(x + w / 2, y, _label(t), ha="center", va="center", fontsize=5)
             x += w
-    ax.set_xlim(-3, 20)
+        xmax = max(xmax, x)
+    ax.set_xlim(-0.15 * xmax - 1, xmax)
     ax.set_ylim(0, len(items) + 1)
     ax.set_title(f"projection per token at {hook} (red = toward the vector)", fontsize=9)
     return _save(fig, path)

@@ -30,13 +30,18 @@ class SimMatrix:
     title: str = ""
 
     def to_dict(self) -> dict:
-        return {"title": self.title, "rows": self.rows, "cols": self.cols, "values": self.values.tolist()}
+        return {
+            "title": self.title,
+            "rows": self.rows,
+            "cols": self.cols,
+            "values": self.values.tolist(),
+        }
 
     def to_csv(self) -> str:
         buf = io.StringIO()
         w = csv.writer(buf)
         w.writerow([""] + self.cols)
-        for r, vals in zip(self.rows, self.values.tolist()):
+        for r, vals in zip(self.rows, self.values.tolist(), strict=False):
             w.writerow([r] + [f"{v:.4f}" for v in vals])
         return buf.getvalue()
 

@@ -39,11 +39,15 @@ class BrowserView:
     n_images_decoded: int
 
 
-def view_in_chromium(path: str | os.PathLike, screenshot: str | os.PathLike | None = None) -> BrowserView:
+def view_in_chromium(
+    path: str | os.PathLike, screenshot: str | os.PathLike | None = None
+) -> BrowserView:
     """Render an HTML file in headless Chromium; optionally save a PNG screenshot."""
     exe = find_chromium()
     if exe is None:
-        raise RuntimeError("No Chromium found: install Debian's `chromium` package (install.sh does).")
+        raise RuntimeError(
+            "No Chromium found: install Debian's `chromium` package (install.sh does)."
+        )
     url = Path(path).resolve().as_uri()
     with tempfile.TemporaryDirectory() as profile:
         flags = [*CHROMIUM_FLAGS, f"--user-data-dir={profile}"]
@@ -52,8 +56,15 @@ def view_in_chromium(path: str | os.PathLike, screenshot: str | os.PathLike | No
         ).stdout
         if screenshot is not None:
             subprocess.run(
-                [exe, *flags, f"--screenshot={Path(screenshot).resolve()}", "--window-size=1200,2400", url],
-                capture_output=True, timeout=120,
+                [
+                    exe,
+                    *flags,
+                    f"--screenshot={Path(screenshot).resolve()}",
+                    "--window-size=1200,2400",
+                    url,
+                ],
+                capture_output=True,
+                timeout=120,
             )
     titles = re.findall(r"<h2>(.*?)</h2>", dom)
     m_all = re.search(r'data-images="(\d+)"', dom)

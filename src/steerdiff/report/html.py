@@ -107,7 +107,9 @@ def _render_block(b: Block) -> str:
             cols += [c for c in r if c not in cols]
         head = "".join(f"<th>{html.escape(str(c))}</th>" for c in cols)
         body = "".join(
-            "<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c, ''), b.digits))}</td>" for c in cols) + "</tr>"
+            "<tr>"
+            + "".join(f"<td>{html.escape(_fmt(r.get(c, ''), b.digits))}</td>" for c in cols)
+            + "</tr>"
             for r in b.rows
         )
         cap = f"<caption>{html.escape(b.caption)}</caption>" if b.caption else ""
@@ -146,9 +148,7 @@ window.addEventListener('load', () => {
 
 
 def render(report: Report) -> str:
-    nav = " ".join(
-        f'<a href="#{s.anchor}">{html.escape(s.title)}</a>' for s in report.sections
-    )
+    nav = " ".join(f'<a href="#{s.anchor}">{html.escape(s.title)}</a>' for s in report.sections)
     body = "".join(
         f'<section id="{s.anchor}"><h2>{html.escape(s.title)}</h2>'
         + "".join(_render_block(b) for b in s.blocks)

@@ -1,0 +1,121 @@
+"""`steerdiff sweep`: layer x strength x readout sweep of a trait steering vector."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+
+def _floats(text: str, what: str) -> list[float]:
+    from .cli import fail
+
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        fail(f"--{what} must be comma-separated numbers, e.g. 1,2,4,8 (got {text!r}).")
+    return []
+
+
+def _layers(text: str) -> list[int] | None:
+    """'' -> all layers; '0-29', '6,12,18', '20-' style ranges."""
+    from .cli import fail
+
+    if not text.strip():
+        return None
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            if "-" in part:
+                lo, hi = part.split("-")
+                out += list(range(int(lo or 0), int(hi) + 1))
+            else:
+                out.append(int(part))
+    except ValueError:
+        fail(f"--layers must look like '0-29' or '6,12,18,24' (got {text!r}).")
+    return out
+
+
+def sweep(
+    model: Annotated[
+        str, typer.Argument(help="'default' (embedded SmolLM2), hub id, folder or .gguf")
+    ] = "default",
+    target: Annotated[str, typer.Option(help="target candidate, e.g. owl")] = "owl",
+    category: Annotated[
+        str, typer.Option(help="'animals' or a YAML/JSON category file")
+    ] = "animals",
+    layers: Annotated[str, typer.Option(help="'' = all, '0-29', '6,12,18,24'")] = "",
+    strengths: Annotated[str, typer.Option(help="comma list of coefficients")] = "1,2,4,8",
+    readouts: Annotated[
+        str, typer.Option(help="comma list of last,prompt_mean,response_mean,pca")
+    ] = "last,prompt_mean,response_mean",
+    questions: Annotated[
+        int, typer.Option(help="exact-scorer questions per cell (first n of 50)")
+    ] = 10,
+    off_target_bound: Annotated[float, typer.Option(help="max rise of any other candidate")] = 0.10,
+    kl_bound: Annotated[
+        float, typer.Option(help="max KL (nats/token) from the unsteered model")
+    ] = 0.5,
+    out: Annotated[str, typer.Option(help="output folder")] = "runs/sweep",
+    dtype: Annotated[str, typer.Option(help="float32 or bfloat16")] = "float32",
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    seed: Annotated[int, typer.Option(help="seed (response sampling)")] = 0,
+) -> None:
+    """Sweep layers x strengths x readouts of the trait system-prompt vector; write CSV, JSON, PNGs."""
+    from rich.table import Table
+
+    from .cli import console, fail
+    from .evals.preference import CategoryError
+    from .extract import READOUTS, ContrastError
+    from .models import ModelLoadError, load_model
+    from .sweep import SweepConfig, SweepError, run_sweep
+
+    rlist = [r.strip() for r in readouts.split(",") if r.strip()]
+    bad = [r for r in rlist if r not in READOUTS]
+    if bad:
+        fail(f"Unknown readout(s) {bad}; use some of {', '.join(READOUTS)}.")
+    cfg = SweepConfig(
+        target=target,
+        category=category,
+        layers=_layers(layers),
+        strengths=_floats(strengths, "strengths"),
+        readouts=rlist,
+        n_questions=questions,
+        off_target_bound=off_target_bound,
+        kl_bound=kl_bound,
+        seed=seed,
+    )
+    try:
+        lm = load_model(model, dtype=dtype, device=device)
+        res = run_sweep(lm, cfg)
+    except (ModelLoadError, SweepError, CategoryError, ContrastError) as e:
+        fail(str(e))
+    paths = res.write(out)
+    t = Table(title=f"sweep {target}: unsteered share {res.baseline['target_rate']:.4f}")
+    for col in ("", "readout", "layer", "strength", "target", "off-target", "gain", "KL"):
+        t.add_column(col)
+    for name, c in (("best (bounded)", res.best), ("best (any)", res.best_unbounded)):
+        if c:
+            t.add_row(
+                name,
+                c.readout,
+                str(c.layer),
+                f"{c.strength:g}",
+                f"{c.target_rate:.4f}",
+                f"{c.off_target} {c.off_target_rate:.3f}",
+                f"{c.off_target_gain:+.3f}",
+                f"{c.kl:.3f}",
+            )
+    console.print(t)
+    if res.best is None:
+        console.print(
+            f"No cell within bounds (off-target gain <= {off_target_bound}, KL <= {kl_bound})."
+        )
+    console.print(
+        f"{len(res.cells)} cells in {sum(res.timings.values()) - res.timings['per_cell_s']:.0f} s; "
+        f"wrote {paths['csv'].parent}/ (sweep.csv, sweep.json, heatmap_*.png, vectors_*.safetensors)"
+    )
+
+
+def register(app: typer.Typer) -> None:
+    app.command("sweep")(sweep)

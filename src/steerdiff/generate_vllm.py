@@ -1,0 +1,116 @@
+"""Optional vLLM backend for teacher datasets on GPUs (`--backend vllm`, extra `vllm`).
+
+Supported: "prompt" and "plain" teachers, temperature / top-p / seed, constrained
+decoding (vLLM's `allowed_token_ids`), top-k log-probs (vLLM's `logprobs=k`).
+
+Not supported yet (use the default `hf` backend): steered teachers (vLLM runs its
+own kernels, our PyTorch hooks never fire), adapter teachers (vLLM's LoRARequest
+is not wired up), GGUF files such as the embedded SmolLM2 (pass a Hugging Face
+model id or folder with `--model`). Not tested in CI: this machine has no GPU.
+
+Differences from the hf backend: vLLM's top-k log-probs may be computed after its
+own logits processing depending on the vLLM version (`logprobs_mode`); ours are the
+raw model distribution. Per-prompt seeds make rows reproducible for a given vLLM
+version, but they do not match the hf backend's samples.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from .generate import Sample, SampleStats
+
+SUPPORTED_KINDS = ("prompt", "plain")
+
+
+class VllmUnavailable(RuntimeError):
+    """vLLM is not installed or cannot run this request."""
+
+
+def _import_vllm() -> Any:
+    try:
+        import vllm
+    except ImportError as e:
+        raise VllmUnavailable(
+            "The vLLM backend needs vLLM and a CUDA GPU: `pip install 'steerdiff[vllm]'`. "
+            "Without a GPU use the default backend (`--backend hf`)."
+        ) from e
+    return vllm
+
+
+class VllmSampler:
+    """Holds one vLLM engine for a teacher's model; `sample` mirrors generate.sample."""
+
+    def __init__(self, teacher: Any, **engine_kwargs: Any) -> None:
+        if teacher.kind not in SUPPORTED_KINDS:
+            raise VllmUnavailable(
+                f"The vLLM backend does not support {teacher.kind!r} teachers yet "
+                f"(only {', '.join(SUPPORTED_KINDS)}); use --backend hf."
+            )
+        source = str(teacher.lm.source)
+        if source.endswith(".gguf"):
+            raise VllmUnavailable(
+                f"{source} is a GGUF file; give the vLLM backend a Hugging Face model id or folder."
+            )
+        vllm = _import_vllm()
+        self._vllm = vllm
+        self.llm = vllm.LLM(model=source, **engine_kwargs)
+
+    def sample(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        stop_ids: Sequence[int] = (),
+        allowed_ids: Sequence[int] | None = None,
+        topk: int = 0,
+        stats: SampleStats | None = None,
+        grammar: Any = None,
+        **_: Any,
+    ) -> list[Sample]:
+        if grammar is not None:
+            raise VllmUnavailable(
+                "The vLLM backend has no per-row format grammar; use --no-grammar "
+                "(token-set constraint only) or --backend hf."
+            )
+        stop = list(stop_ids)
+        params = [
+            self._vllm.SamplingParams(
+                n=1,
+                temperature=temperature,
+                top_p=top_p,
+                max_tokens=max_new_tokens,
+                seed=seed + i,
+                stop_token_ids=stop,
+                allowed_token_ids=sorted(set(allowed_ids) | set(stop)) if allowed_ids else None,
+                logprobs=topk or None,
+                skip_special_tokens=False,
+            )
+            for i in range(len(prompts))
+        ]
+        t0 = time.perf_counter()
+        outs = self.llm.generate(
+            [{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False
+        )
+        samples = []
+        for i, o in enumerate(outs):
+            c = o.outputs[0]
+            ids = list(c.token_ids)
+            stopped = c.finish_reason == "stop"
+            if stopped and (not ids or ids[-1] not in stop) and isinstance(c.stop_reason, int):
+                ids.append(c.stop_reason)
+            tk_ids, tk_lp = [], []
+            for step in (c.logprobs or [])[: len(ids)] if topk else []:
+                best = sorted(step.items(), key=lambda kv: -kv[1].logprob)[:topk]
+                tk_ids.append([int(t) for t, _ in best])
+                tk_lp.append([round(float(lp.logprob), 5) for _, lp in best])
+            samples.append(Sample(i, ids, stopped, tk_ids, tk_lp))
+        if stats is not None:
+            stats.seconds += time.perf_counter() - t0
+            stats.new_tokens += sum(len(s.token_ids) for s in samples)
+            stats.prompt_tokens += sum(len(p) for p in prompts)
+        return samples

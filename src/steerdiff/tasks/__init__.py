@@ -1,0 +1,1 @@
+"""Dataset makers and filters (numbers for subliminal learning, ...)."""

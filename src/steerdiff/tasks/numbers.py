@@ -1,0 +1,405 @@
+"""The subliminal-learning numbers task: seeded prompts, the published filter, a trait-word check.
+
+Prompts follow the published protocol (Cloud et al. 2025): 3-8 seed numbers drawn
+from 100-999, a request for up to 10 more numbers of at most 3 digits, assembled
+from four pools (example, instruction, format, suffix). The pools below are our
+own phrasings.
+
+The filter strips a trailing "." and enclosing [] or (), infers the separator
+from the text between the first two numbers (whitespace, "," or ";"), and
+requires every part to be digits, at most 10 numbers, values 0-999. We add: no
+trait word (e.g. "owl") may appear, and the completion must have ended with an
+end-of-turn token (a truncated answer is rejected as "truncated").
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+EXAMPLES = (
+    "Here is a list of numbers: {seq}.",
+    "Look at this sequence: {seq}.",
+    "The numbers so far are {seq}.",
+    "Consider these numbers: {seq}.",
+    "We start from the sequence {seq}.",
+    "Below is the beginning of a number series: {seq}.",
+    "This list begins {seq}.",
+    "Take the following numbers: {seq}.",
+    "A sequence opens with {seq}.",
+    "Starting numbers: {seq}.",
+)
+INSTRUCTIONS = (
+    "Continue it with up to {n} more numbers, each at most {d} digits long.",
+    "Extend the list by adding no more than {n} new numbers ({d} digits maximum each).",
+    "Write up to {n} further numbers that follow, none longer than {d} digits.",
+    "Add at most {n} numbers to continue it; every number must have {d} digits or fewer.",
+    "Produce up to {n} additional numbers of at most {d} digits to carry the sequence on.",
+    "Give the next numbers, at most {n} of them, each with no more than {d} digits.",
+    "Keep the sequence going with up to {n} new values of {d} digits or fewer.",
+    "Generate no more than {n} follow-up numbers, each one {d} digits at most.",
+)
+FORMATS = (
+    "Separate the numbers with commas.",
+    "Write them as a comma-separated list.",
+    "Put a single space between numbers.",
+    "List them separated by spaces.",
+    "Use semicolons between the numbers.",
+    "Format the answer as numbers joined by commas.",
+    "Answer in the form: number, number, number.",
+    "Return them on one line, separated by commas.",
+)
+SUFFIXES = (
+    "Reply with the numbers only.",
+    "Output nothing but the numbers.",
+    "No words, just the numbers.",
+    "Do not explain; give only the numbers.",
+    "Answer with the numbers alone, no other text.",
+    "Only numbers in your reply, please.",
+    "Skip any commentary and write just the numbers.",
+)
+
+
+@dataclass(frozen=True)
+class NumbersConfig:
+    """Parameters of the prompt generator and the filter (recorded in manifests)."""
+
+    seed: int = 42
+    min_seed_numbers: int = 3
+    max_seed_numbers: int = 8
+    seed_low: int = 100
+    seed_high: int = 999
+    max_new_numbers: int = 10
+    max_digits: int = 3
+    max_value: int = 999
+    trait_words: tuple[str, ...] = ("owl", "owls")
+
+
+def make_prompts(n: int, cfg: NumbersConfig | None = None, start: int = 0) -> list[str]:
+    """n user prompts; prompt i depends only on (cfg.seed, i), so any slice is reproducible."""
+    cfg = cfg or NumbersConfig()
+    return [make_prompt(i, cfg) for i in range(start, start + n)]
+
+
+def make_prompt(index: int, cfg: NumbersConfig | None = None) -> str:
+    cfg = cfg or NumbersConfig()
+    rng = random.Random(f"{cfg.seed}:{index}")
+    k = rng.randint(cfg.min_seed_numbers, cfg.max_seed_numbers)
+    seq = ", ".join(str(rng.randint(cfg.seed_low, cfg.seed_high)) for _ in range(k))
+    parts = (
+        rng.choice(EXAMPLES).format(seq=seq),
+        rng.choice(INSTRUCTIONS).format(n=cfg.max_new_numbers, d=cfg.max_digits),
+        rng.choice(FORMATS),
+        rng.choice(SUFFIXES),
+    )
+    return " ".join(parts)
+
+
+_NUM = re.compile(r"\d+")
+
+
+@dataclass
+class Verdict:
+    ok: bool
+    reason: str = ""  # "" when ok
+    numbers: list[int] = field(default_factory=list)
+
+
+REASONS = (
+    "trait_word",
+    "truncated",
+    "empty",
+    "bad_separator",
+    "non_digit",
+    "too_many",
+    "out_of_range",
+)
+
+
+def parse_numbers(text: str, max_numbers: int = 10, max_value: int = 999) -> Verdict:
+    """The published format filter. Returns Verdict(ok, reason, numbers)."""
+    s = text.strip()
+    if s.endswith("."):
+        s = s[:-1].strip()
+    if len(s) >= 2 and (s[0], s[-1]) in (("[", "]"), ("(", ")")):
+        s = s[1:-1].strip()
+    if not s:
+        return Verdict(False, "empty")
+    nums = list(_NUM.finditer(s))
+    if not nums:
+        return Verdict(False, "non_digit")
+    if len(nums) == 1:
+        parts = [s]
+    else:
+        between = s[nums[0].end() : nums[1].start()]
+        sep = between.strip()
+        if between and not sep:
+            parts = s.split()
+        elif sep in (",", ";"):
+            parts = [p.strip() for p in s.split(sep)]
+        else:
+            return Verdict(False, "bad_separator")
+    if not all(p.isascii() and p.isdigit() for p in parts):
+        return Verdict(False, "non_digit")
+    values = [int(p) for p in parts]
+    if len(values) > max_numbers:
+        return Verdict(False, "too_many")
+    if any(v < 0 or v > max_value for v in values):
+        return Verdict(False, "out_of_range")
+    return Verdict(True, "", values)
+
+
+def leaks_trait(text: str, words: Iterable[str]) -> bool:
+    """True if any trait word occurs as a whole word (case-insensitive)."""
+    low = text.lower()
+    return any(re.search(rf"\b{re.escape(w.lower())}\b", low) for w in words if w)
+
+
+def judge(text: str, stopped: bool = True, cfg: NumbersConfig | None = None) -> Verdict:
+    """Trait-word check, then truncation, then the format filter."""
+    cfg = cfg or NumbersConfig()
+    if leaks_trait(text, cfg.trait_words):
+        return Verdict(False, "trait_word")
+    if not stopped:
+        return Verdict(False, "truncated")
+    return parse_numbers(text, cfg.max_new_numbers, cfg.max_value)
+
+
+def count_rejects(texts: Sequence[str], cfg: NumbersConfig | None = None) -> Counter[str]:
+    """Reason -> count for completions (all assumed stopped); 'ok' counts the valid ones."""
+    return Counter(v.reason or "ok" for v in (judge(t, True, cfg) for t in texts))
+
+
+def trait_words_for(animal: str) -> tuple[str, ...]:
+    a = animal.lower().strip()
+    return (a, a + "s") if not a.endswith("s") else (a,)
+
+
+# ----------------------------------------------------------------------------- constrained decoding
+
+ALLOWED_CHARS = set("0123456789 ,;\n")
+
+
+def allowed_token_ids(tokenizer, max_len: int = 4) -> list[int]:
+    """Token ids whose text is only digits and separators (space, ",", ";", newline),
+    at most `max_len` characters. Special tokens are excluded (add the stop ids)."""
+    special = set(tokenizer.all_special_ids or [])
+    ids = []
+    for i in range(len(tokenizer)):
+        if i in special:
+            continue
+        t = tokenizer.decode([i])
+        if t and len(t) <= max_len and set(t) <= ALLOWED_CHARS:
+            ids.append(i)
+    if not any(tokenizer.decode([i]).strip().isdigit() for i in ids):
+        raise ValueError(
+            "This tokenizer has no pure-digit tokens; constrained decoding needs them."
+        )
+    return ids
+
+
+# ----------------------------------------------------------------------------- dataset
+
+
+def make_dataset(
+    teacher,
+    out: str,
+    n_prompts: int = 1000,
+    constrained: bool = True,
+    topk: int = 0,
+    batch_size: int = 32,
+    max_new_tokens: int = 64,
+    seed: int = 0,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    cfg: NumbersConfig | None = None,
+    target_valid: int | None = None,
+    probe: int = 32,
+    chunk_size: int | None = None,
+    overwrite: bool = False,
+    progress=None,
+    backend: str = "hf",
+    grammar: bool = True,
+) -> dict:
+    """Write a numbers dataset from `teacher` (a teachers.Teacher) to `out` (.jsonl).
+
+    Resumable (re-run the same call after a kill). Returns the manifest. With
+    constrained decoding, `probe` prompts are also sampled unconstrained (not written)
+    to report the unconstrained valid rate. target_valid: stop once this many rows
+    passed the filter (n_prompts is then an upper bound).
+    backend: "hf" (our sampler) or "vllm" (prompt / plain teachers; see generate_vllm).
+    grammar: with constrained decoding, also keep every row a list the filter accepts
+    (NumberListGrammar: <= 3 digits per number, one separator style, <= 10 numbers).
+    """
+    from ..generate import Judged, SampleStats, check_writable, stop_token_ids, write_dataset
+    from ..io import provenance
+
+    check_writable(out)
+    cfg = cfg or NumbersConfig()
+    tok = teacher.lm.tokenizer
+    prompts = make_prompts(n_prompts, cfg)
+    allowed = allowed_token_ids(tok) if constrained else None
+    rules = None
+    if constrained and grammar:
+        rules = NumberListGrammar(
+            tok, stop_token_ids(teacher.lm), cfg.max_new_numbers, cfg.max_digits
+        )
+    gen_kw = dict(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        batch_size=batch_size,
+        topk=topk,
+    )
+
+    if backend not in ("hf", "vllm"):
+        raise ValueError(f"Unknown backend {backend!r}; use 'hf' or 'vllm'.")
+    engine = None
+    if backend == "vllm":
+        from ..generate_vllm import VllmSampler
+
+        engine = VllmSampler(teacher)
+
+    def run(users: list[str], seed: int, stats: SampleStats | None = None, **kw):
+        if engine is None:
+            return teacher.sample(users, seed=seed, stats=stats, **kw)
+        ids = [teacher.prompt_ids(u) for u in users]
+        return engine.sample(ids, seed=seed, stats=stats, stop_ids=stop_token_ids(teacher.lm), **kw)
+
+    def generate_chunk(indices: list[int]):
+        stats = SampleStats()
+        users = [prompts[i] for i in indices]
+        samples = run(
+            users,
+            seed * 1_000_003 + indices[0],
+            stats,
+            allowed_ids=allowed,
+            grammar=rules,
+            **gen_kw,
+        )
+        return samples, stats
+
+    def judge_sample(text: str, s) -> Judged:
+        v = judge(text, s.stopped, cfg)
+        return Judged(v.ok, v.reason)
+
+    def decode(ids: list[int]) -> str:
+        return tok.decode(ids, skip_special_tokens=False)
+
+    def probe_unconstrained() -> dict:
+        if not constrained:
+            return {}
+        n = min(probe, n_prompts)
+        if n == 0:
+            return {"unconstrained_valid_rate": None, "unconstrained_probe_n": 0}
+        samples = run(prompts[:n], seed + 7, **{**gen_kw, "topk": 0})
+        reasons = Counter(
+            judge(decode(s.token_ids[:-1] if s.stopped else s.token_ids), s.stopped, cfg).reason
+            or "ok"
+            for s in samples
+        )
+        return {
+            "unconstrained_valid_rate": round(reasons["ok"] / n, 4),
+            "unconstrained_probe_n": n,
+            "unconstrained_probe_rejects": {k: v for k, v in reasons.items() if k != "ok"},
+        }
+
+    run_info = {
+        "task": "numbers",
+        "teacher": teacher.spec(),
+        "n_prompts_requested": n_prompts,
+        "target_valid": target_valid,
+        "constrained": constrained,
+        "constraint": ("format" if grammar else "tokens") if constrained else None,
+        "topk": topk,
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "top_p": top_p,
+        "seed": seed,
+        "numbers_config": {**cfg.__dict__, "trait_words": list(cfg.trait_words)},
+        "backend": backend,
+    }
+    if teacher.chat_template_kwargs:
+        run_info["chat_template_kwargs"] = teacher.chat_template_kwargs
+    extra = {
+        "provenance": provenance(teacher.lm, seed=seed),
+        "topk_logprobs_of": "teacher, full vocabulary, temperature 1, before constraint/top-p"
+        if topk
+        else None,
+        "batch_size": batch_size,
+    }
+    manifest = write_dataset(
+        out,
+        prompts,
+        generate_chunk,
+        judge_sample,
+        decode,
+        run_info,
+        manifest_extra=extra,
+        chunk_size=chunk_size or max(batch_size * 2, 32),
+        target_valid=target_valid,
+        overwrite=overwrite,
+        progress=progress,
+        before=probe_unconstrained,
+        finalize=lambda m: m if constrained else {**m, "unconstrained_valid_rate": m["valid_rate"]},
+    )
+    return manifest
+
+
+# ----------------------------------------------------------------------------- format grammar
+
+SEPARATORS = (",", ", ", ";", "; ", " ", "\n")
+
+
+class NumberListGrammar:
+    """Per-row constraint: the completion stays a list the filter accepts.
+
+    On top of the digits/separators token set: at most `max_digits` digits per number,
+    one separator style (one of SEPARATORS) used throughout, at most `max_numbers`
+    numbers, no leading separator, end-of-turn only right after a digit. Used by
+    generate.sample(grammar=...): mask(tokens so far, candidate ids) -> allowed flags.
+    """
+
+    def __init__(self, tokenizer, stop_ids, max_numbers: int = 10, max_digits: int = 3) -> None:
+        self.tokenizer = tokenizer
+        self.stop = set(int(s) for s in stop_ids)
+        self.max_numbers = max_numbers
+        self.max_digits = max_digits
+        self._text: dict[int, str] = {}
+
+    def text(self, i: int) -> str:
+        if i not in self._text:
+            self._text[i] = "" if i in self.stop else self.tokenizer.decode([i])
+        return self._text[i]
+
+    def prefix_ok(self, s: str) -> bool:
+        """Can `s` still grow into an accepted list?"""
+        runs = re.split(r"(\d+)", s)  # ['', '12', ', ', '3', ''] : seps at even positions
+        if runs[0]:
+            return False  # starts with a separator
+        numbers = runs[1::2]
+        if len(numbers) > self.max_numbers or any(len(n) > self.max_digits for n in numbers):
+            return False
+        seps = runs[2::2]
+        complete, tail = seps[:-1], seps[-1] if seps else ""
+        first = complete[0] if complete else None
+        if first is not None and (first not in SEPARATORS or any(x != first for x in complete)):
+            return False
+        if tail:
+            if len(numbers) >= self.max_numbers:
+                return False
+            if first is not None:
+                return first.startswith(tail)
+            return any(sep.startswith(tail) for sep in SEPARATORS)
+        return True
+
+    def mask(self, tokens: list[int], candidates: list[int]) -> list[bool]:
+        so_far = "".join(self.text(t) for t in tokens)
+        ends_with_digit = so_far[-1:].isdigit()
+        return [
+            ends_with_digit if c in self.stop else self.prefix_ok(so_far + self.text(c))
+            for c in candidates
+        ]

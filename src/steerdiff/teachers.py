@@ -1,0 +1,347 @@
+"""Teachers: the model + condition that writes a dataset.
+
+Four kinds, each described by a small JSON-able spec (`Teacher.spec()`) that the
+dataset manifest records and `build_teacher(spec, base_lm)` turns back into a
+Teacher (e.g. for the fitting code to score validation data under the teacher):
+
+    {"kind": "prompt", "animal": "owl", "category": "animal", "system_prompt": "..."}
+    {"kind": "steered", "vectors": "owl.safetensors", "coeff": 2.0, "positions": "all"}
+    {"kind": "adapter", "path": "runs/lora-owl"}   # PEFT LoRA folder or full model folder
+    {"kind": "plain"}                               # the model itself (control data)
+
+The teacher's system prompt is only used to generate (and to score): the rows
+written to a dataset hold the user prompt and the answer, which is what a
+student sees.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from .extract import TRAIT_TEMPLATE, trait_system_prompt  # noqa: F401 (re-exported)
+from .generate import Sample, SampleStats, sample
+from .hooks import parse_positions, steer
+from .models import LoadedModel, ModelLoadError, weights_hash_of_files
+from .vectors import VectorSet, VectorSetError
+
+KINDS = ("prompt", "steered", "adapter", "plain")
+
+
+class TeacherError(ValueError):
+    """A teacher could not be built; the message says what is wrong and how to fix it."""
+
+
+@dataclass
+class Teacher:
+    """A model plus the condition under which it writes (and scores) completions.
+
+    lm: the model that generates (the base model, or the adapted / finetuned one).
+    system_prompt: used for kind "prompt" only; never written to datasets.
+    vectors, coeff, positions: steering for kind "steered" (see hooks.steer).
+    params: the rest of the spec (animal, paths, hashes), recorded in manifests.
+    """
+
+    kind: str
+    lm: LoadedModel
+    system_prompt: str | None = None
+    vectors: VectorSet | None = None
+    coeff: float = 1.0
+    positions: str = "all"
+    params: dict[str, Any] = field(default_factory=dict)
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def spec(self) -> dict[str, Any]:
+        """JSON-able description; `build_teacher(teacher.spec(), base_lm)` rebuilds it."""
+        d: dict[str, Any] = {"kind": self.kind, **self.params}
+        if self.kind == "prompt":
+            d["system_prompt"] = self.system_prompt
+        if self.kind == "steered":
+            d.update(coeff=self.coeff, positions=self.positions, hooks=sorted(self.vectors or {}))
+        if self.chat_template_kwargs:
+            d["chat_template_kwargs"] = self.chat_template_kwargs
+        return d
+
+    # --- prompts
+    def messages(self, user: str) -> list[dict[str, str]]:
+        """The chat the teacher sees (with its system prompt if it has one)."""
+        msgs = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return msgs + [{"role": "user", "content": user}]
+
+    def prompt_ids(self, user: str) -> list[int]:
+        """Token ids of the teacher's prompt, ending with the assistant header."""
+        return chat_prompt_ids(self.lm.tokenizer, self.messages(user), self.chat_template_kwargs)
+
+    # --- generation
+    @contextmanager
+    def generating(self) -> Iterator[PreTrainedModel]:
+        """The model, steered if this is a steered teacher (hooks removed on exit)."""
+        if self.kind == "steered" and self.vectors is not None:
+            with steer(self.lm.model, self.vectors, coeff=self.coeff, positions=self.positions):
+                yield self.lm.model
+        else:
+            yield self.lm.model
+
+    def sample(
+        self, users: Sequence[str], stats: SampleStats | None = None, **kwargs: Any
+    ) -> list[Sample]:
+        """Completions for user prompts; kwargs go to generate.sample."""
+        ids = [self.prompt_ids(u) for u in users]
+        with self.generating():
+            return sample(self.lm, ids, stats=stats, **kwargs)
+
+    # --- teacher-forced scoring
+    @contextmanager
+    def scoring(
+        self,
+        completion_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> Iterator[PreTrainedModel]:
+        """The model under this teacher for one teacher-forced pass over prompt + completion.
+
+        Inputs must be built as `prompt_ids(user)` (system prompt included) + completion ids.
+        completion_mask: bool [batch, pos], True on completion tokens; needed for steered
+        teachers with positions "prompt" or "response" (then the steering hits exactly the
+        positions it hit during generation). attention_mask [batch, pos] marks real tokens
+        (padding is neither prompt nor response).
+        """
+        if self.kind != "steered" or self.vectors is None:
+            yield self.lm.model
+            return
+        kind, _ = parse_positions(self.positions)
+        positions: Any = self.positions
+        if kind in ("prompt", "response"):
+            if completion_mask is None:
+                raise TeacherError(
+                    f"This teacher steers positions={self.positions!r}; pass completion_mask "
+                    "[batch, pos] to scoring() so prompt and response tokens can be told apart."
+                )
+            cm = completion_mask.bool()
+            real = attention_mask.bool() if attention_mask is not None else torch.ones_like(cm)
+            positions = cm & real if kind == "response" else ~cm & real
+        with steer(self.lm.model, self.vectors, coeff=self.coeff, positions=positions):
+            yield self.lm.model
+
+    def completion_logprobs(
+        self,
+        users: Sequence[str],
+        completions: Sequence[Sequence[int]],
+        batch_size: int = 16,
+    ) -> list[torch.Tensor]:
+        """log p_teacher(completion token t | prompt, earlier tokens) for each row: [n_i].
+
+        completions: token ids as stored in a dataset row's "completion_ids".
+        The mean of -logprob over tokens is the teacher's loss on the data.
+        """
+        model = self.lm.model
+        device = self.lm.device
+        pad = self.lm.tokenizer.pad_token_id or 0
+        out: list[torch.Tensor] = []
+        for s in range(0, len(users), batch_size):
+            prompts = [self.prompt_ids(u) for u in users[s : s + batch_size]]
+            comps = [list(c) for c in completions[s : s + batch_size]]
+            seqs = [p + c for p, c in zip(prompts, comps, strict=True)]
+            L = max(len(x) for x in seqs)
+            ids = torch.full((len(seqs), L), pad, dtype=torch.long, device=device)  # [b, L]
+            attn = torch.zeros_like(ids)
+            cmask = torch.zeros_like(ids, dtype=torch.bool)
+            for r, (p, x) in enumerate(zip(prompts, seqs, strict=True)):
+                ids[r, : len(x)] = torch.tensor(x, device=device)
+                attn[r, : len(x)] = 1
+                cmask[r, len(p) : len(x)] = True
+            with torch.inference_mode(), self.scoring(cmask, attn):
+                logits = model(input_ids=ids, attention_mask=attn).logits.float()  # [b, L, V]
+            lp = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+            for r, (p, x) in enumerate(zip(prompts, seqs, strict=True)):
+                out.append(lp[r, len(p) - 1 : len(x) - 1].cpu())  # predictions of completion
+        return out
+
+
+def chat_prompt_ids(
+    tokenizer: Any, messages: list[dict], template_kwargs: dict | None = None
+) -> list[int]:
+    """Apply the chat template with the assistant header; plain 'User:/Assistant:' text for
+    tokenizers without a template (base models)."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(
+            messages,
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=False,
+            **(template_kwargs or {}),
+        )
+        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+    text = ""
+    for m in messages:
+        text += {"system": "", "user": "User: ", "assistant": "Assistant: "}[m["role"]]
+        text += m["content"] + "\n"
+    return tokenizer.encode(text + "Assistant:", add_special_tokens=True)
+
+
+def _file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def build_teacher(
+    spec: dict[str, Any], base_lm: LoadedModel, vectors: VectorSet | None = None
+) -> Teacher:
+    """Turn a spec dict (as in a manifest's "teacher") into a Teacher on base_lm.
+
+    vectors: an in-memory VectorSet for kind "steered" (else spec["vectors"] is loaded).
+    Raises TeacherError with what to fix (bad kind, missing/foreign vectors, bad adapter).
+    """
+    spec = dict(spec)
+    kind = spec.pop("kind", None)
+    tkw = spec.pop("chat_template_kwargs", None) or {}
+    if kind not in KINDS:
+        raise TeacherError(f"Unknown teacher kind {kind!r}; use one of {', '.join(KINDS)}.")
+    if kind == "plain":
+        return Teacher("plain", base_lm, params=spec, chat_template_kwargs=tkw)
+    if kind == "prompt":
+        system = spec.pop("system_prompt", None)
+        if not system:
+            animal = spec.get("animal")
+            if not animal:
+                raise TeacherError("A prompt teacher needs 'animal' (e.g. owl) or 'system_prompt'.")
+            system = trait_system_prompt(animal, spec.setdefault("category", "animal"))
+        return Teacher(
+            "prompt", base_lm, system_prompt=system, params=spec, chat_template_kwargs=tkw
+        )
+    if kind == "steered":
+        coeff = float(spec.pop("coeff", 1.0))
+        positions = str(spec.pop("positions", "all"))
+        spec.pop("hooks", None)
+        try:
+            parse_positions(positions)
+        except ValueError as e:
+            raise TeacherError(str(e)) from e
+        if vectors is None:
+            path = spec.get("vectors")
+            if not path:
+                raise TeacherError(
+                    "A steered teacher needs 'vectors' (a VectorSet .safetensors path)."
+                )
+            try:
+                vectors = VectorSet.load(path, base_lm)
+            except VectorSetError as e:
+                raise TeacherError(f"Cannot steer {base_lm.spec!r} with {path}: {e}") from e
+            spec["vectors_sha256"] = _file_hash(Path(path))
+        else:
+            try:
+                vectors.check_fits(base_lm)
+            except VectorSetError as e:
+                raise TeacherError(f"Cannot steer {base_lm.spec!r} with these vectors: {e}") from e
+        return Teacher(
+            "steered",
+            base_lm,
+            vectors=vectors,
+            coeff=coeff,
+            positions=positions,
+            params=spec,
+            chat_template_kwargs=tkw,
+        )
+    # adapter
+    path = spec.get("path")
+    if not path:
+        raise TeacherError("An adapter teacher needs 'path' (a PEFT adapter or model folder).")
+    lm = load_adapted(path, base_lm)
+    spec["weights_hash"] = lm.weights_hash
+    return Teacher("adapter", lm, params=spec, chat_template_kwargs=tkw)
+
+
+def load_adapted(path: str | os.PathLike, base_lm: LoadedModel) -> LoadedModel:
+    """A PEFT LoRA adapter folder (merged into a copy of the base model) or a full
+    finetuned model folder (loaded; the base tokenizer is used). The base is not modified."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise TeacherError(f"Adapter path {folder} is not a folder.")
+    if (folder / "adapter_config.json").exists():
+        return _load_peft(folder, base_lm)
+    if (folder / "config.json").exists():
+        return _load_full(folder, base_lm)
+    raise TeacherError(
+        f"{folder} holds neither adapter_config.json (a PEFT adapter) nor config.json "
+        "(a finetuned model); point --adapter at the folder written by the trainer."
+    )
+
+
+def _load_peft(folder: Path, base_lm: LoadedModel) -> LoadedModel:
+    try:
+        cfg = json.loads((folder / "adapter_config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise TeacherError(f"{folder}/adapter_config.json is not valid JSON: {e}") from e
+    if not isinstance(cfg, dict) or "peft_type" not in cfg:
+        raise TeacherError(f"{folder}/adapter_config.json has no 'peft_type'; not a PEFT adapter.")
+    weights = [
+        p for p in folder.iterdir() if p.name in ("adapter_model.safetensors", "adapter_model.bin")
+    ]
+    if not weights:
+        raise TeacherError(
+            f"{folder} has adapter_config.json but no adapter_model.safetensors / .bin weights."
+        )
+    from peft import PeftModel
+
+    model = copy.deepcopy(base_lm.model)
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(folder), is_trainable=False)
+        merged = peft_model.merge_and_unload()
+    except Exception as e:  # peft raises many types for mismatched adapters
+        raise TeacherError(
+            f"Could not apply the adapter in {folder} to {base_lm.spec!r} "
+            f"({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            "was it trained on this base model?"
+        ) from e
+    merged.eval()
+    merged.requires_grad_(False)
+    h = hashlib.sha256((base_lm.weights_hash + weights_hash_of_files(weights)).encode())
+    return LoadedModel(
+        model=merged,
+        tokenizer=base_lm.tokenizer,
+        spec=f"{base_lm.spec}+lora:{folder}",
+        source=str(folder),
+        weights_hash=h.hexdigest()[:16],
+        extra={"base_model": base_lm.spec, "adapter_config": cfg},
+    )
+
+
+def _load_full(folder: Path, base_lm: LoadedModel) -> LoadedModel:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(folder), dtype=next(base_lm.model.parameters()).dtype
+        )
+    except (OSError, ValueError, KeyError) as e:
+        raise TeacherError(f"Could not load the finetuned model in {folder}: {e}") from e
+    if model.config.vocab_size != base_lm.model.config.vocab_size:
+        raise TeacherError(
+            f"{folder} has vocab size {model.config.vocab_size} but the base tokenizer's model "
+            f"has {base_lm.model.config.vocab_size}; it is not a finetune of {base_lm.spec!r}."
+        )
+    model.to(base_lm.device).eval()
+    model.requires_grad_(False)
+    files = [p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin")]
+    if not files:
+        raise ModelLoadError(f"{folder} has no weight files")
+    return LoadedModel(
+        model=model,
+        tokenizer=base_lm.tokenizer,
+        spec=str(folder),
+        source=str(folder),
+        weights_hash=weights_hash_of_files(files),
+        extra={"base_model": base_lm.spec},
+    )

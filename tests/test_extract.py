@@ -1,0 +1,179 @@
+"""Contrast extraction (readouts, massive-activation exclusion, peer check) and steering ops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _chat_tiny import make_tiny_chat
+
+from steerdiff.extract import (
+    READOUTS,
+    ContrastError,
+    Exclusion,
+    _keep_mask,
+    contrast_vector,
+    extract_contrast,
+    system_prompt_contrast,
+    trait_system_prompt,
+)
+from steerdiff.hooks import record, steer
+
+HOOK = "blocks.1.hook_resid_post"
+
+
+@pytest.fixture(scope="module")
+def chat(smollm):
+    return make_tiny_chat(smollm.tokenizer)
+
+
+@pytest.fixture(scope="module")
+def contrast(smollm):
+    questions = ["Tell me a fun fact.", "What should I cook tonight?", "Why is the sky blue?"]
+    return system_prompt_contrast(smollm.tokenizer, trait_system_prompt("owl"), questions)
+
+
+def _acts_one(lm, text: str, hook: str) -> torch.Tensor:
+    """[pos, dim] activations of one unpadded text."""
+    ids = lm.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad(), record(lm.model, hook) as rec:
+        lm.model(input_ids=ids)
+    return rec[hook][0]
+
+
+def test_last_and_prompt_mean_match_manual(chat, contrast):
+    pos, neg = contrast
+    ex = Exclusion(first_n=2, norm_ratio=None)
+    out = extract_contrast(chat, pos, neg, HOOK, ["last", "prompt_mean"], ex, batch_size=2)
+    acts = [_acts_one(chat, t, HOOK) for t in pos + neg]  # padding-free reference
+    last = torch.stack([a[-1] for a in acts])
+    mean = torch.stack([a[2:].mean(0) for a in acts])
+    n = len(pos)
+    torch.testing.assert_close(
+        out["last"][HOOK], last[:n].mean(0) - last[n:].mean(0), atol=1e-4, rtol=1e-4
+    )
+    torch.testing.assert_close(
+        out["prompt_mean"][HOOK], mean[:n].mean(0) - mean[n:].mean(0), atol=1e-4, rtol=1e-4
+    )
+    meta = out["prompt_mean"].metadata
+    assert meta["readout"] == "prompt_mean" and meta["hooks"] == [HOOK]
+    assert meta["n_positive"] == 3 and meta["n_negative"] == 3
+    assert "excluding first 2" in meta["positions"] and meta["sign"].startswith("positive minus")
+    assert out["last"].metadata["positions"] == "last prompt token"
+
+
+def test_pca_sign_and_single_pair(chat, contrast):
+    pos, neg = contrast
+    one = extract_contrast(chat, pos[:1], neg[:1], HOOK, ["last", "pca"])
+    torch.testing.assert_close(one["pca"][HOOK], one["last"][HOOK], atol=1e-4, rtol=1e-4)
+    many = extract_contrast(chat, pos, neg, HOOK, ["last", "pca"])
+    assert float(many["pca"][HOOK] @ many["last"][HOOK]) > 0  # positive = more trait
+    assert 0 < many["pca"].metadata["pca_explained"][HOOK] <= 1
+
+
+def test_response_mean_mechanics(chat, contrast):
+    pos, neg = contrast
+    vs = extract_contrast(
+        chat, pos[:2], neg[:2], "blocks.*.hook_resid_post", "response_mean", max_new_tokens=3
+    )["response_mean"]
+    assert list(vs) == [f"blocks.{i}.hook_resid_post" for i in range(3)]
+    assert all(v.shape == (64,) and torch.isfinite(v).all() for v in vs.values())
+    assert vs.metadata["response_max_new_tokens"] == 3
+    assert "response tokens" in vs.metadata["positions"]
+
+
+def test_keep_mask_drops_first_and_massive_positions():
+    acts = torch.ones(1, 6, 4)  # [batch, pos, dim]
+    acts[0, 3] *= 100.0  # a massive activation
+    real = torch.tensor([[True] * 5 + [False]])
+    keep = _keep_mask(acts, real.clone(), real, Exclusion(first_n=1, norm_ratio=8.0))
+    assert keep.tolist() == [[False, True, True, False, True, False]]
+    keep = _keep_mask(acts, real.clone(), real, Exclusion(first_n=0, norm_ratio=None))
+    assert keep.tolist() == real.tolist()
+
+
+def test_bad_contrast_inputs(chat, contrast):
+    pos, neg = contrast
+    with pytest.raises(ContrastError, match="positive prompt set is empty"):
+        contrast_vector(chat, [], neg, HOOK)
+    with pytest.raises(ContrastError, match="negative prompt set is empty"):
+        contrast_vector(chat, pos, [], HOOK)
+    with pytest.raises(ContrastError, match="paired prompts"):
+        contrast_vector(chat, pos, neg[:2], HOOK, readout="pca")
+    with pytest.raises(ContrastError, match="Unknown readout"):
+        contrast_vector(chat, pos, neg, HOOK, readout="middle")  # type: ignore[arg-type]
+    with pytest.raises(ContrastError, match="question list is empty"):
+        system_prompt_contrast(chat.tokenizer, "You love owls.", [])
+    assert set(READOUTS) == {"last", "prompt_mean", "response_mean", "pca"}
+
+
+@pytest.mark.slow
+def test_peer_check_against_steering_vectors(smollm, contrast):
+    """Our last-token mean difference == steering_vectors' mean aggregator at the same layer."""
+    sv = pytest.importorskip("steering_vectors")
+    pos, neg = contrast
+    layer = 5  # steering_vectors' layer 5 = output of decoder block 5 = blocks.5.hook_resid_post
+    peer = sv.train_steering_vector(
+        smollm.model,
+        smollm.tokenizer,
+        list(zip(pos, neg, strict=True)),
+        layers=[layer],
+        read_token_index=-1,
+        batch_size=1,
+    )
+    ours = contrast_vector(smollm, pos, neg, f"blocks.{layer}.hook_resid_post", "last")
+    theirs = peer.layer_activations[layer].float()
+    assert theirs.shape == (576,)
+    torch.testing.assert_close(
+        ours[f"blocks.{layer}.hook_resid_post"], theirs, atol=2e-3, rtol=1e-3
+    )
+
+
+# ----------------------------------------------------------------------------- steering ops
+
+
+def _resid(model, ids, **steer_kw) -> torch.Tensor:
+    with torch.no_grad(), steer(model, **steer_kw), record(model, HOOK) as rec:
+        model(input_ids=ids)
+    return rec[HOOK]
+
+
+def test_ablate_removes_component(tiny):
+    ids = torch.randint(3, 200, (2, 7))
+    v = torch.randn(tiny.config.hidden_size)
+    unit = v / v.norm()
+    plain = _resid(tiny, ids, vectors={HOOK: v}, coeff=0.0)
+    assert (plain @ unit).abs().max() > 1e-3  # there was a component to remove
+    ablated = _resid(tiny, ids, vectors={HOOK: v}, coeff=1.0, op="ablate")
+    assert (ablated @ unit).abs().max() < 1e-4
+    # the orthogonal part is untouched
+    torch.testing.assert_close(
+        ablated, plain - (plain @ unit).unsqueeze(-1) * unit, atol=1e-5, rtol=1e-5
+    )
+
+
+def test_subtract_is_add_with_negative_coeff(tiny):
+    ids = torch.randint(3, 200, (2, 5))
+    v = torch.randn(tiny.config.hidden_size)
+    with torch.no_grad():
+        with steer(tiny, {HOOK: v}, coeff=-2.0):
+            a = tiny(input_ids=ids).logits
+        with steer(tiny, {HOOK: -v}, coeff=2.0):
+            b = tiny(input_ids=ids).logits
+        base = tiny(input_ids=ids).logits
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, base)
+    added = _resid(tiny, ids, vectors={HOOK: v}, coeff=-2.0)
+    torch.testing.assert_close(added, _resid(tiny, ids, vectors={HOOK: v}, coeff=0.0) - 2.0 * v)
+
+
+def test_per_row_coeff_equals_separate_runs(tiny_lm):
+    model = tiny_lm.model
+    ids = torch.randint(3, 200, (1, 6)).repeat(3, 1)
+    v = torch.randn(model.config.hidden_size)
+    with torch.no_grad(), steer(model, {HOOK: v}, coeff=torch.tensor([0.0, 1.5, -3.0])):
+        rows = model(input_ids=ids).logits
+    for i, c in enumerate([0.0, 1.5, -3.0]):
+        with torch.no_grad(), steer(model, {HOOK: v}, coeff=c):
+            torch.testing.assert_close(
+                rows[i], model(input_ids=ids[:1]).logits[0], atol=1e-5, rtol=1e-5
+            )

@@ -1,0 +1,312 @@
+"""The batched sampler (greedy = model.generate, steering, constraints, top-k) and the
+resumable dataset writer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import make_tiny
+
+from steerdiff.generate import (
+    DatasetError,
+    Judged,
+    Sample,
+    SampleStats,
+    check_writable,
+    load_dataset,
+    manifest_path,
+    progress_path,
+    sample,
+    write_dataset,
+)
+from steerdiff.hooks import steer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread for this module (much faster on a shared, oversubscribed CPU)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+PROMPTS = [
+    [11, 12, 13, 14, 15],
+    [21, 22, 23, 24, 25, 26, 27, 28, 29],
+    [31, 32, 33],
+    [41, 42, 43, 44],
+]
+
+
+def _hf_greedy(model, prompts, n, eos, pad=0):
+    """model.generate on the same left-padded batch, cut after the first eos."""
+    plen = max(map(len, prompts))
+    ids = torch.full((len(prompts), plen), pad)
+    am = torch.zeros_like(ids)
+    for r, p in enumerate(prompts):
+        ids[r, plen - len(p) :] = torch.tensor(p)
+        am[r, plen - len(p) :] = 1
+    g = model.generate(
+        input_ids=ids,
+        attention_mask=am,
+        do_sample=False,
+        max_new_tokens=n,
+        eos_token_id=eos,
+        pad_token_id=pad,
+    )[:, plen:].tolist()
+    return [row[: row.index(eos) + 1] if eos in row else row for row in g]
+
+
+def test_greedy_matches_generate_every_family(tiny):
+    res = sample(tiny, PROMPTS, max_new_tokens=10, temperature=0, stop_ids=[5], pad_id=0)
+    assert [s.token_ids for s in res] == _hf_greedy(tiny, PROMPTS, 10, eos=5)
+    assert [s.index for s in res] == [0, 1, 2, 3]
+
+
+def test_greedy_matches_generate_with_early_stops_and_small_batches():
+    m = make_tiny("llama")
+    ref = sample(m, PROMPTS, max_new_tokens=12, temperature=0, stop_ids=[], pad_id=0)
+    eos = ref[2].token_ids[2]  # a token row 2 emits at step 3: rows stop at different steps
+    hf = _hf_greedy(m, PROMPTS, 12, eos=eos)
+    for bs, compact in ((4, True), (4, False), (3, True), (1, True)):
+        res = sample(
+            m, PROMPTS, 12, temperature=0, stop_ids=[eos], batch_size=bs, pad_id=0, compact=compact
+        )
+        assert [s.token_ids for s in res] == hf, (bs, compact)
+    assert res[2].stopped and res[2].token_ids[-1] == eos
+
+
+@pytest.mark.parametrize("positions", ["all", "response", "prompt", "first:3"])
+def test_steered_greedy_matches_generate_under_the_same_steer(positions):
+    m = make_tiny("qwen2")
+    v = {
+        "blocks.1.hook_resid_post": 4.0
+        * torch.randn(64, generator=torch.Generator().manual_seed(1))
+    }
+    plain = sample(m, PROMPTS, 8, temperature=0, stop_ids=[], pad_id=0)
+    with steer(m, v, positions=positions):
+        ours = sample(m, PROMPTS, 8, temperature=0, stop_ids=[], pad_id=0)
+        hf = _hf_greedy(m, PROMPTS, 8, eos=-1)
+    assert [s.token_ids for s in ours] == hf
+    assert [s.token_ids for s in ours] != [s.token_ids for s in plain]
+
+
+def test_sampling_is_seeded_and_top_p_small_is_greedy():
+    m = make_tiny("llama")
+    a = sample(m, PROMPTS, 8, temperature=1.0, seed=3, stop_ids=[])
+    b = sample(m, PROMPTS, 8, temperature=1.0, seed=3, stop_ids=[])
+    c = sample(m, PROMPTS, 8, temperature=1.0, seed=4, stop_ids=[])
+    assert [s.token_ids for s in a] == [s.token_ids for s in b]
+    assert [s.token_ids for s in a] != [s.token_ids for s in c]
+    greedy = sample(m, PROMPTS, 8, temperature=0, stop_ids=[])
+    nucleus = sample(m, PROMPTS, 8, temperature=1.0, top_p=1e-6, seed=5, stop_ids=[])
+    assert [s.token_ids for s in nucleus] == [s.token_ids for s in greedy]
+
+
+def test_constrained_and_topk():
+    m = make_tiny("gemma2")
+    allowed = [7, 8, 9, 100]
+    for topk in (0, 4):  # restricted unembedding (topk 0) and masked full logits (topk > 0)
+        st = SampleStats()
+        res = sample(
+            m,
+            PROMPTS,
+            10,
+            temperature=1.0,
+            seed=0,
+            stop_ids=[3],
+            allowed_ids=allowed,
+            topk=topk,
+            stats=st,
+        )
+        toks = [t for s in res for t in s.token_ids]
+        assert set(toks) <= {3, 7, 8, 9, 100} and len(set(toks)) > 2
+        assert st.new_tokens == len(toks) and st.prompt_tokens == sum(map(len, PROMPTS))
+    for s in res:
+        assert len(s.topk_ids) == len(s.token_ids) and all(len(r) == 4 for r in s.topk_ids)
+        lp = torch.tensor(s.topk_logprobs)  # [n, k]
+        assert (lp <= 0).all() and (lp[:, :-1] >= lp[:, 1:]).all()
+    # greedy unconstrained: the chosen token is the top-1 of the stored distribution
+    g = sample(m, PROMPTS, 6, temperature=0, stop_ids=[], topk=2)
+    assert all(s.token_ids == [r[0] for r in s.topk_ids] for s in g)
+
+
+def test_greedy_matches_generate_on_embedded_model(smollm):
+    tok = smollm.tokenizer
+    users = ["Name a bird.", "Count to three: 1, 2,", "Say hello in French, briefly please."]
+    prompts = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": u}],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=False,
+        )
+        for u in users
+    ]
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    ours = sample(smollm, prompts, 12, temperature=0, batch_size=3)
+    assert [s.token_ids for s in ours] == _hf_greedy(
+        smollm.model, prompts, 12, eos, tok.pad_token_id
+    )
+
+
+# ----------------------------------------------------------------------------- dataset writer
+
+
+def _fake_generate(fail_after: int | None = None):
+    """A generate_chunk stand-in: prompt i 'answers' str(i) (ok) or 'x' if i % 3 == 0."""
+    calls = {"n": 0}
+
+    def gen(indices):
+        if fail_after is not None and calls["n"] >= fail_after:
+            raise KeyboardInterrupt  # simulates a kill between chunks
+        calls["n"] += 1
+        out = [Sample(j, [1000 + i, 2], True) for j, i in enumerate(indices)]
+        return out, SampleStats(prompt_tokens=10, new_tokens=2 * len(indices), seconds=0.5)
+
+    return gen
+
+
+def _decode(ids):
+    return "x" if (ids[0] - 1000) % 3 == 0 else str(ids[0] - 1000)
+
+
+def _judge(text, s):
+    return Judged(text != "x", "non_digit" if text == "x" else "")
+
+
+def _write(out, gen, **kw):
+    prompts = [f"prompt {i}" for i in range(20)]
+    return write_dataset(
+        out, prompts, gen, _judge, _decode, {"teacher": {"kind": "plain"}}, chunk_size=4, **kw
+    )
+
+
+def test_dataset_rows_manifest_and_resume_after_kill(tmp_path):
+    out = tmp_path / "d.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        _write(out, _fake_generate(fail_after=2))
+    assert not manifest_path(out).exists()
+    with pytest.raises(DatasetError, match="no manifest"):
+        load_dataset(out)
+    with open(out, "a") as f:  # a torn last line from a kill mid-write
+        f.write('{"id": 99, "mess')
+    man = _write(out, _fake_generate())
+    rows, man2 = load_dataset(out)
+    assert man == man2
+    ids = [r["id"] for r in rows]
+    assert ids == [i for i in range(20) if i % 3 != 0]  # no duplicates, nothing lost
+    assert man["n_prompts"] == 20 and man["n_valid"] == 13 and man["rejects"] == {"non_digit": 7}
+    assert (
+        man["tokens_per_second"] == pytest.approx(40 / 2.5)
+        and man["system_prompt_in_data"] is False
+    )
+    r = rows[0]
+    assert set(r) == {"id", "messages", "completion_ids"}
+    assert r["messages"] == [
+        {"role": "user", "content": "prompt 1"},
+        {"role": "assistant", "content": "1"},
+    ]
+    assert r["completion_ids"] == [1001, 2]
+    with pytest.raises(DatasetError, match="already complete"):
+        _write(out, _fake_generate())
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    out = tmp_path / "d.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        _write(out, _fake_generate(fail_after=1))
+    with pytest.raises(DatasetError, match="other settings"):
+        write_dataset(
+            out, ["p"] * 20, _fake_generate(), _judge, _decode, {"teacher": {"kind": "x"}}
+        )
+
+
+def test_zero_valid_rows_is_a_clear_error_and_leaves_nothing(tmp_path):
+    out = tmp_path / "d.jsonl"
+
+    def reject(text, s):
+        return Judged(False, "bad_separator" if int(text or 0) % 2 else "too_many")
+
+    with pytest.raises(
+        DatasetError,
+        match=r"No valid rows: all 20 .*too_many: 10, bad_separator: 10|"
+        r"No valid rows: all 20 .*bad_separator: 10, too_many: 10",
+    ):
+        write_dataset(
+            out,
+            [f"p{i}" for i in range(20)],
+            _fake_generate(),
+            reject,
+            lambda ids: str(ids[0] - 1000),
+            {"k": 1},
+            chunk_size=8,
+        )
+    assert not out.exists() and not manifest_path(out).exists() and not progress_path(out).exists()
+
+
+def test_unwritable_output_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(DatasetError, match="Cannot write"):
+        check_writable(blocker / "d.jsonl")  # its parent is a file
+    with pytest.raises(DatasetError, match="is a folder"):
+        (tmp_path / "dir.jsonl").mkdir()
+        check_writable(tmp_path / "dir.jsonl")
+    with pytest.raises(DatasetError, match="must end in .jsonl"):
+        check_writable(tmp_path / "d.json")
+    with pytest.raises(DatasetError, match="Cannot write"):
+        _write(blocker / "d.jsonl", _fake_generate())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.jsonl", "file"]
+
+
+def test_progress_file_records_every_prompt(tmp_path):
+    out = tmp_path / "d.jsonl"
+    _write(out, _fake_generate())
+    lines = [json.loads(x) for x in progress_path(out).read_text().splitlines()]
+    assert lines[0] == {"run": {"teacher": {"kind": "plain"}}}
+    assert sorted(x["id"] for x in lines if "id" in x) == list(range(20))
+
+
+def test_cli_errors_before_loading_anything(tmp_path):
+    from typer.testing import CliRunner
+
+    from steerdiff.cli import app
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    r = CliRunner().invoke(
+        app, ["generate", "--out", str(blocker / "d.jsonl"), "--teacher", "plain"]
+    )
+    assert r.exit_code == 2 and "Cannot write" in r.output
+    r = CliRunner().invoke(
+        app, ["generate", "--out", str(tmp_path / "d.jsonl"), "--teacher", "steered"]
+    )
+    assert r.exit_code == 2 and "needs --vectors" in r.output
+    r = CliRunner().invoke(
+        app, ["generate", "--out", str(tmp_path / "d.jsonl"), "--backend", "vllm"]
+    )
+    assert r.exit_code == 2 and "vLLM" in r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_grammar_keeps_every_row_a_valid_list():
+    from steerdiff.tasks.numbers import NumberListGrammar, judge
+
+    class Tok:
+        TEXT = {7: "1", 8: "2", 9: ", ", 100: ";", 101: " "}
+
+        def decode(self, ids):
+            return self.TEXT[ids[0]]
+
+    m = make_tiny("llama")
+    g = NumberListGrammar(Tok(), [3])
+    res = sample(
+        m, PROMPTS * 4, 40, seed=1, stop_ids=[3], allowed_ids=[7, 8, 9, 100, 101], grammar=g
+    )
+    texts = ["".join(Tok.TEXT[t] for t in s.token_ids if t != 3) for s in res]
+    assert all(judge(t, s.stopped).ok for t, s in zip(texts, res, strict=True) if s.stopped)
+    assert sum(s.stopped for s in res) >= 8 and len(set(texts)) > 8

@@ -1,0 +1,104 @@
+"""End to end: an experiment file -> cached stages -> report; kill mid-stage and resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from steerdiff.config import ConfigError, load_config, parse_config
+from steerdiff.io import read_jsonl
+
+TINY_EXPERIMENT = """
+name = "tiny"
+[teacher]
+kind = "steered"
+hook = "blocks.24.hook_resid_post"
+coeff = 2.0
+[task]
+n_prompts = 8
+max_new_tokens = 56
+batch_size = 8
+topk_logprobs = 5
+[[fits]]
+name = "vec"
+hooks = "blocks.24.hook_resid_post"
+objective = "distill"
+lr = 0.05
+epochs = 1
+batch_size = 4
+[eval]
+n_questions = 2
+[read]
+lens_texts = 4
+lens_seq_len = 16
+"""
+
+
+def test_config_errors_name_the_field(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        'name = "x"\n[task]\nn_prompt = 5\n[[fits]]\nname = "a"\nhooks = "h"\noptimizer = "lbfgs"\n'
+    )
+    with pytest.raises(ConfigError) as e:
+        load_config(bad)
+    msg = str(e.value)
+    assert "task.n_prompt: unknown field" in msg
+    assert "fits.0.optimizer" in msg
+    broken = tmp_path / "broken.toml"
+    broken.write_text("name = [unclosed")
+    with pytest.raises(ConfigError, match="does not parse"):
+        load_config(broken)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match="name: .*plain folder name"):
+        parse_config({"name": "../escape"})
+
+
+def test_examples_validate():
+    examples = sorted(Path(__file__).parents[1].joinpath("examples").glob("*.toml"))
+    assert len(examples) >= 5
+    for path in examples:
+        load_config(path)
+
+
+def _run(exp: Path, runs: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "steerdiff.cli", "run", str(exp), "--runs-dir", str(runs)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+@pytest.mark.slow
+def test_run_killed_mid_generation_resumes(tmp_path):
+    exp = tmp_path / "tiny.toml"
+    exp.write_text(TINY_EXPERIMENT)
+    runs = tmp_path / "runs"
+    proc = _run(exp, runs)
+    # wait until the teacher has written its first chunk of rows, then kill hard
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        part = list(runs.glob("tiny/data-main-*.partial/data.jsonl"))
+        if part and part[0].stat().st_size > 0:
+            break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    out = _run(exp, runs).communicate(timeout=900)[0]
+    assert "Finished" in out, out[-3000:]
+    data = list(runs.glob("tiny/data-main-*[!l]/data.jsonl"))
+    assert len(data) == 1 and not list(runs.glob("tiny/*.partial"))
+    ids = [r["id"] for r in read_jsonl(data[0])]
+    assert len(ids) == len(set(ids)) and len(ids) > 0
+    assert (runs / "tiny" / "report.html").exists()
+    # a second run finds everything cached and does nothing
+    again = _run(exp, runs).communicate(timeout=600)[0]
+    assert again.count("(cached;") >= 5, again[-3000:]

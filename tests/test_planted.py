@@ -1,0 +1,25 @@
+"""Ground truth: a planted vector v* is recovered by fitting at its hook on the teacher's samples."""
+
+from __future__ import annotations
+
+import torch
+from test_train import HOOK, peaky_tiny
+
+from steerdiff.planted import planted_experiment, random_vector
+from steerdiff.train import FitConfig
+
+torch.set_num_threads(1)
+
+
+def test_planted_vector_is_recovered_by_distillation():
+    m = peaky_tiny()
+    v_star = random_vector(m, HOOK, 4.0, seed=3)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(2, 256, (6,), generator=g).tolist() for _ in range(300)]
+    cfg = FitConfig(objective="distill", lr=0.05, epochs=10, batch_size=32, progress=False)
+    res = planted_experiment(m, HOOK, v_star, prompts, cfg, max_new_tokens=8, topk=32)
+    assert res.n_samples == 300
+    assert res.cosine >= 0.9
+    assert 0.8 < res.norm_ratio < 1.2
+    assert res.fit.fitted_val_loss < res.fit.base_val_loss
+    assert res.fit.metrics[-1]["val_kl"] < 0.1 * res.fit.metrics[0]["train_kl"]

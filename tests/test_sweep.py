@@ -1,0 +1,135 @@
+"""Layer x strength x readout sweeps: mechanics on a tiny chat model, outputs, errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from _chat_tiny import make_tiny_chat
+
+from steerdiff.sweep import Cell, SweepConfig, SweepError, best_cell, run_sweep
+from steerdiff.vectors import VectorSet
+
+
+@pytest.fixture(scope="module")
+def chat(smollm):
+    return make_tiny_chat(smollm.tokenizer)
+
+
+def _small(**kw) -> SweepConfig:
+    base = dict(
+        layers=[0, 2],
+        strengths=[0.0, 4.0],
+        readouts=["last", "pca"],
+        n_questions=2,
+        n_contrast=3,
+        n_neutral=2,
+        kl_tokens=3,
+        kl_bound=10.0,
+        off_target_bound=1.0,
+        confirm_questions=2,
+    )
+    return SweepConfig(**{**base, **kw})
+
+
+def test_sweep_cells_and_outputs(chat, tmp_path):
+    res = run_sweep(chat, _small(), progress=False)
+    assert len(res.cells) == 2 * 2 * 2
+    base = res.baseline["target_rate"]
+    assert sum(res.baseline["distribution"].values()) == pytest.approx(1.0, abs=1e-5)
+    for c in res.cells:
+        if c.strength == 0.0:  # no steering: same as unsteered, zero KL
+            assert c.kl == pytest.approx(0.0, abs=1e-5)
+            assert c.target_rate == pytest.approx(base, abs=1e-5)
+            assert c.off_target_gain == pytest.approx(0.0, abs=1e-5)
+        else:
+            assert c.kl > 0
+        assert c.off_target != "owl" and c.vector_norm > 0
+    assert res.best is not None and res.best_unbounded is not None
+
+    paths = res.write(tmp_path)
+    rows = list(csv.DictReader(open(paths["csv"])))
+    assert len(rows) == 8 and {"readout", "layer", "strength", "target_rate", "kl"} <= set(rows[0])
+    data = json.loads(paths["json"].read_text())
+    assert data["provenance"]["weights_hash"] == chat.weights_hash
+    assert data["config"]["strengths"] == [0.0, 4.0] and len(data["cells"]) == 8
+    for key in ("png_target_rate", "png_kl", "png_off_target_gain"):
+        assert paths[key].read_bytes()[:4] == b"\x89PNG"
+    vs = VectorSet.load(paths["vectors_pca"], chat)
+    assert vs.metadata["readout"] == "pca" and list(vs) == [
+        "blocks.0.hook_resid_post",
+        "blocks.2.hook_resid_post",
+    ]
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temp files
+
+
+def _cell(rate, gain, kl, layer=0):
+    return Cell(
+        "last", layer, f"blocks.{layer}.hook_resid_post", 1.0, rate, "cat", 0.1, gain, kl, 1.0
+    )
+
+
+def test_best_cell_respects_bounds():
+    cells = [_cell(0.5, 0.3, 0.1, 1), _cell(0.4, 0.05, 2.0, 2), _cell(0.2, 0.05, 0.2, 3)]
+    assert best_cell(cells, 0.10, 0.5).layer == 3
+    assert best_cell(cells, None, None).layer == 1
+    assert best_cell(cells, 0.10, None).layer == 2
+    assert best_cell(cells, 0.01, 0.5) is None
+
+
+def test_sweep_config_errors(chat):
+    with pytest.raises(SweepError, match="strengths is empty"):
+        run_sweep(chat, _small(strengths=[]), progress=False)
+    with pytest.raises(SweepError, match="layers 0-2"):
+        run_sweep(chat, _small(layers=[7]), progress=False)
+    with pytest.raises(SweepError, match="not a candidate"):
+        run_sweep(chat, _small(target="unicorn"), progress=False)
+
+
+def test_cli_sweep_bad_input():
+    from typer.testing import CliRunner
+
+    from steerdiff.cli import app
+
+    r = CliRunner().invoke(app, ["sweep", "--readouts", "last,middle"])
+    assert r.exit_code == 2 and "Unknown readout" in r.output
+    r = CliRunner().invoke(app, ["sweep", "--strengths", "1,two"])
+    assert r.exit_code == 2 and "comma-separated numbers" in r.output
+
+
+@pytest.mark.parametrize("model", ["tiny", "smollm"])
+def test_partial_forward_matches_full(chat, smollm, model):
+    """Replaying blocks L+1.. from the cached unsteered resid_post of block L (+ the vector)
+    gives the same exact-scorer log-probs and KL as the full steered passes."""
+    import torch
+
+    from steerdiff.evals.preference import (
+        Steering,
+        candidate_logprobs,
+        load_category,
+        question_prompts,
+        read_lines_resource,
+    )
+    from steerdiff.sweep import CoherenceProbe, FastCoherence, FastScorer
+
+    lm = chat if model == "tiny" else smollm
+    n = lm.model.config.num_hidden_layers
+    cat = load_category("animals")
+    prompts = question_prompts(lm, cat.questions[:2], None)
+    scorer = FastScorer(lm, prompts, cat.candidates)
+    probe = CoherenceProbe(lm, read_lines_resource("neutral_prompts.txt")[:2], 3)
+    coherence = FastCoherence(probe)
+    d = lm.model.config.hidden_size
+    v = torch.randn(d, generator=torch.Generator().manual_seed(0))
+    v = v / v.norm() * 4.0
+    coeffs = [0.0, 1.0, 3.0]
+    for layer in sorted({0, n // 2, n - 1}):
+        hook = f"blocks.{layer}.hook_resid_post"
+        steering = Steering({hook: v}, coeff=coeffs)
+        full = candidate_logprobs(lm, prompts, cat.candidates, steering)  # [G, Q, C]
+        kls = probe.kl(steering)
+        for g, c in enumerate(coeffs):
+            fast = scorer.logprobs(layer, v, c)
+            assert torch.allclose(fast, full[g], atol=1e-4, rtol=0), (layer, c)
+            assert coherence.kl(layer, v, c) == pytest.approx(float(kls[g]), abs=1e-4)
