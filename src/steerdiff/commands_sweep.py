@@ -51,7 +51,7 @@ def sweep(
     ] = "last,prompt_mean,response_mean",
     questions: Annotated[
         int, typer.Option(help="exact-scorer questions per cell (first n of 50)")
-    ] = 10,
+    ] = 5,
     off_target_bound: Annotated[float, typer.Option(help="max rise of any other candidate")] = 0.10,
     kl_bound: Annotated[
         float, typer.Option(help="max KL (nats/token) from the unsteered model")

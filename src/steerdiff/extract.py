@@ -195,25 +195,36 @@ def sample_responses(
     seed: int = 0,
     batch_size: int = 32,
 ) -> list[list[int]]:
-    """Sampled response token ids for each chat text (generate.sample: batched KV-cached
-    sampling, full distribution at `temperature`); a row ends with its stop token (the end
-    of turn or eos, kept) or at max_new_tokens."""
-    from .generate import sample, stop_token_ids
-
-    tok = lm.tokenizer
-    stops = set(stop_token_ids(lm))
-    if tok.pad_token_id is not None:
-        stops.add(tok.pad_token_id)
-    samples = sample(
-        lm,
-        _tokenize(lm, texts),
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        seed=seed,
-        stop_ids=sorted(stops),
-        batch_size=batch_size,
-    )
-    return [list(s.token_ids) for s in samples]
+    """Sampled response token ids for each chat text (model.generate, left padding)."""
+    tok, model = lm.tokenizer, lm.model
+    torch.manual_seed(seed)
+    out: list[list[int]] = []
+    side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        for i in range(0, len(texts), batch_size):
+            enc = tok(
+                list(texts[i : i + batch_size]),
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=False,
+            ).to(lm.device)
+            with torch.no_grad():
+                gen = model.generate(
+                    **enc,
+                    do_sample=True,
+                    temperature=temperature,
+                    top_k=0,
+                    top_p=1.0,
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=tok.pad_token_id,
+                )
+            for row in gen[:, enc["input_ids"].shape[1] :].tolist():
+                stop = [k for k, t in enumerate(row) if t in (tok.eos_token_id, tok.pad_token_id)]
+                out.append(row[: stop[0] + 1] if stop else row)
+    finally:
+        tok.padding_side = side
+    return out
 
 
 # ----------------------------------------------------------------------------- vectors

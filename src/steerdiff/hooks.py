@@ -432,7 +432,13 @@ def _apply(
 
 
 def _act(
-    hp: HookPoint, h: torch.Tensor, v: torch.Tensor, coeff: float | torch.Tensor, state, positions, op
+    hp: HookPoint,
+    h: torch.Tensor,
+    v: torch.Tensor,
+    coeff: float | torch.Tensor,
+    state,
+    positions,
+    op,
 ) -> torch.Tensor:
     mask = position_mask(positions, state, h.shape[0], h.shape[1], h.device)
     if hp.channel_slice is None:

@@ -218,14 +218,33 @@ def build_report(state: RunState, path: Path) -> Path:
                         "teacher val loss": i.get("teacher_val_loss"),
                         "fitted val loss": i.get("fitted_val_loss"),
                         "loss gap closed": i.get("gap_closed"),
+                        "KL gap closed": i.get("kl_gap_closed"),
                         "steps": i.get("steps"),
                     }
                 )
         sec.add(
             Text(
-                "Loss gap closed = (base - fitted) / (base - teacher) on the validation completions."
+                "Loss gap closed = (base - fitted) / (base - teacher) in cross-entropy on the "
+                "validation completions; KL gap closed = 1 - KL(teacher || fitted) / "
+                "KL(teacher || base) over the teacher's stored top-k (distillation fits)."
             )
         )
+        small = [
+            x["fit"]
+            for x in rows
+            if x["base val loss"] is not None
+            and x["teacher val loss"] is not None
+            and abs(x["base val loss"] - x["teacher val loss"]) < 0.05
+        ]
+        if small:
+            sec.add(
+                Text(
+                    f"For {', '.join(small)} the base and teacher validation losses differ by "
+                    "less than 0.05 nats per token, so the cross-entropy gap closed is dominated "
+                    "by noise (values far outside 0..1 happen); read the KL gap closed instead.",
+                    kind="warn",
+                )
+            )
         sec.add(Table(rows))
         fig = _loss_figure(fits)
         if fig:
