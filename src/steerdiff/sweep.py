@@ -46,6 +46,7 @@ from .evals.preference import (
     candidate_logprobs,
     continue_forward,
     exact_preference,
+    left_pad_remainders,
     load_category,
     prefix_forward,
     question_prompts,
@@ -225,15 +226,7 @@ class CachedPrompts:
                     model, input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1
                 )
                 cache.batch_repeat_interleave(q)
-            rest = [list(r[p:]) for r in prompts]
-            width = max(len(r) for r in rest)
-            ids = torch.full((q, width), pad, dtype=torch.long)
-            rest_mask = torch.zeros(q, width, dtype=torch.long)
-            pos = torch.zeros(q, width, dtype=torch.long)
-            for i, r in enumerate(rest):  # left padding
-                ids[i, width - len(r) :] = torch.tensor(r)
-                rest_mask[i, width - len(r) :] = 1
-                pos[i, width - len(r) :] = torch.arange(p, p + len(r))
+            ids, rest_mask, pos = left_pad_remainders(prompts, p, pad)
             mask = torch.cat([torch.ones(q, p, dtype=torch.long), rest_mask], dim=1)
             self.second = _record(
                 model,

@@ -247,6 +247,25 @@ class Prefix:
     n_groups: int = 1  # G: one group of Q rows per steering coefficient
 
 
+def left_pad_remainders(
+    prompts: Sequence[Sequence[int]], p: int, pad: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What follows a shared prefix of length p in each prompt, left-padded into one batch.
+
+    Returns ids, mask and position ids, each [n_prompts, width]; positions continue at p.
+    """
+    rest = [list(r[p:]) for r in prompts]
+    width = max(len(r) for r in rest)
+    ids = torch.full((len(rest), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(rest), width, dtype=torch.long)
+    pos = torch.zeros(len(rest), width, dtype=torch.long)
+    for i, r in enumerate(rest):
+        ids[i, width - len(r) :] = torch.tensor(r)
+        mask[i, width - len(r) :] = 1
+        pos[i, width - len(r) :] = torch.arange(p, p + len(r))
+    return ids, mask, pos
+
+
 def _common_prefix_len(rows: Sequence[Sequence[int]]) -> int:
     n = min(len(r) for r in rows) - 1  # keep >= 1 token per row for the second pass
     for i in range(n):
@@ -274,15 +293,7 @@ def prefix_forward(
             with _steered(lm, steering, "prompt", coeffs):
                 model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
             cache.batch_repeat_interleave(q)
-        rest = [list(r[p:]) for r in prompts]
-        width = max(len(r) for r in rest)
-        ids = torch.full((q, width), pad, dtype=torch.long)
-        rest_mask = torch.zeros(q, width, dtype=torch.long)
-        pos = torch.zeros(q, width, dtype=torch.long)
-        for i, r in enumerate(rest):  # left padding
-            ids[i, width - len(r) :] = torch.tensor(r)
-            rest_mask[i, width - len(r) :] = 1
-            pos[i, width - len(r) :] = torch.arange(p, p + len(r))
+        ids, rest_mask, pos = left_pad_remainders(prompts, p, pad)
         mask = torch.cat([torch.ones(q, p, dtype=torch.long), rest_mask], dim=1).repeat(g, 1)
         with _steered(lm, steering, "prompt", row_coeff):
             out = model(
