@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -453,7 +452,6 @@ class RunSummary:
 def run_experiment(
     cfg: ExperimentConfig,
     runs_dir: str | os.PathLike = "runs",
-    on_stage: Callable[[str], None] | None = None,
 ) -> RunSummary:
     """Run (or resume, or just re-read) every stage of an experiment."""
     run_dir = Path(runs_dir) / cfg.name
@@ -496,7 +494,7 @@ def run_experiment(
         "model": _model_key(lm),
     }
     ev = stage_eval(state, subjects, dep)
-    rd = stage_read(state, student_lm, vec_main if cfg.student_model is None else None, fit_stages)
+    stage_read(state, student_lm, vec_main if cfg.student_model is None else None, fit_stages)
 
     from .report.experiment import build_report
 
@@ -504,7 +502,6 @@ def run_experiment(
     build_report(state, report_path)
     results = read_json(ev.path / "eval.json")["results"]
     _print_summary(results, report_path)
-    del rd
     return RunSummary(run_dir, report_path, results, state.stages)
 
 
