@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import TINY, make_tiny
+from conftest import TINY
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from steerdiff.hooks import get_hook_point, select_hooks, steer
@@ -20,10 +20,13 @@ from steerdiff.train import (
     annotate_topk,
     collate,
     compute_prefix,
+    evaluate_vectors,
     fit,
+    gap_interval,
     lm_head,
     lr_factor,
     prefix_hidden,
+    split_examples,
     tokenize_rows,
 )
 
@@ -368,5 +371,59 @@ def test_cli_fit_single_vector(smollm, tmp_path, monkeypatch):
     assert r.exit_code == 2 and "matches no hook point" in r.output
 
 
-def test_make_tiny_fixture_smoke():
-    assert make_tiny("llama").config.num_hidden_layers == 3
+def test_reported_val_losses_equal_a_hand_computation(steered_data):
+    """base / teacher / fitted validation CE and the gap fraction are what a user would
+    compute by hand: mean -log p(completion token) over the held-out split."""
+    m, v, exs = steered_data
+    cfg = FitConfig(hooks=[HOOK], objective="sft", max_steps=4, **QUICK)
+    res = fit(m, exs, cfg, teacher=teacher(v))
+    _, val = split_examples(list(exs), cfg)
+
+    def mean_ce(vectors: dict) -> float:
+        total, n = 0.0, 0
+        for ex in val:
+            ids = torch.tensor([ex.prompt_ids + ex.completion_ids])
+            with steer(m, vectors):
+                logp = torch.log_softmax(m(input_ids=ids).logits[0].float(), -1)
+            p = len(ex.prompt_ids)
+            tgt = torch.tensor(ex.completion_ids)
+            total -= float(logp[p - 1 : p - 1 + len(tgt)].gather(1, tgt[:, None]).sum())
+            n += len(tgt)
+        return total / n
+
+    base, teach, fitted = mean_ce({}), mean_ce({HOOK: v}), mean_ce(dict(res.vectors))
+    assert res.base_val_loss == pytest.approx(base, rel=1e-4)
+    assert res.teacher_val_loss == pytest.approx(teach, rel=1e-4)
+    assert res.fitted_val_loss == pytest.approx(fitted, rel=1e-4)
+    assert res.gap_closed == pytest.approx((base - fitted) / (base - teach), rel=1e-3)
+    lo, hi = res.extra["gap_closed_ci"]
+    assert lo < res.gap_closed < hi
+    again = evaluate_vectors(m, exs, res.vectors, cfg, teacher=teacher(v))  # saved vectors
+    for k in ("base_val_loss", "teacher_val_loss", "fitted_val_loss", "gap_closed"):
+        assert again[k] == pytest.approx(res.summary()[k], rel=1e-5)
+    assert again["gap_closed_ci"] == pytest.approx(list(res.extra["gap_closed_ci"]), rel=1e-5)
+
+
+def _rows(ce: torch.Tensor, kl: torch.Tensor) -> dict:
+    return {"rows": torch.stack([ce, kl, torch.full_like(ce, 10.0)], 1).double(), "kl": 1.0}
+
+
+def test_gap_interval_brackets_the_truth_and_narrows_with_rows():
+    """Paired bootstrap over rows: per-row losses where the fit closes half of the gap."""
+    g = torch.Generator().manual_seed(0)
+    widths = []
+    for n in (50, 800):
+        base = 10.0 + torch.rand(n, generator=g)  # rows differ a lot in difficulty ...
+        gap = 0.2 + 0.05 * torch.randn(n, generator=g)  # ... the gap per row is noisy
+        teach = base - gap
+        fitted = base - 0.5 * gap + 0.02 * torch.randn(n, generator=g)
+        kl_b = 0.1 + 0.01 * torch.rand(n, generator=g)
+        b, t, f = _rows(base, kl_b), _rows(teach, 0 * kl_b), _rows(fitted, 0.25 * kl_b)
+        lo, hi = gap_interval(b, f, t)
+        assert lo < 0.5 < hi
+        widths.append(hi - lo)
+        klo, khi = gap_interval(b, f)  # KL: 1 - 0.25 exactly on every row
+        assert klo == pytest.approx(0.75) and khi == pytest.approx(0.75)
+    assert widths[1] < widths[0] / 2  # 16x the rows: about a quarter of the width
+    same = _rows(torch.ones(5), torch.ones(5))
+    assert gap_interval(same, same, same) is None  # no gap to close: nothing to report

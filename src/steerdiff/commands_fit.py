@@ -128,8 +128,26 @@ def register(app: typer.Typer) -> None:
             fail(str(e))
         if rank == 0:
             console.print_json(json.dumps(res.summary(), default=str))
+            for line in gap_lines(res.summary()):
+                console.print(line)
             console.print(
                 f"wrote {out}/ (result.json, metrics.jsonl, metrics.csv, "
                 + ("vectors.safetensors" if baseline is None else "adapter/model weights")
                 + ")"
             )
+
+
+def gap_lines(summary: dict) -> list[str]:
+    """Plain sentences for the gap-closed figures and their bootstrap intervals."""
+    out = []
+    for key, what in (("gap_closed", "cross-entropy"), ("kl_gap_closed", "top-k KL")):
+        value, ci = summary.get(key), summary.get(f"{key}_ci")
+        if value is None:
+            continue
+        line = f"{what} gap to the teacher closed: {value:.0%}"
+        if ci:
+            line += f" (95% CI {ci[0]:.0%} to {ci[1]:.0%} over validation rows)"
+            if ci[0] <= 0.0 <= ci[1]:
+                line += ": not distinguishable from no change"
+        out.append(line)
+    return out

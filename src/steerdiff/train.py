@@ -375,11 +375,18 @@ def prefix_hidden(model: nn.Module, prefix: Prefix) -> torch.Tensor:
 def token_losses(
     model: nn.Module, hidden: torch.Tensor, batch: Batch, objective: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum over loss tokens of CE and of top-k KL (0 without top-k data). hidden: [b, s, d]."""
+    """Per-row sums over loss tokens of CE and of top-k KL (zeros without top-k data).
+
+    hidden: [b, s, d]. Returns two [b] tensors; training sums them over the batch,
+    evaluation keeps them per row (for bootstrap intervals over validation rows).
+    """
     h = hidden[batch.loss_mask]  # [n, d] (row-major, matches batch.targets)
+    row = batch.loss_mask.nonzero()[:, 0].to(h.device)  # [n] which row each token is in
     logp = torch.log_softmax(lm_head(model, h).float(), dim=-1)  # [n, vocab]
-    ce = -logp.gather(1, batch.targets[:, None].to(h.device)).sum()
-    kl = torch.zeros((), device=h.device)
+    ce_tok = -logp.gather(1, batch.targets[:, None].to(h.device))[:, 0]  # [n]
+    zeros = torch.zeros(hidden.shape[0], device=h.device)
+    ce = zeros.index_add(0, row, ce_tok)
+    kl = zeros
     if objective == "distill" or batch.topk_ids is not None:
         if batch.topk_ids is None:
             raise FitError(
@@ -389,7 +396,7 @@ def token_losses(
         ids = batch.topk_ids.to(h.device)  # [n, k]
         log_pt = torch.log_softmax(batch.topk_logprobs.to(h.device), dim=-1)  # [n, k]
         log_qs = torch.log_softmax(logp.gather(1, ids), dim=-1)  # [n, k] renormalised
-        kl = (log_pt.exp() * (log_pt - log_qs)).sum()
+        kl = zeros.index_add(0, row, (log_pt.exp() * (log_pt - log_qs)).sum(-1))
     return ce, kl
 
 
@@ -606,22 +613,24 @@ def eval_losses(
     pad_id: int = 0,
     teacher: bool = False,
     loss_fn: Callable[[Batch, int], tuple[torch.Tensor, torch.Tensor]] | None = None,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Mean per-token CE (and top-k KL if present) of `module` on the completions.
 
-    Data parallel: each rank takes every world_size-th batch; sums are all-reduced.
+    Also returns "rows": per example [CE sum, KL sum, n tokens], in example order (the
+    input of `gap_interval`). Data parallel: each rank takes every world_size-th batch;
+    the per-row sums are gathered.
     """
     rank, world = _rank_world()
-    sums = torch.zeros(3, dtype=torch.float64)  # ce, kl, n
-    batches = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
-    for bi, chunk in enumerate(batches):
-        if bi % world != rank:
+    rows = torch.zeros(len(examples), 3, dtype=torch.float64)  # ce, kl, n per example
+    for start in range(0, len(examples), batch_size):
+        if (start // batch_size) % world != rank:
             continue
+        chunk = examples[start : start + batch_size]
         batch = collate(chunk, pad_id, teacher=teacher)
         if module is not None:
             batch = batch.to(_device(module))
         if loss_fn is not None:
-            ce, kl = loss_fn(batch, bi)
+            ce, kl = loss_fn(batch, start // batch_size)
         else:
             ctx = (
                 module.steered(batch)
@@ -631,14 +640,52 @@ def eval_losses(
             inner = module.inner if isinstance(module, _PositionalSteer) else module
             with ctx:
                 ce, kl = token_losses(_lm(inner), full_hidden(inner, batch), batch, "sft")
-        sums += torch.tensor([float(ce), float(kl), batch.n_tokens], dtype=torch.float64)
+        n = batch.loss_mask.sum(1)
+        rows[start : start + len(chunk)] = torch.stack([ce.cpu(), kl.cpu(), n.cpu()], 1).double()
     if world > 1:
-        dist.all_reduce(sums)
+        dist.all_reduce(rows)  # each row is filled on exactly one rank, zeros elsewhere
+    sums = rows.sum(0)
     n = max(float(sums[2]), 1.0)
-    out = {"ce": float(sums[0]) / n, "n_tokens": int(sums[2])}
+    out: dict[str, Any] = {"ce": float(sums[0]) / n, "n_tokens": int(sums[2]), "rows": rows}
     if all(ex.topk_ids is not None for ex in examples):
         out["kl"] = float(sums[1]) / n
     return out
+
+
+def gap_interval(
+    base: dict,
+    fitted: dict,
+    teacher: dict | None = None,
+    level: float = 0.95,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float] | None:
+    """Bootstrap interval over validation rows of the fraction of the gap closed.
+
+    base / fitted / teacher: `eval_losses` results on the same examples. With a teacher:
+    CE gap closed = (base - fitted) / (base - teacher); without: KL gap closed
+    = 1 - KL_fitted / KL_base (the teacher's KL to its own top-k is 0). Rows are resampled
+    with replacement, jointly for the three models (the comparison is paired).
+    Returns None when there is nothing to resample (no rows, or no KL without a teacher).
+    """
+    b, f = base["rows"], fitted["rows"]
+    if len(b) == 0 or (teacher is None and "kl" not in fitted):
+        return None
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(b), (n_boot, len(b)), generator=g)  # [n_boot, rows]
+    if teacher is not None:
+        t = teacher["rows"]
+        bs, fs, ts = (x[:, 0][idx].sum(1) for x in (b, f, t))
+        ok = (bs - ts).abs() > 1e-12
+        stats = ((bs - fs) / (bs - ts))[ok]
+    else:
+        bs, fs = (x[:, 1][idx].sum(1) for x in (b, f))
+        stats = (1.0 - fs / bs)[bs > 0]
+    if len(stats) == 0:
+        return None
+    alpha = (1.0 - level) / 2
+    lo, hi = torch.quantile(stats, torch.tensor([alpha, 1.0 - alpha], dtype=stats.dtype))
+    return float(lo), float(hi)
 
 
 def _lm(module: nn.Module) -> nn.Module:
@@ -750,14 +797,18 @@ def train_student(
             g["lr"] = lr
         return lr
 
-    def evaluate() -> dict[str, float]:
-        return eval_losses(
+    last_eval: dict[str, Any] = {}  # the latest evaluation, with the step it was made at
+
+    def evaluate() -> dict[str, Any]:
+        ev = eval_losses(
             student.model if hasattr(student, "model") else None,  # type: ignore[arg-type]
             val,
             micro,
             pad_id,
             loss_fn=lambda b, bi: _no_grad_losses(student, b, ("val", bi)),
         )
+        last_eval.update(ev=ev, step=state["step"])
+        return ev
 
     def save_checkpoint(step: int) -> None:
         if rank != 0 or not ckpt_path:
@@ -801,7 +852,7 @@ def train_student(
                 if mi % world != rank:
                     continue
                 batch = collate(chunk, pad_id).to(device)
-                ce, kl = student.losses(batch, (bidx, mi), cfg.objective)
+                ce, kl = (x.sum() for x in student.losses(batch, (bidx, mi), cfg.objective))
                 loss = (ce if cfg.objective == "sft" else kl) / n_global
                 loss.backward()
                 sums += torch.tensor([float(ce.detach()), float(kl.detach())], dtype=torch.float64)
@@ -910,16 +961,20 @@ def train_student(
         with torch.no_grad():
             for k, v in state["best_params"].items():
                 params[k].copy_(v)
-    evals = [m for m in metrics if m.get("val_loss") is not None]
-    fitted = None
+    final = None  # evaluation of the parameters the fit returns
     if val:
-        fitted = (
-            evaluate()["ce"] if stopped == "early_stopping" or not evals else evals[-1]["val_loss"]
-        )
-    last_eval = evals[-1] if evals else {}
-    extra = {}
-    if stopped != "early_stopping" and "kl_gap_closed" in last_eval:
-        extra = {k: last_eval[k] for k in ("val_kl", "base_val_kl", "kl_gap_closed")}
+        same = last_eval.get("step") == state["step"] and stopped != "early_stopping"
+        final = last_eval["ev"] if same else evaluate()
+    fitted = final["ce"] if final else None
+    extra: dict[str, Any] = {}
+    if final and base_val:
+        if teacher_val is not None:
+            extra["gap_closed_ci"] = gap_interval(base_val, final, teacher_val)
+        if "kl" in final and base_val.get("kl"):
+            extra["val_kl"] = final["kl"]
+            extra["base_val_kl"] = base_val["kl"]
+            extra["kl_gap_closed"] = 1.0 - final["kl"] / base_val["kl"]
+            extra["kl_gap_closed_ci"] = gap_interval(base_val, final)
     res = FitResult(
         extra=extra,
         vectors=None,
@@ -1019,6 +1074,49 @@ def reference_losses(
         with teacher_context(lm, teacher) as tm:
             teacher_val = eval_losses(tm, val, batch_size, pad, teacher=True)
     return base_val, teacher_val
+
+
+def evaluate_vectors(
+    lm: LoadedModel | nn.Module,
+    data: str | os.PathLike | Sequence[dict] | Sequence[Example],
+    vectors: VectorSet | dict[str, torch.Tensor],
+    config: FitConfig | None = None,
+    *,
+    teacher: dict | None = None,
+) -> dict[str, Any]:
+    """Validation losses of base / teacher / base + `vectors` on the rows a fit with
+    `config` holds out (same seed, same split), the gap closed and its bootstrap intervals.
+
+    For vectors fitted earlier (or by someone else): the figures `fit` reports at its end.
+    """
+    cfg = config or FitConfig()
+    examples, teacher = prepare_examples(lm, data, teacher, cfg.max_len)
+    _, val = split_examples(examples, cfg)
+    if not val:
+        raise FitError("No validation rows: set val_size or val_fraction above 0.")
+    micro = cfg.micro_batch_size or cfg.batch_size
+    base_val, teacher_val = reference_losses(lm, val, teacher, micro)
+    model = unwrap(lm)
+    if isinstance(vectors, VectorSet):
+        vectors.check_fits(model)  # a VectorSetError names the hook or shape that differs
+    with steer(model, vectors):
+        ev = eval_losses(model, val, micro, _pad_id(lm))
+    out: dict[str, Any] = {
+        "n_val_rows": len(val),
+        "n_val_tokens": ev["n_tokens"],
+        "base_val_loss": base_val["ce"],
+        "teacher_val_loss": teacher_val["ce"] if teacher_val else None,
+        "fitted_val_loss": ev["ce"],
+        "gap_closed": gap_closed(
+            base_val["ce"], ev["ce"], teacher_val["ce"] if teacher_val else None
+        ),
+        "gap_closed_ci": gap_interval(base_val, ev, teacher_val) if teacher_val else None,
+    }
+    if "kl" in ev and base_val.get("kl"):
+        out["val_kl"], out["base_val_kl"] = ev["kl"], base_val["kl"]
+        out["kl_gap_closed"] = 1.0 - ev["kl"] / base_val["kl"]
+        out["kl_gap_closed_ci"] = gap_interval(base_val, ev)
+    return out
 
 
 def fit(

@@ -217,8 +217,10 @@ def build_report(state: RunState, path: Path) -> Path:
                         "base val loss": i.get("base_val_loss"),
                         "teacher val loss": i.get("teacher_val_loss"),
                         "fitted val loss": i.get("fitted_val_loss"),
-                        "loss gap closed": i.get("gap_closed"),
-                        "KL gap closed": i.get("kl_gap_closed"),
+                        "loss gap closed": _with_ci(i.get("gap_closed"), i.get("gap_closed_ci")),
+                        "KL gap closed": _with_ci(
+                            i.get("kl_gap_closed"), i.get("kl_gap_closed_ci")
+                        ),
                         "steps": i.get("steps"),
                     }
                 )
@@ -226,7 +228,8 @@ def build_report(state: RunState, path: Path) -> Path:
             Text(
                 "Loss gap closed = (base - fitted) / (base - teacher) in cross-entropy on the "
                 "validation completions; KL gap closed = 1 - KL(teacher || fitted) / "
-                "KL(teacher || base) over the teacher's stored top-k (distillation fits)."
+                "KL(teacher || base) over the teacher's stored top-k (distillation fits). "
+                "Brackets: 95% bootstrap interval over validation rows."
             )
         )
         small = [
@@ -341,3 +344,10 @@ def build_report(state: RunState, path: Path) -> Path:
         )
     sec.add(Code(cfg.model_dump(), caption="experiment config"))
     return write(r, path)
+
+
+def _with_ci(value: float | None, ci: list[float] | tuple[float, float] | None) -> str | None:
+    """0.62 [0.55, 0.70] (a bootstrap interval over validation rows), or the bare value."""
+    if value is None:
+        return None
+    return f"{value:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else f"{value:.2f}"
