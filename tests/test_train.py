@@ -427,3 +427,21 @@ def test_gap_interval_brackets_the_truth_and_narrows_with_rows():
     assert widths[1] < widths[0] / 2  # 16x the rows: about a quarter of the width
     same = _rows(torch.ones(5), torch.ones(5))
     assert gap_interval(same, same, same) is None  # no gap to close: nothing to report
+
+
+def test_cli_gap_sentence_says_when_an_interval_contains_zero():
+    from steerdiff.commands_fit import gap_lines
+
+    lines = gap_lines(
+        {
+            "gap_closed": 0.4,
+            "gap_closed_ci": [-0.2, 0.9],
+            "kl_gap_closed": 0.8,
+            "kl_gap_closed_ci": [0.7, 0.85],
+        }
+    )
+    assert lines[0].startswith("cross-entropy gap to the teacher closed: 40% (95% CI -20% to 90%")
+    assert lines[0].endswith("not distinguishable from no change")
+    assert "top-k KL gap to the teacher closed: 80%" in lines[1]
+    assert "not distinguishable" not in lines[1]
+    assert gap_lines({"gap_closed": None}) == []
