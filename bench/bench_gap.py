@@ -62,6 +62,43 @@ def make_data(lm, path: Path, n_rows: int, seed: int, max_new_tokens: int) -> No
     )
 
 
+def owl_shares(lm, out: Path, names: list[str], system_prompt: str) -> None:
+    """Does the fit steer the preference? Owl share of base, teacher and each fitted model."""
+    from steerdiff.baselines import LoraConfigSpec, lora_context
+    from steerdiff.evals.preference import Steering, exact_preference, paired_difference
+
+    runs = {"base": {}, "teacher (owl system prompt)": {"system_prompt": system_prompt}}
+    for name in names:
+        if name == "lora":
+            from safetensors.torch import load_file
+
+            state = load_file(out / name / "adapter.safetensors")
+            runs[name] = {"context": lora_context(lm, LoraConfigSpec(r=8, alpha=8), state)}
+        else:
+            vs = VectorSet.load(out / name / "vectors.safetensors", lm)
+            runs[name] = {"steering": Steering(vs)}
+    base = None
+    for label, kw in runs.items():
+        ctx = kw.pop("context", None)
+        if ctx is not None:
+            with ctx:
+                r = exact_preference(lm, "owl", n_questions=50)
+        else:
+            r = exact_preference(lm, "owl", n_questions=50, **kw)
+        row = {
+            "name": label,
+            "owl_share": r.target_rate,
+            "ci95": list(r.ci95),
+            "top_other": r.off_target(),
+            "n_questions": r.n_questions,
+        }
+        base = base or r
+        diff, ci = paired_difference(r, base)
+        row["minus_base"], row["minus_base_ci95"] = diff, list(ci)
+        print(json.dumps(row), flush=True)
+        append_jsonl(out / "traits.jsonl", [row])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=1200)
@@ -77,6 +114,12 @@ def main() -> None:
     ap.add_argument("--schedule", default="cosine")
     ap.add_argument("--lora-lr", type=float, default=2e-3)
     ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument(
+        "--traits",
+        default="",
+        help="names of finished fits in OUT: owl share (exact scorer, 50 questions, 95%% CI) "
+        "of base, prompted teacher and each fit's model, no training",
+    )
     ap.add_argument(
         "--evaluate",
         default="",
@@ -104,6 +147,8 @@ def main() -> None:
         seed=args.seed,
     )
     results = out / "results.jsonl"
+    if args.traits:
+        owl_shares(lm, out, args.traits.split(","), manifest["teacher"]["system_prompt"])
     for name in filter(None, args.evaluate.split(",")):
         cfg = FitConfig(**{**base, **CONFIGS[name]})
         vs = VectorSet.load(out / name / "vectors.safetensors", lm)

@@ -17,6 +17,7 @@ from steerdiff.evals.preference import (
     candidate_logprobs,
     exact_preference,
     load_category,
+    paired_difference,
     question_prompts,
     sample_preference,
 )
@@ -98,6 +99,24 @@ def test_exact_result_full_distribution(chat):
         exact_preference(
             chat, "owl", cat, steering=Steering({HOOK: torch.zeros(64)}, coeff=[1.0, 2.0])
         )
+
+
+def test_paired_difference_against_the_same_questions(chat):
+    cat = Category("animal", CANDS, QS)
+    base = exact_preference(chat, "owl", cat)
+    prompted = exact_preference(chat, "owl", cat, system_prompt="You love owls.")
+    diff, (lo, hi) = paired_difference(prompted, base)
+    per_q = [
+        p["target_rate"] - b["target_rate"]
+        for p, b in zip(prompted.per_question, base.per_question, strict=True)
+    ]
+    assert diff == pytest.approx(sum(per_q) / 2)
+    assert diff == pytest.approx(prompted.target_rate - base.target_rate)
+    assert lo <= diff <= hi
+    assert paired_difference(base, base) == (0.0, (0.0, 0.0))
+    other = exact_preference(chat, "owl", Category("animal", CANDS, QS[:1]))
+    with pytest.raises(ValueError, match="same questions"):
+        paired_difference(other, base)
 
 
 def test_sampling_scorer_mechanics(chat):

@@ -215,6 +215,26 @@ def _ci95(rates: Sequence[float]) -> tuple[float, float]:
     return (mean - half, mean + half)
 
 
+def paired_difference(
+    a: PreferenceResult, b: PreferenceResult
+) -> tuple[float, tuple[float, float]]:
+    """Mean per-question difference of target rates, a - b, with a 95% CI across questions.
+
+    Both results must be on the same questions (same order). Pairing removes the variance
+    between questions, so it detects smaller shifts than comparing two separate CIs.
+    """
+    qa = [q["question"] for q in a.per_question]
+    qb = [q["question"] for q in b.per_question]
+    if qa != qb:
+        raise ValueError(
+            "paired_difference needs both results on the same questions in the same order; "
+            "evaluate both with the same `questions` / `n_questions`."
+        )
+    pairs = zip(a.per_question, b.per_question, strict=True)
+    diffs = [x["target_rate"] - y["target_rate"] for x, y in pairs]
+    return sum(diffs) / len(diffs), _ci95(diffs)
+
+
 def _resolve(
     category: Category | str | Path, target: str, questions: Sequence[str] | None, n: int | None
 ) -> tuple[Category, list[str]]:
