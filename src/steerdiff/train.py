@@ -617,8 +617,8 @@ def eval_losses(
     """Mean per-token CE (and top-k KL if present) of `module` on the completions.
 
     Also returns "rows": per example [CE sum, KL sum, n tokens], in example order (the
-    input of `gap_interval`). Data parallel: each rank takes every world_size-th batch;
-    the per-row sums are gathered.
+    input of `gap_interval`). Data parallel: each rank takes every world_size-th batch and
+    fills its rows; an all-reduce then gives every rank all rows.
     """
     rank, world = _rank_world()
     rows = torch.zeros(len(examples), 3, dtype=torch.float64)  # ce, kl, n per example
@@ -686,6 +686,27 @@ def gap_interval(
     alpha = (1.0 - level) / 2
     lo, hi = torch.quantile(stats, torch.tensor([alpha, 1.0 - alpha], dtype=stats.dtype))
     return float(lo), float(hi)
+
+
+def gap_figures(
+    base: dict, fitted: dict, teacher: dict | None, intervals: bool = False
+) -> dict[str, Any]:
+    """Gap-closed figures of `fitted` against base and teacher (`eval_losses` results on the
+    same rows): CE gap closed and, with top-k data, KL gap closed (the teacher's KL to its
+    own top-k is 0, so it is 1 - KL_fitted / KL_base). intervals: add the bootstrap
+    intervals of `gap_interval` (gap_closed_ci is None without a teacher).
+    """
+    out: dict[str, Any] = {
+        "gap_closed": gap_closed(base["ce"], fitted["ce"], teacher["ce"] if teacher else None)
+    }
+    if intervals:
+        out["gap_closed_ci"] = gap_interval(base, fitted, teacher) if teacher else None
+    if "kl" in fitted and base.get("kl"):
+        out["val_kl"], out["base_val_kl"] = fitted["kl"], base["kl"]
+        out["kl_gap_closed"] = 1.0 - fitted["kl"] / base["kl"]
+        if intervals:
+            out["kl_gap_closed_ci"] = gap_interval(base, fitted)
+    return out
 
 
 def _lm(module: nn.Module) -> nn.Module:
@@ -915,11 +936,9 @@ def train_student(
                 row["val_loss"] = ev["ce"]
                 if "kl" in ev:
                     row["val_kl"] = ev["kl"]
-                row["gap_closed"] = gap_closed(base_ce, ev["ce"], teacher_ce)
-                if "kl" in ev and base_val and base_val.get("kl"):
-                    # the teacher's KL to its own top-k is 0: KL gap closed = 1 - KL_fit / KL_base
-                    row["base_val_kl"] = base_val["kl"]
-                    row["kl_gap_closed"] = 1.0 - ev["kl"] / base_val["kl"]
+                row["gap_closed"] = None
+                if base_val:
+                    row.update(gap_figures(base_val, ev, teacher_val))
                 crit = ev["ce"] if cfg.objective == "sft" else ev.get("kl", ev["ce"])
                 if crit < state["best"] - 1e-6:
                     state["best"], state["bad_evals"] = crit, 0
@@ -968,13 +987,8 @@ def train_student(
     fitted = final["ce"] if final else None
     extra: dict[str, Any] = {}
     if final and base_val:
-        if teacher_val is not None:
-            extra["gap_closed_ci"] = gap_interval(base_val, final, teacher_val)
-        if "kl" in final and base_val.get("kl"):
-            extra["val_kl"] = final["kl"]
-            extra["base_val_kl"] = base_val["kl"]
-            extra["kl_gap_closed"] = 1.0 - final["kl"] / base_val["kl"]
-            extra["kl_gap_closed_ci"] = gap_interval(base_val, final)
+        extra = gap_figures(base_val, final, teacher_val, intervals=True)
+        extra.pop("gap_closed")  # a FitResult field of its own
     res = FitResult(
         extra=extra,
         vectors=None,
@@ -1101,22 +1115,14 @@ def evaluate_vectors(
         vectors.check_fits(model)  # a VectorSetError names the hook or shape that differs
     with steer(model, vectors):
         ev = eval_losses(model, val, micro, _pad_id(lm))
-    out: dict[str, Any] = {
+    return {
         "n_val_rows": len(val),
         "n_val_tokens": ev["n_tokens"],
         "base_val_loss": base_val["ce"],
         "teacher_val_loss": teacher_val["ce"] if teacher_val else None,
         "fitted_val_loss": ev["ce"],
-        "gap_closed": gap_closed(
-            base_val["ce"], ev["ce"], teacher_val["ce"] if teacher_val else None
-        ),
-        "gap_closed_ci": gap_interval(base_val, ev, teacher_val) if teacher_val else None,
+        **gap_figures(base_val, ev, teacher_val, intervals=True),
     }
-    if "kl" in ev and base_val.get("kl"):
-        out["val_kl"], out["base_val_kl"] = ev["kl"], base_val["kl"]
-        out["kl_gap_closed"] = 1.0 - ev["kl"] / base_val["kl"]
-        out["kl_gap_closed_ci"] = gap_interval(base_val, ev)
-    return out
 
 
 def fit(
