@@ -402,6 +402,9 @@ def test_reported_val_losses_equal_a_hand_computation(steered_data):
     for k in ("base_val_loss", "teacher_val_loss", "fitted_val_loss", "gap_closed"):
         assert again[k] == pytest.approx(res.summary()[k], rel=1e-5)
     assert again["gap_closed_ci"] == pytest.approx(list(res.extra["gap_closed_ci"]), rel=1e-5)
+    no_val = cfg.model_copy(update={"val_size": 0})
+    with pytest.raises(FitError, match="No validation rows: set val_size"):
+        evaluate_vectors(m, exs, res.vectors, no_val, teacher=teacher(v))
 
 
 def _rows(ce: torch.Tensor, kl: torch.Tensor) -> dict:
