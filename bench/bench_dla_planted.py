@@ -10,8 +10,8 @@ at the same hook. Two fits:
       over the full next-token distributions on corpus text (teacher forced, no sampling).
       Blocks below the hook are run once per batch (the lens's capture/replay), so each
       step runs only blocks 24-29 and the head.
-  --method planted-sft: steerdiff.planted.planted_experiment (teacher samples, then
-      steerdiff.train.fit with SFT). Sampling is slow on a loaded 2-core CPU.
+  --method planted-sft: steerdiff.fit.planted_experiment (teacher samples, then
+      steerdiff.fit.fit with SFT). Sampling is slow on a loaded 2-core CPU.
 
 We compare the top-20 tokens of the DLA of v_fitted and v*, centred and not centred,
 with and without the final-norm scale.
@@ -29,14 +29,13 @@ from pathlib import Path
 import torch
 
 from steerdiff.extract import default_contrast_questions, trait_vectors
+from steerdiff.fit import FitConfig, planted_experiment, random_vector
 from steerdiff.hooks import get_hook_point, steer
 from steerdiff.interpret.corpus import load_corpus
 from steerdiff.interpret.dla import direct_logit_attribution, overlap
 from steerdiff.interpret.lens import _batches, _capture_calls, _inner, _replay
 from steerdiff.io import atomic_write_json, provenance
 from steerdiff.models import load_model
-from steerdiff.planted import planted_experiment, random_vector
-from steerdiff.train import FitConfig
 
 
 def distill_fit(
@@ -154,7 +153,7 @@ def main() -> None:
             pad_id=tok.pad_token_id,
             seed=0,
         )
-        v_fit, fit_info = res.v_fitted, {"method": "planted-sft (steerdiff.train.fit)", **res.row()}
+        v_fit, fit_info = res.v_fitted, {"method": "planted-sft (steerdiff.fit.fit)", **res.row()}
     table = {}
     for center in (True, False):
         for norm_scale in (True, False):

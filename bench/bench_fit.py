@@ -20,8 +20,8 @@ import time
 
 import torch
 
+from steerdiff.fit import FitConfig, fit, tokenize_rows
 from steerdiff.models import load_model
-from steerdiff.train import FitConfig, fit, tokenize_rows
 
 HOOK = "blocks.24.hook_resid_post"
 

@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 
+from steerdiff.fit import FitConfig, evaluate_vectors, fit, load_dataset
 from steerdiff.io import append_jsonl
 from steerdiff.models import load_model
 from steerdiff.tasks.numbers import make_dataset
 from steerdiff.teachers import build_teacher
-from steerdiff.train import FitConfig, evaluate_vectors, fit, load_dataset
 from steerdiff.vectors import VectorSet
 
 CONFIGS = {
@@ -64,8 +64,8 @@ def make_data(lm, path: Path, n_rows: int, seed: int, max_new_tokens: int) -> No
 
 def owl_shares(lm, out: Path, names: list[str], system_prompt: str) -> None:
     """Does the fit steer the preference? Owl share of base, teacher and each fitted model."""
-    from steerdiff.baselines import LoraConfigSpec, lora_context
     from steerdiff.evals.preference import Steering, exact_preference, paired_difference
+    from steerdiff.fit import LoraConfigSpec, lora_context
 
     runs = {"base": {}, "teacher (owl system prompt)": {"system_prompt": system_prompt}}
     for name in names:
@@ -158,7 +158,7 @@ def main() -> None:
     for name in filter(None, args.only.split(",")):
         t0 = time.time()
         if name == "lora":
-            from steerdiff.baselines import LoraConfigSpec, fit_lora
+            from steerdiff.fit import LoraConfigSpec, fit_lora
 
             cfg = FitConfig(**{**base, "lr": args.lora_lr, "schedule": args.schedule})
             res = fit_lora(lm, data, cfg, LoraConfigSpec(r=8, alpha=8), out_dir=out / name)

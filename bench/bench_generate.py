@@ -23,10 +23,10 @@ import time
 import torch
 from transformers import GenerationConfig
 
+from steerdiff.chat import chat_prompt_ids
 from steerdiff.generate import SampleStats, sample
 from steerdiff.models import load_model
 from steerdiff.tasks.numbers import make_prompts
-from steerdiff.teachers import chat_prompt_ids
 
 
 def main() -> None:

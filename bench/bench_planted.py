@@ -26,8 +26,13 @@ from pathlib import Path
 
 import torch
 
-from steerdiff.planted import planted_experiment, random_vector, sample_examples
-from steerdiff.train import FitConfig, annotate_topk
+from steerdiff.fit import (
+    FitConfig,
+    annotate_topk,
+    planted_experiment,
+    random_vector,
+    sample_examples,
+)
 
 OPTIMIZERS = {
     "adam": dict(optimizer="adam", lr=0.05),

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 
+from steerdiff.chat import chat_prompt_ids
 from steerdiff.hooks import record
 from steerdiff.models import load_model
 from steerdiff.tasks.numbers import make_dataset, make_prompts
-from steerdiff.teachers import build_teacher, chat_prompt_ids, trait_system_prompt
+from steerdiff.teachers import build_teacher, trait_system_prompt
 from steerdiff.vectors import VectorSet
 
 HOOK = "blocks.24.hook_resid_post"

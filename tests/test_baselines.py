@@ -6,7 +6,8 @@ import pytest
 import torch
 from test_train import HOOK, QUICK, steered_data, teacher  # noqa: F401  (fixture)
 
-from steerdiff.baselines import (
+from steerdiff.fit import (
+    FitConfig,
     LoraConfigSpec,
     base_context,
     fit_full,
@@ -14,7 +15,6 @@ from steerdiff.baselines import (
     kl_between,
     vector_context,
 )
-from steerdiff.train import FitConfig
 
 torch.set_num_threads(1)
 TEXTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [100, 3, 7, 9, 200]]

@@ -20,9 +20,9 @@ import sys, torch
 sys.path.insert(0, sys.argv[2])
 torch.set_num_threads(1)
 from test_train import HOOK, peaky_tiny
-from steerdiff.baselines import LoraConfigSpec, fit_lora
-from steerdiff.planted import random_vector, sample_examples
-from steerdiff.train import FitConfig, _rank_world, annotate_topk, fit
+from steerdiff.fit import LoraConfigSpec, fit_lora
+from steerdiff.fit import random_vector, sample_examples
+from steerdiff.fit import FitConfig, rank_world, annotate_topk, fit
 
 def data():
     m = peaky_tiny()
@@ -40,10 +40,10 @@ def run(out):
                     micro_batch_size=8, epochs=2, lr=0.05, val_size=16, progress=False)
     vec = fit(m, exs, cfg, teacher=t)
     lora = fit_lora(m, exs, cfg.model_copy(update={"lr": 0.01}), LoraConfigSpec(r=2), teacher=t)
-    if _rank_world()[0] == 0:
+    if rank_world()[0] == 0:
         torch.save({"vectors": dict(vec.vectors), "lora": lora.state,
                     "val": [vec.fitted_val_loss, lora.fitted_val_loss],
-                    "world": _rank_world()[1]}, out)
+                    "world": rank_world()[1]}, out)
 
 if __name__ == "__main__":
     run(sys.argv[1])

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from test_train import HOOK, peaky_tiny
 
-from steerdiff.planted import planted_experiment, random_vector
-from steerdiff.train import FitConfig
+from steerdiff.fit import FitConfig, planted_experiment, random_vector
 
 torch.set_num_threads(1)
 

@@ -10,25 +10,24 @@ import torch
 from conftest import TINY
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from steerdiff.hooks import get_hook_point, select_hooks, steer
-from steerdiff.io import append_jsonl
-from steerdiff.planted import random_vector, sample_examples
-from steerdiff.train import (
+from steerdiff.fit import (
     Example,
     FitConfig,
     FitError,
     annotate_topk,
     collate,
-    compute_prefix,
     evaluate_vectors,
     fit,
     gap_interval,
-    lm_head,
     lr_factor,
-    prefix_hidden,
+    random_vector,
+    sample_examples,
     split_examples,
     tokenize_rows,
 )
+from steerdiff.hooks import get_hook_point, select_hooks, steer
+from steerdiff.io import append_jsonl
+from steerdiff.replay import compute_prefix, lm_head, prefix_hidden
 
 torch.set_num_threads(1)
 HOOK = "blocks.1.hook_resid_post"
@@ -76,7 +75,10 @@ def test_partial_forward_equals_full_forward_all_families(tiny):
         with steer(tiny, vectors):
             full = tiny(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
             for start in starts:
-                logits = lm_head(tiny, prefix_hidden(tiny, compute_prefix(tiny, b, start)))
+                logits = lm_head(
+                    tiny,
+                    prefix_hidden(tiny, compute_prefix(tiny, b.input_ids, b.attention_mask, start)),
+                )
                 assert logits.shape == full.shape
                 torch.testing.assert_close(logits[real], full[real], atol=1e-5, rtol=1e-5)
 

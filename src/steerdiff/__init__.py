@@ -1,7 +1,5 @@
 """steerdiff: reproduce and read finetunes with learned steering vectors."""
 
-__version__ = "0.1.0"
-
 from .hooks import (  # noqa: E402
     HookError,
     hook_dim,
@@ -12,6 +10,7 @@ from .hooks import (  # noqa: E402
 )
 from .models import LoadedModel, ModelLoadError, load_model  # noqa: E402
 from .vectors import VectorSet, VectorSetError  # noqa: E402
+from .version import __version__  # noqa: E402, F401
 
 __all__ = [
     "HookError",

@@ -46,8 +46,8 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
 ) -> None:
     """Load a model and show its family, size and hook point names."""
-    from .hooks import HookError, list_hook_points
-    from .models import ModelLoadError, describe, load_model
+    from .hooks import HookError, describe, list_hook_points
+    from .models import ModelLoadError, load_model
 
     try:
         lm = load_model(model, dtype=dtype, device=device)

@@ -74,8 +74,8 @@ def register(app: typer.Typer) -> None:
         from pydantic import ValidationError
 
         from .cli import console, fail
+        from .fit import FitConfig, FitError, fit, maybe_init_distributed
         from .models import ModelLoadError, load_model
-        from .train import FitConfig, FitError, fit, maybe_init_distributed
 
         hooks = hooks or ["blocks.*.attn.hook_{q,k,v}"]
         try:
@@ -107,7 +107,7 @@ def register(app: typer.Typer) -> None:
         try:
             lm = load_model(model, dtype=dtype, device=device)
             if baseline == "lora":
-                from .baselines import LoraConfigSpec, fit_lora
+                from .fit import LoraConfigSpec, fit_lora
 
                 targets = lora_targets.split(",") if lora_targets else None
                 res = fit_lora(
@@ -119,7 +119,7 @@ def register(app: typer.Typer) -> None:
                     resume=resume,
                 )
             elif baseline == "full":
-                from .baselines import fit_full
+                from .fit import fit_full
 
                 res = fit_full(lm, data, cfg, out_dir=out, resume=resume)
             else:

@@ -68,7 +68,7 @@ def register(app: typer.Typer) -> None:
 
         from .cli import console, fail
         from .generate import DatasetError, check_writable
-        from .generate_vllm import VllmUnavailable
+        from .generate.vllm import VllmUnavailable
         from .models import ModelLoadError, load_model
         from .tasks.numbers import NumbersConfig, make_dataset, trait_words_for
         from .teachers import TeacherError, build_teacher

@@ -10,8 +10,10 @@ import tomllib
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .errors import SteerdiffError
 
-class ConfigError(ValueError):
+
+class ConfigError(SteerdiffError, ValueError):
     """An experiment file that does not parse or validate; names the field and the fix."""
 
 

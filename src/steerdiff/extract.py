@@ -31,6 +31,8 @@ from typing import Literal
 
 import torch
 
+from .chat import chat_texts, read_lines_resource
+from .errors import SteerdiffError
 from .hooks import record, select_hooks
 from .models import LoadedModel
 from .vectors import VectorSet
@@ -47,7 +49,7 @@ SIGN_CONVENTION = (
 )
 
 
-class ContrastError(ValueError):
+class ContrastError(SteerdiffError, ValueError):
     """A contrast cannot be computed from these inputs; the message says how to fix it."""
 
 
@@ -78,24 +80,8 @@ NO_EXCLUSION = Exclusion(first_n=0, norm_ratio=None)
 
 def default_contrast_questions() -> list[str]:
     """A few dozen generic user questions (src/steerdiff/data/contrast_questions.txt)."""
-    from .evals.preference import read_lines_resource
 
     return read_lines_resource("contrast_questions.txt")
-
-
-def chat_texts(tokenizer, questions: Sequence[str], system_prompt: str | None = None) -> list[str]:
-    """Chat-templated prompts ending with the assistant turn's header.
-
-    system_prompt=None means no system message of ours: the chat template's own
-    default applies (SmolLM2 inserts "You are a helpful AI assistant named SmolLM...").
-    That is what the model sees at evaluation time, so it is the honest baseline.
-    """
-    out = []
-    for q in questions:
-        msgs = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
-        msgs.append({"role": "user", "content": q})
-        out.append(tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
-    return out
 
 
 def system_prompt_contrast(

@@ -35,7 +35,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .models import LoadedModel, unwrap
+from .errors import SteerdiffError
+from .models import LoadedModel, count_parameters, unwrap
 
 HOOK_SUFFIXES = (
     "hook_resid_pre",
@@ -52,7 +53,7 @@ HOOK_SUFFIXES = (
 RESIDUAL_SUFFIXES = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post")
 
 
-class HookError(ValueError):
+class HookError(SteerdiffError, ValueError):
     """Bad hook name, selection, or vector shape; the message says how to fix it."""
 
 
@@ -582,3 +583,24 @@ def record(
 def final_norm(model: nn.Module | LoadedModel) -> nn.Module:
     model = unwrap(model)
     return model.get_submodule(family_of(model).final_norm)
+
+
+def describe(lm: LoadedModel) -> dict:
+    """A summary of a loaded model: family, sizes, weights hash and its hook points."""
+    cfg = lm.model.config
+    fam = family_of(lm.model)
+    return {
+        "model": lm.spec,
+        "source": lm.source,
+        "family": fam.name,
+        "model_type": cfg.model_type,
+        "n_layers": cfg.num_hidden_layers,
+        "d_model": cfg.hidden_size,
+        "n_parameters": count_parameters(lm.model),
+        "weights_hash": lm.weights_hash,
+        "load_seconds": round(lm.load_seconds, 2),
+        "n_hook_points": len(list_hook_points(lm.model)),
+        "hook_point_names_layer0": [
+            n for n in list_hook_points(lm.model) if n.startswith("blocks.0.")
+        ],
+    }

@@ -117,7 +117,7 @@ def seed_everything(seed: int) -> torch.Generator:
 
 def provenance(model: Any = None, config: Any = None, seed: int | None = None) -> dict:
     """What made an artifact: model id and weights hash, config, seed, package versions."""
-    from . import __version__
+    from .version import __version__
 
     prov: dict[str, Any] = {
         "steerdiff_version": __version__,

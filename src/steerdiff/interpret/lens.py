@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import SteerdiffError
 from ..hooks import family_of, final_norm, get_blocks, get_hook_point, record, select_hooks, steer
 from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text, provenance
 from ..models import LoadedModel, load_model, unwrap
@@ -48,7 +49,7 @@ from .corpus import Corpus, CorpusError, load_corpus
 from .dla import DLAError, TokenScore, check_dla_hook, logit_basis, top_tokens
 
 
-class LensError(ValueError):
+class LensError(SteerdiffError, ValueError):
     """Bad lens arguments (k larger than the texts, no hooks...); the message says why."""
 
 

@@ -19,13 +19,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import SteerdiffError
 from ..hooks import family_of, get_hook_point, record
 from ..io import read_jsonl
 from ..models import LoadedModel, unwrap
 from ..vectors import VectorSet, VectorSetError
 
 
-class MonitorError(ValueError):
+class MonitorError(SteerdiffError, ValueError):
     """Bad monitoring input; the message says why."""
 
 

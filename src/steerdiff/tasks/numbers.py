@@ -259,7 +259,7 @@ def make_dataset(
         raise ValueError(f"Unknown backend {backend!r}; use 'hf' or 'vllm'.")
     engine = None
     if backend == "vllm":
-        from ..generate_vllm import VllmSampler
+        from ..generate.vllm import VllmSampler
 
         engine = VllmSampler(teacher)
 

@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .hooks import steer
-from .io import atomic_write_json
-from .models import LoadedModel, unwrap
+from ..hooks import steer
+from ..io import atomic_write_json
+from ..models import LoadedModel, unwrap
 from .train import (
     Batch,
     Example,
@@ -140,7 +140,12 @@ class ModuleStudent(Student):
         self.params = params
 
     def losses(self, batch: Batch, key: Any, objective: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return token_losses(_lm(self.module), full_hidden(self.module, batch), batch, objective)
+        return token_losses(
+            _lm(self.module),
+            full_hidden(self.module, batch.input_ids, batch.attention_mask),
+            batch,
+            objective,
+        )
 
     @contextmanager
     def active(self) -> Iterator[nn.Module]:
@@ -188,7 +193,7 @@ def fit_lora(
         def save(out: Path, p: dict[str, torch.Tensor], summary: dict) -> None:
             from safetensors.torch import save
 
-            from .io import atomic_write_bytes
+            from ..io import atomic_write_bytes
 
             sd = {
                 k: v.detach().cpu().contiguous()
@@ -251,7 +256,7 @@ def fit_full(
     def save(out: Path, p: dict[str, torch.Tensor], summary: dict) -> None:
         from safetensors.torch import save
 
-        from .io import atomic_write_bytes
+        from ..io import atomic_write_bytes
 
         sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         atomic_write_bytes(out / "model.safetensors", save(_untie(sd)))

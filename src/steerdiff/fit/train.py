@@ -40,21 +40,22 @@ import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, field_validator
 from torch import nn
 
-from .hooks import (
+from ..chat import chat_prompt_ids, end_of_turn_ids
+from ..errors import SteerdiffError
+from ..hooks import (
     HookError,
     family_of,
-    final_norm,
-    get_blocks,
     get_hook_point,
     select_hooks,
     steer,
 )
-from .io import atomic_write_bytes, atomic_write_json, atomic_write_text, provenance, read_jsonl
-from .models import LoadedModel, unwrap
-from .vectors import VectorSet
+from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text, provenance, read_jsonl
+from ..models import LoadedModel, unwrap
+from ..replay import Prefix, compute_prefix, full_hidden, lm_head, prefix_hidden
+from ..vectors import VectorSet
 
 
-class FitError(ValueError):
+class FitError(SteerdiffError, ValueError):
     """Bad data, bad config, or a fit that had to stop; the message says what to do."""
 
 
@@ -111,30 +112,6 @@ def _user_and_assistant(row: dict, i: int) -> tuple[list[dict], str]:
     return context, assistant[-1]["content"] if assistant else ""
 
 
-def _template_ids(
-    tokenizer: Any, messages: list[dict], template_kwargs: dict | None = None
-) -> list[int]:
-    """Prompt ids exactly as the generator builds them (teachers.chat_prompt_ids)."""
-    try:
-        from .teachers import chat_prompt_ids
-    except ImportError:  # pragma: no cover - generator module not installed
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return tokenizer(text, add_special_tokens=False).input_ids
-    return chat_prompt_ids(tokenizer, messages, template_kwargs)
-
-
-def end_of_turn_ids(tokenizer: Any) -> list[int]:
-    """Token id(s) that end an assistant turn in this tokenizer's chat template."""
-    user = [{"role": "user", "content": "x"}]
-    prompt = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
-    full = tokenizer.apply_chat_template(
-        user + [{"role": "assistant", "content": "MARK"}], tokenize=False
-    )
-    tail = full[len(prompt) :].split("MARK", 1)[-1] if full.startswith(prompt) else ""
-    ids = tokenizer(tail.rstrip("\n"), add_special_tokens=False).input_ids if tail else []
-    return ids[:1] if ids else [tokenizer.eos_token_id]
-
-
 def tokenize_rows(
     tokenizer: Any, rows: Sequence[dict], teacher: dict | None = None
 ) -> list[Example]:
@@ -155,9 +132,9 @@ def tokenize_rows(
     for i, row in enumerate(rows):
         context, content = _user_and_assistant(row, i)
         user = [m for m in context if m["role"] == "user"]
-        prompt_ids = _template_ids(tokenizer, user, tkw)
+        prompt_ids = chat_prompt_ids(tokenizer, user, tkw)
         teacher_ids = (
-            _template_ids(tokenizer, [{"role": "system", "content": system}, *user], tkw)
+            chat_prompt_ids(tokenizer, [{"role": "system", "content": system}, *user], tkw)
             if system
             else None
         )
@@ -257,7 +234,7 @@ def teacher_context(lm: LoadedModel | nn.Module, spec: dict | None) -> Iterator[
         else:  # positions need the batch; the caller passes them via _steer_positions
             yield _PositionalSteer(model, vecs, float(spec.get("coeff", 1.0)), positions)
     elif kind == "adapter" and isinstance(lm, LoadedModel):
-        from .teachers import build_teacher  # the generator's loader (PEFT or full folder)
+        from ..teachers import build_teacher  # the generator's loader (PEFT or full folder)
 
         yield build_teacher(spec, lm).lm.model  # type: ignore[arg-type]
     elif kind == "adapter":
@@ -289,87 +266,6 @@ class _PositionalSteer(nn.Module):
 
 
 # ============================================================================ forward passes
-
-
-def lm_head(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """Final-normed hidden [..., d] -> logits [..., vocab] (with gemma's soft-capping)."""
-    logits = model.get_output_embeddings()(h)
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
-
-
-def full_hidden(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Final-normed hidden states [b, s, d] from a normal forward of the HF base model."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    out = base.base_model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-    )
-    return out.last_hidden_state
-
-
-class _Stop(Exception):
-    pass
-
-
-class _LayerRecorder(nn.Module):
-    """Stands in for decoder layer j during the prefix pass: records its call, runs nothing."""
-
-    def __init__(self, store: list, last: bool):
-        super().__init__()
-        self.store, self.last = store, last
-
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        self.store.append((hidden_states, args, kwargs))
-        if self.last:
-            raise _Stop
-        return hidden_states
-
-
-@dataclass
-class Prefix:
-    """Everything blocks L.. need: blocks.{L}.hook_resid_pre and each later layer's call args."""
-
-    start: int
-    hidden: torch.Tensor  # [b, s, d] = blocks.{start}.hook_resid_pre
-    layer_calls: list[tuple[tuple, dict]]  # (args, kwargs) for layers start..n-1
-
-
-@torch.no_grad()
-def compute_prefix(model: nn.Module, batch: Batch, start: int) -> Prefix:
-    """Run layers 0..start-1 once (no grad); record how the HF model calls layers start...
-
-    Layers >= start are swapped for recorders during this pass, so the HF forward itself
-    builds the causal masks / sliding-window masks / rotary embeddings per layer exactly
-    as it would, and we replay them.
-    """
-    blocks = get_blocks(model)
-    n = len(blocks)
-    store: list = []
-    originals = [blocks[j] for j in range(start, n)]
-    try:
-        for j in range(start, n):
-            blocks[j] = _LayerRecorder(store, last=(j == n - 1))
-        with contextlib.suppress(_Stop):
-            model.base_model(
-                input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-            )
-    finally:
-        for j, m in zip(range(start, n), originals, strict=True):
-            blocks[j] = m
-    calls = [(args, kwargs) for _, args, kwargs in store]
-    return Prefix(start, store[0][0].detach(), calls)
-
-
-def prefix_hidden(model: nn.Module, prefix: Prefix) -> torch.Tensor:
-    """Run blocks start.. from the cached resid_pre (with grad) -> final-normed hidden [b, s, d]."""
-    blocks = get_blocks(model)
-    h = prefix.hidden
-    for j, (args, kwargs) in zip(range(prefix.start, len(blocks)), prefix.layer_calls, strict=True):
-        h = blocks[j](h, *args, **kwargs)
-        h = h[0] if isinstance(h, tuple) else h
-    return final_norm(model)(h)
 
 
 def token_losses(
@@ -561,7 +457,7 @@ class VectorStudent(Student):
         assert self.start is not None
         if key is not None and key in self.cache:
             return self.cache[key]
-        p = compute_prefix(self.model, batch, self.start)
+        p = compute_prefix(self.model, batch.input_ids, batch.attention_mask, self.start)
         if key is not None and self.keep_cache:
             self.cache[key] = p
         return p
@@ -569,7 +465,7 @@ class VectorStudent(Student):
     def losses(self, batch: Batch, key: Any, objective: str) -> tuple[torch.Tensor, torch.Tensor]:
         with steer(self.model, self.params):
             if self.start is None:
-                hidden = full_hidden(self.model, batch)
+                hidden = full_hidden(self.model, batch.input_ids, batch.attention_mask)
             else:
                 hidden = prefix_hidden(self.model, self.prefix(batch, key))
             return token_losses(self.model, hidden, batch, objective)
@@ -620,7 +516,7 @@ def eval_losses(
     input of `gap_interval`). Data parallel: each rank takes every world_size-th batch and
     fills its rows; an all-reduce then gives every rank all rows.
     """
-    rank, world = _rank_world()
+    rank, world = rank_world()
     rows = torch.zeros(len(examples), 3, dtype=torch.float64)  # ce, kl, n per example
     for start in range(0, len(examples), batch_size):
         if (start // batch_size) % world != rank:
@@ -639,7 +535,12 @@ def eval_losses(
             )
             inner = module.inner if isinstance(module, _PositionalSteer) else module
             with ctx:
-                ce, kl = token_losses(_lm(inner), full_hidden(inner, batch), batch, "sft")
+                ce, kl = token_losses(
+                    _lm(inner),
+                    full_hidden(inner, batch.input_ids, batch.attention_mask),
+                    batch,
+                    "sft",
+                )
         n = batch.loss_mask.sum(1)
         rows[start : start + len(chunk)] = torch.stack([ce.cpu(), kl.cpu(), n.cpu()], 1).double()
     if world > 1:
@@ -717,7 +618,7 @@ def _lm(module: nn.Module) -> nn.Module:
 # ============================================================================ the loop
 
 
-def _rank_world() -> tuple[int, int]:
+def rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -727,7 +628,7 @@ def maybe_init_distributed() -> tuple[int, int]:
     """Join the process group when launched by accelerate/torchrun (WORLD_SIZE > 1)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("gloo" if not torch.cuda.is_available() else "nccl")
-    return _rank_world()
+    return rank_world()
 
 
 def split_examples(examples: list[Example], cfg: FitConfig) -> tuple[list[Example], list[Example]]:
@@ -774,7 +675,7 @@ def train_student(
     save_params: Callable[[Path, dict[str, torch.Tensor], dict], None] | None = None,
 ) -> FitResult:
     """The optimisation loop shared by vector fits and the LoRA / full baselines."""
-    rank, world = _rank_world()
+    rank, world = rank_world()
     out = Path(out_dir) if out_dir is not None else None
     params = student.params
     names = list(params)
@@ -948,7 +849,7 @@ def train_student(
                     state["bad_evals"] += 1
             metrics.append(row)
             if rank == 0 and out:
-                from .io import append_jsonl
+                from ..io import append_jsonl
 
                 append_jsonl(out / "metrics.jsonl", [row])
             if bar is not None:
@@ -1059,7 +960,7 @@ def model_provenance(lm: LoadedModel | nn.Module, cfg: FitConfig) -> dict:
     """provenance() plus model id / weights hash also for a bare (in-memory) module."""
     prov = provenance(lm, cfg, cfg.seed)
     if not isinstance(lm, LoadedModel):
-        from .models import weights_hash_of_model
+        from ..models import weights_hash_of_model
 
         prov.update(
             model_id="in-memory",
@@ -1229,7 +1130,9 @@ def annotate_topk(
             )
             inner = tm.inner if isinstance(tm, _PositionalSteer) else tm
             with ctx:
-                h = full_hidden(inner, batch)[batch.loss_mask]  # [n, d]
+                h = full_hidden(inner, batch.input_ids, batch.attention_mask)[
+                    batch.loss_mask
+                ]  # [n, d]
             logp = torch.log_softmax(lm_head(_lm(inner), h).float(), dim=-1)  # [n, vocab]
             top = logp.topk(min(k, logp.shape[-1]), dim=-1)
             j = 0

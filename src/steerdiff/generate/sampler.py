@@ -38,8 +38,9 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from .io import append_jsonl, atomic_write_json, provenance, read_jsonl, repair_jsonl
-from .models import LoadedModel, unwrap
+from ..errors import SteerdiffError
+from ..io import append_jsonl, atomic_write_json, provenance, read_jsonl, repair_jsonl
+from ..models import LoadedModel, unwrap
 
 # ----------------------------------------------------------------------------- KV cache
 
@@ -420,7 +421,7 @@ def _sample_batch(
 
 
 def _decoder_layers(hf: nn.Module) -> nn.ModuleList:
-    from .hooks import get_blocks
+    from ..hooks import get_blocks
 
     return get_blocks(hf)
 
@@ -428,7 +429,7 @@ def _decoder_layers(hf: nn.Module) -> nn.ModuleList:
 # ----------------------------------------------------------------------------- datasets
 
 
-class DatasetError(RuntimeError):
+class DatasetError(SteerdiffError, RuntimeError):
     """A dataset could not be written or read; the message says why and what to do."""
 
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .hooks import get_hook_point, steer
-from .models import LoadedModel, unwrap
+from ..hooks import get_hook_point, steer
+from ..models import LoadedModel, unwrap
 from .train import Example, FitConfig, FitResult, annotate_topk, fit
 
 

@@ -20,12 +20,13 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from .generate import Sample, SampleStats
+from ..errors import SteerdiffError
+from .sampler import Sample, SampleStats
 
 SUPPORTED_KINDS = ("prompt", "plain")
 
 
-class VllmUnavailable(RuntimeError):
+class VllmUnavailable(SteerdiffError, RuntimeError):
     """vLLM is not installed or cannot run this request."""
 
 

@@ -1,0 +1,3 @@
+"""The package version, in one place (recorded in every artifact's provenance)."""
+
+__version__ = "0.1.0"
