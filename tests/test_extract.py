@@ -13,6 +13,7 @@ from steerdiff.extract import (
     _keep_mask,
     contrast_vector,
     extract_contrast,
+    sample_responses,
     system_prompt_contrast,
     trait_system_prompt,
 )
@@ -79,6 +80,22 @@ def test_response_mean_mechanics(chat, contrast):
     assert all(v.shape == (64,) and torch.isfinite(v).all() for v in vs.values())
     assert vs.metadata["response_max_new_tokens"] == 3
     assert "response tokens" in vs.metadata["positions"]
+
+
+def test_sample_responses_greedy_matches_generate(chat, contrast):
+    """Responses come from our sampler; greedy = model.generate on each unpadded prompt."""
+    pos, neg = contrast
+    texts = [pos[0], neg[1], pos[2]]  # different lengths: the batch is left padded
+    ours = sample_responses(chat, texts, max_new_tokens=5, temperature=0, batch_size=2)
+    tok = chat.tokenizer
+    for text, got in zip(texts, ours, strict=True):
+        ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        ref = chat.model.generate(
+            input_ids=ids, do_sample=False, max_new_tokens=5, pad_token_id=tok.pad_token_id
+        )[0, ids.shape[1] :].tolist()
+        assert got == ref[: len(got)] and (len(got) == 5 or got[-1] == tok.eos_token_id)
+    again = sample_responses(chat, texts, max_new_tokens=5, seed=3)
+    assert again == sample_responses(chat, texts, max_new_tokens=5, seed=3)  # seeded
 
 
 def test_keep_mask_drops_first_and_massive_positions():

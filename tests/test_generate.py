@@ -215,6 +215,29 @@ def test_dataset_rows_manifest_and_resume_after_kill(tmp_path):
         _write(out, _fake_generate())
 
 
+def test_load_dataset_missing_empty_and_plain_jsonl(tmp_path):
+    """One reader for generate output and fit input: clear errors, plain JSONL without a
+    manifest loads (manifest {}) when a complete dataset is not required."""
+    with pytest.raises(DatasetError, match="Dataset not found: .*nope.jsonl"):
+        load_dataset(tmp_path / "nope.jsonl")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DatasetError, match="is empty: nothing to fit"):
+        load_dataset(empty, require_complete=False)
+    with pytest.raises(DatasetError, match="no manifest"):
+        load_dataset(empty)
+    plain = tmp_path / "plain.jsonl"
+    msgs = [
+        [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "1"}]
+        for i in (2, 0, 1)
+    ]
+    plain.write_text("".join(json.dumps({"messages": m}) + "\n" for m in msgs))
+    rows, manifest = load_dataset(plain, require_complete=False)
+    assert manifest == {} and [r["messages"] for r in rows] == msgs  # file order kept
+    with pytest.raises(DatasetError, match="no manifest"):
+        load_dataset(plain)
+
+
 def test_resume_with_other_settings_is_refused(tmp_path):
     out = tmp_path / "d.jsonl"
     with pytest.raises(KeyboardInterrupt):

@@ -33,6 +33,7 @@ import torch
 
 from .chat import chat_texts, read_lines_resource
 from .errors import SteerdiffError
+from .generate import sample, stop_token_ids
 from .hooks import record, select_hooks
 from .models import LoadedModel
 from .vectors import VectorSet
@@ -181,36 +182,23 @@ def sample_responses(
     seed: int = 0,
     batch_size: int = 32,
 ) -> list[list[int]]:
-    """Sampled response token ids for each chat text (model.generate, left padding)."""
-    tok, model = lm.tokenizer, lm.model
-    torch.manual_seed(seed)
-    out: list[list[int]] = []
-    side = tok.padding_side
-    tok.padding_side = "left"
-    try:
-        for i in range(0, len(texts), batch_size):
-            enc = tok(
-                list(texts[i : i + batch_size]),
-                return_tensors="pt",
-                padding=True,
-                add_special_tokens=False,
-            ).to(lm.device)
-            with torch.no_grad():
-                gen = model.generate(
-                    **enc,
-                    do_sample=True,
-                    temperature=temperature,
-                    top_k=0,
-                    top_p=1.0,
-                    max_new_tokens=max_new_tokens,
-                    pad_token_id=tok.pad_token_id,
-                )
-            for row in gen[:, enc["input_ids"].shape[1] :].tolist():
-                stop = [k for k, t in enumerate(row) if t in (tok.eos_token_id, tok.pad_token_id)]
-                out.append(row[: stop[0] + 1] if stop else row)
-    finally:
-        tok.padding_side = side
-    return out
+    """Sampled response token ids for each chat text (our sampler, left padding).
+
+    Each response ends at its first end-of-turn / eos / pad token (kept) or after
+    max_new_tokens. temperature 0 is greedy (= model.generate(do_sample=False)).
+    """
+    tok = lm.tokenizer
+    stops = set(stop_token_ids(lm)) | {tok.eos_token_id, tok.pad_token_id}
+    samples = sample(
+        lm,
+        _tokenize(lm, texts),
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        seed=seed,
+        stop_ids=sorted(t for t in stops if t is not None),
+        batch_size=batch_size,
+    )
+    return [s.token_ids for s in samples]
 
 
 # ----------------------------------------------------------------------------- vectors

@@ -1,7 +1,8 @@
-"""Atomic file writes, JSONL, and the provenance block every artifact carries."""
+"""Atomic file writes, JSONL, file hashes, and the provenance block every artifact carries."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -107,6 +108,15 @@ def repair_jsonl(path: str | os.PathLike) -> int:
     rows = list(read_jsonl(path))
     atomic_write_text(path, "".join(json.dumps(r, default=str) + "\n" for r in rows))
     return len(rows)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes (full hex digest), read in 4 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def seed_everything(seed: int) -> torch.Generator:

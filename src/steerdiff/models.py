@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
 from .errors import SteerdiffError
+from .io import file_sha256
 
 DEFAULT_MODEL = "default"
 EMBEDDED = {
@@ -105,18 +106,15 @@ def embedded_gemma3_path() -> Path:
     return target
 
 
-def _file_sha256(path: Path) -> str:
-    """sha256 of a file, cached beside the user's cache keyed by path, size and mtime."""
+def _cached_file_sha256(path: Path) -> str:
+    """`io.file_sha256`, cached in the user's cache folder keyed by path, size and mtime
+    (hashing a multi-GB weight file takes seconds; every load would pay it)."""
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
     cache_file = cache_dir() / "hashes" / key
     if cache_file.exists():
         return cache_file.read_text().strip()
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    digest = h.hexdigest()
+    digest = file_sha256(path)
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         cache_file.write_text(digest)
@@ -126,10 +124,11 @@ def _file_sha256(path: Path) -> str:
 
 
 def weights_hash_of_files(paths: list[Path]) -> str:
+    """sha256 over the files' names and sha256s (sorted by path), first 16 hex chars."""
     h = hashlib.sha256()
     for p in sorted(paths):
         h.update(p.name.encode())
-        h.update(_file_sha256(p).encode())
+        h.update(_cached_file_sha256(p).encode())
     return h.hexdigest()[:16]
 
 
@@ -311,7 +310,3 @@ def unwrap(model: PreTrainedModel | LoadedModel) -> PreTrainedModel:
 
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def to_json(d: dict) -> str:
-    return json.dumps(d, indent=2)

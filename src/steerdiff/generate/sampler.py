@@ -1,11 +1,11 @@
-"""Fast batched sampling with a preallocated KV cache, and resumable dataset writing.
+"""Fast batched sampling with a KV cache: our own decoding loop around the model's forward.
 
-`sample()` is our own decoding loop around the model's forward pass:
+`sample()`:
 
 * prompts are sorted by length and batched with left padding (less padding);
 * the prefill runs once per batch and keeps only the last position's logits;
-* keys/values go into a cache preallocated for prompt + max_new_tokens (no
-  per-step concatenation);
+* keys/values go into HF's `DynamicCache` (a preallocated cache of strided views was
+  tried and was slower under SDPA on CPU: 51-57 s vs 41 s for 32 x 48 tokens, 2 threads);
 * each row stops on its own at a stop token; finished rows are dropped from
   the batch once a quarter of it is done, so the rest decodes faster;
 * temperature / top-p / greedy (temperature 0), a seeded generator;
@@ -19,94 +19,23 @@ It calls the model's ordinary forward, so `hooks.steer(...)` works around it,
 including positions="response" (the prefill is the prompt) and "first:k".
 
 Greedy decoding reproduces `model.generate(do_sample=False)` token for token.
+Dataset files (writing, resuming, reading) are in `generate.dataset`.
 """
 
 from __future__ import annotations
 
 import inspect
-import json
-import os
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache
 
-from ..errors import SteerdiffError
-from ..io import append_jsonl, atomic_write_json, provenance, read_jsonl, repair_jsonl
 from ..models import LoadedModel, unwrap
-
-# ----------------------------------------------------------------------------- KV cache
-
-PREALLOCATE = False  # True: PreallocCache (in-place writes); False: HF DynamicCache
-
-
-class _PreallocLayer(DynamicLayer):
-    """One layer's keys/values in buffers allocated once: [batch, kv_heads, max_len, head_dim].
-
-    `update` writes the new positions in place and returns views of the filled part,
-    so attention only sees real (written) positions and nothing is concatenated.
-    """
-
-    def __init__(self, max_len: int) -> None:
-        super().__init__()
-        self.max_len = max_len
-        self.length = 0
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        b, h, _, dk = key_states.shape
-        dv = value_states.shape[-1]
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.k_buf = key_states.new_zeros(b, h, self.max_len, dk)
-        self.v_buf = value_states.new_zeros(b, h, self.max_len, dv)
-        self.keys, self.values = self.k_buf[:, :, :0], self.v_buf[:, :, :0]
-        self.is_initialized = True
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        n = key_states.shape[-2]
-        end = self.length + n
-        if end > self.max_len:
-            raise RuntimeError(f"KV cache overflow: {end} > {self.max_len} positions")
-        self.k_buf[:, :, self.length : end] = key_states
-        self.v_buf[:, :, self.length : end] = value_states
-        self.length = end
-        self.keys, self.values = self.k_buf[:, :, :end], self.v_buf[:, :, :end]
-        return self.keys, self.values
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def keep_rows(self, rows: torch.Tensor) -> None:
-        """Drop finished rows: rows is a LongTensor of the batch rows to keep."""
-        if not self.is_initialized:
-            return
-        self.k_buf = self.k_buf.index_select(0, rows)
-        self.v_buf = self.v_buf.index_select(0, rows)
-        self.keys, self.values = self.k_buf[:, :, : self.length], self.v_buf[:, :, : self.length]
-
-
-class PreallocCache(Cache):
-    """A KV cache preallocated for `max_len` positions, one `_PreallocLayer` per layer.
-
-    Sliding-window layers keep every position; the sliding mask is still applied by
-    the model's mask functions from absolute positions, so results are unchanged.
-    """
-
-    def __init__(self, n_layers: int, max_len: int) -> None:
-        super().__init__(layers=[_PreallocLayer(max_len) for _ in range(n_layers)])
-
-    def keep_rows(self, rows: torch.Tensor) -> None:
-        for layer in self.layers:
-            layer.keep_rows(rows)  # type: ignore[attr-defined]
-
 
 # ----------------------------------------------------------------------------- restricted head
 
@@ -326,13 +255,7 @@ def _sample_batch(
         ids[r, plen - len(p) :] = torch.tensor(p, device=device)
         attn[r, plen - len(p) : plen] = 1
     pos = (attn[:, :plen].cumsum(-1) - 1).masked_fill(attn[:, :plen] == 0, 0)  # [b, plen]
-    # HF's DynamicCache: its contiguous tensors were faster under SDPA on CPU than the
-    # strided views of PreallocCache (41 s vs 51-57 s for 32 x 48 tokens, 2 threads)
-    cache: Cache = (
-        PreallocCache(len(_decoder_layers(hf)), total)
-        if PREALLOCATE
-        else DynamicCache(config=hf.config)
-    )
+    cache = DynamicCache(config=hf.config)
     stop = torch.tensor(list(stop_ids), device=device)
     subset = allowed is not None and topk == 0
     kw: dict[str, Any] = {"use_cache": True}
@@ -395,10 +318,7 @@ def _sample_batch(
             n_fin = int(done.sum())
             if compact and n_fin > n_done_in_batch and n_fin * 4 >= len(rows):
                 keep = (~done).nonzero().squeeze(-1)
-                if isinstance(cache, PreallocCache):
-                    cache.keep_rows(keep)
-                else:
-                    cache.batch_select_indices(keep)
+                cache.batch_select_indices(keep)
                 rows, attn, nxt, done = rows[keep], attn[keep], nxt[keep], done[keep]
                 inp_pos = inp_pos[keep]
                 n_done_in_batch = 0
@@ -418,246 +338,3 @@ def _sample_batch(
         }
         for r in range(b)
     ]
-
-
-def _decoder_layers(hf: nn.Module) -> nn.ModuleList:
-    from ..hooks import get_blocks
-
-    return get_blocks(hf)
-
-
-# ----------------------------------------------------------------------------- datasets
-
-
-class DatasetError(SteerdiffError, RuntimeError):
-    """A dataset could not be written or read; the message says why and what to do."""
-
-
-def manifest_path(out: str | os.PathLike) -> Path:
-    out = Path(out)
-    return out.with_name(out.name.removesuffix(".jsonl") + ".manifest.json")
-
-
-def progress_path(out: str | os.PathLike) -> Path:
-    out = Path(out)
-    return out.with_name(out.name.removesuffix(".jsonl") + ".progress.jsonl")
-
-
-def check_writable(out: str | os.PathLike) -> Path:
-    """Fail early (before loading models) if the output file cannot be created."""
-    out = Path(out)
-    if out.suffix != ".jsonl":
-        raise DatasetError(f"--out must end in .jsonl (got {out})")
-    if out.is_dir():
-        raise DatasetError(f"Output path {out} is a folder; give a file name ending in .jsonl")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        existed = out.exists()
-        with open(out, "a"):
-            pass
-        if not existed:
-            out.unlink()
-        probe = out.parent / f".{out.name}.write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise DatasetError(f"Cannot write the dataset to {out}: {e.strerror or e}") from e
-    return out
-
-
-@dataclass
-class Judged:
-    """What a task's filter says about one completion."""
-
-    ok: bool
-    reason: str = ""  # why it was rejected ("" when ok)
-
-
-def write_dataset(
-    out: str | os.PathLike,
-    prompts: Sequence[str],
-    generate_chunk: Callable[[list[int]], tuple[list[Sample], SampleStats]],
-    judge: Callable[[str, Sample], Judged],
-    decode: Callable[[list[int]], str],
-    run_info: dict,
-    manifest_extra: dict | None = None,
-    chunk_size: int = 64,
-    target_valid: int | None = None,
-    overwrite: bool = False,
-    progress: Callable[[int], None] | None = None,
-    before: Callable[[], dict] | None = None,
-    finalize: Callable[[dict], dict] | None = None,
-) -> dict:
-    """Generate, filter and append rows in chunks; resumable; returns the manifest.
-
-    prompts: user prompts (what the student sees), indexed by position.
-    generate_chunk(indices) -> (samples in the order of indices, stats).
-    judge(text, sample) -> Judged; decode(token ids without the stop token) -> text.
-    run_info: what must match to resume (teacher spec, seed, constrained...).
-    before(): run once per dataset (not again on resume) before generating; its dict
-    is kept in the progress file and merged into the manifest (e.g. a probe batch).
-    finalize(manifest) -> manifest: last changes before the manifest is written.
-    Files: `<out>.jsonl` (valid rows, appended with fsync), `<out>.progress.jsonl`
-    (run_info first, then one line per processed prompt and per chunk), and
-    `<out>.manifest.json`, written last (atomically): a dataset without a manifest
-    is incomplete. Re-running with the same run_info continues where it stopped.
-    """
-    out = check_writable(out)
-    man, prog = manifest_path(out), progress_path(out)
-    if overwrite:
-        for p in (out, man, prog):
-            p.unlink(missing_ok=True)
-    if man.exists():
-        raise DatasetError(
-            f"{out} is already complete (its manifest {man.name} exists); "
-            "use --overwrite or another --out."
-        )
-    done_ids: set[int] = set()
-    rejects: Counter[str] = Counter()
-    n_valid, gen_tokens, gen_seconds, prompt_tokens = 0, 0, 0.0, 0
-    before_info: dict | None = None
-    if prog.exists() or out.exists():
-        repair_jsonl(prog)
-        repair_jsonl(out)
-        lines = list(read_jsonl(prog)) if prog.exists() else []
-        if lines and lines[0].get("run") != json.loads(json.dumps(run_info, default=str)):
-            raise DatasetError(
-                f"{out} holds a partial dataset made with other settings "
-                f"({_diff(lines[0].get('run', {}), run_info)}); use --overwrite or another --out."
-            )
-        if not lines and out.exists() and out.stat().st_size > 0:
-            raise DatasetError(f"{out} exists without a progress file; use --overwrite.")
-        for line in lines[1:]:
-            if "id" in line:
-                done_ids.add(line["id"])
-                if not line["ok"]:
-                    rejects[line["reason"]] += 1
-            elif "before" in line:
-                before_info = line["before"]
-            elif "chunk" in line:
-                gen_tokens += line["new_tokens"]
-                gen_seconds += line["seconds"]
-                prompt_tokens += line["prompt_tokens"]
-        valid_ids = {r["id"] for r in read_jsonl(out)} if out.exists() else set()
-        done_ids |= valid_ids
-        n_valid = len(valid_ids)
-    if not prog.exists() or prog.stat().st_size == 0:
-        append_jsonl(prog, [{"run": run_info}])
-    out.touch()
-    if before is not None and before_info is None:
-        before_info = before()
-        append_jsonl(prog, [{"before": before_info}])
-    todo = [i for i in range(len(prompts)) if i not in done_ids]
-    if progress is not None:
-        progress(len(prompts) - len(todo))
-    for c in range(0, len(todo), chunk_size):
-        if target_valid is not None and n_valid >= target_valid:
-            break
-        chunk = todo[c : c + chunk_size]
-        samples, stats = generate_chunk(chunk)
-        rows, marks = [], []
-        for i, s in zip(chunk, samples, strict=True):
-            ids = s.token_ids[:-1] if s.stopped else s.token_ids
-            text = decode(ids)
-            verdict = judge(text, s)
-            marks.append({"id": i, "ok": verdict.ok, "reason": verdict.reason})
-            if verdict.ok:
-                row: dict[str, Any] = {
-                    "id": i,
-                    "messages": [
-                        {"role": "user", "content": prompts[i]},
-                        {"role": "assistant", "content": text},
-                    ],
-                    "completion_ids": s.token_ids,
-                }
-                if s.topk_ids:
-                    row["topk_ids"] = s.topk_ids
-                    row["topk_logprobs"] = s.topk_logprobs
-                rows.append(row)
-            else:
-                rejects[verdict.reason] += 1
-        append_jsonl(out, rows)  # rows first: a kill in between only redoes rejected prompts
-        append_jsonl(
-            prog,
-            marks
-            + [
-                {
-                    "chunk": chunk[0],
-                    "new_tokens": stats.new_tokens,
-                    "prompt_tokens": stats.prompt_tokens,
-                    "seconds": round(stats.seconds, 4),
-                }
-            ],
-        )
-        n_valid += len(rows)
-        gen_tokens += stats.new_tokens
-        prompt_tokens += stats.prompt_tokens
-        gen_seconds += stats.seconds
-        if progress is not None:
-            progress(len(chunk))
-    n_processed = n_valid + sum(rejects.values())
-    if n_valid == 0:
-        for p in (out, prog):
-            p.unlink(missing_ok=True)
-        raise DatasetError(
-            f"No valid rows: all {n_processed} completions were rejected by the filter "
-            f"({_fmt_rejects(rejects)}). Nothing was written. Try constrained decoding "
-            "(--constrained), more prompts, or check the teacher."
-        )
-    manifest = {
-        **(manifest_extra or {}),
-        **run_info,
-        **(before_info or {}),
-        "n_prompts": n_processed,
-        "n_valid": n_valid,
-        "valid_rate": round(n_valid / max(n_processed, 1), 4),
-        "rejects": dict(rejects.most_common()),
-        "generated_tokens": gen_tokens,
-        "prompt_tokens": prompt_tokens,
-        "generation_seconds": round(gen_seconds, 2),
-        "tokens_per_second": round(gen_tokens / gen_seconds, 2) if gen_seconds else 0.0,
-        "system_prompt_in_data": False,
-        "files": {"data": out.name, "progress": prog.name},
-    }
-    if finalize is not None:
-        manifest = finalize(manifest)
-    atomic_write_json(man, manifest)
-    return manifest
-
-
-def _fmt_rejects(rejects: Counter[str]) -> str:
-    return ", ".join(f"{k}: {v}" for k, v in rejects.most_common()) or "no rows processed"
-
-
-def _diff(a: dict, b: dict) -> str:
-    b = json.loads(json.dumps(b, default=str))
-    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-    return "differs in " + ", ".join(keys[:5]) if keys else "unknown difference"
-
-
-def load_dataset(path: str | os.PathLike, require_complete: bool = True) -> tuple[list[dict], dict]:
-    """Read a dataset written by `steerdiff generate`: (rows, manifest).
-
-    Rows are sorted by id. require_complete: refuse a dataset whose manifest is
-    missing (generation was interrupted; re-run the same command to finish it).
-    """
-    path = Path(path)
-    man = manifest_path(path)
-    if not path.exists():
-        raise DatasetError(f"Dataset file not found: {path}")
-    if not man.exists():
-        if require_complete:
-            raise DatasetError(
-                f"{path} has no manifest ({man.name}): generation did not finish. Re-run the "
-                "same `steerdiff generate` command to resume it."
-            )
-        manifest: dict = {}
-    else:
-        with open(man) as f:
-            manifest = json.load(f)
-    rows = sorted(read_jsonl(path), key=lambda r: r["id"])
-    return rows, manifest
-
-
-def generation_provenance(lm: LoadedModel, seed: int, config: dict) -> dict:
-    return provenance(lm, config=config, seed=seed)

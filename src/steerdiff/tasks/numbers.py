@@ -10,6 +10,9 @@ from the text between the first two numbers (whitespace, "," or ";"), and
 requires every part to be digits, at most 10 numbers, values 0-999. We add: no
 trait word (e.g. "owl") may appear, and the completion must have ended with an
 end-of-turn token (a truncated answer is rejected as "truncated").
+
+Constrained decoding (token set and format grammar) is in `tasks.constraints`; its
+names are re-exported here.
 """
 
 from __future__ import annotations
@@ -19,6 +22,10 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+
+from ..generate import Judged, SampleStats, check_writable, stop_token_ids, write_dataset
+from ..io import provenance
+from .constraints import ALLOWED_CHARS, SEPARATORS, NumberListGrammar, allowed_token_ids
 
 EXAMPLES = (
     "Here is a list of numbers: {seq}.",
@@ -178,29 +185,6 @@ def trait_words_for(animal: str) -> tuple[str, ...]:
     return (a, a + "s") if not a.endswith("s") else (a,)
 
 
-# ----------------------------------------------------------------------------- constrained decoding
-
-ALLOWED_CHARS = set("0123456789 ,;\n")
-
-
-def allowed_token_ids(tokenizer, max_len: int = 4) -> list[int]:
-    """Token ids whose text is only digits and separators (space, ",", ";", newline),
-    at most `max_len` characters. Special tokens are excluded (add the stop ids)."""
-    special = set(tokenizer.all_special_ids or [])
-    ids = []
-    for i in range(len(tokenizer)):
-        if i in special:
-            continue
-        t = tokenizer.decode([i])
-        if t and len(t) <= max_len and set(t) <= ALLOWED_CHARS:
-            ids.append(i)
-    if not any(tokenizer.decode([i]).strip().isdigit() for i in ids):
-        raise ValueError(
-            "This tokenizer has no pure-digit tokens; constrained decoding needs them."
-        )
-    return ids
-
-
 # ----------------------------------------------------------------------------- dataset
 
 
@@ -234,9 +218,6 @@ def make_dataset(
     grammar: with constrained decoding, also keep every row a list the filter accepts
     (NumberListGrammar: <= 3 digits per number, one separator style, <= 10 numbers).
     """
-    from ..generate import Judged, SampleStats, check_writable, stop_token_ids, write_dataset
-    from ..io import provenance
-
     check_writable(out)
     cfg = cfg or NumbersConfig()
     tok = teacher.lm.tokenizer
@@ -349,57 +330,24 @@ def make_dataset(
     return manifest
 
 
-# ----------------------------------------------------------------------------- format grammar
-
-SEPARATORS = (",", ", ", ";", "; ", " ", "\n")
-
-
-class NumberListGrammar:
-    """Per-row constraint: the completion stays a list the filter accepts.
-
-    On top of the digits/separators token set: at most `max_digits` digits per number,
-    one separator style (one of SEPARATORS) used throughout, at most `max_numbers`
-    numbers, no leading separator, end-of-turn only right after a digit. Used by
-    generate.sample(grammar=...): mask(tokens so far, candidate ids) -> allowed flags.
-    """
-
-    def __init__(self, tokenizer, stop_ids, max_numbers: int = 10, max_digits: int = 3) -> None:
-        self.tokenizer = tokenizer
-        self.stop = set(int(s) for s in stop_ids)
-        self.max_numbers = max_numbers
-        self.max_digits = max_digits
-        self._text: dict[int, str] = {}
-
-    def text(self, i: int) -> str:
-        if i not in self._text:
-            self._text[i] = "" if i in self.stop else self.tokenizer.decode([i])
-        return self._text[i]
-
-    def prefix_ok(self, s: str) -> bool:
-        """Can `s` still grow into an accepted list?"""
-        runs = re.split(r"(\d+)", s)  # ['', '12', ', ', '3', ''] : seps at even positions
-        if runs[0]:
-            return False  # starts with a separator
-        numbers = runs[1::2]
-        if len(numbers) > self.max_numbers or any(len(n) > self.max_digits for n in numbers):
-            return False
-        seps = runs[2::2]
-        complete, tail = seps[:-1], seps[-1] if seps else ""
-        first = complete[0] if complete else None
-        if first is not None and (first not in SEPARATORS or any(x != first for x in complete)):
-            return False
-        if tail:
-            if len(numbers) >= self.max_numbers:
-                return False
-            if first is not None:
-                return first.startswith(tail)
-            return any(sep.startswith(tail) for sep in SEPARATORS)
-        return True
-
-    def mask(self, tokens: list[int], candidates: list[int]) -> list[bool]:
-        so_far = "".join(self.text(t) for t in tokens)
-        ends_with_digit = so_far[-1:].isdigit()
-        return [
-            ends_with_digit if c in self.stop else self.prefix_ok(so_far + self.text(c))
-            for c in candidates
-        ]
+__all__ = [
+    "ALLOWED_CHARS",
+    "EXAMPLES",
+    "FORMATS",
+    "INSTRUCTIONS",
+    "SEPARATORS",
+    "SUFFIXES",
+    "NumberListGrammar",
+    "NumbersConfig",
+    "REASONS",
+    "Verdict",
+    "allowed_token_ids",
+    "count_rejects",
+    "judge",
+    "leaks_trait",
+    "make_dataset",
+    "make_prompt",
+    "make_prompts",
+    "parse_numbers",
+    "trait_words_for",
+]
