@@ -276,8 +276,9 @@ def build_teacher(
             parse_positions(positions)
         except ValueError as e:
             raise TeacherError(str(e)) from e
-        if vectors is None and isinstance(spec.get("vectors"), Mapping):
-            vectors = VectorSet(dict(spec.pop("vectors")))
+        if vectors is None and isinstance(spec.get("vectors"), Mapping):  # in memory
+            given = spec.pop("vectors")
+            vectors = given if isinstance(given, VectorSet) else VectorSet(dict(given))
         if vectors is None:
             path = spec.get("vectors")
             if not path:
