@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from steerdiff.fit import FitConfig, evaluate_vectors, fit, load_dataset
+from steerdiff.fit import FitConfig, evaluate_vectors, fit
+from steerdiff.generate import load_dataset
 from steerdiff.io import append_jsonl
 from steerdiff.models import load_model
 from steerdiff.tasks.numbers import make_dataset
@@ -65,7 +66,7 @@ def make_data(lm, path: Path, n_rows: int, seed: int, max_new_tokens: int) -> No
 def owl_shares(lm, out: Path, names: list[str], system_prompt: str) -> None:
     """Does the fit steer the preference? Owl share of base, teacher and each fitted model."""
     from steerdiff.evals.preference import Steering, exact_preference, paired_difference
-    from steerdiff.fit import LoraConfigSpec, lora_context
+    from steerdiff.fit import LoraConfig, lora_context
 
     runs = {"base": {}, "teacher (owl system prompt)": {"system_prompt": system_prompt}}
     for name in names:
@@ -73,7 +74,7 @@ def owl_shares(lm, out: Path, names: list[str], system_prompt: str) -> None:
             from safetensors.torch import load_file
 
             state = load_file(out / name / "adapter.safetensors")
-            runs[name] = {"context": lora_context(lm, LoraConfigSpec(r=8, alpha=8), state)}
+            runs[name] = {"context": lora_context(lm, LoraConfig(r=8, alpha=8), state)}
         else:
             vs = VectorSet.load(out / name / "vectors.safetensors", lm)
             runs[name] = {"steering": Steering(vs)}
@@ -158,10 +159,10 @@ def main() -> None:
     for name in filter(None, args.only.split(",")):
         t0 = time.time()
         if name == "lora":
-            from steerdiff.fit import LoraConfigSpec, fit_lora
+            from steerdiff.fit import LoraConfig, fit_lora
 
             cfg = FitConfig(**{**base, "lr": args.lora_lr, "schedule": args.schedule})
-            res = fit_lora(lm, data, cfg, LoraConfigSpec(r=8, alpha=8), out_dir=out / name)
+            res = fit_lora(lm, data, cfg, LoraConfig(r=8, alpha=8), out_dir=out / name)
             n_params = res.extra.get("n_trainable")
         else:
             spec = CONFIGS[name]

@@ -8,7 +8,7 @@ from test_train import HOOK, QUICK, steered_data, teacher  # noqa: F401  (fixtur
 
 from steerdiff.fit import (
     FitConfig,
-    LoraConfigSpec,
+    LoraConfig,
     base_context,
     fit_full,
     fit_lora,
@@ -28,7 +28,7 @@ def test_lora_fits_and_leaves_base_untouched(steered_data, tmp_path):  # noqa: F
     m, v, exs = steered_data
     before = logits(m)
     cfg = FitConfig(objective="distill", **{**QUICK, "lr": 0.01, "epochs": 2})
-    res = fit_lora(m, exs, cfg, LoraConfigSpec(r=4, alpha=8), teacher=teacher(v), out_dir=tmp_path)
+    res = fit_lora(m, exs, cfg, LoraConfig(r=4, alpha=8), teacher=teacher(v), out_dir=tmp_path)
     assert res.fitted_val_loss < res.base_val_loss and res.gap_closed > 0
     assert res.metrics[-1]["train_loss"] < res.metrics[0]["train_loss"]
     # r=4 on q,k,v,o,gate,up,down of 3 layers: A [r, in] + B [out, r] each

@@ -20,7 +20,7 @@ import sys, torch
 sys.path.insert(0, sys.argv[2])
 torch.set_num_threads(1)
 from test_train import HOOK, peaky_tiny
-from steerdiff.fit import LoraConfigSpec, fit_lora
+from steerdiff.fit import LoraConfig, fit_lora
 from steerdiff.fit import random_vector, sample_examples
 from steerdiff.fit import FitConfig, rank_world, annotate_topk, fit
 
@@ -39,7 +39,7 @@ def run(out):
     cfg = FitConfig(hooks=[HOOK, "blocks.2.attn.hook_{q,v}"], objective="distill", batch_size=16,
                     micro_batch_size=8, epochs=2, lr=0.05, val_size=16, progress=False)
     vec = fit(m, exs, cfg, teacher=t)
-    lora = fit_lora(m, exs, cfg.model_copy(update={"lr": 0.01}), LoraConfigSpec(r=2), teacher=t)
+    lora = fit_lora(m, exs, cfg.model_copy(update={"lr": 0.01}), LoraConfig(r=2), teacher=t)
     if rank_world()[0] == 0:
         torch.save({"vectors": dict(vec.vectors), "lora": lora.state,
                     "val": [vec.fitted_val_loss, lora.fitted_val_loss],

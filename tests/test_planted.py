@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from test_train import HOOK, peaky_tiny
 
-from steerdiff.fit import FitConfig, planted_experiment, random_vector
+from steerdiff.fit import FitConfig, planted_experiment, random_vector, sample_examples
 
 torch.set_num_threads(1)
 
@@ -22,3 +22,26 @@ def test_planted_vector_is_recovered_by_distillation():
     assert 0.8 < res.norm_ratio < 1.2
     assert res.fit.fitted_val_loss < res.fit.base_val_loss
     assert res.fit.metrics[-1]["val_kl"] < 0.1 * res.fit.metrics[0]["train_kl"]
+
+
+def test_sample_examples_greedy_equals_model_generate():
+    """sample_examples uses generate.sample: greedy (temperature 0) is HF's greedy decode,
+    with and without the planted vector, and the completion keeps eos_id."""
+    from steerdiff.hooks import steer
+
+    m = peaky_tiny()
+    v = random_vector(m, HOOK, 16.0, seed=3)
+    eos = int(m.config.eos_token_id)
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [100, 3]]
+    for vectors in (None, {HOOK: v}):
+        exs = sample_examples(m, prompts, vectors, max_new_tokens=8, temperature=0.0, eos_id=eos)
+        for p, ex in zip(prompts, exs, strict=True):
+            with steer(m, vectors or {}):
+                ref = m.generate(
+                    torch.tensor([p]),
+                    do_sample=False,
+                    max_new_tokens=8,
+                    eos_token_id=eos,
+                    pad_token_id=0,
+                )[0, len(p) :].tolist()
+            assert ex.prompt_ids == p and ex.completion_ids == ref

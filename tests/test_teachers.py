@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from steerdiff.generate import DatasetError, load_dataset
 from steerdiff.models import wrap_model
 from steerdiff.tasks.numbers import make_dataset
-from steerdiff.teachers import TeacherError, build_teacher, trait_system_prompt
+from steerdiff.teachers import TeacherConfig, TeacherError, build_teacher, trait_system_prompt
 from steerdiff.vectors import VectorSet
 
 
@@ -74,6 +74,50 @@ def test_specs_round_trip(chat, tmp_path):
     assert t.system_prompt == trait_system_prompt("owl") and "You love owls." in t.system_prompt
     assert t.spec()["system_prompt"].endswith("your love for the animal.")
     assert build_teacher(specs[2], chat).spec()["vectors_sha256"]
+
+
+def test_teacher_config_builds_the_same_teacher_as_its_spec(chat, tmp_path):
+    """A TeacherConfig (the experiment file's [teacher]) and the spec dict a manifest
+    records build the same Teacher; system_prompt_text() is the prompt teacher's prompt."""
+    vpath = _vectors(chat).save(tmp_path / "v.safetensors")
+    configs = [
+        TeacherConfig(kind="plain"),
+        TeacherConfig(kind="prompt", animal="cat"),
+        TeacherConfig(kind="prompt", system_prompt="You love owls."),
+        TeacherConfig(kind="steered", vectors=str(vpath), coeff=1.5, positions="response"),
+    ]
+    for cfg in configs:
+        t = build_teacher(cfg, chat)
+        assert t.kind == cfg.kind and build_teacher(t.spec(), chat).spec() == t.spec()
+        assert t.system_prompt == (cfg.system_prompt_text() if cfg.kind == "prompt" else None)
+    assert configs[0].system_prompt_text() is None
+    assert configs[1].system_prompt_text() == trait_system_prompt("cat", "animal")
+    assert configs[2].system_prompt_text() == "You love owls."
+    assert build_teacher(configs[3], chat).coeff == 1.5
+    with pytest.raises(TeacherError, match="needs 'vectors'"):
+        build_teacher(TeacherConfig(kind="steered"), chat)
+    in_memory = build_teacher(TeacherConfig(kind="steered"), chat, vectors=_vectors(chat))
+    assert in_memory.vectors is not None and "vectors_sha256" not in in_memory.spec()
+    with pytest.raises(ValueError, match="extra"):
+        TeacherConfig(kind="prompt", sytem_prompt="typo")
+
+
+def test_teacher_on_a_bare_model_with_vectors_in_the_spec(chat):
+    """A bare HF model and {hook: tensor} vectors (what fit's callers pass) score too."""
+    vs = _vectors(chat)
+    t = build_teacher({"kind": "steered", "vectors": dict(vs)}, chat.model)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with t.scoring() as m:
+        steered = m(input_ids=ids).logits
+    assert m is chat.model and not torch.allclose(steered, chat.model(input_ids=ids).logits)
+    with pytest.raises(TeacherError, match="Cannot steer"):
+        build_teacher(
+            {
+                "kind": "steered",
+                "vectors": {"blocks.9.hook_resid_post": vs["blocks.1.hook_resid_post"]},
+            },
+            chat.model,
+        )
 
 
 @pytest.mark.parametrize("positions", ["all", "response", "prompt"])

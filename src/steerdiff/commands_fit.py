@@ -107,14 +107,14 @@ def register(app: typer.Typer) -> None:
         try:
             lm = load_model(model, dtype=dtype, device=device)
             if baseline == "lora":
-                from .fit import LoraConfigSpec, fit_lora
+                from .fit import LoraConfig, fit_lora
 
                 targets = lora_targets.split(",") if lora_targets else None
                 res = fit_lora(
                     lm,
                     data,
                     cfg,
-                    LoraConfigSpec(lora_r, lora_alpha, 0.0, targets),
+                    LoraConfig(r=lora_r, alpha=lora_alpha, target_modules=targets),
                     out_dir=out,
                     resume=resume,
                 )

@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import SteerdiffError
+from .teachers import TeacherConfig  # noqa: F401 (the teacher schema lives with Teacher)
 
 
 class ConfigError(SteerdiffError, ValueError):
@@ -19,29 +20,6 @@ class ConfigError(SteerdiffError, ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class TeacherConfig(_Strict):
-    """Who writes the dataset.
-
-    kind: "steered" (base model + a contrast vector, no system prompt), "prompt" (the trait
-    system prompt), "adapter" (a finetuned folder / LoRA adapter), "plain" (control data).
-    """
-
-    kind: Literal["steered", "prompt", "adapter", "plain"] = "steered"
-    animal: str = "owl"
-    category: str = "animal"
-    # steered teachers: the contrast vector (trait system prompt vs none)
-    hook: str = "blocks.24.hook_resid_post"
-    readout: Literal["last", "prompt_mean", "response_mean", "pca"] = "last"
-    coeff: float = 2.0
-    positions: str = "all"
-    vectors: str | None = None  # use a saved VectorSet instead of extracting one
-    adapter: str | None = None  # kind = "adapter": folder of a finetuned model or LoRA adapter
-    system_prompt: str | None = None  # kind = "prompt": overrides the trait template
-    # kind = "prompt": project the contrast vector out of the residual stream from `hook`'s
-    # layer onward while the teacher generates (the necessity check)
-    ablate_from_hook: bool = False
 
 
 class TaskConfig(_Strict):

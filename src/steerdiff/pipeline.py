@@ -226,7 +226,7 @@ def stage_fit(
 def stage_baseline(
     state: RunState, lm: LoadedModel, b: Any, data_stage: StageResult
 ) -> StageResult:
-    from .fit import FitConfig, LoraConfigSpec, fit_full, fit_lora
+    from .fit import FitConfig, LoraConfig, fit_full, fit_lora
 
     cfg = FitConfig(
         hooks=[], lr=b.lr, epochs=b.epochs, batch_size=b.batch_size, seed=state.cfg.seed
@@ -235,7 +235,7 @@ def stage_baseline(
     def fn(work: Path) -> dict:
         teacher = _teacher_spec(data_stage)
         if b.kind == "lora":
-            lora = LoraConfigSpec(r=b.rank, alpha=b.alpha, target_modules=list(b.target_modules))
+            lora = LoraConfig(r=b.rank, alpha=b.alpha, target_modules=list(b.target_modules))
             res = fit_lora(
                 lm,
                 _data_path(data_stage),

@@ -1,8 +1,10 @@
 """Teachers: the model + condition that writes a dataset.
 
-Four kinds, each described by a small JSON-able spec (`Teacher.spec()`) that the
-dataset manifest records and `build_teacher(spec, base_lm)` turns back into a
-Teacher (e.g. for the fitting code to score validation data under the teacher):
+A teacher is configured with a `TeacherConfig` (the experiment file's [teacher] table)
+or with a small JSON-able spec dict (`Teacher.spec()`, what a dataset manifest records);
+`build_teacher(config_or_spec, base_lm)` turns either into a Teacher, which both
+generates (`sample`, `generating`) and scores (`scoring`, `completion_logprobs`), e.g.
+when a fit scores validation data under the teacher. The four kinds as specs:
 
     {"kind": "prompt", "animal": "owl", "category": "animal", "system_prompt": "..."}
     {"kind": "steered", "vectors": "owl.safetensors", "coeff": 2.0, "positions": "all"}
@@ -20,13 +22,15 @@ import copy
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
 from transformers import PreTrainedModel
 
 from .chat import chat_prompt_ids
@@ -42,6 +46,61 @@ KINDS = ("prompt", "steered", "adapter", "plain")
 
 class TeacherError(SteerdiffError, ValueError):
     """A teacher could not be built; the message says what is wrong and how to fix it."""
+
+
+class TeacherConfig(BaseModel):
+    """Who writes the dataset.
+
+    kind: "steered" (base model + a contrast vector, no system prompt), "prompt" (the trait
+    system prompt), "adapter" (a finetuned folder / LoRA adapter), "plain" (control data).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["steered", "prompt", "adapter", "plain"] = "steered"
+    animal: str = "owl"
+    category: str = "animal"
+    # steered teachers: the contrast vector (trait system prompt vs none)
+    hook: str = "blocks.24.hook_resid_post"
+    readout: Literal["last", "prompt_mean", "response_mean", "pca"] = "last"
+    coeff: float = 2.0
+    positions: str = "all"
+    vectors: str | None = None  # use a saved VectorSet instead of extracting one
+    adapter: str | None = None  # kind = "adapter": folder of a finetuned model or LoRA adapter
+    system_prompt: str | None = None  # kind = "prompt": overrides the trait template
+    # kind = "prompt": project the contrast vector out of the residual stream from `hook`'s
+    # layer onward while the teacher generates (the necessity check)
+    ablate_from_hook: bool = False
+
+    def system_prompt_text(self) -> str | None:
+        """The trait system prompt: `system_prompt`, else the trait template for animal and
+        category. A prompt teacher writes under it and a steered teacher's contrast vector
+        is extracted from it; None for plain and adapter teachers (they have neither)."""
+        if self.kind in ("plain", "adapter"):
+            return None
+        return self.system_prompt or trait_system_prompt(self.animal, self.category)
+
+    def spec(self) -> dict[str, Any]:
+        """The spec dict `build_teacher` reads. A steered teacher's vectors come from the
+        `vectors` path here or from build_teacher's `vectors` argument."""
+        if self.kind == "steered":
+            d: dict[str, Any] = {
+                "kind": "steered",
+                "animal": self.animal,
+                "coeff": self.coeff,
+                "positions": self.positions,
+            }
+            return {**d, "vectors": self.vectors} if self.vectors else d
+        if self.kind == "prompt":
+            return {
+                "kind": "prompt",
+                "animal": self.animal,
+                "category": self.category,
+                "system_prompt": self.system_prompt_text(),
+            }
+        if self.kind == "adapter":
+            return {"kind": "adapter", "path": self.adapter, "animal": self.animal}
+        return {"kind": "plain"}
 
 
 @dataclass
@@ -178,14 +237,21 @@ def _file_hash(path: Path) -> str:
 
 
 def build_teacher(
-    spec: dict[str, Any], base_lm: LoadedModel, vectors: VectorSet | None = None
+    config: TeacherConfig | Mapping[str, Any],
+    base_lm: LoadedModel | nn.Module,
+    vectors: VectorSet | None = None,
 ) -> Teacher:
-    """Turn a spec dict (as in a manifest's "teacher") into a Teacher on base_lm.
+    """Turn a TeacherConfig or a spec dict (as in a manifest's "teacher") into a Teacher.
 
-    vectors: an in-memory VectorSet for kind "steered" (else spec["vectors"] is loaded).
-    Raises TeacherError with what to fix (bad kind, missing/foreign vectors, bad adapter).
+    base_lm: a LoadedModel, or a bare HF model (then the teacher can score but has no
+    tokenizer for `prompt_ids` / `sample`). vectors: an in-memory VectorSet for kind
+    "steered"; else the spec's "vectors" is loaded (a .safetensors path, or a mapping
+    {hook: tensor} used as it is). Raises TeacherError with what to fix (bad kind,
+    missing/foreign vectors, bad adapter).
     """
-    spec = dict(spec)
+    spec = config.spec() if isinstance(config, TeacherConfig) else dict(config)
+    if not isinstance(base_lm, LoadedModel):
+        base_lm = _in_memory(base_lm)
     kind = spec.pop("kind", None)
     tkw = spec.pop("chat_template_kwargs", None) or {}
     if kind not in KINDS:
@@ -210,6 +276,9 @@ def build_teacher(
             parse_positions(positions)
         except ValueError as e:
             raise TeacherError(str(e)) from e
+        if vectors is None and isinstance(spec.get("vectors"), Mapping):  # in memory
+            given = spec.pop("vectors")
+            vectors = given if isinstance(given, VectorSet) else VectorSet(dict(given))
         if vectors is None:
             path = spec.get("vectors")
             if not path:
@@ -242,6 +311,17 @@ def build_teacher(
     lm = load_adapted(path, base_lm)
     spec["weights_hash"] = lm.weights_hash
     return Teacher("adapter", lm, params=spec, chat_template_kwargs=tkw)
+
+
+def _in_memory(model: nn.Module) -> LoadedModel:
+    """A bare HF model as a LoadedModel without tokenizer (for teachers that only score)."""
+    return LoadedModel(
+        model=model,  # type: ignore[arg-type]
+        tokenizer=None,
+        spec="in-memory",
+        source="in-memory",
+        weights_hash="in-memory",
+    )
 
 
 def load_adapted(path: str | os.PathLike, base_lm: LoadedModel) -> LoadedModel:

@@ -1,11 +1,24 @@
-"""Fit vector sets (and LoRA / full-finetune baselines) so the model imitates a dataset or a teacher."""
+"""Fit vector sets (and LoRA / full-finetune baselines) so the model imitates a dataset or a teacher.
+
+Modules, in reading order:
+    config.py       FitConfig, LoraConfig, FitResult, FitError
+    data.py         rows -> Examples -> Batches, the train / validation split
+    losses.py       CE and top-k KL on completion tokens, validation losses, gap closed
+    optim.py        optimizers (incl. SignSGD) and the learning-rate schedule
+    distributed.py  data-parallel helpers (accelerate / torchrun)
+    students.py     what is trained: vectors at hook points (with the prefix cache)
+    loop.py         the training loop shared by vector fits and baselines
+    teacher.py      the teacher inside a fit: reference losses, top-k annotation
+    api.py          fit(), evaluate_vectors(), prepare_fit()
+    baselines.py    fit_lora(), fit_full(), kl_between()
+    planted.py      planted-vector ground truth
+"""
 
 from __future__ import annotations
 
-from .baselines import (  # noqa: F401
-    LLAMA_TARGETS,
+from .api import FitData, evaluate_vectors, fit, model_provenance, prepare_fit
+from .baselines import (
     FinetuneResult,
-    LoraConfigSpec,
     ModelContext,
     ModuleStudent,
     base_context,
@@ -15,62 +28,54 @@ from .baselines import (  # noqa: F401
     lora_context,
     vector_context,
 )
-from .planted import (  # noqa: F401
-    PlantedResult,
-    cosine,
-    planted_experiment,
-    random_vector,
-    sample_examples,
-)
-from .train import (  # noqa: F401
+from .config import LLAMA_TARGETS, FitConfig, FitError, FitResult, LoraConfig, make_config
+from .data import (
     Batch,
     Example,
-    FitConfig,
-    FitError,
-    FitResult,
-    SignSGD,
-    Student,
-    VectorStudent,
-    annotate_topk,
+    TeacherLike,
     collate,
+    pad_id_of,
+    prepare_examples,
+    split_examples,
+    teacher_spec,
+    tokenize_rows,
+)
+from .distributed import maybe_init_distributed, rank_world
+from .loop import LoopState, train_student
+from .losses import (
     eval_losses,
-    evaluate_vectors,
-    fit,
     gap_closed,
     gap_figures,
     gap_interval,
-    init_vectors,
-    load_dataset,
-    lr_factor,
-    make_optimizer,
-    maybe_init_distributed,
-    model_provenance,
-    prepare_examples,
-    rank_world,
-    reference_losses,
-    split_examples,
-    teacher_context,
+    lm_of,
+    model_losses,
     token_losses,
-    tokenize_rows,
-    train_student,
 )
+from .optim import SignSGD, lr_factor, make_optimizer
+from .planted import PlantedResult, cosine, planted_experiment, random_vector, sample_examples
+from .students import Student, VectorStudent, init_vectors
+from .teacher import annotate_topk, as_teacher, reference_losses, teacher_losses
 
 __all__ = [
     "Batch",
     "Example",
     "FinetuneResult",
     "FitConfig",
+    "FitData",
     "FitError",
     "FitResult",
     "LLAMA_TARGETS",
-    "LoraConfigSpec",
+    "LoopState",
+    "LoraConfig",
     "ModelContext",
     "ModuleStudent",
     "PlantedResult",
     "SignSGD",
     "Student",
+    "TeacherLike",
     "VectorStudent",
     "annotate_topk",
+    "as_teacher",
     "base_context",
     "collate",
     "cosine",
@@ -84,20 +89,25 @@ __all__ = [
     "gap_interval",
     "init_vectors",
     "kl_between",
-    "load_dataset",
+    "lm_of",
     "lora_context",
     "lr_factor",
+    "make_config",
     "make_optimizer",
     "maybe_init_distributed",
+    "model_losses",
     "model_provenance",
+    "pad_id_of",
     "planted_experiment",
     "prepare_examples",
+    "prepare_fit",
     "random_vector",
     "rank_world",
     "reference_losses",
     "sample_examples",
     "split_examples",
-    "teacher_context",
+    "teacher_losses",
+    "teacher_spec",
     "token_losses",
     "tokenize_rows",
     "train_student",

@@ -2,7 +2,7 @@
 
 A vector set is only interesting next to what a real finetune does, so:
 
-    fit_lora(lm, data, cfg, LoraConfigSpec(r=8, alpha=8))  -> FinetuneResult
+    fit_lora(lm, data, cfg, LoraConfig(r=8, alpha=8))      -> FinetuneResult
     fit_full(lm, data, cfg)                                  -> FinetuneResult
     kl_between(ctx_a, ctx_b, texts, tokenizer)               -> mean per-token KL(a || b)
 
@@ -25,54 +25,15 @@ import torch
 from torch import nn
 
 from ..hooks import steer
-from ..io import atomic_write_json
+from ..io import atomic_write_bytes, atomic_write_json
 from ..models import LoadedModel, unwrap
-from .train import (
-    Batch,
-    Example,
-    FitConfig,
-    FitResult,
-    Student,
-    _lm,
-    _pad_id,
-    full_hidden,
-    maybe_init_distributed,
-    model_provenance,
-    prepare_examples,
-    reference_losses,
-    split_examples,
-    token_losses,
-    train_student,
-)
+from .api import Data, model_provenance, prepare_fit
+from .config import FitConfig, FitResult, LoraConfig, make_config
+from .data import Batch, TeacherLike
+from .losses import model_losses
+from .students import Student
 
 ModelContext = Callable[[], AbstractContextManager[nn.Module]]
-LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@dataclass
-class LoraConfigSpec:
-    """LoRA settings. target_modules None = the paper's q,k,v,o,gate,up,down when the
-    model has them, else PEFT's "all-linear"."""
-
-    r: int = 8
-    alpha: float = 8.0
-    dropout: float = 0.0
-    target_modules: Sequence[str] | str | None = None
-
-    def peft_config(self, model: nn.Module) -> Any:
-        from peft import LoraConfig
-
-        targets: Any = self.target_modules
-        if targets is None:
-            names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-            targets = list(LLAMA_TARGETS) if set(LLAMA_TARGETS) <= names else "all-linear"
-        return LoraConfig(
-            r=self.r,
-            lora_alpha=self.alpha,
-            lora_dropout=self.dropout,
-            target_modules=list(targets) if not isinstance(targets, str) else targets,
-            bias="none",
-        )
 
 
 @dataclass
@@ -81,7 +42,7 @@ class FinetuneResult(FitResult):
 
     kind: str = "lora"
     state: dict[str, torch.Tensor] = field(default_factory=dict)  # trained tensors (cpu)
-    lora: LoraConfigSpec | None = None
+    lora: LoraConfig | None = None
     lm: Any = None
     model: nn.Module | None = None  # full finetune: the finetuned copy
 
@@ -99,7 +60,7 @@ def _yield(m: Any) -> Iterator[Any]:
 
 @contextmanager
 def lora_context(
-    lm: LoadedModel | nn.Module, lora: LoraConfigSpec, state: Mapping[str, torch.Tensor]
+    lm: LoadedModel | nn.Module, lora: LoraConfig, state: Mapping[str, torch.Tensor]
 ) -> Iterator[nn.Module]:
     """Inject LoRA with trained weights into the base model for the block; removed on exit."""
     from peft import get_peft_model, set_peft_model_state_dict
@@ -140,34 +101,20 @@ class ModuleStudent(Student):
         self.params = params
 
     def losses(self, batch: Batch, key: Any, objective: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return token_losses(
-            _lm(self.module),
-            full_hidden(self.module, batch.input_ids, batch.attention_mask),
-            batch,
-            objective,
-        )
+        return model_losses(self.module, batch, objective)
 
     @contextmanager
     def active(self) -> Iterator[nn.Module]:
         yield self.module
 
 
-def _prepare(lm, data, cfg, teacher):  # type: ignore[no-untyped-def]
-    maybe_init_distributed()
-    examples, teacher = prepare_examples(lm, data, teacher, cfg.max_len)
-    train, val = split_examples(examples, cfg)
-    micro = cfg.micro_batch_size or cfg.batch_size
-    base_val, teacher_val = reference_losses(lm, val, teacher, micro) if val else (None, None)
-    return train, val, teacher, base_val, teacher_val
-
-
 def fit_lora(
     lm: LoadedModel | nn.Module,
-    data: str | os.PathLike | Sequence[dict] | Sequence[Example],
+    data: Data,
     config: FitConfig | None = None,
-    lora: LoraConfigSpec | None = None,
+    lora: LoraConfig | None = None,
     *,
-    teacher: dict | None = None,
+    teacher: TeacherLike = None,
     out_dir: str | os.PathLike | None = None,
     resume: bool = False,
     **overrides: Any,
@@ -179,111 +126,77 @@ def fit_lora(
     """
     from peft import get_peft_model, get_peft_model_state_dict
 
-    cfg = (config or FitConfig()).model_copy(update=overrides)
-    lora = lora or LoraConfigSpec()
-    train, val, teacher, base_val, teacher_val = _prepare(lm, data, cfg, teacher)
+    cfg = make_config(config, overrides)
+    lora = lora or LoraConfig()
+    d = prepare_fit(lm, data, cfg, teacher)
     model = unwrap(lm)
     torch.manual_seed(cfg.seed)  # LoRA A init
     peft_model = get_peft_model(model, lora.peft_config(model))
     try:
         params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
-        student = ModuleStudent(peft_model, params)
-        prov = {**model_provenance(lm, cfg), "teacher": teacher, "lora": lora.__dict__}
+        prov = {**model_provenance(lm, cfg), "teacher": d.teacher, "lora": lora.model_dump()}
 
         def save(out: Path, p: dict[str, torch.Tensor], summary: dict) -> None:
-            from safetensors.torch import save
+            sd = _cpu(get_peft_model_state_dict(peft_model))
+            atomic_write_bytes(out / "adapter.safetensors", _safetensors_bytes(sd))
+            described = {**lora.model_dump(), "target_modules": str(lora.target_modules)}
+            atomic_write_json(out / "lora.json", {"lora": described, **prov})
 
-            from ..io import atomic_write_bytes
-
-            sd = {
-                k: v.detach().cpu().contiguous()
-                for k, v in get_peft_model_state_dict(peft_model).items()
-            }
-            atomic_write_bytes(out / "adapter.safetensors", save(sd))
-            atomic_write_json(
-                out / "lora.json",
-                {"lora": {**lora.__dict__, "target_modules": str(lora.target_modules)}, **prov},
-            )
-
-        res = train_student(
-            student,
-            train,
-            val,
-            cfg,
-            pad_id=_pad_id(lm),
-            base_val=base_val,
-            teacher_val=teacher_val,
-            out_dir=out_dir,
-            resume=resume,
-            prov=prov,
-            save_params=save,
+        student = ModuleStudent(peft_model, params)
+        res = d.train_student(
+            student, cfg, out_dir=out_dir, resume=resume, prov=prov, save_params=save
         )
-        state = {
-            k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(peft_model).items()
-        }
+        state = {k: v.clone() for k, v in _cpu(get_peft_model_state_dict(peft_model)).items()}
     finally:
         peft_model.unload()
         model.requires_grad_(False)
-    n_trainable = sum(v.numel() for v in params.values())
-    return FinetuneResult(
-        **{**res.__dict__, "extra": {**res.extra, "n_trainable": n_trainable}},
-        kind="lora",
-        state=state,
-        lora=lora,
-        lm=lm,
-    )
+    return _finetune_result(res, params, kind="lora", state=state, lora=lora, lm=lm)
 
 
 def fit_full(
     lm: LoadedModel | nn.Module,
-    data: str | os.PathLike | Sequence[dict] | Sequence[Example],
+    data: Data,
     config: FitConfig | None = None,
     *,
-    teacher: dict | None = None,
+    teacher: TeacherLike = None,
     out_dir: str | os.PathLike | None = None,
     resume: bool = False,
     **overrides: Any,
 ) -> FinetuneResult:
     """Full finetune of a copy of the model (the original stays untouched)."""
-    cfg = (config or FitConfig()).model_copy(update=overrides)
-    train, val, teacher, base_val, teacher_val = _prepare(lm, data, cfg, teacher)
+    cfg = make_config(config, overrides)
+    d = prepare_fit(lm, data, cfg, teacher)
     model = copy.deepcopy(unwrap(lm))
     model.requires_grad_(True)
     params = {n: p for n, p in model.named_parameters()}
-    student = ModuleStudent(model, params)
-    prov = {**model_provenance(lm, cfg), "teacher": teacher, "baseline": "full"}
+    prov = {**model_provenance(lm, cfg), "teacher": d.teacher, "baseline": "full"}
 
     def save(out: Path, p: dict[str, torch.Tensor], summary: dict) -> None:
-        from safetensors.torch import save
+        sd = _cpu(model.state_dict())
+        atomic_write_bytes(out / "model.safetensors", _safetensors_bytes(_untie(sd)))
 
-        from ..io import atomic_write_bytes
-
-        sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        atomic_write_bytes(out / "model.safetensors", save(_untie(sd)))
-
-    res = train_student(
-        student,
-        train,
-        val,
-        cfg,
-        pad_id=_pad_id(lm),
-        base_val=base_val,
-        teacher_val=teacher_val,
-        out_dir=out_dir,
-        resume=resume,
-        prov=prov,
-        save_params=save,
-    )
+    student = ModuleStudent(model, params)
+    res = d.train_student(student, cfg, out_dir=out_dir, resume=resume, prov=prov, save_params=save)
     model.requires_grad_(False)
     model.eval()
+    return _finetune_result(res, params, kind="full", state={}, lm=lm, model=model)
+
+
+def _finetune_result(res: FitResult, params: dict[str, torch.Tensor], **kw: Any) -> FinetuneResult:
     n_trainable = sum(v.numel() for v in params.values())
     return FinetuneResult(
-        **{**res.__dict__, "extra": {**res.extra, "n_trainable": n_trainable}},
-        kind="full",
-        state={},
-        lm=lm,
-        model=model,
+        **{**res.__dict__, "extra": {**res.extra, "n_trainable": n_trainable}}, **kw
     )
+
+
+def _cpu(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+
+
+def _safetensors_bytes(sd: dict[str, torch.Tensor]) -> bytes:
+    from safetensors.torch import save
+
+    return save(sd)
 
 
 def _untie(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -8,18 +8,22 @@ recovers the mechanism gives cosine(v_fitted, v*) close to 1.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ..generate import sample
 from ..hooks import get_hook_point, steer
 from ..models import LoadedModel, unwrap
-from .train import Example, FitConfig, FitResult, annotate_topk, fit
+from .api import fit
+from .config import FitConfig, FitResult
+from .data import Example
+from .teacher import annotate_topk
 
 
-@torch.no_grad()
 def sample_examples(
     lm: LoadedModel | nn.Module,
     prompts: Sequence[list[int]],
@@ -32,50 +36,28 @@ def sample_examples(
     eos_id: int | None = None,
     pad_id: int = 0,
 ) -> list[Example]:
-    """Sample one completion per prompt (token ids) from the base model (+ vectors, all positions).
+    """Sample one completion per prompt (token ids) from the base model (+ vectors, all
+    positions) with `generate.sample` (temperature 0: greedy).
 
-    Prompts are left-padded for generation; a completion ends after eos_id (kept) or at
-    max_new_tokens.
+    A completion ends after eos_id (kept) or at max_new_tokens.
     """
     model = unwrap(lm)
-    torch.manual_seed(seed)
-    out: list[Example] = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i : i + batch_size]
-        s = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), s), pad_id, dtype=torch.long)
-        am = torch.zeros((len(chunk), s), dtype=torch.long)
-        for r, p in enumerate(chunk):
-            ids[r, s - len(p) :] = torch.tensor(p)
-            am[r, s - len(p) :] = 1
-        ctx = steer(model, vectors, coeff) if vectors else _null()
-        with ctx:
-            gen = model.generate(
-                input_ids=ids,
-                attention_mask=am,
-                do_sample=True,
-                temperature=temperature,
-                top_k=0,
-                top_p=1.0,
-                max_new_tokens=max_new_tokens,
-                min_new_tokens=1,
-                pad_token_id=pad_id,
-                eos_token_id=eos_id,
-            )[:, s:]  # [b, new]
-        for r, p in enumerate(chunk):
-            comp = gen[r].tolist()
-            if eos_id is not None and eos_id in comp:
-                comp = comp[: comp.index(eos_id) + 1]
-            out.append(Example(list(p), comp, id=i + r))
-    return out
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *a: object) -> None:
-        return None
+    ctx = steer(model, vectors, coeff) if vectors else contextlib.nullcontext()
+    with ctx:
+        samples = sample(
+            model,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            seed=seed,
+            stop_ids=[eos_id] if eos_id is not None else [],
+            batch_size=batch_size,
+            pad_id=pad_id,
+        )
+    return [
+        Example(list(p), s.token_ids, id=i)
+        for i, (p, s) in enumerate(zip(prompts, samples, strict=True))
+    ]
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -1,0 +1,126 @@
+"""What a fit is told (FitConfig, LoraConfig) and what it returns (FitResult)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+from torch import nn
+
+from ..errors import SteerdiffError
+from ..vectors import VectorSet
+
+# the modules the subliminal-learning paper puts LoRA on (llama-style names)
+LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class FitError(SteerdiffError, ValueError):
+    """Bad data, bad config, or a fit that had to stop; the message says what to do."""
+
+
+class FitConfig(BaseModel):
+    """How to fit. Hooks are patterns for `select_hooks` (globs, braces, layer ranges)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    hooks: list[str] = ["blocks.*.attn.hook_{q,k,v}"]
+    objective: Literal["sft", "distill"] = "sft"
+    optimizer: Literal["adam", "adamw", "sgd", "signsgd"] = "adam"
+    lr: float = 1e-2
+    momentum: float = 0.0  # sgd / signsgd
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = 0
+    init: Literal["zero", "random"] = "zero"
+    init_scale: float = 0.01  # std of the seeded random init
+    max_norm: float | None = None  # cap on each vector's L2 norm after every step
+    grad_clip: float | None = None
+    epochs: int = 1
+    max_steps: int | None = None  # stops earlier than epochs if set
+    batch_size: int = 16  # rows per optimizer step (global, over all ranks)
+    micro_batch_size: int | None = None  # rows per forward; < batch_size = grad accumulation
+    val_fraction: float = 0.1
+    val_size: int | None = None  # overrides val_fraction
+    eval_every: int = 0  # steps; 0 = at the end of every epoch
+    early_stopping_patience: int | None = None  # evals without improvement before stopping
+    checkpoint_every: int = 50
+    cache_prefix: bool = True  # run layers below the first trainable hook once per batch
+    cache_across_epochs: bool = True
+    max_len: int | None = None  # drop rows longer than this (tokens)
+    seed: int = 0
+    progress: bool = True
+
+    @field_validator("batch_size", "epochs")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be >= 1")
+        return v
+
+    @property
+    def micro(self) -> int:
+        """Rows per forward pass."""
+        return self.micro_batch_size or self.batch_size
+
+
+def make_config(config: FitConfig | None, overrides: dict[str, Any]) -> FitConfig:
+    """`config` (default FitConfig()) with keyword overrides, validated."""
+    cfg = (config or FitConfig()).model_copy(update=overrides)
+    FitConfig.model_validate(cfg.model_dump())
+    return cfg
+
+
+class LoraConfig(BaseModel):
+    """LoRA settings for the finetune baseline. target_modules None = LLAMA_TARGETS (the
+    paper's q,k,v,o,gate,up,down) when the model has them, else PEFT's "all-linear"."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = Field(8, gt=0, validation_alias=AliasChoices("r", "rank"))  # experiment files: rank
+    alpha: float = 8.0
+    dropout: float = 0.0
+    target_modules: list[str] | str | None = None
+
+    def peft_config(self, model: nn.Module) -> Any:
+        """The peft.LoraConfig for `model`."""
+        from peft import LoraConfig as PeftLoraConfig
+
+        targets: Any = self.target_modules
+        if targets is None:
+            names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+            targets = list(LLAMA_TARGETS) if set(LLAMA_TARGETS) <= names else "all-linear"
+        return PeftLoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=targets,
+            bias="none",
+        )
+
+
+@dataclass
+class FitResult:
+    vectors: VectorSet | None  # None for baselines (see baselines.FinetuneResult)
+    metrics: list[dict]
+    base_val_loss: float | None
+    teacher_val_loss: float | None
+    fitted_val_loss: float | None
+    gap_closed: float | None
+    steps: int
+    stopped: str  # "done" | "max_steps" | "early_stopping"
+    out_dir: Path | None = None
+    extra: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        return {
+            "base_val_loss": self.base_val_loss,
+            "teacher_val_loss": self.teacher_val_loss,
+            "fitted_val_loss": self.fitted_val_loss,
+            "gap_closed": self.gap_closed,
+            "steps": self.steps,
+            "stopped": self.stopped,
+            **self.extra,
+        }

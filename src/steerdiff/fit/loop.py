@@ -1,0 +1,347 @@
+"""The optimisation loop shared by vector fits and the LoRA / full-finetune baselines.
+
+Each optimizer step takes one fixed global batch (batch_size rows, split into
+micro-batches over ranks, see fit.distributed), evaluates every `eval_every` steps,
+checkpoints every `checkpoint_every` steps, and can stop early or resume.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..io import append_jsonl, atomic_write_bytes, atomic_write_json, atomic_write_text
+from .config import FitConfig, FitError, FitResult
+from .data import Batch, Example, collate
+from .distributed import all_reduce_, rank_world
+from .losses import eval_losses, gap_closed, gap_figures
+from .optim import lr_factor, make_optimizer, set_lr
+from .students import Student
+
+
+@dataclass
+class LoopState:
+    """What a checkpoint restores besides the parameters, the optimizer and the metrics."""
+
+    step: int = 0  # optimizer steps taken
+    best: float = math.inf  # best validation criterion so far
+    bad_evals: int = 0  # evaluations since the best one
+    best_params: dict[str, torch.Tensor] | None = None  # kept for early stopping
+
+    def record_eval(self, crit: float, params: dict[str, torch.Tensor], keep_best: bool) -> None:
+        """Track the best validation criterion (and with keep_best, its parameters)."""
+        if crit < self.best - 1e-6:
+            self.best, self.bad_evals = crit, 0
+            if keep_best:
+                self.best_params = {k: v.detach().clone() for k, v in params.items()}
+        else:
+            self.bad_evals += 1
+
+
+def train_student(
+    student: Student,
+    train: list[Example],
+    val: list[Example],
+    cfg: FitConfig,
+    *,
+    pad_id: int,
+    base_val: dict | None,
+    teacher_val: dict | None,
+    out_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    prov: dict | None = None,
+    on_step: Callable[[int, dict], None] | None = None,
+    save_params: Callable[[Path, dict[str, torch.Tensor], dict], None] | None = None,
+) -> FitResult:
+    """Train `student.params` on `train`, evaluating on `val`; files go to out_dir.
+
+    base_val / teacher_val: `eval_losses` of the base model and the teacher on `val`
+    (for the gap closed). save_params(out_dir, params, summary) writes what was trained.
+    """
+    rank, _ = rank_world()
+    out = Path(out_dir) if out_dir is not None else None
+    params = student.params
+    opt = make_optimizer(list(params.values()), cfg)
+    if cfg.batch_size % cfg.micro:
+        raise FitError(
+            f"batch_size {cfg.batch_size} is not a multiple of micro_batch_size {cfg.micro}"
+        )
+
+    batches = fixed_batches(train, cfg)
+    total = len(batches) * cfg.epochs
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
+    eval_every = cfg.eval_every or len(batches)
+
+    state, metrics = LoopState(), []
+    ckpt_path = out / "checkpoint.pt" if out else None
+    if resume and ckpt_path and ckpt_path.exists():
+        state, metrics, base_val, teacher_val = load_checkpoint(ckpt_path, params, opt)
+        if rank == 0 and out:
+            atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
+    elif rank == 0 and out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    base_ce = base_val["ce"] if base_val else None
+    teacher_ce = teacher_val["ce"] if teacher_val else None
+
+    last_eval: tuple[int, dict] | None = None  # (step, eval_losses result) of the latest eval
+
+    def evaluate() -> dict[str, Any]:
+        nonlocal last_eval
+        ev = eval_losses(
+            getattr(student, "model", None),  # type: ignore[arg-type]
+            val,
+            cfg.micro,
+            pad_id,
+            loss_fn=lambda b, bi: _no_grad_losses(student, b, ("val", bi)),
+        )
+        last_eval = (state.step, ev)
+        return ev
+
+    bar = None
+    if cfg.progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=state.step, desc="fit", leave=False)
+    stopped = "done"
+    t_start, tokens_seen = time.perf_counter(), 0
+    try:
+        while state.step < total:
+            step = state.step
+            epoch, b = batch_of_step(step, len(batches), cfg.seed)
+            lr = set_lr(opt, cfg.lr * lr_factor(step, total, cfg))
+            opt.zero_grad(set_to_none=True)
+            train_ce, train_kl, n_tok, grad_norm = accumulate_gradients(
+                student, batches[b], b, cfg, pad_id
+            )
+            train_loss = train_ce if cfg.objective == "sft" else train_kl
+            if not math.isfinite(train_loss) or not math.isfinite(grad_norm):
+                raise _non_finite(step, train_loss, grad_norm, ckpt_path)
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
+            opt.step()
+            if cfg.max_norm is not None:
+                with torch.no_grad():
+                    for v in params.values():
+                        v.mul_(torch.clamp(cfg.max_norm / v.norm().clamp_min(1e-12), max=1.0))
+            state.step = step + 1
+            tokens_seen += n_tok
+
+            row: dict[str, Any] = {
+                "step": state.step,
+                "epoch": epoch,
+                "lr": lr,
+                "train_loss": train_loss,
+                "train_ce": train_ce,
+                "train_kl": train_kl if cfg.objective == "distill" else None,
+                "grad_norm": grad_norm,
+                "tokens": n_tok,
+                "tokens_per_s": tokens_seen / max(time.perf_counter() - t_start, 1e-9),
+                "base_val_loss": base_ce,
+                "teacher_val_loss": teacher_ce,
+            }
+            if len(params) <= 512:
+                norms = [float(v.detach().norm()) for v in params.values()]
+                row["mean_vector_norm"] = float(sum(norms) / len(params))
+            last_step = state.step == total
+            if val and (state.step % eval_every == 0 or last_step):
+                ev = evaluate()
+                row.update(val_row(ev, base_val, teacher_val))
+                crit = ev["ce"] if cfg.objective == "sft" else ev.get("kl", ev["ce"])
+                state.record_eval(crit, params, keep_best=cfg.early_stopping_patience is not None)
+            metrics.append(row)
+            if rank == 0 and out:
+                append_jsonl(out / "metrics.jsonl", [row])
+            if bar is not None:
+                bar.update(1)
+                val_loss = {"val": f"{row['val_loss']:.4f}"} if "val_loss" in row else {}
+                bar.set_postfix(loss=f"{train_loss:.4f}", **val_loss)
+            if on_step is not None:
+                on_step(state.step, row)
+            patience = cfg.early_stopping_patience
+            if patience is not None and state.bad_evals > patience:
+                stopped = "early_stopping"
+                break
+            if rank == 0 and ckpt_path and (state.step % cfg.checkpoint_every == 0 or last_step):
+                save_checkpoint(ckpt_path, params, opt, state, metrics, base_val, teacher_val, cfg)
+        else:
+            stopped = (
+                "max_steps" if cfg.max_steps is not None and total == cfg.max_steps else "done"
+            )
+    finally:
+        if bar is not None:
+            bar.close()
+        student.release_cache()
+
+    # the parameters the fit returns, and their validation losses
+    if stopped == "early_stopping" and state.best_params is not None:
+        with torch.no_grad():
+            for k, v in state.best_params.items():
+                params[k].copy_(v)
+    final = None
+    if val:
+        if last_eval is not None and last_eval[0] == state.step and stopped != "early_stopping":
+            final = last_eval[1]
+        else:
+            final = evaluate()
+    fitted = final["ce"] if final else None
+    extra: dict[str, Any] = {}
+    if final and base_val:
+        extra = gap_figures(base_val, final, teacher_val, intervals=True)
+        extra.pop("gap_closed")  # a FitResult field of its own
+    res = FitResult(
+        extra=extra,
+        vectors=None,
+        metrics=metrics,
+        base_val_loss=base_ce,
+        teacher_val_loss=teacher_ce,
+        fitted_val_loss=fitted,
+        gap_closed=gap_closed(base_ce, fitted, teacher_ce),
+        steps=state.step,
+        stopped=stopped,
+        out_dir=out,
+    )
+    if rank == 0 and out:
+        write_metrics_csv(out / "metrics.csv", metrics)
+        if save_params is not None:
+            save_params(out, params, res.summary())
+        atomic_write_json(out / "result.json", {**res.summary(), "provenance": prov or {}})
+    return res
+
+
+def fixed_batches(train: list[Example], cfg: FitConfig) -> list[list[Example]]:
+    """Global batches of batch_size rows in a seeded order, fixed for the whole fit (so the
+    prefix cache can be reused across epochs)."""
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed + 1))
+    rows = [train[i] for i in order.tolist()]
+    return [rows[i : i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)]
+
+
+def batch_of_step(step: int, n_batches: int, seed: int) -> tuple[int, int]:
+    """(epoch, which fixed batch) of optimizer step `step`: each epoch has its seeded order."""
+    epoch, i = divmod(step, n_batches)
+    gen = torch.Generator().manual_seed(seed + 1000 + epoch)
+    return epoch, int(torch.randperm(n_batches, generator=gen)[i])
+
+
+def accumulate_gradients(
+    student: Student, rows: list[Example], key: int, cfg: FitConfig, pad_id: int
+) -> tuple[float, float, int, float]:
+    """Backward of one global batch; leaves the gradients (summed over ranks) in p.grad.
+
+    This rank takes every world_size-th micro-batch. The loss is normalised by the
+    completion tokens of the whole global batch. Returns (mean CE, mean top-k KL per
+    completion token, tokens seen, gradient norm before clipping).
+    """
+    rank, world = rank_world()
+    params = list(student.params.values())
+    device = params[0].device
+    n_global = sum(len(ex.completion_ids) for ex in rows)
+    sums = torch.zeros(2, dtype=torch.float64)  # ce, kl (sums over the global batch)
+    n_tok = torch.zeros(1, dtype=torch.long)
+    for mi in range(rank, math.ceil(len(rows) / cfg.micro), world):
+        chunk = rows[mi * cfg.micro : (mi + 1) * cfg.micro]
+        batch = collate(chunk, pad_id).to(device)
+        ce, kl = (x.sum() for x in student.losses(batch, (key, mi), cfg.objective))
+        loss = (ce if cfg.objective == "sft" else kl) / n_global
+        loss.backward()
+        sums += torch.tensor([float(ce.detach()), float(kl.detach())], dtype=torch.float64)
+        n_tok += int(batch.attention_mask.sum())
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    all_reduce_(*grads, sums, n_tok)
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g
+    grad_norm = float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads)))
+    return float(sums[0]) / n_global, float(sums[1]) / n_global, int(n_tok), grad_norm
+
+
+def val_row(ev: dict, base_val: dict | None, teacher_val: dict | None) -> dict[str, Any]:
+    """The validation columns of a metrics row."""
+    row: dict[str, Any] = {"val_loss": ev["ce"]}
+    if "kl" in ev:
+        row["val_kl"] = ev["kl"]
+    row["gap_closed"] = None
+    if base_val:
+        row.update(gap_figures(base_val, ev, teacher_val))
+    return row
+
+
+@torch.no_grad()
+def _no_grad_losses(student: Student, batch: Batch, key: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    return student.losses(batch, key, "distill" if batch.topk_ids is not None else "sft")
+
+
+def _non_finite(step: int, loss: float, grad_norm: float, ckpt_path: Path | None) -> FitError:
+    last = ckpt_path if ckpt_path and ckpt_path.exists() else None
+    return FitError(
+        f"Non-finite loss at step {step + 1} (loss={loss}, grad_norm={grad_norm}); "
+        f"stopped without taking the step ({step} good steps before it). "
+        + (
+            f"The last good checkpoint is kept at {last} (resume from it with a lower lr, "
+            "--resume)."
+            if last
+            else "No checkpoint was written yet."
+        )
+        + " Common causes: lr too high, NaN in the data's top-k log-probs."
+    )
+
+
+# ============================================================================ files
+
+
+def save_checkpoint(
+    path: Path,
+    params: dict[str, torch.Tensor],
+    opt: torch.optim.Optimizer,
+    state: LoopState,
+    metrics: list[dict],
+    base_val: dict | None,
+    teacher_val: dict | None,
+    cfg: FitConfig,
+) -> None:
+    ck = {
+        "params": {k: v.detach().cpu() for k, v in params.items()},
+        "optimizer": opt.state_dict(),
+        "state": dict(vars(state)),
+        "base_val": base_val,
+        "teacher_val": teacher_val,
+        "metrics": metrics,
+        "config": cfg.model_dump(),
+    }
+    buf = io.BytesIO()
+    torch.save(ck, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(
+    path: Path, params: dict[str, torch.Tensor], opt: torch.optim.Optimizer
+) -> tuple[LoopState, list[dict], dict | None, dict | None]:
+    """Restore params and optimizer in place; returns (state, metrics, base_val, teacher_val)."""
+    ck = torch.load(path, weights_only=False)
+    with torch.no_grad():
+        for k, v in params.items():
+            v.copy_(ck["params"][k])
+    opt.load_state_dict(ck["optimizer"])
+    return LoopState(**ck["state"]), list(ck["metrics"]), ck["base_val"], ck["teacher_val"]
+
+
+def write_metrics_csv(path: Path, rows: list[dict]) -> None:
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
