@@ -38,6 +38,7 @@ from .errors import SteerdiffError
 from .extract import TRAIT_TEMPLATE, trait_system_prompt  # noqa: F401 (re-exported)
 from .generate import Sample, SampleStats, sample
 from .hooks import parse_positions, steer
+from .io import file_sha256
 from .models import LoadedModel, ModelLoadError, weights_hash_of_files
 from .vectors import VectorSet, VectorSetError
 
@@ -228,14 +229,6 @@ class Teacher:
         return out
 
 
-def _file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 def build_teacher(
     config: TeacherConfig | Mapping[str, Any],
     base_lm: LoadedModel | nn.Module,
@@ -289,7 +282,7 @@ def build_teacher(
                 vectors = VectorSet.load(path, base_lm)
             except VectorSetError as e:
                 raise TeacherError(f"Cannot steer {base_lm.spec!r} with {path}: {e}") from e
-            spec["vectors_sha256"] = _file_hash(Path(path))
+            spec["vectors_sha256"] = file_sha256(path)[:16]
         else:
             try:
                 vectors.check_fits(base_lm)

@@ -58,8 +58,6 @@ def read_rows(path: str | os.PathLike) -> tuple[list[dict], dict]:
         rows, manifest = load_dataset(path, require_complete=False)
     except DatasetError as e:
         raise FitError(str(e)) from e
-    if not rows:  # TODO(merge): generate.load_dataset raises this itself once H5's change lands
-        raise FitError(f"Dataset {path} is empty: nothing to fit. Generate data first.")
     return rows, manifest
 
 
