@@ -16,7 +16,7 @@ from steerdiff.replay import (
     prefix_hidden,
     record_forward,
     recording,
-    replay,
+    replay_blocks,
 )
 
 IDS = torch.tensor([[5, 6, 7, 8, 9, 3, 9, 10], [5, 6, 12, 13, 14, 15, 16, 17]])
@@ -81,7 +81,7 @@ def test_sweep_recorded_passes_replay_from_every_layer(tiny):
                 full = [tiny(**p, past_key_values=cache, use_cache=True).logits for p in passes]
             kv = ReplayCache()
             for rec, want, m in zip(recs, full, real, strict=True):
-                h = replay(tiny, rec, rec.output(layer) + v, first=layer + 1, cache=kv)
+                h = replay_blocks(tiny, rec, rec.output(layer) + v, first=layer + 1, cache=kv)
                 got = lm_head(tiny, final_norm(tiny)(h))
                 torch.testing.assert_close(got[m], want[m], atol=1e-4, rtol=1e-4)
 
@@ -120,3 +120,32 @@ def test_recording_keeps_hooks_entered_before_it(tiny):
         with pytest.raises(RuntimeError), recording(tiny, 0):
             raise RuntimeError("boom")
     assert list(get_blocks(tiny)) == blocks
+
+
+def test_sweep_cached_prompts_match_the_full_cached_passes(tiny):
+    """evals.CachedPrompts (a shared prompt prefix, left-padded remainders, continuation
+    rows of several lengths; sliding windows shorter than the prompts) replayed from
+    every layer equals prefix_forward / continue_forward under the same steering."""
+    from _read_helpers import ByteTok
+
+    from steerdiff.evals import CachedPrompts, Steering, continue_forward, prefix_forward
+    from steerdiff.models import wrap_model
+
+    lm = wrap_model(tiny, ByteTok(), spec="tiny")
+    prompts = [[1, 5, 6, 7, 8, 9], [1, 5, 6, 10, 11], [1, 5, 6, 12, 13, 14, 15, 16]]
+    row_prompt, row_tokens = [0, 1, 2, 0], [[20, 21], [22], [23, 24, 25], [26]]
+    cached = CachedPrompts(lm, prompts, row_prompt, row_tokens)
+    v = torch.randn(tiny.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    for layer in range(3):
+        for coeff in (0.0, 3.0):
+            steering = Steering({f"blocks.{layer}.hook_resid_post": v}, coeff=coeff)
+            full = prefix_forward(lm, prompts, steering)
+            rows = continue_forward(
+                lm, full, row_prompt, row_tokens, lambda logits, _rows: logits, steering
+            )  # [R, 3, vocab], right-padded
+            last, cont = cached.replay(layer, v, coeff)
+            torch.testing.assert_close(cached.head(last), full.last_logits, atol=1e-4, rtol=0)
+            got = cached.head(cont)
+            for i, toks in enumerate(row_tokens):
+                at = cached.flat[i, : len(toks)]
+                torch.testing.assert_close(got[at], rows[i, : len(toks)], atol=1e-4, rtol=0)

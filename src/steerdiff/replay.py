@@ -9,26 +9,26 @@ One recording mechanism: while `recording(model, start)` is active, decoder bloc
 start.. are stood in for by recorders that note each call (the block's input and the
 keyword arguments the HF forward built for it: causal / sliding-window masks, rotary
 cos/sin, position ids) and then run the block, or, for a prefix, run nothing. One replay
-loop: `replay(model, prefix)` calls the real blocks again with the recorded arguments.
-Because the HF forward itself built those arguments, replays match a full forward
-exactly (tests/test_replay.py checks every supported family). The three uses:
+loop: `replay_blocks(model, prefix)` calls the real blocks again with those arguments.
+Because the HF forward itself built them, replays match a full forward exactly
+(tests/test_replay.py checks every supported family). The three uses:
 
     # the fit: run layers 0..L-1 once per batch, then blocks L.. with the trained vectors
     prefix = compute_prefix(model, input_ids, attention_mask, start=L)
     with steer(model, vectors):
-        logits = lm_head(model, prefix_hidden(model, prefix))      # [b, s, vocab]
+        logits = lm_head(model, prefix_hidden(model, prefix))  # [b, s, vocab]
 
-    # the sweep: record one unsteered pass (with a KV cache), keeping each block's output;
-    # a vector at blocks.{L}.hook_resid_post then changes only blocks L+1..
-    prefix = record_forward(model, keep_outputs=True, input_ids=ids, past_key_values=cache)
-    h = prefix.output(L) + coeff * v
-    h = replay(model, prefix, h, first=L + 1, cache=ReplayCache())  # last block's output
+    # the sweep: record an unsteered pass once (a KV cache that keeps every position),
+    # keeping each block's output; a vector at blocks.{L}.hook_resid_post then changes
+    # only blocks L+1.., which replay with their own KV cache
+    rec = record_forward(model, keep_outputs=True, input_ids=ids, past_key_values=DynamicCache())
+    h = replay_blocks(model, rec, rec.output(L) + coeff * v, first=L + 1, cache=ReplayCache())
 
     # the lens: record a real forward from `start`, replay it under steering
     with recording(model, start) as prefix:
-        model.base_model(input_ids=ids, attention_mask=mask)
+        h0 = full_hidden(model, input_ids, attention_mask)  # [b, s, d], final-normed
     with steer(model, vectors):
-        h = prefix_hidden(model, prefix)                            # final-normed
+        h1 = prefix_hidden(model, prefix)
 
 Enter `steer(...)` / `record(...)` before `recording(...)`, not inside it: they find
 blocks by their place in the model, where a recorder stands while recording.
@@ -211,7 +211,7 @@ class ReplayCache:
         return ReplayCache({j: (k[idx], v[idx]) for j, (k, v) in self.kv.items()})
 
 
-def replay(
+def replay_blocks(
     model: nn.Module,
     prefix: Prefix,
     hidden: torch.Tensor | None = None,
@@ -233,4 +233,4 @@ def replay(
 
 def prefix_hidden(model: nn.Module, prefix: Prefix) -> torch.Tensor:
     """Run blocks start.. from the cached resid_pre (with grad) -> final-normed hidden [b, s, d]."""
-    return final_norm(model)(replay(model, prefix))
+    return final_norm(model)(replay_blocks(model, prefix))

@@ -22,7 +22,7 @@ from transformers import DynamicCache
 
 from ..hooks import final_norm, get_blocks
 from ..models import LoadedModel
-from ..replay import Prefix, ReplayCache, lm_head, record_forward, replay
+from ..replay import Prefix, ReplayCache, lm_head, record_forward, replay_blocks
 from .scoring import (
     CoherenceProbe,
     answer_forms,
@@ -112,7 +112,7 @@ class CachedPrompts:
         h = rec.output(layer)
         if add is not None:
             h = h + add.to(dtype=h.dtype, device=h.device)
-        return replay(self.model, rec, h, first=layer + 1, cache=kv)
+        return replay_blocks(self.model, rec, h, first=layer + 1, cache=kv)
 
     def replay(
         self, layer: int, vector: torch.Tensor | None = None, coeff: float = 0.0
