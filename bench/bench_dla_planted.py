@@ -8,8 +8,8 @@ at the same hook. Two fits:
 
   --method distill (default): Adam on one vector at the hook, loss = KL(teacher || student)
       over the full next-token distributions on corpus text (teacher forced, no sampling).
-      Blocks below the hook are run once per batch (the lens's capture/replay), so each
-      step runs only blocks 24-29 and the head.
+      Blocks below the hook are run once per batch (steerdiff.replay.compute_prefix), so
+      each step runs only blocks 24-29 and the head.
   --method planted-sft: steerdiff.fit.planted_experiment (teacher samples, then
       steerdiff.fit.fit with SFT). Sampling is slow on a loaded 2-core CPU.
 
@@ -31,11 +31,10 @@ import torch
 from steerdiff.extract import default_contrast_questions, trait_vectors
 from steerdiff.fit import FitConfig, planted_experiment, random_vector
 from steerdiff.hooks import get_hook_point, steer
-from steerdiff.interpret.corpus import load_corpus
-from steerdiff.interpret.dla import direct_logit_attribution, overlap
-from steerdiff.interpret.lens import _batches, _capture_calls, _inner, _replay
+from steerdiff.interpret import direct_logit_attribution, load_corpus, overlap, padded_batches
 from steerdiff.io import atomic_write_json, provenance
 from steerdiff.models import load_model
+from steerdiff.replay import compute_prefix, lm_head, prefix_hidden
 
 
 def distill_fit(
@@ -54,22 +53,19 @@ def distill_fit(
     ids = [
         tok(t, add_special_tokens=False).input_ids[:tokens] for t in load_corpus(n=n, seed=1).texts
     ]
-    batches = []
-    with torch.no_grad():
-        for x, m in _batches(ids, batch_size, tok.pad_token_id):
-            with _capture_calls(hf, start) as calls:
-                _inner(hf)(input_ids=x, attention_mask=m, use_cache=False)
-            batches.append((calls, m.bool()))
-    head = hf.get_output_embeddings()
+    batches = [
+        (compute_prefix(hf, x, m, start), m.bool())
+        for x, m in padded_batches(ids, batch_size, tok.pad_token_id)
+    ]
     v = torch.zeros_like(v_star, requires_grad=True)
     opt = torch.optim.Adam([v], lr=lr)
     losses = []
     for step in range(steps):
-        calls, m = batches[step % len(batches)]
+        prefix, m = batches[step % len(batches)]
         with torch.no_grad(), steer(hf, {hook: v_star}, positions=m):
-            p_t = torch.log_softmax(head(_replay(hf, calls, start))[m], -1)  # [n_tok, vocab]
+            p_t = torch.log_softmax(lm_head(hf, prefix_hidden(hf, prefix))[m], -1)  # [n_tok, vocab]
         with steer(hf, {hook: v}, positions=m):
-            log_q = torch.log_softmax(head(_replay(hf, calls, start))[m], -1)
+            log_q = torch.log_softmax(lm_head(hf, prefix_hidden(hf, prefix))[m], -1)
         loss = torch.nn.functional.kl_div(log_q, p_t, log_target=True, reduction="batchmean")
         opt.zero_grad()
         loss.backward()

@@ -17,8 +17,8 @@ import time
 
 import torch
 
+from steerdiff.interpret import activation_difference_lens, save_lens
 from steerdiff.interpret.corpus import load_corpus
-from steerdiff.interpret.lens import activation_difference_lens, save_lens
 from steerdiff.models import load_model
 from steerdiff.vectors import VectorSet
 

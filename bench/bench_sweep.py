@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from steerdiff.evals.preference import (
+from steerdiff.evals import (
     answer_variants,
     exact_preference,
     load_category,

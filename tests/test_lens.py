@@ -10,8 +10,8 @@ import torch
 from _read_helpers import ByteTok
 
 from steerdiff.hooks import record, steer
+from steerdiff.interpret import LensError, LensResult, activation_difference_lens, save_lens
 from steerdiff.interpret.corpus import CorpusError, load_corpus
-from steerdiff.interpret.lens import LensError, LensResult, activation_difference_lens, save_lens
 from steerdiff.vectors import VectorSet, VectorSetError
 
 TEXTS = ["hello there, world", "ab", "the quick brown fox jumps", "owls at night", "xyz"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from _chat_tiny import make_tiny_chat
 
-from steerdiff.evals.preference import (
+from steerdiff.evals import (
     Category,
     CategoryError,
     Steering,

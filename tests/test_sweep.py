@@ -104,14 +104,16 @@ def test_partial_forward_matches_full(chat, smollm, model):
     gives the same exact-scorer log-probs and KL as the full steered passes."""
     import torch
 
-    from steerdiff.evals.preference import (
+    from steerdiff.chat import read_lines_resource
+    from steerdiff.evals import (
+        CoherenceProbe,
+        FastCoherence,
+        FastScorer,
         Steering,
         candidate_logprobs,
         load_category,
         question_prompts,
-        read_lines_resource,
     )
-    from steerdiff.sweep import CoherenceProbe, FastCoherence, FastScorer
 
     lm = chat if model == "tiny" else smollm
     n = lm.model.config.num_hidden_layers
@@ -133,3 +135,32 @@ def test_partial_forward_matches_full(chat, smollm, model):
             fast = scorer.logprobs(layer, v, c)
             assert torch.allclose(fast, full[g], atol=1e-4, rtol=0), (layer, c)
             assert coherence.kl(layer, v, c) == pytest.approx(float(kls[g]), abs=1e-4)
+
+
+def test_coherence_responses_match_generate_with_min_new_tokens(tiny_lm):
+    """The probe's greedy responses (generate.sample) are model.generate's with
+    min_new_tokens=n: exactly n tokens, the end-of-sequence token never chosen."""
+    import torch
+
+    from steerdiff.evals.scoring import greedy_responses
+    from steerdiff.generate import sample
+
+    m = tiny_lm.model
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
+    free = sample(tiny_lm, prompts, 6, temperature=0.0, stop_ids=[])
+    m.generation_config.eos_token_id = free[0].token_ids[2]  # greedy would pick it at step 3
+    want = []
+    for p in prompts:
+        ids = torch.tensor([p])
+        out = m.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=6,
+            min_new_tokens=6,
+            pad_token_id=0,
+        )
+        want.append(out[0, len(p) :].tolist())
+    got = greedy_responses(tiny_lm, prompts, 6)
+    assert got == want and all(len(r) == 6 for r in got)
+    assert got[0] != free[0].token_ids

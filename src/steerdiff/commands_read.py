@@ -147,8 +147,8 @@ def lens_cmd(
     """
     from .cli import console, fail
     from .hooks import HookError
+    from .interpret import LensError, activation_difference_lens, save_lens
     from .interpret.corpus import CorpusError
-    from .interpret.lens import LensError, activation_difference_lens, save_lens
     from .vectors import VectorSetError
 
     lm = _load(model)

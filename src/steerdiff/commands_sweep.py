@@ -65,7 +65,7 @@ def sweep(
     from rich.table import Table
 
     from .cli import console, fail
-    from .evals.preference import CategoryError
+    from .evals import CategoryError
     from .extract import READOUTS, ContrastError
     from .models import ModelLoadError, load_model
     from .sweep import SweepConfig, SweepError, run_sweep

@@ -277,7 +277,7 @@ class Subject:
 
 
 def _evaluate(lm_subject: Subject, cfg: ExperimentConfig, animal: str, category: str) -> dict:
-    from .evals.preference import Steering, exact_preference, sample_preference
+    from .evals import Steering, exact_preference, sample_preference
 
     steering = (
         Steering(lm_subject.vectors, coeff=lm_subject.coeff, positions=lm_subject.positions)
@@ -402,8 +402,8 @@ def stage_read(
 
 def _lens(lm: LoadedModel, sets: dict[str, VectorSet], work: Path, cfg: ExperimentConfig) -> dict:
     """Activation-difference lens of the first fitted set on the default corpus."""
+    from .interpret import activation_difference_lens, save_lens
     from .interpret.corpus import load_corpus
-    from .interpret.lens import activation_difference_lens, save_lens
 
     name, vs = next(iter(sets.items()))
     n = lm.model.config.num_hidden_layers

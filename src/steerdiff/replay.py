@@ -3,21 +3,43 @@ replay blocks L.. from there (with vectors added, with gradients, many times).
 
 Every stage of steerdiff is forward-pass bound, and most of them change the model only
 from some layer L on (a vector at blocks.{L}..., a fit whose lowest hook is at L). The
-blocks below L then compute the same activations on every pass, so we run them once:
+blocks below L then compute the same activations on every pass, so we run them once.
 
-    prefix = compute_prefix(model, input_ids, attention_mask, start=L)  # layers 0..L-1, once
-    h = prefix_hidden(model, prefix)      # layers L..n-1 (+ any steering hooks) -> final norm
-    logits = lm_head(model, h)            # [..., vocab]
+One recording mechanism: while `recording(model, start)` is active, decoder blocks
+start.. are stood in for by recorders that note each call (the block's input and the
+keyword arguments the HF forward built for it: causal / sliding-window masks, rotary
+cos/sin, position ids) and then run the block, or, for a prefix, run nothing. One replay
+loop: `replay_blocks(model, prefix)` calls the real blocks again with those arguments.
+Because the HF forward itself built them, replays match a full forward exactly
+(tests/test_replay.py checks every supported family). The three uses:
 
-The recorded call arguments (causal / sliding-window masks, rotary embeddings, position
-ids) are the ones the HF forward itself built, so replays match a full forward exactly
-(tests/test_replay.py and the fit tests check this for every supported family).
+    # the fit: run layers 0..L-1 once per batch, then blocks L.. with the trained vectors
+    prefix = compute_prefix(model, input_ids, attention_mask, start=L)
+    with steer(model, vectors):
+        logits = lm_head(model, prefix_hidden(model, prefix))  # [b, s, vocab]
+
+    # the sweep: record an unsteered pass once (a KV cache that keeps every position),
+    # keeping each block's output; a vector at blocks.{L}.hook_resid_post then changes
+    # only blocks L+1.., which replay with their own KV cache
+    rec = record_forward(model, keep_outputs=True, input_ids=ids, past_key_values=DynamicCache())
+    h = replay_blocks(model, rec, rec.output(L) + coeff * v, first=L + 1, cache=ReplayCache())
+
+    # the lens: record a real forward from `start`, replay it under steering
+    with recording(model, start) as prefix:
+        h0 = full_hidden(model, input_ids, attention_mask)  # [b, s, d], final-normed
+    with steer(model, vectors):
+        h1 = prefix_hidden(model, prefix)
+
+Enter `steer(...)` / `record(...)` before `recording(...)`, not inside it: they find
+blocks by their place in the model, where a recorder stands while recording.
 """
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass
+import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -38,37 +60,106 @@ def lm_head(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
 def full_hidden(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
 ) -> torch.Tensor:
-    """Final-normed hidden states [b, s, d] from a normal forward of the HF base model."""
+    """Final-normed hidden states [b, s, d] from a normal forward of the HF base model
+    (the decoder stack without the LM head; a PEFT model's adapters stay active)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     out = base.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     return out.last_hidden_state
 
 
-class _Stop(Exception):
-    pass
-
-
-class _LayerRecorder(nn.Module):
-    """Stands in for decoder layer j during the prefix pass: records its call, runs nothing."""
-
-    def __init__(self, store: list, last: bool):
-        super().__init__()
-        self.store, self.last = store, last
-
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        self.store.append((hidden_states, args, kwargs))
-        if self.last:
-            raise _Stop
-        return hidden_states
+# ----------------------------------------------------------------------------- recording
 
 
 @dataclass
 class Prefix:
-    """Everything blocks L.. need: blocks.{L}.hook_resid_pre and each later layer's call args."""
+    """One recorded forward pass, from block `start` on: what a replay needs."""
 
     start: int
-    hidden: torch.Tensor  # [b, s, d] = blocks.{start}.hook_resid_pre
-    layer_calls: list[tuple[tuple, dict]]  # (args, kwargs) for layers start..n-1
+    hidden: torch.Tensor | None = None  # [b, s, d] blocks.{start}.hook_resid_pre
+    calls: list[dict[str, Any]] = field(default_factory=list)  # blocks start..n-1: kwargs
+    outputs: list[torch.Tensor] = field(default_factory=list)  # blocks start..n-1: [b, s, d]
+
+    def output(self, layer: int) -> torch.Tensor:
+        """blocks.{layer}.hook_resid_post of the recorded pass [b, s, d] (keep_outputs=True)."""
+        return self.outputs[layer - self.start]
+
+
+class _Stop(Exception):
+    """Ends a prefix pass after the last block's call is recorded."""
+
+
+class _Recorder(nn.Module):
+    """Stands in for decoder block j while recording: notes the call, then runs the block
+    (or, for a prefix, returns its input unchanged and stops the pass at the last block)."""
+
+    def __init__(self, block: nn.Module, prefix: Prefix, run: bool, keep: bool, last: bool):
+        super().__init__()
+        self.block = block
+        self.prefix, self.run, self.keep, self.last = prefix, run, keep, last
+        self.signature = inspect.signature(block.forward)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        hidden, call = _keywords(self.signature, args, kwargs)
+        if not self.prefix.calls:
+            self.prefix.hidden = hidden.detach()
+        self.prefix.calls.append(call)
+        if not self.run:
+            if self.last:
+                raise _Stop
+            return hidden
+        out = self.block(*args, **kwargs)
+        if self.keep:
+            self.prefix.outputs.append(out[0] if isinstance(out, tuple) else out)
+        return out
+
+
+def _keywords(sig: inspect.Signature, args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict]:
+    """A block call as (hidden_states, every other argument by name), without the KV cache:
+    GPT-2 passes its cache and mask by position, the other families by name."""
+    bound = sig.bind(*args, **kwargs).arguments
+    call: dict[str, Any] = {}
+    for name, value in bound.items():
+        if sig.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            call.update(value)
+        else:
+            call[name] = value
+    call.pop("past_key_values", None)  # a replay brings its own cache (or none)
+    return call.pop("hidden_states"), call
+
+
+@contextmanager
+def recording(
+    model: nn.Module, start: int = 0, run_blocks: bool = True, keep_outputs: bool = False
+) -> Iterator[Prefix]:
+    """Record the calls of decoder blocks start.. during the forward pass run inside.
+
+    run_blocks=False: blocks start.. do not run (a prefix pass; the forward stops after the
+    last block's call is recorded, silently). keep_outputs: keep each block's output
+    (hook_resid_post) too. Hooks on blocks start.. still fire when the blocks run, but
+    the recorded inputs are the ones the model passed, before the blocks' own hooks.
+    """
+    blocks = get_blocks(model)
+    n = len(blocks)
+    prefix = Prefix(start)
+    originals = [blocks[j] for j in range(start, n)]
+    try:
+        for j, block in zip(range(start, n), originals, strict=True):
+            blocks[j] = _Recorder(block, prefix, run_blocks, keep_outputs, last=j == n - 1)
+        yield prefix
+    except _Stop:
+        pass
+    finally:
+        for j, block in zip(range(start, n), originals, strict=True):
+            blocks[j] = block
+
+
+def record_forward(
+    model: nn.Module, start: int = 0, keep_outputs: bool = False, **forward_kwargs: Any
+) -> Prefix:
+    """Run model(**forward_kwargs) once and record blocks start.. (the blocks run)."""
+    with recording(model, start, keep_outputs=keep_outputs) as prefix:
+        model(**forward_kwargs)
+    return prefix
 
 
 @torch.no_grad()
@@ -78,33 +169,68 @@ def compute_prefix(
     attention_mask: torch.Tensor | None,
     start: int,
 ) -> Prefix:
-    """Run layers 0..start-1 once (no grad); record how the HF model calls layers start...
+    """Run layers 0..start-1 once (no grad); record how the HF model calls layers start..
 
-    Layers >= start are swapped for recorders during this pass, so the HF forward itself
-    builds the causal masks / sliding-window masks / rotary embeddings per layer exactly
-    as it would, and we replay them.
+    Blocks >= start do not run (nor do their hooks): the HF forward itself builds the
+    causal masks / sliding-window masks / rotary embeddings per layer exactly as it
+    would, and prefix_hidden replays them.
     """
+    with recording(model, start, run_blocks=False) as prefix:
+        model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return prefix
+
+
+# ----------------------------------------------------------------------------- replaying
+
+
+class ReplayCache:
+    """A KV cache for replayed blocks only (HF attention only calls update()).
+
+    A replay from block L never runs blocks <= L, so it never reads their entries; the
+    recorded masks and positions already account for the cached tokens."""
+
+    def __init__(self, kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None):
+        self.kv = dict(kv or {})  # layer -> keys, values [b, kv_heads, pos, head_dim]
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *_args, **_kwargs):
+        old = self.kv.get(layer_idx)
+        if old is not None:
+            k, v = torch.cat([old[0], k], dim=-2), torch.cat([old[1], v], dim=-2)
+        self.kv[layer_idx] = (k, v)
+        return k, v
+
+    def rows(self, idx: torch.Tensor | int) -> ReplayCache:
+        """Row selection (a tensor of row indices) or expansion of a 1-row cache (an int)."""
+        if isinstance(idx, int):
+            return ReplayCache(
+                {
+                    j: (k.expand(idx, -1, -1, -1), v.expand(idx, -1, -1, -1))
+                    for j, (k, v) in self.kv.items()
+                }
+            )
+        return ReplayCache({j: (k[idx], v[idx]) for j, (k, v) in self.kv.items()})
+
+
+def replay_blocks(
+    model: nn.Module,
+    prefix: Prefix,
+    hidden: torch.Tensor | None = None,
+    first: int | None = None,
+    cache: ReplayCache | None = None,
+) -> torch.Tensor:
+    """Run blocks first.. (default: prefix.start) with their recorded calls, from `hidden`
+    (default: the recorded input of block start) -> the last block's output [b, s, d],
+    before the final norm. Hooks (steer, record) on those blocks fire as usual."""
+    first = prefix.start if first is None else first
+    h = prefix.hidden if hidden is None else hidden
     blocks = get_blocks(model)
-    n = len(blocks)
-    store: list = []
-    originals = [blocks[j] for j in range(start, n)]
-    try:
-        for j in range(start, n):
-            blocks[j] = _LayerRecorder(store, last=(j == n - 1))
-        with contextlib.suppress(_Stop):
-            model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    finally:
-        for j, m in zip(range(start, n), originals, strict=True):
-            blocks[j] = m
-    calls = [(args, kwargs) for _, args, kwargs in store]
-    return Prefix(start, store[0][0].detach(), calls)
+    for j in range(first, len(blocks)):
+        call = prefix.calls[j - prefix.start]
+        out = blocks[j](h, **call, past_key_values=cache)
+        h = out[0] if isinstance(out, tuple) else out
+    return h
 
 
 def prefix_hidden(model: nn.Module, prefix: Prefix) -> torch.Tensor:
     """Run blocks start.. from the cached resid_pre (with grad) -> final-normed hidden [b, s, d]."""
-    blocks = get_blocks(model)
-    h = prefix.hidden
-    for j, (args, kwargs) in zip(range(prefix.start, len(blocks)), prefix.layer_calls, strict=True):
-        h = blocks[j](h, *args, **kwargs)
-        h = h[0] if isinstance(h, tuple) else h
-    return final_norm(model)(h)
+    return final_norm(model)(replay_blocks(model, prefix))

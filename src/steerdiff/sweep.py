@@ -18,43 +18,38 @@ questions and the KL uses 4 neutral prompts x 12 tokens: a documented subset tha
 questions (`confirm_questions`), unsteered and steered, with 95% CIs.
 
 Speed: with positions "all" (the default) a cell at layer L runs only blocks L+1.. from
-the cached unsteered activations (see CachedPrompts), and the unembedding runs only where
-a log-prob is read; other positions use the full cached passes of evals.preference.
+the cached unsteered activations (evals.FastScorer / FastCoherence), and the unembedding
+runs only where a log-prob is read; other positions use the full cached passes of
+evals.scoring.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import csv
 import io as _io
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache
 
 from . import io
-from .chat import chat_texts, read_lines_resource
+from .chat import read_lines_resource
 from .errors import SteerdiffError
-from .evals.preference import (
+from .evals import (
     Category,
+    CoherenceProbe,
+    FastCoherence,
+    FastScorer,
     Steering,
-    _common_prefix_len,
-    _continuation_feeds,
-    answer_variants,
     candidate_logprobs,
-    continue_forward,
     exact_preference,
-    left_pad_remainders,
     load_category,
-    prefix_forward,
     question_prompts,
 )
 from .extract import Exclusion, default_contrast_questions, trait_vectors
-from .hooks import final_norm, get_blocks, n_layers
+from .hooks import n_layers
 from .models import LoadedModel
 from .vectors import VectorSet
 
@@ -110,336 +105,6 @@ class Cell:
     off_target_gain: float
     kl: float
     vector_norm: float
-
-
-# ----------------------------------------------------------------------------- partial forwards
-#
-# A vector added at blocks.{L}.hook_resid_post changes nothing in blocks 0..L: their
-# activations and KV caches are the unsteered ones. So the unsteered model runs each cached
-# pass (shared prompt prefix, prompt remainders, continuation rows) once, recording every
-# decoder block's output and how the HF model called each block (rotary cos/sin, causal
-# mask, position ids; see train.compute_prefix). A cell at layer L then replays only
-# blocks L+1.. from the recorded resid_post of block L plus coeff x vector, with a KV
-# cache that holds only those blocks (blocks <= L are never run, so never read it).
-
-
-class _KV:
-    """A KV cache for replayed blocks; HF attention only calls update()."""
-
-    def __init__(self, kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None):
-        self.kv = dict(kv or {})
-
-    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *_args, **_kwargs):
-        old = self.kv.get(layer_idx)
-        if old is not None:
-            k, v = torch.cat([old[0], k], dim=-2), torch.cat([old[1], v], dim=-2)
-        self.kv[layer_idx] = (k, v)
-        return k, v
-
-    def rows(self, idx: torch.Tensor | int) -> _KV:
-        """Row selection (a tensor of row indices) or expansion of a 1-row cache (an int)."""
-        if isinstance(idx, int):
-            return _KV(
-                {
-                    j: (k.expand(idx, -1, -1, -1), v.expand(idx, -1, -1, -1))
-                    for j, (k, v) in self.kv.items()
-                }
-            )
-        return _KV({j: (k[idx], v[idx]) for j, (k, v) in self.kv.items()})
-
-
-@dataclass
-class _Pass:
-    """One recorded unsteered forward: each block's output and call arguments."""
-
-    post: list[torch.Tensor]  # [n_layers] blocks.{j}.hook_resid_post, [b, s, d]
-    calls: list[tuple[tuple, dict]]  # [n_layers] (args, kwargs) after hidden_states
-
-
-@contextlib.contextmanager
-def _recording(model: torch.nn.Module, store: dict) -> Iterator[None]:
-    blocks = get_blocks(model)
-    handles = []
-    for j, b in enumerate(blocks):
-
-        def pre(_m, args, kwargs, j=j):
-            # the recorded pass's own KV cache is not kept: replays pass their own
-            drop = ("hidden_states", "past_key_values", "past_key_value")
-            kw = {k: v for k, v in kwargs.items() if k not in drop}
-            store.setdefault("calls", {})[j] = (args[1:], kw)
-
-        def post(_m, _args, _kwargs, out, j=j):
-            store.setdefault("post", {})[j] = out[0] if isinstance(out, tuple) else out
-
-        handles.append(b.register_forward_pre_hook(pre, with_kwargs=True))
-        handles.append(b.register_forward_hook(post, with_kwargs=True))
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def _record(model: torch.nn.Module, **forward_kwargs) -> _Pass:
-    store: dict = {}
-    with _recording(model, store):
-        model(**forward_kwargs)
-    n = len(get_blocks(model))
-    return _Pass([store["post"][j] for j in range(n)], [store["calls"][j] for j in range(n)])
-
-
-def _head(model: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """Final-normed hidden [..., d] -> float logits [..., vocab] (gemma's soft-capping too)."""
-    logits = model.get_output_embeddings()(h)
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits.float()
-
-
-class CachedPrompts:
-    """Unsteered recordings of Q prompts (shared prefix once, then the remainders) and R
-    continuation rows (row i continues prompt row_prompt[i]); replays blocks L+1.. for a
-    vector added at blocks.{L}.hook_resid_post at every position.
-
-    Matches prefix_forward / continue_forward of the full model (see the tests)."""
-
-    def __init__(
-        self,
-        lm: LoadedModel,
-        prompts: Sequence[Sequence[int]],
-        row_prompt: Sequence[int],
-        row_tokens: Sequence[Sequence[int]],
-    ):
-        model, dev = lm.model, lm.device
-        self.model, self.blocks, self.norm = model, get_blocks(model), final_norm(model)
-        self.n_layers = len(self.blocks)
-        self.q = q = len(prompts)
-        pad = lm.tokenizer.pad_token_id or 0
-        p = _common_prefix_len(prompts)
-        self.p = p
-        with torch.inference_mode():
-            cache = DynamicCache(config=model.config)
-            self.first = None
-            if p > 0:
-                ids = torch.tensor([list(prompts[0][:p])], device=dev)
-                self.first = _record(
-                    model, input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1
-                )
-                cache.batch_repeat_interleave(q)
-            ids, rest_mask, pos = left_pad_remainders(prompts, p, pad)
-            mask = torch.cat([torch.ones(q, p, dtype=torch.long), rest_mask], dim=1)
-            self.second = _record(
-                model,
-                input_ids=ids.to(dev),
-                attention_mask=mask.to(dev),
-                position_ids=pos.to(dev),
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            # continuation rows grouped by length: one recorded pass per length, no padding
-            self.third: list[tuple[torch.Tensor, _Pass]] = []
-            next_pos = torch.tensor([len(r) for r in prompts])
-            lengths = sorted({len(t) for t in row_tokens})
-            order = [i for n in lengths for i, t in enumerate(row_tokens) if len(t) == n]
-            # flat[i, t]: where token t of row i lands in the concatenated output (-1: none)
-            width = max(lengths, default=0)
-            self.flat = torch.full((len(row_tokens), width), -1, dtype=torch.long)
-            at = 0
-            for i in order:
-                n = len(row_tokens[i])
-                self.flat[i, :n] = torch.arange(at, at + n)
-                at += n
-            base_cache = cache
-            for n in lengths:
-                rows = [i for i, t in enumerate(row_tokens) if len(t) == n]
-                idx = torch.tensor([row_prompt[i] for i in rows], dtype=torch.long)
-                ids = torch.tensor([list(row_tokens[i]) for i in rows], dtype=torch.long)
-                pos = next_pos[idx].unsqueeze(1) + torch.arange(n)
-                cache = copy.deepcopy(base_cache)
-                cache.batch_select_indices(idx.to(dev))
-                rec = _record(
-                    model,
-                    input_ids=ids.to(dev),
-                    attention_mask=torch.cat(
-                        [mask[idx], torch.ones(len(rows), n, dtype=torch.long)], dim=1
-                    ).to(dev),
-                    position_ids=pos.to(dev),
-                    past_key_values=cache,
-                    use_cache=True,
-                )
-                self.third.append((idx, rec))
-
-    def _run(self, rec: _Pass, layer: int, add: torch.Tensor | None, kv: _KV) -> torch.Tensor:
-        """Blocks layer+1.. from the recorded resid_post of `layer` (+ add) -> resid_post last."""
-        h = rec.post[layer]
-        if add is not None:
-            h = h + add.to(dtype=h.dtype, device=h.device)
-        for j in range(layer + 1, self.n_layers):
-            args, kwargs = rec.calls[j]
-            out = self.blocks[j](h, *args, **{**kwargs, "past_key_values": kv})
-            h = out[0] if isinstance(out, tuple) else out
-        return h
-
-    def replay(
-        self, layer: int, vector: torch.Tensor | None = None, coeff: float = 0.0
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Final-normed hidden after blocks.{layer}.hook_resid_post += coeff * vector:
-        (each prompt's last token [Q, d], every continuation token [N, d] or None; token t of
-        row i is at self.flat[i, t])."""
-        add = None if vector is None or coeff == 0.0 else coeff * vector
-        with torch.inference_mode():
-            kv = _KV()
-            if self.first is not None:
-                self._run(self.first, layer, add, kv)
-                kv = kv.rows(self.q)
-            last = self.norm(self._run(self.second, layer, add, kv)[:, -1])
-            cont = None
-            if self.third:
-                cont = torch.cat(
-                    [
-                        self._run(rec, layer, add, kv.rows(idx)).flatten(0, 1)
-                        for idx, rec in self.third
-                    ]
-                )
-                cont = self.norm(cont)
-        return last, cont
-
-    def head(self, h: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return _head(self.model, h)
-
-
-class FastScorer:
-    """The exact scorer (candidate_logprobs) for vectors at hook_resid_post, by partial
-    forwards; the head runs only at the continuation tokens that score a candidate."""
-
-    def __init__(
-        self, lm: LoadedModel, prompts: Sequence[Sequence[int]], candidates: Sequence[str]
-    ):
-        tok = lm.tokenizer
-        owner, forms = [], []
-        for ci, c in enumerate(candidates):
-            for v in answer_variants(c):
-                owner.append(ci)
-                forms.append(tok(v, add_special_tokens=False)["input_ids"])
-        feeds, which = _continuation_feeds(forms)
-        q, n_f = len(prompts), len(feeds)
-        self.cached = CachedPrompts(
-            lm,
-            prompts,
-            [r for r in range(q) for _ in feeds],
-            [fd for _ in range(q) for fd in feeds],
-        )
-        self.first_tok = torch.tensor([f[0] for f in forms])
-        self.n_forms = len(forms)
-        self.cols = [[fi for fi, o in enumerate(owner) if o == ci] for ci in range(len(candidates))]
-        q_i, f_i, flat_i, tok_i = [], [], [], []
-        if n_f:
-            flat = self.cached.flat
-            for qq in range(q):
-                for fi, f in enumerate(forms):
-                    if which[fi] < 0:
-                        continue
-                    r = qq * n_f + which[fi]
-                    for t in range(len(f) - 1):
-                        q_i.append(qq)
-                        f_i.append(fi)
-                        flat_i.append(int(flat[r, t]))
-                        tok_i.append(f[t + 1])
-        self.gather = tuple(torch.tensor(x, dtype=torch.long) for x in (q_i, f_i, flat_i, tok_i))
-
-    def logprobs(self, layer: int, vector: torch.Tensor | None = None, coeff: float = 0.0):
-        """log P(candidate | prompt) under coeff x vector at blocks.{layer}.hook_resid_post
-        -> [Q, n_candidates]."""
-        last, cont = self.cached.replay(layer, vector, coeff)
-        with torch.inference_mode():
-            form_lp = torch.log_softmax(self.cached.head(last), -1)[:, self.first_tok]  # [Q, F]
-            if cont is not None and len(self.gather[0]):
-                q_i, f_i, flat_i, tok_i = self.gather
-                lp = torch.log_softmax(self.cached.head(cont), -1)
-                form_lp = form_lp.index_put((q_i, f_i), lp[flat_i, tok_i], accumulate=True)
-            return torch.stack([torch.logsumexp(form_lp[:, c], dim=1) for c in self.cols], 1)
-
-
-# ----------------------------------------------------------------------------- coherence
-
-
-class CoherenceProbe:
-    """KL(unsteered || steered) along fixed greedy unsteered responses to neutral prompts."""
-
-    def __init__(self, lm: LoadedModel, prompts: Sequence[str], n_tokens: int = 16):
-        if not prompts:
-            raise SweepError("The neutral prompt set is empty; give at least one prompt.")
-        self.lm = lm
-        tok = lm.tokenizer
-        texts = chat_texts(tok, prompts, None)
-        self.prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-        self.responses = [self._greedy(p, n_tokens) for p in self.prompts]
-        self.base = self._logprobs(None)  # [K, n_tokens, vocab]
-
-    def _greedy(self, prompt: list[int], n: int) -> list[int]:
-        ids = torch.tensor([prompt], device=self.lm.device)
-        with torch.no_grad():
-            out = self.lm.model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                do_sample=False,
-                max_new_tokens=n,
-                min_new_tokens=n,
-                pad_token_id=self.lm.tokenizer.pad_token_id,
-            )
-        return out[0, len(prompt) :].tolist()
-
-    def _logprobs(self, steering: Steering | None) -> torch.Tensor:
-        """Log-probs [G*K, n, vocab] of the next token at each response position."""
-        prefix = prefix_forward(self.lm, self.prompts, steering)
-        first = torch.log_softmax(prefix.last_logits, dim=-1).unsqueeze(1)  # [G*K, 1, vocab]
-        feeds = [r[:-1] for r in self.responses] * prefix.n_groups
-        if not feeds[0]:
-            return first
-        rest = continue_forward(
-            self.lm,
-            prefix,
-            list(range(len(feeds))),
-            feeds,
-            lambda logits, rows: torch.log_softmax(logits, dim=-1),
-            steering,
-        )
-        return torch.cat([first, rest], dim=1)
-
-    def kl(self, steering: Steering | None) -> torch.Tensor:
-        """KL(unsteered || steered), mean over prompts and tokens -> [G] (one per coeff)."""
-        steered = self._logprobs(steering)  # [G*K, n, vocab]
-        g = steered.shape[0] // self.base.shape[0]
-        base = self.base.repeat(g, 1, 1)
-        kl = (base.exp() * (base - steered)).sum(-1)  # [G*K, n]
-        return kl.view(g, -1).mean(1)
-
-
-class FastCoherence:
-    """CoherenceProbe.kl for vectors at hook_resid_post, by partial forwards."""
-
-    def __init__(self, probe: CoherenceProbe):
-        feeds = [r[:-1] for r in probe.responses]
-        rows = list(range(len(feeds))) if feeds[0] else []
-        self.cached = CachedPrompts(probe.lm, probe.prompts, rows, feeds if rows else [])
-        self.base = self._logprobs(self.cached.n_layers - 1, None, 0.0)
-
-    def _logprobs(self, layer: int, vector, coeff: float) -> torch.Tensor:
-        last, cont = self.cached.replay(layer, vector, coeff)
-        with torch.inference_mode():
-            out = torch.log_softmax(self.cached.head(last), -1).unsqueeze(1)  # [K, 1, vocab]
-            if cont is not None:
-                rest = torch.log_softmax(self.cached.head(cont), -1)[self.cached.flat]
-                out = torch.cat([out, rest], dim=1)
-            return out
-
-    def kl(self, layer: int, vector: torch.Tensor, coeff: float) -> float:
-        steered = self._logprobs(layer, vector, coeff)
-        with torch.inference_mode():
-            return float((self.base.exp() * (self.base - steered)).sum(-1).mean())
 
 
 # ----------------------------------------------------------------------------- sweep
@@ -609,9 +274,10 @@ def run_sweep(
     t0, c0 = time.perf_counter(), time.process_time()
     prompts = question_prompts(lm, cat.questions[: cfg.n_questions], None)
     base = _distribution(lm, prompts, cat, None)[0]
-    probe = CoherenceProbe(
-        lm, read_lines_resource("neutral_prompts.txt")[: cfg.n_neutral], cfg.kl_tokens
-    )
+    neutral = read_lines_resource("neutral_prompts.txt")[: cfg.n_neutral]
+    if not neutral:
+        raise SweepError("The neutral prompt set is empty; give at least one prompt.")
+    probe = CoherenceProbe(lm, neutral, cfg.kl_tokens)
     timings["baseline_s"] = time.perf_counter() - t0
     timings["baseline_cpu_s"] = time.process_time() - c0
 
@@ -636,7 +302,7 @@ def run_sweep(
     bar = tqdm(
         total=len(grid) * len(cfg.strengths), desc=f"sweep {cfg.target}", disable=not progress
     )
-    # positions "all": partial forwards from the steered layer (see CachedPrompts); other
+    # positions "all": partial forwards from the steered layer (evals.fast_scoring); other
     # positions: the full cached model passes, all strengths of one vector batched.
     fast = cfg.positions == "all"
     if fast:

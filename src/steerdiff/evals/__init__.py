@@ -1,21 +1,50 @@
-"""Trait evaluations (preference; others to come)."""
+"""Trait evaluations: the preference scorers, the cached scoring passes they run on, and
+the same scores by partial forwards for sweeps."""
 
+from .fast_scoring import CachedPrompts, FastCoherence, FastScorer
 from .preference import (
     Category,
     CategoryError,
     PreferenceResult,
-    Steering,
+    answer_hits,
     exact_preference,
     load_category,
+    paired_difference,
+    sample_answers,
     sample_preference,
 )
+from .scoring import (
+    CoherenceProbe,
+    PromptCache,
+    ScoringError,
+    answer_variants,
+    candidate_logprobs,
+    continue_forward,
+    prefix_forward,
+    question_prompts,
+)
+from .steering import Steering
 
 __all__ = [
+    "CachedPrompts",
     "Category",
     "CategoryError",
+    "CoherenceProbe",
+    "FastCoherence",
+    "FastScorer",
     "PreferenceResult",
+    "PromptCache",
+    "ScoringError",
     "Steering",
+    "answer_hits",
+    "answer_variants",
+    "candidate_logprobs",
+    "continue_forward",
     "exact_preference",
     "load_category",
+    "paired_difference",
+    "prefix_forward",
+    "question_prompts",
+    "sample_answers",
     "sample_preference",
 ]

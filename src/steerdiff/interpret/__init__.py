@@ -1,5 +1,6 @@
 """Read vectors: direct logit attribution, the activation-difference lens, similarity, monitoring."""
 
+from .batching import padded_batches, tokenize_texts
 from .corpus import Corpus, CorpusError, load_corpus
 from .dla import (
     DLAError,
@@ -11,7 +12,8 @@ from .dla import (
     logit_basis,
     overlap,
 )
-from .lens import LensError, LensReadout, LensResult, activation_difference_lens, save_lens
+from .lens import LensError, activation_difference_lens
+from .lens_readout import LensReadout, LensResult, LensRow, save_lens
 from .monitor import MonitorError, MonitorResult, project, save_monitor
 from .similarity import SimMatrix, cosine_matrices, cross_cosine, effect_correlation, effect_vectors
 
@@ -23,6 +25,7 @@ __all__ = [
     "LensError",
     "LensReadout",
     "LensResult",
+    "LensRow",
     "MonitorError",
     "MonitorResult",
     "SimMatrix",
@@ -38,7 +41,9 @@ __all__ = [
     "load_corpus",
     "logit_basis",
     "overlap",
+    "padded_batches",
     "project",
     "save_lens",
     "save_monitor",
+    "tokenize_texts",
 ]

@@ -8,27 +8,18 @@ LoRA adapter against its base) on diverse text, and average the activation diffe
       positions 0-4 separately; averaging over all positions washes the signal out), and
   (b) over all real (non-padding) positions, optionally skipping the first few.
 
-Each mean difference is read through the centred DLA (final-norm scale + centred
-unembedding; for a residual-stream difference d this ranks tokens exactly like the
-logit lens W_U norm(d), since the norm's 1/rms is a positive scalar), and the mean
-difference of the final logits is reported too (top tokens promoted and suppressed).
-
-The final logits are linear in the last hidden state, so the mean logit difference is
-computed exactly as W_U @ (mean difference of the final-norm output); no [batch, pos,
-vocab] tensor is ever built. (Gemma 2's final logit soft-capping is not applied: these
-are the pre-cap logits.)
+Each mean difference is read through the centred DLA, and the mean difference of the
+final logits is reported too (top tokens promoted and suppressed): see lens_readout.
 
 Batching: texts are sorted by length and right-padded. For a VectorSet, blocks below the
 first vector's layer are run once: the base forward records how the model calls each
-later block (its input, masks, rotary embeddings), and the changed run replays only the
-blocks from the first vector's layer on, with the vectors added at every real token.
-For a vector at layer 24 of 30 that is 1.2 forwards per batch instead of 2.
+later block (its input, masks, rotary embeddings; steerdiff.replay), and the changed run
+replays only the blocks from the first vector's layer on, with the vectors added at
+every real token. For a vector at layer 24 of 30 that is 1.2 forwards per batch, not 2.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import time
 import warnings
@@ -41,165 +32,17 @@ import torch
 from torch import nn
 
 from ..errors import SteerdiffError
-from ..hooks import family_of, final_norm, get_blocks, get_hook_point, record, select_hooks, steer
-from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text, provenance
+from ..hooks import family_of, get_hook_point, record, select_hooks, steer
 from ..models import LoadedModel, load_model, unwrap
+from ..replay import full_hidden, prefix_hidden, recording
 from ..vectors import VectorSet, VectorSetError
+from .batching import padded_batches, tokenize_texts
 from .corpus import Corpus, CorpusError, load_corpus
-from .dla import DLAError, TokenScore, check_dla_hook, logit_basis, top_tokens
+from .lens_readout import LensResult
 
 
 class LensError(SteerdiffError, ValueError):
     """Bad lens arguments (k larger than the texts, no hooks...); the message says why."""
-
-
-@dataclass
-class LensResult:
-    """Mean activation differences (changed minus base)."""
-
-    hooks: list[str]
-    first_k: int
-    pos_mean: dict[str, torch.Tensor]  # hook -> [first_k, dim] mean diff at positions 0..k-1
-    pos_count: torch.Tensor  # [first_k] texts that reach each position
-    all_mean: dict[str, torch.Tensor]  # hook -> [dim] mean diff over all real positions
-    n_tokens: int  # positions averaged in all_mean
-    n_texts: int
-    final_pos_mean: torch.Tensor  # [first_k, d_model] mean diff of the final-norm output
-    final_all_mean: torch.Tensor  # [d_model]
-    meta: dict = field(default_factory=dict)
-
-    def logit_diff(self, model: nn.Module | LoadedModel) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean final-logit differences: ([first_k, vocab], [vocab])."""
-        w_u = unwrap(model).get_output_embeddings().weight.detach().float()  # [vocab, d]
-        return self.final_pos_mean @ w_u.T, self.final_all_mean @ w_u.T
-
-    def read(
-        self,
-        model: nn.Module | LoadedModel,
-        k: int = 20,
-        center: bool = True,
-        norm_scale: bool = True,
-        tokenizer=None,
-    ) -> LensReadout:
-        """Top/bottom-k tokens of every mean difference (centred DLA) and of the logits."""
-        tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
-        basis = logit_basis(model, center, norm_scale)  # [vocab, d_model]
-        d_model = basis.shape[1]
-        rows: list[LensRow] = []
-        skipped: dict[str, str] = {}
-        for hook in self.hooks:
-            try:
-                check_dla_hook(hook)
-            except DLAError as e:
-                skipped[hook] = str(e).split(". Read")[0]
-                continue
-            if self.all_mean[hook].shape[0] != d_model:
-                skipped[hook] = f"width {self.all_mean[hook].shape[0]} != d_model"
-                continue
-            for p in range(self.first_k):
-                scores = basis @ self.pos_mean[hook][p]  # [vocab]
-                rows.append(_row(hook, str(p), self.pos_mean[hook][p], scores, k, tok))
-            scores = basis @ self.all_mean[hook]
-            rows.append(_row(hook, "all", self.all_mean[hook], scores, k, tok))
-        lp, la = self.logit_diff(model)
-        if center:
-            lp, la = lp - lp.mean(-1, keepdim=True), la - la.mean()
-        logits = [
-            _row("logits", str(p), self.final_pos_mean[p], lp[p], k, tok)
-            for p in range(self.first_k)
-        ]
-        logits.append(_row("logits", "all", self.final_all_mean, la, k, tok))
-        return LensReadout(rows, logits, skipped, k, center, norm_scale)
-
-    def save(self, path: str | Path) -> Path:
-        """Write the mean differences (torch.save, atomic)."""
-        buf = io.BytesIO()
-        torch.save({k: v for k, v in self.__dict__.items()}, buf)
-        return atomic_write_bytes(path, buf.getvalue())
-
-    @classmethod
-    def load(cls, path: str | Path) -> LensResult:
-        return cls(**torch.load(path, weights_only=False))
-
-
-@dataclass
-class LensRow:
-    hook: str  # a hook name, or "logits" for the final logits
-    position: str  # "0".."k-1" or "all"
-    diff_norm: float
-    top: list[TokenScore]
-    bottom: list[TokenScore]
-
-
-def _row(hook: str, pos: str, diff: torch.Tensor, scores: torch.Tensor, k: int, tok) -> LensRow:
-    norm = float(diff.norm())
-    if norm == 0.0:  # no difference (e.g. a hook before the vector): no ranking to read
-        return LensRow(hook, pos, 0.0, [], [])
-    top, bottom = top_tokens(scores, k, tok)
-    return LensRow(hook, pos, norm, top, bottom)
-
-
-@dataclass
-class LensReadout:
-    rows: list[LensRow]  # one per (hook, position)
-    logits: list[LensRow]  # final-logit differences per position and "all"
-    skipped: dict[str, str]  # hooks not read through DLA, and why
-    k: int
-    center: bool
-    norm_scale: bool
-
-    def find(self, words: list[str], k: int | None = None) -> list[dict]:
-        """Where any of `words` appears (case-insensitive substring of a stripped token) in
-        the top-k, in model order (layer, then position), logits last."""
-        k = k or self.k
-        words = [w.lower() for w in words]
-        hits = []
-        for r in self.rows + self.logits:
-            for rank, t in enumerate(r.top[:k]):
-                s = t.token.strip().lower()
-                if s and any(w in s for w in words):
-                    hits.append(
-                        {"hook": r.hook, "position": r.position, "rank": rank + 1, "token": t.token}
-                    )
-        return hits
-
-    def to_dict(self) -> dict:
-        def conv(r: LensRow) -> dict:
-            return {
-                "hook": r.hook,
-                "position": r.position,
-                "diff_norm": r.diff_norm,
-                "top": [t.__dict__ for t in r.top],
-                "bottom": [t.__dict__ for t in r.bottom],
-            }
-
-        return {
-            "k": self.k,
-            "center": self.center,
-            "norm_scale": self.norm_scale,
-            "rows": [conv(r) for r in self.rows],
-            "logits": [conv(r) for r in self.logits],
-            "skipped": self.skipped,
-        }
-
-    def to_csv(self, n: int = 10) -> str:
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        w.writerow(["hook", "position", "diff_norm", "top_tokens", "bottom_tokens"])
-        for r in self.rows + self.logits:
-            w.writerow(
-                [
-                    r.hook,
-                    r.position,
-                    f"{r.diff_norm:.4g}",
-                    " | ".join(t.token for t in r.top[:n]),
-                    " | ".join(t.token for t in r.bottom[:n]),
-                ]
-            )
-        return buf.getvalue()
-
-
-# ----------------------------------------------------------------------------- running
 
 
 def check_vectors_for(model: nn.Module | LoadedModel, vectors: Mapping[str, torch.Tensor]) -> None:
@@ -222,32 +65,6 @@ def check_vectors_for(model: nn.Module | LoadedModel, vectors: Mapping[str, torc
                 raise VectorSetError(
                     f"Vector {name} has shape {tuple(v.shape)}, expected ({hp.dim},) on this model."
                 )
-
-
-def _inner(model: nn.Module) -> nn.Module:
-    """The decoder stack without the LM head (its output is the final-norm output)."""
-    return model.get_submodule(family_of(model).blocks.rsplit(".", 1)[0])
-
-
-def _tokenize(tokenizer, texts: list[str], max_tokens: int) -> list[list[int]]:
-    enc = tokenizer(texts, add_special_tokens=True, truncation=True, max_length=max_tokens)
-    return [list(ids) for ids in enc["input_ids"]]
-
-
-def _batches(
-    ids: list[list[int]], batch_size: int, pad_id: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Right-padded batches (input_ids [B, L], attention_mask [B, L]) in length order."""
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    for s in range(0, len(order), batch_size):
-        rows = [ids[i] for i in order[s : s + batch_size]]
-        L = max(len(r) for r in rows)
-        x = torch.full((len(rows), L), pad_id, dtype=torch.long)
-        m = torch.zeros((len(rows), L), dtype=torch.long)
-        for j, r in enumerate(rows):
-            x[j, : len(r)] = torch.tensor(r)
-            m[j, : len(r)] = 1
-        yield x, m
 
 
 @dataclass
@@ -349,7 +166,7 @@ def activation_difference_lens(
     names = select_hooks(hf, hooks)
     if vectors is not None:
         check_vectors_for(model, vectors)
-    ids = _tokenize(tok, corpus.texts, max_tokens)
+    ids = tokenize_texts(tok, corpus.texts, max_tokens)
     longest = max(len(r) for r in ids)
     if longest == 0:
         raise LensError("Every text tokenized to zero tokens.")
@@ -379,15 +196,15 @@ def activation_difference_lens(
 
     with torch.no_grad():
         if vectors is not None:
-            inner = _inner(hf)
             start = min(get_hook_point(hf, n).layer for n in vectors)
-            for b, (x, m) in enumerate(_batches(ids, batch_size, pad_id)):
+            for b, (x, m) in enumerate(padded_batches(ids, batch_size, pad_id)):
                 xd, md = x.to(dev), m.to(dev)
-                with record(hf, names) as r0, _capture_calls(hf, start) as calls:
-                    h0 = inner(input_ids=xd, attention_mask=md, use_cache=False).last_hidden_state
+                # record() before recording(): it finds the blocks by their place in hf
+                with record(hf, names) as r0, recording(hf, start) as prefix:
+                    h0 = full_hidden(hf, xd, md)  # [B, L, d_model], final-normed
                 later = [n for n in names if get_hook_point(hf, n).layer >= start]
                 with record(hf, later) as r1, steer(hf, vectors, coeff=coeff, positions=md.bool()):
-                    h1 = _replay(hf, calls, start)  # [B, L, d_model], final-normed
+                    h1 = prefix_hidden(hf, prefix)  # blocks start.. again, steered
                 diffs = {
                     n: (r1[n] - r0[n]) if n in later else torch.zeros_like(r0[n]) for n in names
                 }
@@ -395,28 +212,18 @@ def activation_difference_lens(
                 _progress(progress, b, n_batches, t0)
         else:
             with _changed_model(hf, finetuned) as (ft, base_ctx):
-                for b, (x, m) in enumerate(_batches(ids, batch_size, pad_id)):
+                for b, (x, m) in enumerate(padded_batches(ids, batch_size, pad_id)):
                     xd, md = x.to(dev), m.to(dev)
                     if base_ctx is None:
                         with record(hf, names) as r0:
-                            h0 = _inner(hf)(
-                                input_ids=xd, attention_mask=md, use_cache=False
-                            ).last_hidden_state
+                            h0 = full_hidden(hf, xd, md)
                         with record(ft, names) as r1:
-                            h1 = _inner(ft)(
-                                input_ids=xd.to(_dev(ft)),
-                                attention_mask=md.to(_dev(ft)),
-                                use_cache=False,
-                            ).last_hidden_state
+                            h1 = full_hidden(ft, xd.to(_dev(ft)), md.to(_dev(ft)))
                     else:  # PEFT adapter on hf: base = adapter disabled
                         with base_ctx(), record(ft, names) as r0:
-                            h0 = _inner(ft)(
-                                input_ids=xd, attention_mask=md, use_cache=False
-                            ).last_hidden_state
+                            h0 = full_hidden(ft, xd, md)
                         with record(ft, names) as r1:
-                            h1 = _inner(ft)(
-                                input_ids=xd, attention_mask=md, use_cache=False
-                            ).last_hidden_state
+                            h1 = full_hidden(ft, xd, md)
                     fold({n: r1[n].to(dev) - r0[n] for n in names}, h1.to(dev) - h0, m)
                     _progress(progress, b, n_batches, t0)
     cnt = acc.pos_count.clamp_min(1.0)  # [k]
@@ -446,45 +253,6 @@ def activation_difference_lens(
     )
 
 
-@contextmanager
-def _capture_calls(model: nn.Module, start: int) -> Iterator[dict[int, tuple[tuple, dict]]]:
-    """Record how the HF forward calls decoder blocks start.. (hidden input, masks, rotary
-    embeddings...), so the blocks from `start` on can be replayed with the vectors added.
-    Blocks below `start` come before every vector: their activations do not change."""
-    blocks = get_blocks(model)
-    calls: dict[int, tuple[tuple, dict]] = {}
-    handles = []
-
-    def grab(j: int):
-        def pre(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-            calls[j] = (args, dict(kwargs))
-
-        return pre
-
-    try:
-        for j in range(start, len(blocks)):
-            handles.append(blocks[j].register_forward_pre_hook(grab(j), with_kwargs=True))
-        yield calls
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def _replay(model: nn.Module, calls: dict[int, tuple[tuple, dict]], start: int) -> torch.Tensor:
-    """Run blocks start.. again from blocks.{start}.hook_resid_pre; return the final-norm output."""
-    blocks = get_blocks(model)
-    args, kw = calls[start]
-    h = args[0] if args else kw["hidden_states"]
-    for j in range(start, len(blocks)):
-        args, kw = calls[j]
-        if args:
-            out = blocks[j](h, *args[1:], **kw)
-        else:
-            out = blocks[j](**{**kw, "hidden_states": h})
-        h = out[0] if isinstance(out, tuple) else out
-    return final_norm(model)(h)
-
-
 def _dev(m: nn.Module) -> torch.device:
     return next(unwrap(m).parameters()).device
 
@@ -508,32 +276,3 @@ def _changed_model(hf: nn.Module, finetuned) -> Iterator[tuple[nn.Module, object
 def _progress(on: bool, b: int, n: int, t0: float) -> None:
     if on:
         print(f"  lens batch {b + 1}/{n}  {time.perf_counter() - t0:.1f}s", flush=True)
-
-
-def save_lens(
-    out_dir: str | Path,
-    result: LensResult,
-    readout: LensReadout,
-    model: LoadedModel | nn.Module | None = None,
-    plot: bool = True,
-) -> dict[str, Path]:
-    """lens.pt (mean differences), lens.json (tables + provenance), lens.csv, lens_positions.png."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"pt": result.save(out / "lens.pt")}
-    info = {
-        "n_texts": result.n_texts,
-        "n_tokens": result.n_tokens,
-        "first_k": result.first_k,
-        "pos_count": result.pos_count.tolist(),
-        "meta": result.meta,
-        "provenance": provenance(model),
-        **readout.to_dict(),
-    }
-    paths["json"] = atomic_write_json(out / "lens.json", info)
-    paths["csv"] = atomic_write_text(out / "lens.csv", readout.to_csv())
-    if plot:
-        from .plots import lens_table_png
-
-        paths["png"] = lens_table_png(readout, out / "lens_positions.png")
-    return paths
