@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import SteerdiffError
 from .hooks import final_norm, get_blocks
 
 
@@ -84,8 +85,9 @@ class Prefix:
         return self.outputs[layer - self.start]
 
 
-class _Stop(Exception):
-    """Ends a prefix pass after the last block's call is recorded."""
+class _Stop(SteerdiffError):
+    """Ends a prefix pass after the last block's call is recorded (caught inside `recording`;
+    it never reaches a caller)."""
 
 
 class _Recorder(nn.Module):
