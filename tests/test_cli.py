@@ -101,8 +101,9 @@ def test_two_models_given_is_an_error():
 
 
 def test_package_errors_are_one_line():
-    """Any SteerdiffError (here a ConfigError) is `error: ...` on one line, exit code 2."""
-    res = runner.invoke(app, ["run", "no/such/experiment.toml"])
+    """Any SteerdiffError (here a ConfigError) is `error: ...` on one line, exit code 2,
+    also when it is longer than the terminal is wide."""
+    res = runner.invoke(app, ["run", "no/such/" + "deep/" * 40 + "experiment.toml"])
     assert res.exit_code == 2
     assert res.output.strip().startswith("error:") and res.output.strip().count("\n") == 0
     assert "not found" in res.output
@@ -110,7 +111,7 @@ def test_package_errors_are_one_line():
 
 def test_fit_options_are_fit_config_fields():
     """Every FitConfig field is a `fit` option with FitConfig's default (no hand-kept list
-    that can drift), spelled --field-name; the older spellings keep working."""
+    that can drift), spelled --field-name; today's spellings keep working."""
     options = _fit_options()
     for name, field in FitConfig.model_fields.items():
         assert name in options, f"FitConfig.{name} is not a `fit` option"
@@ -120,7 +121,9 @@ def test_fit_options_are_fit_config_fields():
         if isinstance(got, str) and not isinstance(default, str):  # a JSON option (e.g. a dict)
             got = json.loads(got)
         assert got == default, f"fit's option defaults to {got!r}, FitConfig.{name} to {default!r}"
-        flag = "--" + name.replace("_", "-")
+        flag = {"max_steps": "--steps", "early_stopping_patience": "--patience"}.get(
+            name, "--" + name.replace("_", "-")
+        )
         assert flag in options[name].opts, (name, options[name].opts)
     for name, flag in {
         "hooks": "--hooks",

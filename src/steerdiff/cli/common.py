@@ -55,9 +55,13 @@ def fail(msg: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
+# Config fields whose option is spelled other than --field-name (kept from older releases).
+OPTION_SPELLINGS = {"max_steps": "--steps", "early_stopping_patience": "--patience"}
+
+
 def option_flag(field: str) -> str:
-    """The command-line spelling of a config field: max_steps -> --max-steps."""
-    return "--" + field.replace("_", "-")
+    """The command-line spelling of a config field: val_size -> --val-size, max_steps -> --steps."""
+    return OPTION_SPELLINGS.get(field, "--" + field.replace("_", "-"))
 
 
 def bad_options_message(errors: list[dict[str, Any]]) -> str:

@@ -2,7 +2,8 @@
 
 The options of the fit itself are made from `steerdiff.fit.FitConfig`'s fields (name, type,
 default, description), so a new FitConfig field is a `fit` option without editing this file:
-`max_norm: float | None = None` becomes `--max-norm FLOAT`, a `bool` field `--name/--no-name`,
+`max_norm: float | None = None` becomes `--max-norm FLOAT` (common.OPTION_SPELLINGS keeps the
+older `--steps` and `--patience`), a `bool` field `--name/--no-name`,
 a `Literal` field a string option that FitConfig checks. A field of a type the command line
 cannot spell (e.g. a dict) becomes an option taking JSON.
 """
@@ -20,9 +21,6 @@ import typer
 from .common import DeviceOpt, DtypeOpt, ModelOpt, console, fail, option_flag
 
 app = typer.Typer()
-
-# Spellings the command line used before its options were made from FitConfig; both work.
-SHORT_FLAGS = {"max_steps": "--steps", "early_stopping_patience": "--patience"}
 
 # Help for the FitConfig fields that have no Field(description=...) (a description wins).
 FIELD_HELP = {
@@ -107,12 +105,10 @@ def fit_config_parameters() -> list[inspect.Parameter]:
             kind, choices = spelled
             if choices:
                 help_text = " | ".join(choices) + (f": {help_text}" if help_text else "")
-        flag = option_flag(name)
+        flag = option_flag(name)  # --field-name, or its older spelling (--steps)
         if kind is bool:
-            flags = [f"{flag}/--no-{flag[2:]}"]
-        else:
-            flags = [SHORT_FLAGS[name], flag] if name in SHORT_FLAGS else [flag]
-        option = typer.Option(*flags, help=help_text)
+            flag = f"{flag}/--no-{flag[2:]}"
+        option = typer.Option(flag, help=help_text)
         params.append(
             inspect.Parameter(
                 name,
