@@ -1,50 +1,223 @@
-"""The command line: help lists the commands; info describes a model; errors are one line."""
+"""The command line: help lists the commands; info describes a model; errors are one line;
+`fit`'s options are FitConfig's fields."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from steerdiff.cli import app
+from steerdiff.fit import FitConfig
 
 runner = CliRunner()
+
+COMMANDS = [
+    ["info"],
+    ["generate"],
+    ["sweep"],
+    ["fit"],
+    ["run"],
+    ["demo"],
+    ["read"],
+    ["read", "dla"],
+    ["read", "lens"],
+    ["read", "similarity"],
+    ["read", "monitor"],
+]
+
+
+def _fit_options() -> dict:
+    """The `fit` command's click parameters by name."""
+    fit = typer.main.get_command(app).commands["fit"]  # type: ignore[attr-defined]
+    return {p.name: p for p in fit.params}
 
 
 def test_help_lists_commands():
     res = runner.invoke(app, ["--help"])
     assert res.exit_code == 0
     assert "info" in res.output
+    for cmd in COMMANDS:
+        if len(cmd) == 1:
+            assert cmd[0] in res.output
 
 
-def test_info_on_local_folder(tmp_path):
+@pytest.mark.parametrize("cmd", COMMANDS, ids=" ".join)
+def test_every_command_has_help(cmd):
+    res = runner.invoke(app, [*cmd, "--help"])
+    assert res.exit_code == 0, res.output
+    assert "Usage:" in res.output
+
+
+def _tiny_folder(path):
     from conftest import make_tiny
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
     model = make_tiny("gemma3_text")
-    model.save_pretrained(tmp_path / "m")
+    model.save_pretrained(path)
     vocab = {f"t{i}": i for i in range(256)}
     tok = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0"))
     )
-    tok.save_pretrained(tmp_path / "m")
-    res = runner.invoke(app, ["info", str(tmp_path / "m"), "--json"])
+    tok.save_pretrained(path)
+    return path
+
+
+def test_info_on_local_folder(tmp_path):
+    folder = _tiny_folder(tmp_path / "m")
+    res = runner.invoke(app, ["info", "--model", str(folder), "--json"])
     assert res.exit_code == 0, res.output
     d = json.loads(res.output[res.output.index("{") :])
     assert d["family"] == "gemma" and d["n_layers"] == 3 and d["d_model"] == 64
+    assert "deprecated" not in res.output
+
+
+def test_info_old_positional_model_still_works_with_a_note(tmp_path):
+    """`steerdiff info MODEL` (the spelling before --model everywhere) works for one release."""
+    folder = _tiny_folder(tmp_path / "m")
+    res = runner.invoke(app, ["info", str(folder), "--json"])
+    assert res.exit_code == 0, res.output
+    note = res.stderr.splitlines()[0]  # (transformers' progress bars may follow)
+    assert "deprecated" in note and "steerdiff info --model MODEL" in note
+    assert res.stderr.count("deprecated") == 1
+    d = json.loads(res.stdout[res.stdout.index("{") :])
+    assert d["family"] == "gemma" and d["n_layers"] == 3
 
 
 def test_info_bad_path():
-    res = runner.invoke(app, ["info", "./no/such/model.gguf"])
+    for args in (["info", "--model", "./no/such/model.gguf"], ["info", "./no/such/model.gguf"]):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 2
+        assert "not found" in res.output
+        assert "Traceback" not in res.output
+
+
+def test_two_models_given_is_an_error():
+    res = runner.invoke(app, ["sweep", "a-model", "--model", "another"])
+    assert res.exit_code == 2 and "give --model only" in res.output
+
+
+def test_package_errors_are_one_line():
+    """Any SteerdiffError (here a ConfigError) is `error: ...` on one line, exit code 2,
+    also when it is longer than the terminal is wide."""
+    res = runner.invoke(app, ["run", "no/such/" + "deep/" * 40 + "experiment.toml"])
     assert res.exit_code == 2
+    assert res.output.strip().startswith("error:") and res.output.strip().count("\n") == 0
     assert "not found" in res.output
+
+
+def test_fit_options_are_fit_config_fields():
+    """Every FitConfig field is a `fit` option with FitConfig's default (no hand-kept list
+    that can drift), spelled --field-name; today's spellings keep working."""
+    options = _fit_options()
+    for name, field in FitConfig.model_fields.items():
+        assert name in options, f"FitConfig.{name} is not a `fit` option"
+        default = field.get_default(call_default_factory=True)
+        got = options[name].default
+        got = list(got) if isinstance(got, tuple) and isinstance(default, list) else got
+        if isinstance(got, str) and not isinstance(default, str):  # a JSON option (e.g. a dict)
+            got = json.loads(got)
+        assert got == default, f"fit's option defaults to {got!r}, FitConfig.{name} to {default!r}"
+        flag = {"max_steps": "--steps", "early_stopping_patience": "--patience"}.get(
+            name, "--" + name.replace("_", "-")
+        )
+        assert flag in options[name].opts, (name, options[name].opts)
+    for name, flag in {
+        "hooks": "--hooks",
+        "objective": "--objective",
+        "lr": "--lr",
+        "max_steps": "--steps",
+        "early_stopping_patience": "--patience",
+        "batch_size": "--batch-size",
+        "seed": "--seed",
+    }.items():
+        assert flag in options[name].opts
+    for own in ("data", "out", "model", "resume", "baseline", "lora_r", "dtype", "device"):
+        assert own in options
+
+
+def test_fit_options_reach_fit_config(monkeypatch, tmp_path):
+    import steerdiff.fit as fit_module
+    import steerdiff.models as models
+
+    seen = {}
+
+    class Result:
+        def summary(self) -> dict:
+            return {"gap_closed": 0.5}
+
+    def fake_fit(lm, data, cfg, out_dir=None, resume=False):
+        seen.update(lm=lm, data=data, cfg=cfg, out_dir=out_dir, resume=resume)
+        return Result()
+
+    monkeypatch.setattr(models, "load_model", lambda spec, dtype, device: ("lm", spec))
+    monkeypatch.setattr(fit_module, "fit", fake_fit)
+    res = runner.invoke(
+        app,
+        [
+            "fit",
+            "--data",
+            "d.jsonl",
+            "--out",
+            str(tmp_path),
+            "--model",
+            "m",
+            "--hooks",
+            "blocks.1.hook_resid_post",
+            "--hooks",
+            "blocks.2.hook_resid_post",
+            "--lr",
+            "0.5",
+            "--steps",
+            "3",
+            "--patience",
+            "2",
+            "--betas",
+            "0.8",
+            "0.9",
+            "--no-cache-prefix",
+            "--val-size",
+            "4",
+            "--objective",
+            "distill",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    cfg = seen["cfg"]
+    assert cfg == FitConfig(
+        hooks=["blocks.1.hook_resid_post", "blocks.2.hook_resid_post"],
+        lr=0.5,
+        max_steps=3,
+        early_stopping_patience=2,
+        betas=(0.8, 0.9),
+        cache_prefix=False,
+        val_size=4,
+        objective="distill",
+    )
+    assert seen["lm"] == ("lm", "m") and seen["data"] == "d.jsonl"
+    assert "cross-entropy gap to the teacher closed: 50%" in res.output
+    res = runner.invoke(app, ["fit", "--data", "d.jsonl", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert seen["cfg"] == FitConfig()  # no options: FitConfig's defaults
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [(["--objective", "bogus"], "--objective"), (["--batch-size", "0"], "--batch-size")],
+)
+def test_bad_fit_option_is_one_line_naming_it(args, named, tmp_path):
+    res = runner.invoke(app, ["fit", "--data", "d.jsonl", "--out", str(tmp_path), *args])
+    assert res.exit_code == 2
+    assert res.output.strip().startswith(f"error: bad option {named}:"), res.output
+    assert res.output.strip().count("\n") == 0
 
 
 @pytest.mark.slow
 def test_info_default_json(smollm):
-    res = runner.invoke(app, ["info", "default", "--json"])
+    res = runner.invoke(app, ["info", "--model", "default", "--json"])
     assert res.exit_code == 0, res.output
     d = json.loads(res.output[res.output.index("{") :])
     assert d["family"] == "llama" and d["n_layers"] == 30 and d["d_model"] == 576

@@ -441,7 +441,7 @@ def test_gap_interval_brackets_the_truth_and_narrows_with_rows():
 
 
 def test_cli_gap_sentence_says_when_an_interval_contains_zero():
-    from steerdiff.commands_fit import gap_lines
+    from steerdiff.cli.fit import gap_lines
 
     lines = gap_lines(
         {

@@ -8,39 +8,19 @@ from typing import Annotated
 
 import typer
 
-read_app = typer.Typer(
+from .common import ModelOpt, console, fail
+
+app = typer.Typer(
+    name="read",
     help="Read vectors: direct logit attribution, activation-difference lens, similarity, monitoring.",
     no_args_is_help=True,
 )
 
-ModelOpt = Annotated[
-    str, typer.Option("--model", help="'default', 'gemma3-270m', hub id, folder or .gguf")
-]
 OutOpt = Annotated[str, typer.Option("--out", help="output folder (JSON, CSV, PNG)")]
 
 
-def _load(model: str, dtype: str = "float32", device: str = "cpu"):
-    from .cli import fail
-    from .models import ModelLoadError, load_model
-
-    try:
-        return load_model(model, dtype=dtype, device=device)
-    except ModelLoadError as e:
-        fail(str(e))
-
-
-def _vectors(path: str, lm):
-    from .cli import fail
-    from .vectors import VectorSet, VectorSetError
-
-    try:
-        return VectorSet.load(path, lm)
-    except VectorSetError as e:
-        fail(str(e))
-
-
-@read_app.command("dla")
-def dla_cmd(
+@app.command("dla")
+def dla(
     vectors: Annotated[str, typer.Argument(help="VectorSet file (.safetensors)")],
     out: OutOpt = "runs/read_dla",
     model: ModelOpt = "default",
@@ -62,23 +42,19 @@ def dla_cmd(
 
     Example: steerdiff read dla runs/owl/vectors.safetensors --hook blocks.24.hook_resid_post
     """
-    from .cli import console, fail
-    from .interpret.dla import DLAError, direct_logit_attribution, dla_table
-    from .interpret.plots import token_bars_png
-    from .io import atomic_write_json, atomic_write_text, provenance
+    from steerdiff.interpret import direct_logit_attribution, dla_table
+    from steerdiff.interpret.plots import token_bars_png
+    from steerdiff.io import atomic_write_json, atomic_write_text, provenance
+    from steerdiff.models import load_model
+    from steerdiff.vectors import VectorSet
 
-    lm = _load(model)
-    vs = _vectors(vectors, lm)
-    try:
-        if hook:
-            results = [
-                direct_logit_attribution(lm, vs, h, k, not no_center, not no_norm) for h in hook
-            ]
-            skipped: dict[str, str] = {}
-        else:
-            results, skipped = dla_table(lm, vs, k, not no_center, not no_norm)
-    except DLAError as e:
-        fail(str(e))
+    lm = load_model(model)
+    vs = VectorSet.load(vectors, lm)
+    if hook:
+        results = [direct_logit_attribution(lm, vs, h, k, not no_center, not no_norm) for h in hook]
+        skipped: dict[str, str] = {}
+    else:
+        results, skipped = dla_table(lm, vs, k, not no_center, not no_norm)
     o = Path(out)
     rows = ["hook,rank,side,token_id,token,score"]
     for r in results:
@@ -108,8 +84,8 @@ def dla_cmd(
     console.print(f"wrote {o}/dla.json, dla.csv, dla_*.png")
 
 
-@read_app.command("lens")
-def lens_cmd(
+@app.command("lens")
+def lens(
     out: OutOpt = "runs/read_lens",
     vectors: Annotated[
         str | None, typer.Option("--vectors", help="VectorSet added to the model")
@@ -145,30 +121,25 @@ def lens_cmd(
 
     Example: steerdiff read lens --vectors runs/owl/vectors.safetensors --n 500 --tokens 64 --find owl
     """
-    from .cli import console, fail
-    from .hooks import HookError
-    from .interpret import LensError, activation_difference_lens, save_lens
-    from .interpret.corpus import CorpusError
-    from .vectors import VectorSetError
+    from steerdiff.interpret import activation_difference_lens, save_lens
+    from steerdiff.models import load_model
+    from steerdiff.vectors import VectorSet
 
-    lm = _load(model)
-    vs = _vectors(vectors, lm) if vectors else None
-    try:
-        res = activation_difference_lens(
-            lm,
-            corpus,
-            vectors=vs,
-            finetuned=finetuned,
-            hooks=hooks,
-            coeff=coeff,
-            first_k=first_k,
-            max_tokens=tokens,
-            batch_size=batch_size,
-            skip_first=skip_first,
-            n_texts=n,
-        )
-    except (LensError, CorpusError, VectorSetError, HookError) as e:
-        fail(str(e))
+    lm = load_model(model)
+    vs = VectorSet.load(vectors, lm) if vectors else None
+    res = activation_difference_lens(
+        lm,
+        corpus,
+        vectors=vs,
+        finetuned=finetuned,
+        hooks=hooks,
+        coeff=coeff,
+        first_k=first_k,
+        max_tokens=tokens,
+        batch_size=batch_size,
+        skip_first=skip_first,
+        n_texts=n,
+    )
     ro = res.read(lm, k=k)
     paths = save_lens(out, res, ro, lm)
     console.print(f"lens: {res.n_texts} texts, {res.n_tokens} tokens, {res.meta['seconds']}s")
@@ -183,8 +154,8 @@ def lens_cmd(
     console.print("wrote " + ", ".join(str(p) for p in paths.values()))
 
 
-@read_app.command("similarity")
-def similarity_cmd(
+@app.command("similarity")
+def similarity(
     sets: Annotated[list[str], typer.Argument(help="VectorSet files (label=path or path)")],
     out: OutOpt = "runs/read_similarity",
     model: ModelOpt = "default",
@@ -205,62 +176,61 @@ def similarity_cmd(
 
     Example: steerdiff read similarity seed0=a.safetensors seed1=b.safetensors --effects
     """
-    from .cli import console, fail
-    from .interpret.plots import heatmap_png
-    from .interpret.similarity import (
+    from steerdiff.interpret import (
         cosine_matrices,
         cross_cosine,
         effect_correlation,
         effect_vectors,
     )
-    from .io import atomic_write_json, atomic_write_text
-    from .vectors import VectorSet, VectorSetError
+    from steerdiff.interpret.plots import heatmap_png
+    from steerdiff.io import atomic_write_json, atomic_write_text
+    from steerdiff.models import load_model
+    from steerdiff.vectors import VectorSet, VectorSetError
 
     labelled = {}
     for s in sets:
         label, _, path = s.rpartition("=")
         labelled[label or Path(path).stem] = path
-    try:
-        loaded = {lab: VectorSet.load(p) for lab, p in labelled.items()}
-        o = Path(out)
-        report: dict = {}
-        if len(loaded) >= 2:
-            try:
-                mats = cosine_matrices(loaded)
-            except VectorSetError as e:
-                console.print(f"[yellow]no per-hook cosine:[/] {e}")
-                mats = {}
-            for h, m in mats.items():
-                heatmap_png(m, o / f"cosine_{h}.png")
-                atomic_write_text(o / f"cosine_{h}.csv", m.to_csv())
-            report["cosine"] = {h: m.to_dict() for h, m in mats.items()}
-        if contrast:
-            c = VectorSet.load(contrast)
-            report["contrast"] = {}
-            for lab, vs in loaded.items():
-                m = cross_cosine(vs, c, f"{lab} vs contrast")
-                heatmap_png(m, o / f"contrast_{lab}.png")
-                atomic_write_text(o / f"contrast_{lab}.csv", m.to_csv())
-                report["contrast"][lab] = m.to_dict()
-        if effects:
-            lm = _load(model)
-            for vs in loaded.values():
-                vs.check_fits(lm.model)
-            eff = effect_vectors(lm, loaded, corpus, n_texts=n, max_tokens=tokens, first_k=1)
-            m = effect_correlation(eff)
-            heatmap_png(m, o / "effects.png")
-            atomic_write_text(o / "effects.csv", m.to_csv())
-            report["effects"] = m.to_dict()
-    except (VectorSetError, ValueError) as e:
-        fail(str(e))
+    if effects and len(labelled) < 2:
+        fail("--effects needs at least two sets to correlate.")
+    loaded = {lab: VectorSet.load(p) for lab, p in labelled.items()}
+    o = Path(out)
+    report: dict = {}
+    if len(loaded) >= 2:
+        try:
+            mats = cosine_matrices(loaded)
+        except VectorSetError as e:  # sets on different hooks: skip this table, keep the rest
+            console.print(f"[yellow]no per-hook cosine:[/] {e}")
+            mats = {}
+        for h, m in mats.items():
+            heatmap_png(m, o / f"cosine_{h}.png")
+            atomic_write_text(o / f"cosine_{h}.csv", m.to_csv())
+        report["cosine"] = {h: m.to_dict() for h, m in mats.items()}
+    if contrast:
+        c = VectorSet.load(contrast)
+        report["contrast"] = {}
+        for lab, vs in loaded.items():
+            m = cross_cosine(vs, c, f"{lab} vs contrast")
+            heatmap_png(m, o / f"contrast_{lab}.png")
+            atomic_write_text(o / f"contrast_{lab}.csv", m.to_csv())
+            report["contrast"][lab] = m.to_dict()
+    if effects:
+        lm = load_model(model)
+        for vs in loaded.values():
+            vs.check_fits(lm.model)
+        eff = effect_vectors(lm, loaded, corpus, n_texts=n, max_tokens=tokens, first_k=1)
+        m = effect_correlation(eff)
+        heatmap_png(m, o / "effects.png")
+        atomic_write_text(o / "effects.csv", m.to_csv())
+        report["effects"] = m.to_dict()
     atomic_write_json(o / "similarity.json", report)
     for key, val in report.items():
         console.print(f"[bold]{key}[/]: {len(val) if isinstance(val, dict) else ''} table(s)")
     console.print(f"wrote {o}/similarity.json and PNG/CSV tables")
 
 
-@read_app.command("monitor")
-def monitor_cmd(
+@app.command("monitor")
+def monitor(
     vectors: Annotated[str, typer.Argument(help="VectorSet file")],
     rows: Annotated[str, typer.Argument(help=".jsonl (rows with 'messages' or 'text') or .txt")],
     out: OutOpt = "runs/read_monitor",
@@ -278,24 +248,18 @@ def monitor_cmd(
 
     Example: steerdiff read monitor owl.safetensors data/owl_numbers.jsonl --hook blocks.24.hook_resid_post
     """
-    from .cli import console, fail
-    from .interpret.monitor import MonitorError, load_rows, project, save_monitor
-    from .vectors import VectorSetError
+    from steerdiff.interpret import project, save_monitor
+    from steerdiff.interpret.monitor import load_rows
+    from steerdiff.models import load_model
+    from steerdiff.vectors import VectorSet
 
-    lm = _load(model)
-    vs = _vectors(vectors, lm)
-    try:
-        base = load_rows(baseline) if baseline else None
-        res = project(lm, vs, rows, hook=hook, role=role, baseline=base, flag_z=flag_z)
-    except (MonitorError, VectorSetError) as e:
-        fail(str(e))
+    lm = load_model(model)
+    vs = VectorSet.load(vectors, lm)
+    base = load_rows(baseline) if baseline else None
+    res = project(lm, vs, rows, hook=hook, role=role, baseline=base, flag_z=flag_z)
     paths = save_monitor(out, res, lm)
     console.print(
         f"{len(res.items)} rows; reference mean {res.reference_mean:.3g} sd {res.reference_std:.3g}; "
         f"flagged {len(res.flagged)}: {res.flagged[:20]}"
     )
     console.print("wrote " + ", ".join(str(p) for p in paths.values()))
-
-
-def register(app: typer.Typer) -> None:
-    app.add_typer(read_app, name="read")

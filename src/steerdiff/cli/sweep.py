@@ -6,21 +6,21 @@ from typing import Annotated
 
 import typer
 
+from .common import DeviceOpt, DtypeOpt, ModelOpt, OldModelArg, console, fail, pick_model
 
-def _floats(text: str, what: str) -> list[float]:
-    from .cli import fail
+app = typer.Typer()
 
+
+def parse_floats(text: str, what: str) -> list[float]:
+    """'1,2,4,8' -> [1.0, 2.0, 4.0, 8.0]."""
     try:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         fail(f"--{what} must be comma-separated numbers, e.g. 1,2,4,8 (got {text!r}).")
-    return []
 
 
-def _layers(text: str) -> list[int] | None:
-    """'' -> all layers; '0-29', '6,12,18', '20-' style ranges."""
-    from .cli import fail
-
+def parse_layers(text: str) -> list[int] | None:
+    """'' -> all layers (None); '0-29', '6,12,18', '20-' style ranges."""
     if not text.strip():
         return None
     out: list[int] = []
@@ -36,10 +36,10 @@ def _layers(text: str) -> list[int] | None:
     return out
 
 
+@app.command()
 def sweep(
-    model: Annotated[
-        str, typer.Argument(help="'default' (embedded SmolLM2), hub id, folder or .gguf")
-    ] = "default",
+    old_model: OldModelArg = None,
+    model: ModelOpt = "default",
     target: Annotated[str, typer.Option(help="target candidate, e.g. owl")] = "owl",
     category: Annotated[
         str, typer.Option(help="'animals' or a YAML/JSON category file")
@@ -57,19 +57,18 @@ def sweep(
         float, typer.Option(help="max KL (nats/token) from the unsteered model")
     ] = 0.5,
     out: Annotated[str, typer.Option(help="output folder")] = "runs/sweep",
-    dtype: Annotated[str, typer.Option(help="float32 or bfloat16")] = "float32",
-    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
     seed: Annotated[int, typer.Option(help="seed (response sampling)")] = 0,
 ) -> None:
     """Sweep layers x strengths x readouts of the trait system-prompt vector; write CSV, JSON, PNGs."""
     from rich.table import Table
 
-    from .cli import console, fail
-    from .evals import CategoryError
-    from .extract import READOUTS, ContrastError
-    from .models import ModelLoadError, load_model
-    from .sweep import SweepConfig, SweepError, run_sweep
+    from steerdiff.extract import READOUTS
+    from steerdiff.models import load_model
+    from steerdiff.sweep import SweepConfig, run_sweep
 
+    model = pick_model(model, old_model, "sweep")
     rlist = [r.strip() for r in readouts.split(",") if r.strip()]
     bad = [r for r in rlist if r not in READOUTS]
     if bad:
@@ -77,19 +76,16 @@ def sweep(
     cfg = SweepConfig(
         target=target,
         category=category,
-        layers=_layers(layers),
-        strengths=_floats(strengths, "strengths"),
+        layers=parse_layers(layers),
+        strengths=parse_floats(strengths, "strengths"),
         readouts=rlist,
         n_questions=questions,
         off_target_bound=off_target_bound,
         kl_bound=kl_bound,
         seed=seed,
     )
-    try:
-        lm = load_model(model, dtype=dtype, device=device)
-        res = run_sweep(lm, cfg)
-    except (ModelLoadError, SweepError, CategoryError, ContrastError) as e:
-        fail(str(e))
+    lm = load_model(model, dtype=dtype, device=device)
+    res = run_sweep(lm, cfg)
     paths = res.write(out)
     t = Table(title=f"sweep {target}: unsteered share {res.baseline['target_rate']:.4f}")
     for col in ("", "readout", "layer", "strength", "target", "off-target", "gain", "KL"):
@@ -115,7 +111,3 @@ def sweep(
         f"{len(res.cells)} cells in {sum(res.timings.values()) - res.timings['per_cell_s']:.0f} s; "
         f"wrote {paths['csv'].parent}/ (sweep.csv, sweep.json, heatmap_*.png, vectors_*.safetensors)"
     )
-
-
-def register(app: typer.Typer) -> None:
-    app.command("sweep")(sweep)

@@ -1,0 +1,34 @@
+"""`steerdiff ...`: the command line. Each command is a thin wrapper over library functions.
+
+One module per command group (info, generate, sweep, fit, read, run + demo), each holding
+its commands on its own `typer.Typer`; this file adds every group to `app` the same way.
+Shared options, `console`, `fail` and the one error handler live in `common`. Commands
+import the library inside their bodies, so `steerdiff --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from . import fit, generate, info, read, run, sweep
+from .common import ErrorsAsOneLine, console, fail
+
+__all__ = ["app", "console", "fail"]
+
+app = typer.Typer(
+    help="steerdiff: reproduce finetunes with learned steering vectors, and read them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    cls=ErrorsAsOneLine,  # every command's SteerdiffError -> one line `error: ...`, exit 2
+)
+
+
+@app.callback()
+def _root() -> None:
+    """steerdiff: reproduce finetunes with learned steering vectors, and read them."""
+
+
+# A group without a name (all but `read`) adds its commands at the top level.
+for _group in (info, generate, sweep, fit, run, read):
+    app.add_typer(_group.app)

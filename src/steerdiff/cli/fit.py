@@ -1,0 +1,222 @@
+"""`steerdiff fit`: fit a VectorSet (or a LoRA / full baseline) to a dataset.
+
+The options of the fit itself are made from `steerdiff.fit.FitConfig`'s fields (name, type,
+default, description), so a new FitConfig field is a `fit` option without editing this file:
+`max_norm: float | None = None` becomes `--max-norm FLOAT` (common.OPTION_SPELLINGS keeps the
+older `--steps` and `--patience`), a `bool` field `--name/--no-name`,
+a `Literal` field a string option that FitConfig checks. A field of a type the command line
+cannot spell (e.g. a dict) becomes an option taking JSON.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import types
+from collections.abc import Callable
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
+
+import typer
+
+from .common import DeviceOpt, DtypeOpt, ModelOpt, console, fail, option_flag
+
+app = typer.Typer()
+
+# Help for the FitConfig fields that have no Field(description=...) (a description wins).
+FIELD_HELP = {
+    "hooks": "hook pattern(s), repeatable, e.g. 'blocks.*.attn.hook_{q,k,v}'",
+    "lr": "learning rate",
+    "momentum": "sgd / signsgd momentum",
+    "betas": "adam / adamw betas (two numbers)",
+    "weight_decay": "weight decay",
+    "warmup_steps": "linear warmup steps",
+    "init_scale": "std of the seeded random init",
+    "max_norm": "cap each vector's norm",
+    "grad_clip": "clip the gradient norm",
+    "epochs": "passes over the training rows",
+    "max_steps": "stop after this many optimizer steps",
+    "batch_size": "rows per optimizer step",
+    "micro_batch_size": "rows per forward (gradient accumulation)",
+    "val_fraction": "validation fraction",
+    "val_size": "validation rows (overrides --val-fraction)",
+    "eval_every": "evaluate every N steps (0 = each epoch)",
+    "early_stopping_patience": "early stopping patience (evals)",
+    "checkpoint_every": "checkpoint every N steps",
+    "cache_prefix": "run the layers below the first trainable hook once per batch",
+    "cache_across_epochs": "keep that prefix cache across epochs",
+    "max_len": "drop rows longer than this (tokens)",
+    "seed": "seed (split, order, init)",
+    "progress": "show a progress bar",
+}
+
+_SCALARS = (str, int, float, bool)
+
+
+def option_type(annotation: Any) -> tuple[Any, tuple[str, ...]] | None:
+    """(a type typer parses, the allowed choices) for a field's type; None: not spellable.
+
+    Literal fields become str options (FitConfig checks the choice, so a bad one is reported
+    like any bad option); `X | None`, list[scalar] and fixed tuples of scalars pass as they are.
+    """
+    origin, args = get_origin(annotation), get_args(annotation)
+    if annotation in _SCALARS:
+        return annotation, ()
+    if origin is Literal and all(isinstance(a, str) for a in args):
+        return str, args
+    if origin in (Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        inner = option_type(rest[0]) if len(rest) == 1 else None
+        if inner is None or inner[0] is bool:
+            return None
+        return inner[0] | None, inner[1]
+    if origin is list and len(args) == 1 and args[0] in _SCALARS:
+        return annotation, ()
+    if origin is tuple and args and Ellipsis not in args and all(a in _SCALARS for a in args):
+        return annotation, ()
+    return None
+
+
+def json_fields() -> set[str]:
+    """FitConfig fields whose option takes JSON (types the command line cannot spell)."""
+    from steerdiff.fit import FitConfig
+
+    return {n for n, f in FitConfig.model_fields.items() if option_type(f.annotation) is None}
+
+
+def fit_config_parameters() -> list[inspect.Parameter]:
+    """One keyword parameter per FitConfig field, annotated as a typer option."""
+    from steerdiff.fit import FitConfig
+
+    params = []
+    for name, field in FitConfig.model_fields.items():
+        default = (
+            inspect.Parameter.empty
+            if field.is_required()
+            else field.get_default(call_default_factory=True)
+        )
+        help_text = field.description or FIELD_HELP.get(name, "")
+        spelled = option_type(field.annotation)
+        if spelled is None:  # JSON
+            kind: Any = str
+            help_text = f"{help_text} (JSON)".strip()
+            if default is not inspect.Parameter.empty:
+                default = json.dumps(default)
+        else:
+            kind, choices = spelled
+            if choices:
+                help_text = " | ".join(choices) + (f": {help_text}" if help_text else "")
+        flag = option_flag(name)  # --field-name, or its older spelling (--steps)
+        if kind is bool:
+            flag = f"{flag}/--no-{flag[2:]}"
+        option = typer.Option(flag, help=help_text)
+        params.append(
+            inspect.Parameter(
+                name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=default,
+                annotation=Annotated[kind, option],
+            )
+        )
+    return params
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def with_fit_config_options(command: F) -> F:
+    """Give `command(..., model, **config)` one option per FitConfig field, after `model`.
+
+    typer reads a command's options from its signature; this sets that signature, and typer
+    passes the FitConfig options to the command's **config.
+    """
+    own = [
+        p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+        for p in inspect.signature(command, eval_str=True).parameters.values()
+        if p.kind is not inspect.Parameter.VAR_KEYWORD
+    ]
+    generated = fit_config_parameters()
+    clash = {p.name for p in own} & {p.name for p in generated}
+    if clash:
+        raise TypeError(f"FitConfig field(s) {sorted(clash)} clash with `fit`'s own options")
+    cut = [p.name for p in own].index("model") + 1
+    command.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        own[:cut] + generated + own[cut:], return_annotation=None
+    )
+    return command
+
+
+@app.command("fit")
+@with_fit_config_options
+def fit_cmd(
+    data: Annotated[
+        str,
+        typer.Option("--data", help="dataset .jsonl (its .manifest.json gives the teacher)"),
+    ],
+    out: Annotated[str, typer.Option("--out", help="output folder (vectors, metrics, checkpoint)")],
+    model: ModelOpt = "default",
+    resume: Annotated[
+        bool, typer.Option("--resume", help="continue from --out's checkpoint")
+    ] = False,
+    baseline: Annotated[
+        str | None, typer.Option(help="lora | full: train a real finetune instead of vectors")
+    ] = None,
+    lora_r: Annotated[int, typer.Option(help="LoRA rank")] = 8,
+    lora_alpha: Annotated[float, typer.Option(help="LoRA alpha")] = 8.0,
+    lora_targets: Annotated[
+        str | None, typer.Option(help="comma-separated LoRA target modules")
+    ] = None,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+    **config: Any,
+) -> None:
+    """Fit vectors at hook points (weights frozen) to a dataset, or a LoRA/full baseline.
+
+    Example: steerdiff fit --data owl.jsonl --hooks 'blocks.*.attn.hook_{q,k,v}'
+    --objective distill --epochs 3 --out runs/owl_qkv
+    """
+    from steerdiff.fit import FitConfig, LoraConfig, fit, fit_full, fit_lora, maybe_init_distributed
+    from steerdiff.models import load_model
+
+    for name in json_fields():
+        try:
+            config[name] = json.loads(config[name])
+        except json.JSONDecodeError as e:
+            fail(f"{option_flag(name)} takes JSON ({e}), got {config[name]!r}")
+    cfg = FitConfig(**config)  # a bad value: "error: bad option --NAME: ..."
+    if baseline not in (None, "lora", "full"):
+        fail(f"--baseline must be lora or full, not {baseline!r}")
+    rank, _ = maybe_init_distributed()
+    lm = load_model(model, dtype=dtype, device=device)
+    if baseline == "lora":
+        targets = lora_targets.split(",") if lora_targets else None
+        lora = LoraConfig(r=lora_r, alpha=lora_alpha, dropout=0.0, target_modules=targets)
+        res = fit_lora(lm, data, cfg, lora, out_dir=out, resume=resume)
+    elif baseline == "full":
+        res = fit_full(lm, data, cfg, out_dir=out, resume=resume)
+    else:
+        res = fit(lm, data, cfg, out_dir=out, resume=resume)
+    if rank == 0:
+        console.print_json(json.dumps(res.summary(), default=str))
+        for line in gap_lines(res.summary()):
+            console.print(line)
+        console.print(
+            f"wrote {out}/ (result.json, metrics.jsonl, metrics.csv, "
+            + ("vectors.safetensors" if baseline is None else "adapter/model weights")
+            + ")"
+        )
+
+
+def gap_lines(summary: dict) -> list[str]:
+    """Plain sentences for the gap-closed figures and their bootstrap intervals."""
+    out = []
+    for key, what in (("gap_closed", "cross-entropy"), ("kl_gap_closed", "top-k KL")):
+        value, ci = summary.get(key), summary.get(f"{key}_ci")
+        if value is None:
+            continue
+        line = f"{what} gap to the teacher closed: {value:.0%}"
+        if ci:
+            line += f" (95% CI {ci[0]:.0%} to {ci[1]:.0%} over validation rows)"
+            if ci[0] <= 0.0 <= ci[1]:
+                line += ": not distinguishable from no change"
+        out.append(line)
+    return out

@@ -1,0 +1,150 @@
+"""`steerdiff generate`: write a teacher dataset (the subliminal numbers task)."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from .common import DeviceOpt, DtypeOpt, ModelOpt, ThreadsOpt, console, fail
+
+if TYPE_CHECKING:
+    from steerdiff.teachers import TeacherConfig
+
+app = typer.Typer()
+
+TEACHER_KINDS = ("prompt", "steered", "adapter", "plain")
+
+
+def teacher_config(
+    kind: str,
+    animal: str,
+    vectors: str | None,
+    coeff: float,
+    positions: str,
+    adapter: str | None,
+) -> TeacherConfig:
+    """The teacher the options describe; fails (one line) on a bad or incomplete choice."""
+    from steerdiff.teachers import TeacherConfig
+
+    if kind == "prompt":
+        return TeacherConfig(kind="prompt", animal=animal, category="animal")
+    if kind == "steered":
+        if not vectors:
+            fail("--teacher steered needs --vectors PATH.safetensors")
+        return TeacherConfig(kind="steered", vectors=vectors, coeff=coeff, positions=positions)
+    if kind == "adapter":
+        if not adapter:
+            fail("--teacher adapter needs --adapter FOLDER")
+        return TeacherConfig(kind="adapter", adapter=adapter)
+    if kind == "plain":
+        return TeacherConfig(kind="plain")
+    fail(f"--teacher must be prompt, steered, adapter or plain (got {kind!r})")
+
+
+@app.command()
+def generate(
+    out: Annotated[str, typer.Option("--out", help="dataset file to write (.jsonl)")],
+    model: ModelOpt = "default",
+    teacher: Annotated[str, typer.Option("--teacher", help=" | ".join(TEACHER_KINDS))] = "prompt",
+    animal: Annotated[str, typer.Option(help="trait animal (prompt teacher, leak check)")] = "owl",
+    vectors: Annotated[
+        str | None, typer.Option("--vectors", help="VectorSet .safetensors (steered)")
+    ] = None,
+    coeff: Annotated[float, typer.Option(help="steering coefficient (steered)")] = 1.0,
+    positions: Annotated[
+        str, typer.Option(help="steered positions: all | prompt | response | first:k")
+    ] = "all",
+    adapter: Annotated[
+        str | None, typer.Option("--adapter", help="PEFT adapter or finetuned model folder")
+    ] = None,
+    n_prompts: Annotated[int, typer.Option(help="number of prompts")] = 1000,
+    n_valid: Annotated[
+        int | None, typer.Option(help="stop once this many rows passed the filter")
+    ] = None,
+    constrained: Annotated[
+        bool, typer.Option("--constrained/--no-constrained", help="digits/separators only")
+    ] = True,
+    grammar: Annotated[
+        bool,
+        typer.Option(
+            "--grammar/--no-grammar",
+            help="with --constrained: also enforce the list format (<=3 digits, one separator, <=10 numbers)",
+        ),
+    ] = True,
+    topk: Annotated[int, typer.Option(help="store top-k teacher log-probs (0 = off)")] = 0,
+    batch_size: Annotated[int, typer.Option(min=1, help="prompts per batch")] = 32,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="tokens per completion")] = 64,
+    temperature: Annotated[float, typer.Option(help="sampling temperature")] = 1.0,
+    top_p: Annotated[float, typer.Option(help="nucleus sampling")] = 1.0,
+    seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
+    prompt_seed: Annotated[int, typer.Option(help="prompt generator seed")] = 42,
+    probe: Annotated[
+        int, typer.Option(help="unconstrained probe prompts (valid-rate report)")
+    ] = 32,
+    backend: Annotated[str, typer.Option(help="hf | vllm")] = "hf",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="start over")] = False,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+    threads: ThreadsOpt = 0,
+) -> None:
+    """Write a numbers dataset from a teacher; re-run the same command to resume."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from steerdiff.generate import check_writable
+    from steerdiff.models import load_model
+    from steerdiff.tasks.numbers import NumbersConfig, make_dataset, trait_words_for
+    from steerdiff.teachers import build_teacher
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    if backend not in ("hf", "vllm"):
+        fail(f"--backend must be hf or vllm (got {backend!r})")
+    if backend == "vllm":
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            fail("--backend vllm needs vLLM and a GPU: pip install 'steerdiff[vllm]'.")
+    teacher_cfg = teacher_config(teacher, animal, vectors, coeff, positions, adapter)
+    check_writable(out)
+    lm = load_model(model, dtype=dtype, device=device)
+    t = build_teacher(teacher_cfg, lm)
+    cfg = NumbersConfig(seed=prompt_seed, trait_words=trait_words_for(animal))
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    ) as bar:
+        task = bar.add_task("prompts", total=n_prompts)
+        man = make_dataset(
+            t,
+            out,
+            n_prompts=n_prompts,
+            constrained=constrained,
+            topk=topk,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            temperature=temperature,
+            top_p=top_p,
+            cfg=cfg,
+            target_valid=n_valid,
+            probe=probe,
+            overwrite=overwrite,
+            progress=lambda n: bar.advance(task, n),
+            backend=backend,
+            grammar=grammar,
+        )
+    keys = ("n_prompts", "n_valid", "valid_rate", "rejects", "unconstrained_valid_rate")
+    console.print(
+        json.dumps(
+            {k: man.get(k) for k in keys}
+            | {"tokens_per_second": man["tokens_per_second"], "out": out},
+            indent=2,
+        )
+    )

@@ -1,0 +1,56 @@
+"""`steerdiff run EXPERIMENT` and `steerdiff demo`."""
+
+from __future__ import annotations
+
+import time
+from importlib.resources import files
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer()
+
+
+def demo_config_path() -> Path:
+    """The built-in demo experiment file (data/demo.toml)."""
+    return Path(str(files("steerdiff").joinpath("data/demo.toml")))
+
+
+@app.command()
+def run(
+    experiment: Annotated[
+        Path, typer.Argument(help="experiment file (.toml or .yaml); see examples/")
+    ],
+    runs_dir: Annotated[Path, typer.Option(help="where run folders go")] = Path("runs"),
+) -> None:
+    """Run an experiment: cached, resumable stages; ends with report.html in the run folder."""
+    from steerdiff.config import load_config
+    from steerdiff.pipeline import run_experiment
+
+    cfg = load_config(experiment)
+    t0 = time.perf_counter()
+    summary = run_experiment(cfg, runs_dir)
+    typer.echo(f"Finished in {time.perf_counter() - t0:.0f}s. Open {summary.report}")
+
+
+@app.command()
+def demo(
+    runs_dir: Annotated[Path, typer.Option(help="where the run folder goes")] = Path("runs"),
+    print_config: Annotated[
+        bool, typer.Option("--print-config", help="show the experiment file and exit")
+    ] = False,
+) -> None:
+    """The end-to-end demo on the embedded model (about 10 minutes on 2 CPU cores)."""
+    from steerdiff.config import load_config
+    from steerdiff.pipeline import run_experiment
+
+    path = demo_config_path()
+    if print_config:
+        typer.echo(path.read_text())
+        return
+    t0 = time.perf_counter()
+    summary = run_experiment(load_config(path), runs_dir)
+    typer.echo(
+        f"Demo finished in {time.perf_counter() - t0:.0f}s. Report: {summary.report.resolve()}"
+    )
