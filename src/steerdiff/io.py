@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from .errors import SteerdiffError
+
 
 def _umask_mode() -> int:
     mask = os.umask(0)
@@ -70,9 +72,19 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
+class FileFormatError(SteerdiffError, ValueError):
+    """A JSON / JSONL file that does not parse; the message names the file and the line."""
+
+
 def read_json(path: str | os.PathLike) -> Any:
+    """A JSON file's content; FileFormatError (naming the file) if it does not parse."""
     with open(path) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise FileFormatError(
+                f"{path} is not valid JSON ({e.msg} at line {e.lineno}): fix or delete the file."
+            ) from None
 
 
 def append_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
@@ -97,7 +109,7 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
         except json.JSONDecodeError:
             if i == len(lines) - 1:
                 return  # torn final line
-            raise ValueError(f"{path}: line {i + 1} is not valid JSON") from None
+            raise FileFormatError(f"{path}: line {i + 1} is not valid JSON") from None
 
 
 def repair_jsonl(path: str | os.PathLike) -> int:

@@ -23,7 +23,7 @@ from .scoring import (
     prefix_forward,
     question_prompts,
 )
-from .steering import Steering
+from .steering import Steering, SteeringError
 
 __all__ = [
     "CachedPrompts",
@@ -36,6 +36,7 @@ __all__ = [
     "PromptCache",
     "ScoringError",
     "Steering",
+    "SteeringError",
     "answer_hits",
     "answer_variants",
     "candidate_logprobs",

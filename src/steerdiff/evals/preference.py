@@ -37,7 +37,7 @@ from ..errors import SteerdiffError
 from ..generate import sample
 from ..models import LoadedModel
 from .scoring import candidate_logprobs, question_prompts
-from .steering import Steering, steered
+from .steering import Steering, SteeringError, steered
 
 QUESTIONS_FILE = "preference_questions.txt"
 
@@ -174,7 +174,7 @@ def paired_difference(
     qa = [q["question"] for q in a.per_question]
     qb = [q["question"] for q in b.per_question]
     if qa != qb:
-        raise ValueError(
+        raise CategoryError(
             "paired_difference needs both results on the same questions in the same order; "
             "evaluate both with the same `questions` / `n_questions`."
         )
@@ -216,7 +216,7 @@ def exact_preference(
     t0 = time.perf_counter()
     cat, qs = _resolve(category, target, questions, n_questions)
     if steering is not None and len(steering.coeffs) != 1:
-        raise ValueError(
+        raise SteeringError(
             "exact_preference takes one coeff; loop over coefficients (or see sweep.py)."
         )
     prompts = question_prompts(lm, qs, system_prompt)
@@ -297,7 +297,7 @@ def sample_preference(
     t0 = time.perf_counter()
     cat, qs = _resolve(category, target, questions, n_questions)
     if n_samples < 1:
-        raise ValueError(f"n_samples must be >= 1, got {n_samples}.")
+        raise CategoryError(f"n_samples must be >= 1, got {n_samples}.")
     texts = chat_texts(lm.tokenizer, qs, system_prompt)
     answers = sample_answers(
         lm, texts, n_samples, temperature, max_new_tokens, seed, batch_size, steering

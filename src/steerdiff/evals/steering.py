@@ -12,8 +12,13 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import SteerdiffError
 from ..hooks import Op, Positions, parse_positions, steer
 from ..models import LoadedModel
+
+
+class SteeringError(SteerdiffError, ValueError):
+    """Steering that an evaluation cannot apply; the message says what to change."""
 
 
 @dataclass
@@ -53,7 +58,7 @@ def steered_phase(
         return nullcontext()
     kind, _ = parse_positions(steering.positions)
     if kind == "mask":
-        raise ValueError(
+        raise SteeringError(
             "Cached scoring takes positions 'all', 'prompt', 'response' or 'first:k', not a mask."
         )
     if kind in ("prompt", "response"):
@@ -70,6 +75,6 @@ def steered(lm: LoadedModel, steering: Steering | None) -> Iterator[None]:
         yield
         return
     if len(steering.coeffs) != 1:
-        raise ValueError("Sampling takes one coeff; loop over coefficients.")
+        raise SteeringError("Sampling takes one coeff; loop over coefficients.")
     with steer(lm.model, steering.vectors, steering.coeffs[0], steering.positions, steering.op):
         yield

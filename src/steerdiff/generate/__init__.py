@@ -17,12 +17,13 @@ from .dataset import (
     progress_path,
     write_dataset,
 )
-from .sampler import Sample, SampleStats, sample, stop_token_ids
+from .sampler import Sample, SampleError, SampleStats, sample, stop_token_ids
 
 __all__ = [
     "DatasetError",
     "Judged",
     "Sample",
+    "SampleError",
     "SampleStats",
     "check_writable",
     "generation_provenance",

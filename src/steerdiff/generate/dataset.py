@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SteerdiffError
-from ..io import append_jsonl, atomic_write_json, provenance, read_jsonl, repair_jsonl
+from ..io import (
+    append_jsonl,
+    atomic_write_json,
+    provenance,
+    read_json,
+    read_jsonl,
+    repair_jsonl,
+)
 from ..models import LoadedModel
 from .sampler import Sample, SampleStats
 
@@ -248,8 +255,7 @@ def load_dataset(path: str | os.PathLike, require_complete: bool = True) -> tupl
             "with `steerdiff generate --out ...`."
         )
     if man.exists():
-        with open(man) as f:
-            manifest: dict = json.load(f)
+        manifest: dict = read_json(man)  # FileFormatError names the file if it is broken
     elif require_complete:
         raise DatasetError(
             f"{path} has no manifest ({man.name}): generation did not finish. Re-run the "

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
+from ..errors import SteerdiffError
 from ..models import LoadedModel, unwrap
 
 # ----------------------------------------------------------------------------- restricted head
@@ -77,6 +78,10 @@ def _restricted_head(model: nn.Module, ids: torch.Tensor | None) -> Iterator[boo
 
 
 # ----------------------------------------------------------------------------- sampling
+
+
+class SampleError(SteerdiffError, ValueError):
+    """Bad arguments to the sampler; the message names them."""
 
 
 @dataclass
@@ -184,9 +189,9 @@ def sample(
         tok = getattr(model, "tokenizer", None)
         pad_id = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
     if any(len(p) == 0 for p in prompts):
-        raise ValueError("sample(): every prompt needs at least one token")
+        raise SampleError("sample(): every prompt needs at least one token")
     if batch_size < 1 or max_new_tokens < 1:
-        raise ValueError("sample(): batch_size and max_new_tokens must be >= 1")
+        raise SampleError("sample(): batch_size and max_new_tokens must be >= 1")
     device = next(hf.parameters()).device
     allowed = None
     if allowed_ids is not None:

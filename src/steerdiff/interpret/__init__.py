@@ -15,7 +15,14 @@ from .dla import (
 from .lens import LensError, activation_difference_lens
 from .lens_readout import LensReadout, LensResult, LensRow, save_lens
 from .monitor import MonitorError, MonitorResult, project, save_monitor
-from .similarity import SimMatrix, cosine_matrices, cross_cosine, effect_correlation, effect_vectors
+from .similarity import (
+    SimilarityError,
+    SimMatrix,
+    cosine_matrices,
+    cross_cosine,
+    effect_correlation,
+    effect_vectors,
+)
 
 __all__ = [
     "Corpus",
@@ -29,6 +36,7 @@ __all__ = [
     "MonitorError",
     "MonitorResult",
     "SimMatrix",
+    "SimilarityError",
     "activation_difference_lens",
     "check_dla_hook",
     "cosine_matrices",

@@ -16,8 +16,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import SteerdiffError
 from ..models import LoadedModel
 from ..vectors import VectorSetError
+
+
+class SimilarityError(SteerdiffError, ValueError):
+    """Effects or vector sets that cannot be compared; the message says why."""
 
 
 @dataclass
@@ -106,11 +111,11 @@ def effect_correlation(effects: Mapping[str, torch.Tensor], title: str = "") -> 
     effects: label -> [vocab] (mean final-logit differences, or centred DLA scores).
     """
     if len(effects) < 2:
-        raise ValueError("Give at least two effects to correlate.")
+        raise SimilarityError("Give at least two effects to correlate.")
     labels = list(effects)
     shapes = {tuple(e.shape) for e in effects.values()}
     if len(shapes) != 1:
-        raise ValueError(f"Effects have different shapes: {shapes} (same model needed).")
+        raise SimilarityError(f"Effects have different shapes: {shapes} (same model needed).")
     m = torch.stack([effects[k].detach().double().cpu().flatten() for k in labels])  # [n, vocab]
     m = m - m.mean(dim=1, keepdim=True)
     corr = _cos(m, m)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 
+from ..generate import DatasetError
+
 ALLOWED_CHARS = set("0123456789 ,;\n")
 
 
@@ -24,8 +26,9 @@ def allowed_token_ids(tokenizer, max_len: int = 4) -> list[int]:
         if t and len(t) <= max_len and set(t) <= ALLOWED_CHARS:
             ids.append(i)
     if not any(tokenizer.decode([i]).strip().isdigit() for i in ids):
-        raise ValueError(
-            "This tokenizer has no pure-digit tokens; constrained decoding needs them."
+        raise DatasetError(
+            "This tokenizer has no pure-digit tokens; constrained decoding needs them "
+            "(use --no-constrained)."
         )
     return ids
 

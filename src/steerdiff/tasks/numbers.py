@@ -23,7 +23,14 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from ..generate import Judged, SampleStats, check_writable, stop_token_ids, write_dataset
+from ..generate import (
+    DatasetError,
+    Judged,
+    SampleStats,
+    check_writable,
+    stop_token_ids,
+    write_dataset,
+)
 from ..io import provenance
 from .constraints import ALLOWED_CHARS, SEPARATORS, NumberListGrammar, allowed_token_ids
 
@@ -237,7 +244,7 @@ def make_dataset(
     )
 
     if backend not in ("hf", "vllm"):
-        raise ValueError(f"Unknown backend {backend!r}; use 'hf' or 'vllm'.")
+        raise DatasetError(f"Unknown backend {backend!r}; use 'hf' or 'vllm'.")
     engine = None
     if backend == "vllm":
         from ..generate.vllm import VllmSampler
