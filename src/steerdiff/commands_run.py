@@ -25,8 +25,7 @@ def register(app: typer.Typer) -> None:
         runs_dir: Annotated[Path, typer.Option(help="where run folders go")] = Path("runs"),
     ) -> None:
         """Run an experiment: cached, resumable stages; ends with report.html in the run folder."""
-        from .config import ConfigError, load_config
-        from .pipeline import run_experiment
+        from .pipeline import ConfigError, load_config, run_experiment
 
         try:
             cfg = load_config(experiment)
@@ -44,8 +43,7 @@ def register(app: typer.Typer) -> None:
         ] = False,
     ) -> None:
         """The end-to-end demo on the embedded model (about 10 minutes on 2 CPU cores)."""
-        from .config import load_config
-        from .pipeline import run_experiment
+        from .pipeline import load_config, run_experiment
 
         path = demo_config_path()
         if print_config:
