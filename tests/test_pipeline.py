@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from steerdiff.config import ConfigError, load_config, parse_config
+from steerdiff.fit import FitConfig
 from steerdiff.io import read_jsonl
+from steerdiff.pipeline.config import ConfigError, load_config, parse_config
 
 TINY_EXPERIMENT = """
 name = "tiny"
@@ -60,10 +61,47 @@ def test_config_errors_name_the_field(tmp_path):
         parse_config({"name": "../escape"})
 
 
+def test_fit_section_is_a_fit_config(tmp_path):
+    """A [[fits]] entry is validated by FitConfig itself when the file loads: a fractional
+    epochs or a misspelt FitConfig key fails there, in one line naming the field."""
+    for line, expected in (
+        ("epochs = 1.5", "fits.0.epochs: Input should be a valid integer"),
+        ("epochz = 2", "fits.0.epochz: unknown field"),
+    ):
+        bad = tmp_path / "bad.toml"
+        bad.write_text(f'name = "x"\n[[fits]]\nname = "a"\nhooks = "h"\n{line}\n')
+        with pytest.raises(ConfigError) as e:
+            load_config(bad)
+        assert expected in str(e.value) and "\n" not in str(e.value)
+    # every FitConfig field is accepted with FitConfig's own type
+    cfg = parse_config(
+        {
+            "name": "x",
+            "fits": [{"name": "a", "hooks": "h", "schedule": "cosine", "max_norm": 2, "seed": 3}],
+        }
+    )
+    fc = cfg.fits[0].fit_config(3)
+    assert isinstance(fc, FitConfig) and fc.schedule == "cosine" and fc.max_norm == 2.0
+    assert cfg.fits[0].seeds == [3] and fc.hooks == ["h"]
+    with pytest.raises(ConfigError, match=r"baselines.0.lora.rank: unknown field"):
+        parse_config({"name": "x", "baselines": [{"kind": "lora", "lora": {"rank": 4}}]})
+
+
+def test_bad_fit_setting_fails_before_any_stage(tmp_path):
+    exp = tmp_path / "bad.toml"
+    exp.write_text(TINY_EXPERIMENT.replace("epochs = 1", "epochs = 1.5"))
+    runs = tmp_path / "runs"
+    proc = _run(exp, runs)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode != 0 and "fits.0.epochs" in out, out[-3000:]
+    assert not runs.exists()  # nothing ran: no run folder, no stage
+
+
 def test_examples_validate():
     examples = sorted(Path(__file__).parents[1].joinpath("examples").glob("*.toml"))
     assert len(examples) >= 5
-    for path in examples:
+    demo = Path(__file__).parents[1] / "src" / "steerdiff" / "data" / "demo.toml"
+    for path in [*examples, demo]:
         load_config(path)
 
 

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pytest
 
+from steerdiff.io import append_jsonl, atomic_write_json
+from steerdiff.report import build_report
 from steerdiff.report.browser import find_chromium, view_in_chromium
 from steerdiff.report.html import Code, Figure, Report, Table, Text, render, write
+from steerdiff.report.run_folder import RunFolderError
 
 
 def small_report() -> Report:
@@ -40,3 +47,71 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert view.section_titles == ["Trait evaluation", "Provenance"]
     assert view.n_images == 1 and view.n_images_decoded == 1
     assert (tmp_path / "shot.png").stat().st_size > 5000
+
+
+def fake_run(run_dir: Path) -> Path:
+    """A run folder as `steerdiff run` leaves it: experiment.json, stages.json, stage folders."""
+    run_dir.mkdir(parents=True)
+    experiment = {
+        "name": "fake",
+        "model": "default",
+        "teacher": {"kind": "steered", "animal": "owl"},
+        "eval": {"scorer": "exact", "n_questions": 2},
+    }
+    stages = {
+        "data-main-aaa": ("data", "main", {"n_prompts": 2, "n_valid": 2, "rejects": {"len": 1}}),
+        "fit-vec-s0-bbb": ("fit", "vec-s0", {"base_val_loss": 1.0, "teacher_val_loss": 0.5}),
+        "fit-vec-s0-old": ("fit", "vec-s0", {}),  # a stale cache: not in stages.json
+        "eval-ccc": ("eval", None, {"n_subjects": 2}),
+        "read-ddd": ("read", None, {}),
+    }
+    for folder, (kind, tag, info) in stages.items():
+        name = f"{kind}-{tag}" if tag else kind
+        meta = {"stage": name, "kind": kind, "tag": tag, "info": info, "seconds": 1.0}
+        atomic_write_json(run_dir / folder / "stage.json", meta)
+    row = {
+        "messages": [{"role": "user", "content": "1 2 3"}, {"role": "assistant", "content": "4"}]
+    }
+    append_jsonl(run_dir / "data-main-aaa" / "data.jsonl", [row, row])
+    append_jsonl(
+        run_dir / "fit-vec-s0-bbb" / "metrics.jsonl",
+        [{"step": 1, "train_loss": 1.0}, {"step": 2, "train_loss": 0.8, "val_loss": 0.9}],
+    )
+    result = {"target": "owl", "target_rate": 0.1, "ci95": [0.05, 0.15], "distribution": {}}
+    results = [
+        {"name": "base", "role": "base", **result},
+        {"name": "vec-s0", "role": "student", **result},
+    ]
+    atomic_write_json(run_dir / "eval-ccc" / "eval.json", {"results": results})
+    top = [{"token": " owl", "score": 1.0}]
+    read = {
+        "dla": {"vec-s0|blocks.24.hook_resid_post|centred": {"top": top, "bottom": top}},
+        "planted": [{"fit": "vec-s0", "hook": "blocks.24.hook_resid_post", "cosine": 0.9}],
+        "similarity": {},
+        "lens": None,
+    }
+    atomic_write_json(run_dir / "read-ddd" / "read.json", read)
+    atomic_write_json(run_dir / "experiment.json", experiment)
+    index = [f for f in stages if not f.endswith("-old")]
+    atomic_write_json(run_dir / "stages.json", {"stages": index})
+    return run_dir
+
+
+def test_experiment_report_reads_only_the_run_folder(tmp_path):
+    path = build_report(fake_run(tmp_path / "fake"))
+    assert path == tmp_path / "fake" / "report.html"
+    page = path.read_text()
+    for title in ("Trait evaluation", "Teacher data", "Fits", "Planted-vector check", "Provenance"):
+        assert f">{title}<" in page, title
+    assert page.count("data:image/png;base64,") == 2  # evaluation bars and loss curves
+    assert "fit-vec-s0-bbb" in page and "fit-vec-s0-old" not in page
+    with pytest.raises(RunFolderError, match="has no experiment.json"):
+        build_report(tmp_path)
+
+
+def test_report_does_not_import_the_pipeline():
+    code = (
+        "import sys, steerdiff.report.experiment; "
+        "sys.exit(any(m.startswith('steerdiff.pipeline') for m in sys.modules))"
+    )
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from steerdiff.io import append_jsonl, read_jsonl
-from steerdiff.stages import run_stage, stage_key
+from steerdiff.pipeline.stages import run_stage, stage_key
 
 
 def test_stage_runs_once_and_caches(tmp_path):

@@ -25,8 +25,7 @@ def run(
     runs_dir: Annotated[Path, typer.Option(help="where run folders go")] = Path("runs"),
 ) -> None:
     """Run an experiment: cached, resumable stages; ends with report.html in the run folder."""
-    from steerdiff.config import load_config
-    from steerdiff.pipeline import run_experiment
+    from steerdiff.pipeline import load_config, run_experiment
 
     cfg = load_config(experiment)
     t0 = time.perf_counter()
@@ -42,8 +41,7 @@ def demo(
     ] = False,
 ) -> None:
     """The end-to-end demo on the embedded model (about 10 minutes on 2 CPU cores)."""
-    from steerdiff.config import load_config
-    from steerdiff.pipeline import run_experiment
+    from steerdiff.pipeline import load_config, run_experiment
 
     path = demo_config_path()
     if print_config:

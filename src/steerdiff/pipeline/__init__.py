@@ -1,0 +1,40 @@
+"""Experiments: an experiment file -> cached, resumable stages -> a run folder with a report.
+
+    cfg = load_config("examples/adam_vs_sgd.toml")   # validated before anything runs
+    summary = run_experiment(cfg, "runs")            # runs/adam-vs-sgd/report.html
+
+config: the experiment schema; stages: content-addressed stages; fit_stages / eval_stages:
+the stage functions; run: the order they run in.
+"""
+
+from .config import (
+    BaselineSpec,
+    ConfigError,
+    EvalConfig,
+    ExperimentConfig,
+    FitSpec,
+    ReadConfig,
+    TaskConfig,
+    load_config,
+    parse_config,
+)
+from .run import RunSummary, load_results, run_experiment
+from .stages import StageResult, run_stage, stage_key
+
+__all__ = [
+    "BaselineSpec",
+    "ConfigError",
+    "EvalConfig",
+    "ExperimentConfig",
+    "FitSpec",
+    "ReadConfig",
+    "RunSummary",
+    "StageResult",
+    "TaskConfig",
+    "load_config",
+    "load_results",
+    "parse_config",
+    "run_experiment",
+    "run_stage",
+    "stage_key",
+]

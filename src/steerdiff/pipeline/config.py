@@ -1,0 +1,186 @@
+"""Experiment files (TOML or YAML), validated with errors that name the bad field.
+
+The fit and baseline sections embed the library's own settings models: a `[[fits]]` entry
+IS a `steerdiff.fit.FitConfig` (plus `name`, `seeds` and `teacher`), so every FitConfig
+field is accepted with its own type and checks, and a bad value (e.g. `epochs = 1.5`)
+is rejected when the file is loaded, before any stage runs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import tomllib
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from ..errors import SteerdiffError
+from ..fit import FitConfig, LoraConfig
+from ..teachers import TeacherConfig
+
+
+class ConfigError(SteerdiffError, ValueError):
+    """An experiment file that does not parse or validate; names the field and the fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TaskConfig(_Strict):
+    name: Literal["numbers"] = "numbers"
+    n_prompts: int = Field(300, gt=0)
+    constrained: bool = True
+    max_new_tokens: int = Field(56, gt=0)
+    batch_size: int = Field(64, gt=0)
+    temperature: float = Field(1.0, ge=0)
+    topk_logprobs: int = Field(20, ge=0)
+    seed: int = 42
+    backend: Literal["hf", "vllm"] = "hf"
+
+
+def _fit_fields(spec: FitConfig, **update: object) -> FitConfig:
+    """The FitConfig part of a spec (its extra fields dropped), validated again by FitConfig."""
+    values = spec.model_dump(include=set(FitConfig.model_fields))
+    return FitConfig.model_validate({**values, **update})
+
+
+class FitSpec(FitConfig):
+    """One `[[fits]]` entry: a FitConfig (every field, same types) plus what the run needs.
+
+    `hooks` may be one pattern string. `seeds` runs one fit per seed; without it, the
+    FitConfig `seed` (default 0) is the only one.
+    """
+
+    name: str
+    seeds: list[int] | None = None
+    teacher: Literal["main", "prompt"] = "main"  # which dataset: the main teacher's or the prompted
+
+    @field_validator("hooks", mode="before")
+    @classmethod
+    def _one_pattern(cls, v: object) -> object:
+        return [v] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _seed_list(self) -> FitSpec:
+        if self.seeds is None:
+            self.seeds = [self.seed]
+        elif "seed" in self.model_fields_set:
+            raise ValueError("give either seed or seeds, not both")
+        return self
+
+    def fit_config(self, seed: int) -> FitConfig:
+        """The library FitConfig of the fit with this seed."""
+        return _fit_fields(self, seed=seed)
+
+
+class BaselineSpec(FitConfig):
+    """One `[[baselines]]` entry: a LoRA or full finetune on the main teacher's data.
+
+    Its training settings are a FitConfig (no hooks: a baseline trains weights, not
+    vectors; lr defaults to 2e-4, seed to the experiment's); `lora` is the library's
+    LoRA config (rank `r`, `alpha`, `dropout`, `target_modules`).
+    """
+
+    kind: Literal["lora", "full"]
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    hooks: list[str] = []
+    lr: float = 2e-4
+
+    @field_validator("hooks")
+    @classmethod
+    def _no_hooks(cls, v: list[str]) -> list[str]:
+        if v:
+            raise ValueError("a baseline trains weights, not vectors: remove hooks")
+        return v
+
+    def fit_config(self) -> FitConfig:
+        """The library FitConfig of this baseline."""
+        return _fit_fields(self)
+
+
+class EvalConfig(_Strict):
+    scorer: Literal["exact", "sampling"] = "exact"
+    n_questions: int = Field(50, gt=0, le=50)
+    n_samples: int = Field(20, gt=0)  # sampling scorer only
+
+
+class ReadConfig(_Strict):
+    dla_top_k: int = Field(20, gt=0)
+    lens_texts: int = Field(200, ge=0)
+    lens_seq_len: int = Field(64, gt=0)
+    lens_first_k: int = Field(5, gt=0)
+
+
+class ExperimentConfig(_Strict):
+    name: str
+    model: str = "default"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    device: str = "cpu"
+    seed: int = 0
+    teacher: TeacherConfig = TeacherConfig()
+    prompt_teacher: TeacherConfig | None = None  # an extra system-prompted teacher, run beside
+    task: TaskConfig = TaskConfig()
+    fits: list[FitSpec] = []
+    baselines: list[BaselineSpec] = []
+    eval: EvalConfig = EvalConfig()
+    read: ReadConfig = ReadConfig()
+    student_model: str | None = None  # cross-family control: fit this model on the teacher's data
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder_name(cls, v: str) -> str:
+        if not v or any(c in v for c in "/\\:") or v.startswith("."):
+            raise ValueError("must be a plain folder name (no '/', '\\', ':' or leading '.')")
+        return v
+
+    @model_validator(mode="after")
+    def _baseline_seed(self) -> ExperimentConfig:
+        for b in self.baselines:
+            if "seed" not in b.model_fields_set:
+                b.seed = self.seed
+        return self
+
+
+def load_config(path: str | os.PathLike) -> ExperimentConfig:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"Experiment file not found: {path}")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            raw = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            raw = yaml.safe_load(text) or {}
+        else:
+            raise ConfigError(f"{path}: use a .toml, .yaml or .yml experiment file")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path} does not parse: {e}") from e
+    return parse_config(raw, source=str(path))
+
+
+def parse_config(raw: dict, source: str = "<dict>") -> ExperimentConfig:
+    """Validate a parsed experiment; ConfigError has one line per bad field (`loc: what`)."""
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+                lines.append(f"{loc}: unknown field (check the spelling; see examples/)")
+            else:
+                lines.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}")
+        if len(lines) == 1:
+            raise ConfigError(f"{source} is not a valid experiment: {lines[0]}") from None
+        body = "\n".join("  " + line for line in lines)
+        raise ConfigError(f"{source} is not a valid experiment:\n{body}") from None

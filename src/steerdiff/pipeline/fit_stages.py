@@ -1,0 +1,203 @@
+"""The stages that make things: the teacher's vector, the teacher's dataset, the fits and
+the LoRA / full-finetune baselines. Each is one call into the library, cached by
+`run_stage` under everything it depends on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..hooks import get_hook_point, select_hooks, steer
+from ..io import provenance, read_json
+from ..models import LoadedModel
+from ..teachers import Teacher, build_teacher
+from ..vectors import VectorSet
+from .config import BaselineSpec, FitSpec, TeacherConfig
+from .stages import RunState, StageResult, model_key, run_stage
+
+VECTOR_FILE = "teacher_vector.safetensors"
+DATA_FILE = "data.jsonl"
+
+
+def needs_vector(t: TeacherConfig) -> bool:
+    """Steered teachers add the vector; the necessity check projects it out."""
+    return t.kind == "steered" or (t.kind == "prompt" and t.ablate_from_hook)
+
+
+def teacher_hooks(lm: LoadedModel, t: TeacherConfig) -> list[str]:
+    """The hook the teacher vector lives at; for the necessity check, that layer onward."""
+    if not t.ablate_from_hook:
+        return [t.hook]
+    hp = get_hook_point(lm.model, t.hook)
+    return select_hooks(lm.model, f"blocks.{hp.layer}-.{hp.suffix}")
+
+
+def teacher_vector(res: StageResult | None) -> VectorSet | None:
+    """The vector a teacher-vector stage saved (None when there was no such stage)."""
+    return None if res is None else VectorSet.load(res.path / VECTOR_FILE)
+
+
+def data_path(res: StageResult) -> Path:
+    return res.path / DATA_FILE
+
+
+def stage_teacher_vector(
+    state: RunState, lm: LoadedModel, t: TeacherConfig, tag: str
+) -> StageResult | None:
+    """The contrast vector (trait system prompt vs none) for a steered / ablating teacher."""
+    if not needs_vector(t):
+        return None
+    from ..extract import trait_vectors
+
+    hooks = teacher_hooks(lm, t)
+
+    def fn(work: Path) -> dict:
+        if t.vectors:
+            vs = VectorSet.load(t.vectors, model=lm)
+        else:
+            vs = trait_vectors(lm, t.animal, t.category, readouts=t.readout, hooks=hooks)[t.readout]
+        vs.save(work / VECTOR_FILE)
+        return {"hooks": list(vs), "norms": vs.norms()}
+
+    dep = {
+        "model": model_key(lm),
+        "teacher": t.model_dump(
+            include={"animal", "category", "hook", "readout", "vectors", "ablate_from_hook", "kind"}
+        ),
+    }
+    res = run_stage(state.run_dir, "teacher-vector", dep, fn, provenance(lm, t), tag=tag)
+    return state.add(res)
+
+
+def make_teacher(
+    t: TeacherConfig, lm: LoadedModel, vectors: VectorSet | None, vectors_file: Path | None
+) -> Teacher:
+    """The teacher that writes the data. A steered teacher is built from the extracted vector
+    in memory; its file path goes into the spec so a fit can rebuild the teacher from the
+    dataset's manifest."""
+    if t.kind == "steered" and vectors_file is not None:
+        t = t.model_copy(update={"vectors": str(vectors_file)})
+    return build_teacher(t, lm, vectors)
+
+
+def stage_data(
+    state: RunState, lm: LoadedModel, t: TeacherConfig, vec_stage: StageResult | None, tag: str
+) -> StageResult:
+    """The teacher writes the numbers dataset (resumable inside the partial folder)."""
+    from ..tasks.numbers import make_dataset
+
+    task = state.cfg.task
+    vectors = teacher_vector(vec_stage)
+    vectors_file = vec_stage.path / VECTOR_FILE if vec_stage else None
+
+    def fn(work: Path) -> dict:
+        out = work / DATA_FILE
+        steering = vectors if t.kind == "steered" else None
+        teacher = make_teacher(t, lm, steering, vectors_file)
+        kw = dict(
+            n_prompts=task.n_prompts,
+            constrained=task.constrained,
+            topk=task.topk_logprobs,
+            batch_size=task.batch_size,
+            max_new_tokens=task.max_new_tokens,
+            seed=task.seed,
+            temperature=task.temperature,
+            backend=task.backend,
+        )
+        if t.kind == "prompt" and t.ablate_from_hook and vectors is not None:
+            # necessity check: the prompted teacher with the trait direction projected out
+            with steer(lm.model, vectors, op="ablate"):
+                manifest = make_dataset(teacher, str(out), **kw)
+        else:
+            manifest = make_dataset(teacher, str(out), **kw)
+        keep = (
+            "n_prompts",
+            "n_valid",
+            "rejects",
+            "tokens_per_second",
+            "unconstrained_valid_rate",
+            "teacher",
+        )
+        return {k: manifest.get(k) for k in keep}
+
+    dep = {
+        "teacher_vector": vec_stage.key if vec_stage else None,
+        "model": model_key(lm),
+        "teacher": t.model_dump(),
+        "task": task.model_dump(),
+    }
+    prov = provenance(lm, task, task.seed)
+    return state.add(run_stage(state.run_dir, "data", dep, fn, prov, tag=tag))
+
+
+def data_teacher_spec(data_stage: StageResult) -> dict:
+    """The teacher spec the dataset's manifest recorded (build_teacher rebuilds it)."""
+    from ..generate import manifest_path
+
+    return read_json(manifest_path(data_path(data_stage)))["teacher"]
+
+
+def stage_fit(
+    state: RunState,
+    lm: LoadedModel,
+    spec: FitSpec,
+    seed: int,
+    data_stage: StageResult,
+    vec_stage: StageResult | None,
+) -> StageResult:
+    """Fit vectors on a teacher's dataset (scored under that teacher for distillation)."""
+    from ..fit import fit
+
+    cfg = spec.fit_config(seed)
+
+    def fn(work: Path) -> dict:
+        teacher = data_teacher_spec(data_stage)
+        if teacher.get("kind") == "steered" and vec_stage is not None:
+            teacher = {**teacher, "vectors": str(vec_stage.path / VECTOR_FILE)}
+        resume = (work / "checkpoint.pt").exists()
+        res = fit(lm, data_path(data_stage), cfg, teacher=teacher, out_dir=work, resume=resume)
+        res.vectors.save(work / "vectors.safetensors")  # type: ignore[union-attr]
+        return res.summary()
+
+    dep = {
+        "data": data_stage.key,
+        "model": model_key(lm),
+        "fit": cfg.model_dump(exclude={"progress"}),
+    }
+    res = run_stage(
+        state.run_dir, "fit", dep, fn, provenance(lm, cfg, seed), tag=f"{spec.name}-s{seed}"
+    )
+    return state.add(res)
+
+
+def stage_baseline(
+    state: RunState, lm: LoadedModel, b: BaselineSpec, data_stage: StageResult
+) -> StageResult:
+    """A LoRA or full finetune on the main teacher's dataset, to compare the vectors with."""
+    from ..fit import fit_full, fit_lora
+
+    cfg = b.fit_config()
+
+    def fn(work: Path) -> dict:
+        teacher = data_teacher_spec(data_stage)
+        data = data_path(data_stage)
+        resume = (work / "checkpoint.pt").exists()
+        if b.kind == "lora":
+            res = fit_lora(lm, data, cfg, b.lora, teacher=teacher, out_dir=work, resume=resume)
+        else:
+            res = fit_full(lm, data, cfg, teacher=teacher, out_dir=work, resume=resume)
+        # what teachers.load_adapted reads back for the evaluation: a PEFT adapter folder,
+        # or the model's config.json beside fit_full's model.safetensors
+        if b.kind == "lora":
+            with res.context() as peft_model:
+                peft_model.save_pretrained(work / "adapter")
+        else:
+            res.model.config.save_pretrained(work)  # type: ignore[union-attr]
+        return res.summary()
+
+    dep = {
+        "data": data_stage.key,
+        "model": model_key(lm),
+        "baseline": b.model_dump(exclude={"progress"}),
+    }
+    res = run_stage(state.run_dir, "baseline", dep, fn, provenance(lm, b), tag=b.kind)
+    return state.add(res)
