@@ -19,7 +19,7 @@ OPTIONAL = {"steerdiff.data.corpus_build"}  # a maintainer's rebuild script, not
 def package_modules() -> list[str]:
     names = [steerdiff.__name__]
     for info in pkgutil.walk_packages(steerdiff.__path__, prefix="steerdiff."):
-        if info.name not in OPTIONAL:
+        if info.name not in OPTIONAL and not info.name.endswith("__main__"):  # runs the CLI
             names.append(info.name)
     return names
 
