@@ -83,8 +83,8 @@ def test_fit_section_is_a_fit_config(tmp_path):
     fc = cfg.fits[0].fit_config(3)
     assert isinstance(fc, FitConfig) and fc.schedule == "cosine" and fc.max_norm == 2.0
     assert cfg.fits[0].seeds == [3] and fc.hooks == ["h"]
-    with pytest.raises(ConfigError, match=r"baselines.0.lora.rank: unknown field"):
-        parse_config({"name": "x", "baselines": [{"kind": "lora", "lora": {"rank": 4}}]})
+    with pytest.raises(ConfigError, match=r"baselines.0.lora.rnk: unknown field"):
+        parse_config({"name": "x", "baselines": [{"kind": "lora", "lora": {"rnk": 4}}]})
 
 
 def test_bad_fit_setting_fails_before_any_stage(tmp_path):
