@@ -188,8 +188,8 @@ def stage_read(
 
 def lens(lm: LoadedModel, sets: dict[str, VectorSet], work: Path, cfg: ExperimentConfig) -> dict:
     """Activation-difference lens of the first fitted set on the default corpus."""
-    from ..interpret.corpus import load_corpus
     from ..interpret import activation_difference_lens, save_lens
+    from ..interpret.corpus import load_corpus
     from ..tasks.numbers import trait_words_for
 
     name, vs = next(iter(sets.items()))
