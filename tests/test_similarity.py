@@ -6,6 +6,7 @@ import pytest
 import torch
 from _read_helpers import ByteTok
 
+from steerdiff.interpret import pairwise_mean_cosine, planted_check
 from steerdiff.interpret.similarity import (
     cosine_matrices,
     cross_cosine,
@@ -91,3 +92,37 @@ def test_effects_of_vectors_at_different_hooks(tiny_lm):
     m = effect_correlation(eff)
     assert m.values[0, 1] == pytest.approx(1.0, abs=1e-4)
     assert m.values.shape == (3, 3) and not torch.isnan(m.values).any()
+
+
+def test_pairwise_mean_cosine_averages_shared_hooks_only():
+    """Bug caught: averaging over hooks one set lacks, or pairing a set with itself."""
+    a, b = _set(0), _set(1)
+    only_0 = VectorSet({"blocks.0.hook_resid_post": -a["blocks.0.hook_resid_post"]})
+    elsewhere = _set(2, ("blocks.5.hook_resid_post",))
+    got = pairwise_mean_cosine({"a": a, "b": b, "neg0": only_0, "far": elsewhere})
+    cos = [
+        float(torch.nn.functional.cosine_similarity(a[h], b[h], dim=0))
+        for h in ("blocks.0.hook_resid_post", "blocks.1.hook_resid_post")
+    ]
+    assert got["a vs b"] == pytest.approx(sum(cos) / 2, abs=1e-6)
+    assert got["a vs neg0"] == pytest.approx(-1.0, abs=1e-6)  # only the shared hook counts
+    assert not any("far" in k for k in got)  # no shared hook: no entry
+    assert set(got) == {"a vs b", "a vs neg0", "b vs neg0"}
+
+
+def test_planted_check_finds_the_planted_vector(tiny_lm):
+    """Bug caught: a check that compares the wrong hook or normalises the norm ratio away."""
+    hook = "blocks.2.hook_resid_post"
+    v_star = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    fitted = {
+        "same": VectorSet({hook: v_star * 0.5}),
+        "opposite": VectorSet({hook: -v_star}),
+        "other-hook": VectorSet({"blocks.1.hook_resid_post": v_star}),
+    }
+    rows = {r["fit"]: r for r in planted_check(tiny_lm, hook, v_star, fitted, k=10)}
+    assert set(rows) == {"same", "opposite"}  # a set without the hook is skipped
+    assert rows["same"]["cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert rows["same"]["norm_ratio"] == pytest.approx(0.5, abs=1e-6)
+    assert rows["same"]["dla_top10_overlap_centred"] == 10
+    assert rows["opposite"]["cosine"] == pytest.approx(-1.0, abs=1e-6)
+    assert rows["opposite"]["dla_top10_overlap_raw"] < 10

@@ -15,6 +15,7 @@ from .dla import (
 from .lens import LensError, activation_difference_lens
 from .lens_readout import LensReadout, LensResult, LensRow, save_lens
 from .monitor import MonitorError, MonitorResult, project, save_monitor
+from .planted_check import compare_to_planted, planted_check
 from .similarity import (
     SimilarityError,
     SimMatrix,
@@ -22,6 +23,7 @@ from .similarity import (
     cross_cosine,
     effect_correlation,
     effect_vectors,
+    pairwise_mean_cosine,
 )
 
 __all__ = [
@@ -38,6 +40,9 @@ __all__ = [
     "SimMatrix",
     "SimilarityError",
     "activation_difference_lens",
+    "compare_to_planted",
+    "pairwise_mean_cosine",
+    "planted_check",
     "check_dla_hook",
     "cosine_matrices",
     "cross_cosine",

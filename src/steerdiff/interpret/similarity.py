@@ -143,3 +143,24 @@ def effect_vectors(
         lp, la = res.logit_diff(model)
         out[label] = la if position == "all" else lp[int(position)]
     return out
+
+
+def pairwise_mean_cosine(sets: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, float]:
+    """For every pair of vector sets that share a hook: the mean over shared hooks of the
+    cosine between their vectors, keyed "a vs b" (a before b in the mapping's order).
+
+    Used to ask whether fits with other seeds (or a teacher's vector) found the same
+    directions: 1 = the same direction at every shared hook, 0 = unrelated."""
+    names = list(sets)
+    out: dict[str, float] = {}
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            common = [h for h in sets[a] if h in sets[b]]
+            if not common:
+                continue
+            cos = [
+                float(torch.cosine_similarity(sets[a][h].float(), sets[b][h].float(), dim=0))
+                for h in common
+            ]
+            out[f"{a} vs {b}"] = sum(cos) / len(cos)
+    return out

@@ -142,8 +142,7 @@ def stage_read(
     state: RunState, lm: LoadedModel, vec_stage: StageResult | None, fit_stages: list[StageResult]
 ) -> StageResult:
     """DLA of the teacher and fitted vectors, planted cosine, lens, similarity."""
-    from ..interpret.dla import direct_logit_attribution
-    from ..interpret.planted_check import planted_check
+    from ..interpret import direct_logit_attribution, pairwise_mean_cosine, planted_check
 
     cfg = state.cfg
     t = cfg.teacher
@@ -167,12 +166,7 @@ def stage_read(
             v_star = teacher_vs[t.hook] * t.coeff  # type: ignore[index]
             out["planted"] = planted_check(lm, t.hook, v_star, sets, k=20)
         # similarity between fitted sets that share hooks (e.g. seeds), and with the teacher vector
-        names = list(with_teacher)
-        for i, a in enumerate(names):
-            for b in names[i + 1 :]:
-                if any(h in with_teacher[b] for h in with_teacher[a]):
-                    cos = with_teacher[a].cosine(with_teacher[b])
-                    out["similarity"][f"{a} vs {b}"] = sum(cos.values()) / len(cos)
+        out["similarity"] = pairwise_mean_cosine(with_teacher)
         if cfg.read.lens_texts > 0 and sets:
             out["lens"] = lens(lm, sets, work, cfg)
         atomic_write_json(work / "read.json", out)
