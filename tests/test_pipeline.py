@@ -67,6 +67,7 @@ def test_fit_section_is_a_fit_config(tmp_path):
     for line, expected in (
         ("epochs = 1.5", "fits.0.epochs: Input should be a valid integer"),
         ("epochz = 2", "fits.0.epochz: unknown field"),
+        ("lr = 0", "fits.0.lr: must be > 0"),
     ):
         bad = tmp_path / "bad.toml"
         bad.write_text(f'name = "x"\n[[fits]]\nname = "a"\nhooks = "h"\n{line}\n')

@@ -54,6 +54,14 @@ def _fit_fields(spec: FitConfig, **update: object) -> FitConfig:
     return FitConfig.model_validate({**values, **update})
 
 
+def _positive_lr(lr: float) -> float:
+    """An experiment's fit trains: lr must be > 0 (FitConfig itself allows 0, e.g. to
+    evaluate a fixed initialisation)."""
+    if lr <= 0:
+        raise ValueError("must be > 0")
+    return lr
+
+
 class FitSpec(FitConfig):
     """One `[[fits]]` entry: a FitConfig (every field, same types) plus what the run needs.
 
@@ -69,6 +77,11 @@ class FitSpec(FitConfig):
     @classmethod
     def _one_pattern(cls, v: object) -> object:
         return [v] if isinstance(v, str) else v
+
+    @field_validator("lr")
+    @classmethod
+    def _lr(cls, v: float) -> float:
+        return _positive_lr(v)
 
     @model_validator(mode="after")
     def _seed_list(self) -> FitSpec:
@@ -95,6 +108,11 @@ class BaselineSpec(FitConfig):
     lora: LoraConfig = Field(default_factory=LoraConfig)
     hooks: list[str] = []
     lr: float = 2e-4
+
+    @field_validator("lr")
+    @classmethod
+    def _lr(cls, v: float) -> float:
+        return _positive_lr(v)
 
     @field_validator("hooks")
     @classmethod
