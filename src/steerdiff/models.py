@@ -291,15 +291,21 @@ def _hub_hash(model: PreTrainedModel) -> str | None:
 
 
 def wrap_model(
-    model: PreTrainedModel, tokenizer: Tokenizer | None = None, spec: str = "in-memory"
+    model: PreTrainedModel,
+    tokenizer: Tokenizer | None = None,
+    spec: str = "in-memory",
+    weights_hash: str | None = None,
 ) -> LoadedModel:
-    """Wrap a model you built yourself (e.g. a tiny random config) as a LoadedModel."""
+    """Wrap a model you built yourself (e.g. a tiny random config) as a LoadedModel.
+
+    weights_hash: None = hash every tensor (weights_hash_of_model); pass a label to skip
+    that pass over the weights where nothing records the hash."""
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,  # type: ignore[arg-type]
         spec=spec,
         source="in-memory",
-        weights_hash=weights_hash_of_model(model),
+        weights_hash=weights_hash_of_model(model) if weights_hash is None else weights_hash,
     )
 
 

@@ -39,7 +39,7 @@ from .extract import TRAIT_TEMPLATE, trait_system_prompt  # noqa: F401 (re-expor
 from .generate import Sample, SampleStats, sample
 from .hooks import parse_positions, steer
 from .io import file_sha256
-from .models import LoadedModel, ModelLoadError, weights_hash_of_files
+from .models import LoadedModel, ModelLoadError, weights_hash_of_files, wrap_model
 from .vectors import VectorSet, VectorSetError
 
 KINDS = ("prompt", "steered", "adapter", "plain")
@@ -243,8 +243,8 @@ def build_teacher(
     missing/foreign vectors, bad adapter).
     """
     spec = config.spec() if isinstance(config, TeacherConfig) else dict(config)
-    if not isinstance(base_lm, LoadedModel):
-        base_lm = _in_memory(base_lm)
+    if not isinstance(base_lm, LoadedModel):  # scores only: no tokenizer, no hashing pass
+        base_lm = wrap_model(base_lm, weights_hash="in-memory")  # type: ignore[arg-type]
     kind = spec.pop("kind", None)
     tkw = spec.pop("chat_template_kwargs", None) or {}
     if kind not in KINDS:
@@ -304,17 +304,6 @@ def build_teacher(
     lm = load_adapted(path, base_lm)
     spec["weights_hash"] = lm.weights_hash
     return Teacher("adapter", lm, params=spec, chat_template_kwargs=tkw)
-
-
-def _in_memory(model: nn.Module) -> LoadedModel:
-    """A bare HF model as a LoadedModel without tokenizer (for teachers that only score)."""
-    return LoadedModel(
-        model=model,  # type: ignore[arg-type]
-        tokenizer=None,
-        spec="in-memory",
-        source="in-memory",
-        weights_hash="in-memory",
-    )
 
 
 def load_adapted(path: str | os.PathLike, base_lm: LoadedModel) -> LoadedModel:

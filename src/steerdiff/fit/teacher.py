@@ -15,7 +15,7 @@ from ..models import LoadedModel, unwrap
 from ..replay import full_hidden, lm_head
 from ..teachers import Teacher, build_teacher
 from .data import Batch, Example, TeacherLike, collate, device_of, pad_id_of, teacher_spec
-from .losses import eval_losses, lm_of, token_losses
+from .losses import eval_losses, lm_of, model_losses
 
 
 def as_teacher(teacher: TeacherLike, lm: LoadedModel | nn.Module) -> Teacher:
@@ -28,8 +28,7 @@ def as_teacher(teacher: TeacherLike, lm: LoadedModel | nn.Module) -> Teacher:
 def teacher_losses(teacher: Teacher, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (CE, KL) of the teacher on a teacher-prompted batch (`collate(teacher=True)`)."""
     with teacher.scoring(batch.response_mask, batch.attention_mask) as model:
-        hidden = full_hidden(model, batch.input_ids, batch.attention_mask)  # [b, s, d]
-        return token_losses(lm_of(model), hidden, batch, "sft")
+        return model_losses(model, batch, "sft")
 
 
 def reference_losses(

@@ -20,9 +20,10 @@ import torch
 from torch import nn
 
 from ..errors import SteerdiffError
-from ..hooks import family_of, get_hook_point, record
+from ..hooks import get_hook_point, record
 from ..io import read_jsonl
 from ..models import LoadedModel, unwrap
+from ..replay import full_hidden
 from ..vectors import VectorSet, VectorSetError
 
 
@@ -258,7 +259,7 @@ def _project_rows(
             x[j, :n] = torch.tensor(e["input_ids"])
             m[j, :n] = 1
         with torch.no_grad(), record(hf, hook) as rec:
-            _inner(hf)(input_ids=x.to(dev), attention_mask=m.to(dev), use_cache=False)
+            full_hidden(hf, x.to(dev), m.to(dev))
         proj = (rec[hook].float() @ unit.to(dev)).cpu()  # [B, L]
         for j, i in enumerate(idx):
             ids = encs[j]["input_ids"]
@@ -302,8 +303,3 @@ def save_monitor(
         top = sorted(result.items, key=lambda t: -t.z)[:n_strips]
         paths["png"] = projection_strips_png(top, out / "monitor_strips.png", result.hook)
     return paths
-
-
-def _inner(model: nn.Module) -> nn.Module:
-    """The decoder stack without the LM head."""
-    return model.get_submodule(family_of(model).blocks.rsplit(".", 1)[0])

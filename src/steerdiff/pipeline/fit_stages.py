@@ -155,8 +155,7 @@ def stage_fit(
             teacher = {**teacher, "vectors": str(vec_stage.path / VECTOR_FILE)}
         resume = (work / "checkpoint.pt").exists()
         res = fit(lm, data_path(data_stage), cfg, teacher=teacher, out_dir=work, resume=resume)
-        res.vectors.save(work / "vectors.safetensors")  # type: ignore[union-attr]
-        return res.summary()
+        return res.summary()  # fit wrote vectors.safetensors (and metrics) into work
 
     dep = {
         "data": data_stage.key,
