@@ -15,6 +15,8 @@ from steerdiff.fit import (
     kl_between,
     vector_context,
 )
+from steerdiff.models import wrap_model
+from steerdiff.teachers import load_adapted
 
 torch.set_num_threads(1)
 TEXTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [100, 3, 7, 9, 200]]
@@ -40,18 +42,27 @@ def test_lora_fits_and_leaves_base_untouched(steered_data, tmp_path):  # noqa: F
         assert not torch.allclose(logits(tuned), before)
     torch.testing.assert_close(logits(m), before)
     assert (tmp_path / "adapter.safetensors").exists() and (tmp_path / "metrics.csv").exists()
+    # the out folder is one an adapter teacher loads, and it is the same finetune
+    with res.context() as tuned:
+        want = logits(tuned)
+    loaded = load_adapted(tmp_path, wrap_model(m))
+    torch.testing.assert_close(logits(loaded.model), want)
 
 
-def test_full_finetune_copies_the_model(steered_data):  # noqa: F811
+def test_full_finetune_copies_the_model(steered_data, tmp_path):  # noqa: F811
     m, v, exs = steered_data
     before = logits(m)
     cfg = FitConfig(objective="sft", optimizer="adamw", **{**QUICK, "lr": 1e-3})
-    res = fit_full(m, exs, cfg, teacher=teacher(v))
+    res = fit_full(m, exs, cfg, teacher=teacher(v), out_dir=tmp_path)
     assert res.extra["n_trainable"] == sum(p.numel() for p in m.parameters())
     assert res.metrics[-1]["train_loss"] < res.metrics[0]["train_loss"]
     torch.testing.assert_close(logits(m), before)
     with res.context() as tuned:
         assert not torch.allclose(logits(tuned), before)
+        want = logits(tuned)
+    # the out folder is one an adapter teacher loads, and it is the same finetune
+    loaded = load_adapted(tmp_path, wrap_model(m))
+    torch.testing.assert_close(logits(loaded.model), want)
 
 
 def test_kl_between(steered_data):  # noqa: F811

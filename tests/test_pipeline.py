@@ -13,6 +13,7 @@ import pytest
 
 from steerdiff.fit import FitConfig
 from steerdiff.io import read_jsonl
+from steerdiff.pipeline import load_results
 from steerdiff.pipeline.config import ConfigError, load_config, parse_config
 
 TINY_EXPERIMENT = """
@@ -33,6 +34,11 @@ objective = "distill"
 lr = 0.05
 epochs = 1
 batch_size = 4
+[[baselines]]
+kind = "lora"
+batch_size = 4
+[baselines.lora]
+r = 2
 [eval]
 n_questions = 2
 [read]
@@ -138,6 +144,9 @@ def test_run_killed_mid_generation_resumes(tmp_path):
     ids = [r["id"] for r in read_jsonl(data[0])]
     assert len(ids) == len(set(ids)) and len(ids) > 0
     assert (runs / "tiny" / "report.html").exists()
+    # the LoRA baseline's folder loaded back as a model and was evaluated beside the rest
+    roles = {r["name"]: r["role"] for r in load_results(runs / "tiny")}
+    assert roles.get("baseline-lora") == "baseline", roles
     # a second run finds everything cached and does nothing
     again = _run(exp, runs).communicate(timeout=600)[0]
     assert again.count("(cached;") >= 5, again[-3000:]

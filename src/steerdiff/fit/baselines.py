@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import os
+import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from ..hooks import steer
-from ..io import atomic_write_bytes, atomic_write_json
+from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from ..models import LoadedModel, unwrap
 from .api import Data, model_provenance, prepare_fit
 from .config import FitConfig, FitResult, LoraConfig, make_config
@@ -122,7 +123,9 @@ def fit_lora(
     """LoRA finetune (PEFT) with the same objective, loop, metrics and files as `fit`.
 
     The base model is left unchanged afterwards; use `result.context()` to run the finetune.
-    Files in out_dir: adapter.safetensors (+ lora.json), metrics.jsonl/.csv, result.json.
+    Files in out_dir: adapter.safetensors (+ lora.json), metrics.jsonl/.csv, result.json,
+    and the PEFT adapter files (adapter_config.json, adapter_model.safetensors), so out_dir
+    is a folder `teachers.load_adapted` (and PEFT) load: `--teacher adapter --adapter OUT`.
     """
     from peft import get_peft_model, get_peft_model_state_dict
 
@@ -141,6 +144,7 @@ def fit_lora(
             atomic_write_bytes(out / "adapter.safetensors", _safetensors_bytes(sd))
             described = {**lora.model_dump(), "target_modules": str(lora.target_modules)}
             atomic_write_json(out / "lora.json", {"lora": described, **prov})
+            _save_peft_adapter(peft_model, out)
 
         student = ModuleStudent(peft_model, params)
         res = d.train_student(
@@ -163,7 +167,11 @@ def fit_full(
     resume: bool = False,
     **overrides: Any,
 ) -> FinetuneResult:
-    """Full finetune of a copy of the model (the original stays untouched)."""
+    """Full finetune of a copy of the model (the original stays untouched).
+
+    Files in out_dir: model.safetensors and the model's config.json (a folder
+    `teachers.load_adapted` and `from_pretrained` load), metrics.jsonl/.csv, result.json.
+    """
     cfg = make_config(config, overrides)
     d = prepare_fit(lm, data, cfg, teacher)
     model = copy.deepcopy(unwrap(lm))
@@ -174,6 +182,7 @@ def fit_full(
     def save(out: Path, p: dict[str, torch.Tensor], summary: dict) -> None:
         sd = _cpu(model.state_dict())
         atomic_write_bytes(out / "model.safetensors", _safetensors_bytes(_untie(sd)))
+        atomic_write_text(out / "config.json", model.config.to_json_string())
 
     student = ModuleStudent(model, params)
     res = d.train_student(student, cfg, out_dir=out_dir, resume=resume, prov=prov, save_params=save)
@@ -187,6 +196,14 @@ def _finetune_result(res: FitResult, params: dict[str, torch.Tensor], **kw: Any)
     return FinetuneResult(
         **{**res.__dict__, "extra": {**res.extra, "n_trainable": n_trainable}}, **kw
     )
+
+
+def _save_peft_adapter(peft_model: nn.Module, out: Path) -> None:
+    """PEFT's own adapter files in `out`, each moved into place whole (no partial file)."""
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        peft_model.save_pretrained(tmp)
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            os.replace(Path(tmp) / name, out / name)
 
 
 def _cpu(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -68,16 +68,8 @@ def make_subjects(
         subjects.append(Subject("prompt teacher", "teacher", lm, system_prompt=prompt))
     for name, vs in fitted_vectors(fit_stages).items():
         subjects.append(Subject(name, "student", student_lm, vectors=vs))
-    for b in base_stages:
-        folder = next(
-            (
-                p
-                for p in (b.path / "adapter", b.path / "model", b.path)
-                if (p / "adapter_config.json").exists() or (p / "config.json").exists()
-            ),
-            b.path,
-        )
-        subjects.append(Subject(b.name, "baseline", load_adapted(folder, student_lm)))
+    for b in base_stages:  # fit_lora / fit_full wrote loadable folders
+        subjects.append(Subject(b.name, "baseline", load_adapted(b.path, student_lm)))
     return subjects
 
 

@@ -184,14 +184,7 @@ def stage_baseline(
             res = fit_lora(lm, data, cfg, b.lora, teacher=teacher, out_dir=work, resume=resume)
         else:
             res = fit_full(lm, data, cfg, teacher=teacher, out_dir=work, resume=resume)
-        # what teachers.load_adapted reads back for the evaluation: a PEFT adapter folder,
-        # or the model's config.json beside fit_full's model.safetensors
-        if b.kind == "lora":
-            with res.context() as peft_model:
-                peft_model.save_pretrained(work / "adapter")
-        else:
-            res.model.config.save_pretrained(work)  # type: ignore[union-attr]
-        return res.summary()
+        return res.summary()  # work is a folder teachers.load_adapted reads (see fit_lora)
 
     dep = {
         "data": data_stage.key,
