@@ -22,33 +22,6 @@ from .common import DeviceOpt, DtypeOpt, ModelOpt, console, fail, option_flag
 
 app = typer.Typer()
 
-# Help for the FitConfig fields that have no Field(description=...) (a description wins).
-FIELD_HELP = {
-    "hooks": "hook pattern(s), repeatable, e.g. 'blocks.*.attn.hook_{q,k,v}'",
-    "lr": "learning rate",
-    "momentum": "sgd / signsgd momentum",
-    "betas": "adam / adamw betas (two numbers)",
-    "weight_decay": "weight decay",
-    "warmup_steps": "linear warmup steps",
-    "init_scale": "std of the seeded random init",
-    "max_norm": "cap each vector's norm",
-    "grad_clip": "clip the gradient norm",
-    "epochs": "passes over the training rows",
-    "max_steps": "stop after this many optimizer steps",
-    "batch_size": "rows per optimizer step",
-    "micro_batch_size": "rows per forward (gradient accumulation)",
-    "val_fraction": "validation fraction",
-    "val_size": "validation rows (overrides --val-fraction)",
-    "eval_every": "evaluate every N steps (0 = each epoch)",
-    "early_stopping_patience": "early stopping patience (evals)",
-    "checkpoint_every": "checkpoint every N steps",
-    "cache_prefix": "run the layers below the first trainable hook once per batch",
-    "cache_across_epochs": "keep that prefix cache across epochs",
-    "max_len": "drop rows longer than this (tokens)",
-    "seed": "seed (split, order, init)",
-    "progress": "show a progress bar",
-}
-
 _SCALARS = (str, int, float, bool)
 
 
@@ -94,7 +67,7 @@ def fit_config_parameters() -> list[inspect.Parameter]:
             if field.is_required()
             else field.get_default(call_default_factory=True)
         )
-        help_text = field.description or FIELD_HELP.get(name, "")
+        help_text = field.description or ""
         spelled = option_type(field.annotation)
         if spelled is None:  # JSON
             kind: Any = str

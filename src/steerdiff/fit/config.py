@@ -25,33 +25,46 @@ class FitConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    hooks: list[str] = ["blocks.*.attn.hook_{q,k,v}"]
+    hooks: list[str] = Field(
+        ["blocks.*.attn.hook_{q,k,v}"],
+        description="hook pattern(s), repeatable, e.g. 'blocks.*.attn.hook_{q,k,v}'",
+    )
     objective: Literal["sft", "distill"] = "sft"
     optimizer: Literal["adam", "adamw", "sgd", "signsgd"] = "adam"
-    lr: float = 1e-2
-    momentum: float = 0.0  # sgd / signsgd
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.0
+    lr: float = Field(1e-2, description="learning rate")
+    momentum: float = Field(0.0, description="sgd / signsgd momentum")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="adam / adamw betas (two numbers)")
+    weight_decay: float = Field(0.0, description="weight decay")
     schedule: Literal["constant", "linear", "cosine"] = "constant"
-    warmup_steps: int = 0
+    warmup_steps: int = Field(0, description="linear warmup steps")
     init: Literal["zero", "random"] = "zero"
-    init_scale: float = 0.01  # std of the seeded random init
-    max_norm: float | None = None  # cap on each vector's L2 norm after every step
-    grad_clip: float | None = None
-    epochs: int = 1
-    max_steps: int | None = None  # stops earlier than epochs if set
-    batch_size: int = 16  # rows per optimizer step (global, over all ranks)
-    micro_batch_size: int | None = None  # rows per forward; < batch_size = grad accumulation
-    val_fraction: float = 0.1
-    val_size: int | None = None  # overrides val_fraction
-    eval_every: int = 0  # steps; 0 = at the end of every epoch
-    early_stopping_patience: int | None = None  # evals without improvement before stopping
-    checkpoint_every: int = 50
-    cache_prefix: bool = True  # run layers below the first trainable hook once per batch
-    cache_across_epochs: bool = True
-    max_len: int | None = None  # drop rows longer than this (tokens)
-    seed: int = 0
-    progress: bool = True
+    init_scale: float = Field(0.01, description="std of the seeded random init")
+    max_norm: float | None = Field(
+        None, description="cap each vector's norm (L2, after every step)"
+    )
+    grad_clip: float | None = Field(None, description="clip the gradient norm")
+    epochs: int = Field(1, description="passes over the training rows")
+    max_steps: int | None = Field(
+        None, description="stop after this many optimizer steps (before epochs end)"
+    )
+    batch_size: int = Field(16, description="rows per optimizer step (global, over all ranks)")
+    micro_batch_size: int | None = Field(
+        None, description="rows per forward (< batch_size: gradient accumulation)"
+    )
+    val_fraction: float = Field(0.1, description="validation fraction")
+    val_size: int | None = Field(None, description="validation rows (overrides val_fraction)")
+    eval_every: int = Field(0, description="evaluate every N steps (0 = each epoch)")
+    early_stopping_patience: int | None = Field(
+        None, description="early stopping patience (evaluations without improvement)"
+    )
+    checkpoint_every: int = Field(50, description="checkpoint every N steps")
+    cache_prefix: bool = Field(
+        True, description="run the layers below the first trainable hook once per batch"
+    )
+    cache_across_epochs: bool = Field(True, description="keep that prefix cache across epochs")
+    max_len: int | None = Field(None, description="drop rows longer than this (tokens)")
+    seed: int = Field(0, description="seed (split, order, init)")
+    progress: bool = Field(True, description="show a progress bar")
 
     @field_validator("batch_size", "epochs")
     @classmethod
