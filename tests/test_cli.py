@@ -7,6 +7,7 @@ import json
 
 import pytest
 import typer
+from conftest import make_tiny
 from typer.testing import CliRunner
 
 from steerdiff.cli import app
@@ -107,6 +108,21 @@ def test_package_errors_are_one_line():
     assert res.exit_code == 2
     assert res.output.strip().startswith("error:") and res.output.strip().count("\n") == 0
     assert "not found" in res.output
+
+
+def test_broken_dataset_manifest_is_one_line_naming_it(monkeypatch, tmp_path):
+    """Bug caught: a FileFormatError (or any error the old commands caught as a bare
+    ValueError) escaping `fit` as a traceback instead of one line with exit code 2."""
+    import steerdiff.models as models
+
+    monkeypatch.setattr(models, "load_model", lambda spec, dtype, device: make_tiny("llama"))
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"id": 0, "messages": [{"role": "user", "content": "q"}]}) + "\n")
+    (tmp_path / "d.manifest.json").write_text("{broken")
+    res = runner.invoke(app, ["fit", "--data", str(data), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2, res.output
+    line = res.output.strip()
+    assert line.startswith("error:") and "\n" not in line and "d.manifest.json" in line
 
 
 def test_fit_options_are_fit_config_fields():

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import make_tiny
 
+from steerdiff.errors import SteerdiffError
 from steerdiff.generate import (
     DatasetError,
     Judged,
@@ -22,6 +23,7 @@ from steerdiff.generate import (
     write_dataset,
 )
 from steerdiff.hooks import steer
+from steerdiff.io import FileFormatError
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -333,3 +335,19 @@ def test_grammar_keeps_every_row_a_valid_list():
     texts = ["".join(Tok.TEXT[t] for t in s.token_ids if t != 3) for s in res]
     assert all(judge(t, s.stopped).ok for t, s in zip(texts, res, strict=True) if s.stopped)
     assert sum(s.stopped for s in res) >= 8 and len(set(texts)) > 8
+
+
+def test_broken_json_files_name_the_file(tmp_path):
+    """Bug caught: a broken row (other than a torn last line) or a broken manifest reaching
+    the user as a bare ValueError / JSONDecodeError (a traceback from the CLI, which turns
+    only SteerdiffErrors into one line) instead of an error naming the file."""
+    row = {"id": 0, "messages": [{"role": "user", "content": "q"}]}
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps(row) + "\n{broken\n" + json.dumps({**row, "id": 2}) + "\n")
+    with pytest.raises(FileFormatError, match=r"d\.jsonl: line 2 is not valid JSON"):
+        load_dataset(data, require_complete=False)
+    data.write_text(json.dumps(row) + "\n")
+    manifest_path(data).write_text('{"teacher": ')
+    with pytest.raises(FileFormatError, match=r"d\.manifest\.json is not valid JSON .*fix or"):
+        load_dataset(data)
+    assert issubclass(FileFormatError, SteerdiffError)
