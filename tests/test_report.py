@@ -115,3 +115,67 @@ def test_report_does_not_import_the_pipeline():
         "sys.exit(any(m.startswith('steerdiff.pipeline') for m in sys.modules))"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+QUESTIONS = [f"q{i}" for i in range(5)]
+
+
+def _row(name: str, role: str, model: str | None, rates: list[float]) -> dict:
+    """An eval.json row as the eval stage writes it (per-question target rates kept)."""
+    mean = sum(rates) / len(rates)
+    row = {
+        "name": name,
+        "role": role,
+        "scorer": "exact",
+        "category": "animals",
+        "target": "owl",
+        "target_rate": mean,
+        "ci95": [mean - 0.01, mean + 0.01],
+        "distribution": {"owl": mean},
+        "per_question": [
+            {"question": q, "target_rate": r} for q, r in zip(QUESTIONS, rates, strict=True)
+        ],
+        "n_questions": len(rates),
+    }
+    return row if model is None else {**row, "model": model}
+
+
+CROSS_EXPERIMENT = {"name": "cross", "model": "default", "student_model": "gemma3-270m"}
+SMOL_BASE = [0.005, 0.009, 0.012, 0.008, 0.011]  # mean 0.9%
+GEMMA_BASE = [0.060, 0.075, 0.070, 0.065, 0.075]  # mean 6.9%
+GEMMA_DIFFS = [-0.020, -0.026, -0.022, -0.024, -0.023]  # mean -2.3 pp, CI [-2.5, -2.1]
+GEMMA_STUDENT = [b + d for b, d in zip(GEMMA_BASE, GEMMA_DIFFS, strict=True)]  # mean 4.6%
+
+
+def test_verdict_compares_each_row_with_its_own_models_base_paired():
+    """Bug: `_verdict` compared every row with the FIRST base row, so a Gemma student at 4.6%
+    (its own Gemma base: 6.9%) read "x5.02: higher than the base model" against the SmolLM2
+    base (0.9%). Each row must be paired per question with the base of its own model."""
+    from steerdiff.report.experiment import verdict_lines
+
+    results = [
+        _row("base", "base", "default", SMOL_BASE),
+        _row("student-base", "base", "gemma3-270m", GEMMA_BASE),
+        _row("teacher (steered)", "teacher", "default", [0.2] * 5),
+        _row("gemma-s0", "student", "gemma3-270m", GEMMA_STUDENT),
+    ]
+    teacher, student = verdict_lines(results, CROSS_EXPERIMENT)
+    assert student == (
+        "gemma-s0 (student, model gemma3-270m): 4.6% vs its base model (student-base) 6.9%, "
+        "x0.67; paired difference -2.3 pp [95% CI -2.5, -2.1] over 5 questions: "
+        "lower than its base model."
+    )
+    assert teacher.startswith("teacher (steered) (teacher, model default): 20.0% vs its base "
+                              "model (base) 0.9%, x22.22; paired difference +19.1 pp")
+    assert teacher.endswith(": higher than its base model.")
+    # rows of run folders from before eval rows named their model: the experiment says which
+    old = [{k: v for k, v in r.items() if k not in ("model", "per_question")} for r in results]
+    line = verdict_lines(old, CROSS_EXPERIMENT)[1]
+    assert line.startswith("gemma-s0 (student, model gemma3-270m): 4.6% vs its base model "
+                           "(student-base) 6.9%")
+    assert line.endswith("lower than its base model (intervals do not overlap; not paired).")
+    # a paired difference whose interval includes 0 is not called higher or lower
+    noisy = _row("noisy-s0", "student", "gemma3-270m", [b + d for b, d in zip(
+        GEMMA_BASE, [0.01, -0.01, 0.012, -0.011, 0.0], strict=True)])
+    (line,) = verdict_lines([results[1], noisy], CROSS_EXPERIMENT)
+    assert line.endswith("not distinguishable from its base model (the interval includes 0).")

@@ -18,6 +18,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -153,6 +154,12 @@ class ExperimentConfig(_Strict):
     eval: EvalConfig = EvalConfig()
     read: ReadConfig = ReadConfig()
     student_model: str | None = None  # cross-family control: fit this model on the teacher's data
+    _source: str = PrivateAttr("<experiment>")
+
+    @property
+    def source(self) -> str:
+        """Where the experiment came from (its file), for error messages."""
+        return self._source
 
     @field_validator("name")
     @classmethod
@@ -187,9 +194,9 @@ def load_config(path: str | os.PathLike) -> ExperimentConfig:
 
 
 def parse_config(raw: dict, source: str = "<dict>") -> ExperimentConfig:
-    """Validate a parsed experiment; ConfigError has one line per bad field (`loc: what`)."""
+    """Validate a parsed experiment; ConfigError names every bad field (`loc: what; ...`)."""
     try:
-        return ExperimentConfig.model_validate(raw)
+        cfg = ExperimentConfig.model_validate(raw)
     except ValidationError as e:
         lines = []
         for err in e.errors():
@@ -198,7 +205,7 @@ def parse_config(raw: dict, source: str = "<dict>") -> ExperimentConfig:
                 lines.append(f"{loc}: unknown field (check the spelling; see examples/)")
             else:
                 lines.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}")
-        if len(lines) == 1:
-            raise ConfigError(f"{source} is not a valid experiment: {lines[0]}") from None
-        body = "\n".join("  " + line for line in lines)
-        raise ConfigError(f"{source} is not a valid experiment:\n{body}") from None
+        # one line however many fields are wrong (the CLI prints errors as one line)
+        raise ConfigError(f"{source} is not a valid experiment: {'; '.join(lines)}") from None
+    cfg._source = source
+    return cfg

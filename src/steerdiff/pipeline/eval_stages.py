@@ -11,7 +11,7 @@ from ..io import atomic_write_json, provenance, read_json
 from ..models import LoadedModel
 from ..vectors import VectorSet
 from .config import ExperimentConfig
-from .fit_stages import teacher_vector
+from .fit_stages import never, teacher_vector
 from .stages import RunState, StageResult, console, run_stage
 
 RESIDUAL = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post")
@@ -28,6 +28,10 @@ class Subject:
     vectors: VectorSet | None = None
     coeff: float = 1.0
     positions: str = "all"
+    model: str = ""  # the base model it is compared with (its spec); default: lm's
+
+    def __post_init__(self) -> None:
+        self.model = self.model or self.lm.spec
 
 
 def fitted_vectors(fit_stages: list[StageResult]) -> dict[str, VectorSet]:
@@ -69,7 +73,8 @@ def make_subjects(
     for name, vs in fitted_vectors(fit_stages).items():
         subjects.append(Subject(name, "student", student_lm, vectors=vs))
     for b in base_stages:  # fit_lora / fit_full wrote loadable folders
-        subjects.append(Subject(b.name, "baseline", load_adapted(b.path, student_lm)))
+        adapted = load_adapted(b.path, student_lm)
+        subjects.append(Subject(b.name, "baseline", adapted, model=student_lm.spec))
     return subjects
 
 
@@ -105,8 +110,11 @@ def evaluate(subject: Subject, cfg: ExperimentConfig) -> dict:
             seed=cfg.seed,
         )
     d = r.to_dict()
-    d.pop("per_question", None)
-    return {"name": subject.name, "role": subject.role, **d}
+    # per question, only its target rate: what the report pairs with the same model's base
+    d["per_question"] = [
+        {"question": q["question"], "target_rate": q["target_rate"]} for q in d["per_question"]
+    ]
+    return {"name": subject.name, "role": subject.role, "model": subject.model, **d}
 
 
 def stage_eval(state: RunState, subjects: list[Subject], dep: dict) -> StageResult:
@@ -169,7 +177,8 @@ def stage_read(
         "teacher_vector": vec_stage.key if vec_stage else None,
         "read": cfg.read.model_dump(),
     }
-    return state.add(run_stage(state.run_dir, "read", dep, fn, provenance(lm, cfg.read)))
+    prov = provenance(lm, cfg.read)
+    return state.add(run_stage(state.run_dir, "read", dep, fn, prov, has_progress=never))
 
 
 def lens(lm: LoadedModel, sets: dict[str, VectorSet], work: Path, cfg: ExperimentConfig) -> dict:

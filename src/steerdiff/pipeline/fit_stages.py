@@ -16,6 +16,7 @@ from .stages import RunState, StageResult, model_key, run_stage
 
 VECTOR_FILE = "teacher_vector.safetensors"
 DATA_FILE = "data.jsonl"
+CHECKPOINT_FILE = "checkpoint.pt"  # what fit / fit_lora / fit_full resume from
 
 
 def needs_vector(t: TeacherConfig) -> bool:
@@ -64,7 +65,8 @@ def stage_teacher_vector(
             include={"animal", "category", "hook", "readout", "vectors", "ablate_from_hook", "kind"}
         ),
     }
-    res = run_stage(state.run_dir, "teacher-vector", dep, fn, provenance(lm, t), tag=tag)
+    prov = provenance(lm, t)
+    res = run_stage(state.run_dir, "teacher-vector", dep, fn, prov, tag=tag, has_progress=never)
     return state.add(res)
 
 
@@ -126,14 +128,56 @@ def stage_data(
         "task": task.model_dump(),
     }
     prov = provenance(lm, task, task.seed)
-    return state.add(run_stage(state.run_dir, "data", dep, fn, prov, tag=tag))
+    rows_written = lambda work: _nonempty(work / DATA_FILE)  # noqa: E731
+    return state.add(
+        run_stage(state.run_dir, "data", dep, fn, prov, tag=tag, has_progress=rows_written)
+    )
 
 
-def data_teacher_spec(data_stage: StageResult) -> dict:
-    """The teacher spec the dataset's manifest recorded (build_teacher rebuilds it)."""
+def never(work: Path) -> bool:
+    """has_progress of a stage that cannot resume: a failed one leaves no folder."""
+    return False
+
+
+def _nonempty(path: Path) -> bool:
+    return path.exists() and path.stat().st_size > 0
+
+
+def has_checkpoint(work: Path) -> bool:
+    """has_progress of a fit: the loop's checkpoint is what `resume=True` continues from."""
+    return (work / CHECKPOINT_FILE).exists()
+
+
+def same_model(a: LoadedModel, b: LoadedModel) -> bool:
+    """Whether two loaded models are the same weights (the student is the teacher's model)."""
+    return a is b or (a.weights_hash == b.weights_hash and a.model.dtype == b.model.dtype)
+
+
+# What a fit of a student of another model is scored against: no teacher (the teacher's
+# vector or prompt acts on the teacher's model; on the student's model it has no loss).
+NO_TEACHER = {"kind": "plain"}
+
+
+def fit_teacher(data_stage: StageResult, vec_stage: StageResult | None, cross: bool) -> dict:
+    """The teacher a fit is scored against: the one that wrote the data (its manifest's
+    spec, with the steered teacher's vector file), or NO_TEACHER for a student of another
+    model, whose losses are then its own fitted vs base losses."""
+    if cross:
+        return NO_TEACHER
     from ..generate import manifest_path
 
-    return read_json(manifest_path(data_path(data_stage)))["teacher"]
+    teacher = read_json(manifest_path(data_path(data_stage)))["teacher"]
+    if teacher.get("kind") == "steered" and vec_stage is not None:
+        teacher = {**teacher, "vectors": str(vec_stage.path / VECTOR_FILE)}
+    return teacher
+
+
+def cross_note(teacher_lm: LoadedModel) -> dict:
+    """What a cross-model fit records instead of teacher losses."""
+    return {
+        "teacher_reference": f"none: the data's teacher runs on {teacher_lm.spec!r}, another "
+        "model; the losses compare the fitted student with its own base model"
+    }
 
 
 def stage_fit(
@@ -143,53 +187,67 @@ def stage_fit(
     seed: int,
     data_stage: StageResult,
     vec_stage: StageResult | None,
+    teacher_lm: LoadedModel | None = None,
 ) -> StageResult:
-    """Fit vectors on a teacher's dataset (scored under that teacher for distillation)."""
+    """Fit vectors on a teacher's dataset (scored under that teacher for distillation).
+
+    teacher_lm: the model that wrote the data, when it is not `lm` (a student of another
+    model: its fit is scored against its own base, never the other model's teacher)."""
     from ..fit import fit
 
     cfg = spec.fit_config(seed)
+    cross = teacher_lm is not None and not same_model(teacher_lm, lm)
 
     def fn(work: Path) -> dict:
-        teacher = data_teacher_spec(data_stage)
-        if teacher.get("kind") == "steered" and vec_stage is not None:
-            teacher = {**teacher, "vectors": str(vec_stage.path / VECTOR_FILE)}
-        resume = (work / "checkpoint.pt").exists()
+        teacher = fit_teacher(data_stage, vec_stage, cross)
+        resume = (work / CHECKPOINT_FILE).exists()
         res = fit(lm, data_path(data_stage), cfg, teacher=teacher, out_dir=work, resume=resume)
-        return res.summary()  # fit wrote vectors.safetensors (and metrics) into work
+        # fit wrote vectors.safetensors (and metrics) into work
+        return {**res.summary(), **(cross_note(teacher_lm) if cross else {})}  # type: ignore[arg-type]
 
     dep = {
         "data": data_stage.key,
         "model": model_key(lm),
         "fit": cfg.model_dump(exclude={"progress"}),
     }
-    res = run_stage(
-        state.run_dir, "fit", dep, fn, provenance(lm, cfg, seed), tag=f"{spec.name}-s{seed}"
-    )
+    prov = provenance(lm, cfg, seed)
+    tag = f"{spec.name}-s{seed}"
+    res = run_stage(state.run_dir, "fit", dep, fn, prov, tag=tag, has_progress=has_checkpoint)
     return state.add(res)
 
 
 def stage_baseline(
-    state: RunState, lm: LoadedModel, b: BaselineSpec, data_stage: StageResult
+    state: RunState,
+    lm: LoadedModel,
+    b: BaselineSpec,
+    data_stage: StageResult,
+    teacher_lm: LoadedModel | None = None,
 ) -> StageResult:
-    """A LoRA or full finetune on the main teacher's dataset, to compare the vectors with."""
+    """A LoRA or full finetune on the main teacher's dataset, to compare the vectors with
+    (teacher_lm: as in stage_fit)."""
     from ..fit import fit_full, fit_lora
 
     cfg = b.fit_config()
+    cross = teacher_lm is not None and not same_model(teacher_lm, lm)
 
     def fn(work: Path) -> dict:
-        teacher = data_teacher_spec(data_stage)
+        teacher = fit_teacher(data_stage, None, cross)
         data = data_path(data_stage)
-        resume = (work / "checkpoint.pt").exists()
+        resume = (work / CHECKPOINT_FILE).exists()
         if b.kind == "lora":
             res = fit_lora(lm, data, cfg, b.lora, teacher=teacher, out_dir=work, resume=resume)
         else:
             res = fit_full(lm, data, cfg, teacher=teacher, out_dir=work, resume=resume)
-        return res.summary()  # work is a folder teachers.load_adapted reads (see fit_lora)
+        # work is a folder teachers.load_adapted reads (see fit_lora)
+        return {**res.summary(), **(cross_note(teacher_lm) if cross else {})}  # type: ignore[arg-type]
 
     dep = {
         "data": data_stage.key,
         "model": model_key(lm),
         "baseline": b.model_dump(exclude={"progress"}),
     }
-    res = run_stage(state.run_dir, "baseline", dep, fn, provenance(lm, b), tag=b.kind)
+    prov = provenance(lm, b)
+    res = run_stage(
+        state.run_dir, "baseline", dep, fn, prov, tag=b.kind, has_progress=has_checkpoint
+    )
     return state.add(res)

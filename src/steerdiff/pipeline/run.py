@@ -17,9 +17,9 @@ from rich.console import Console
 from rich.table import Table as RichTable
 
 from ..io import atomic_write_json, read_json
-from ..models import load_model
 from ..report import build_report
 from ..report.run_folder import EXPERIMENT_FILE, RunFolderError, read_run
+from .checks import check_experiment, load_models
 from .config import ExperimentConfig
 from .eval_stages import make_subjects, stage_eval, stage_read
 from .fit_stages import stage_baseline, stage_data, stage_fit, stage_teacher_vector
@@ -38,13 +38,19 @@ def run_experiment(
     cfg: ExperimentConfig,
     runs_dir: str | os.PathLike = "runs",
 ) -> RunSummary:
-    """Run (or resume, or just re-read) every stage of an experiment."""
+    """Run (or resume, or just re-read) every stage of an experiment.
+
+    The models load and everything that needs them is checked (`checks.check_experiment`)
+    before anything is written: a bad hook, model path or fit setting raises ConfigError
+    naming the experiment file and key, with no run folder made."""
+    console.print(f"[bold]steerdiff run[/] {cfg.name}")
+    lm, student_lm = load_models(cfg)
+    check_experiment(cfg, lm, student_lm)
     run_dir = Path(runs_dir) / cfg.name
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / EXPERIMENT_FILE, cfg.model_dump())
     state = RunState(cfg, run_dir)
-    console.print(f"[bold]steerdiff run[/] {cfg.name} -> {run_dir}")
-    lm = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    console.print(f"  run folder {run_dir}")
     torch.manual_seed(cfg.seed)
 
     vec_main = stage_teacher_vector(state, lm, cfg.teacher, "main")
@@ -54,21 +60,15 @@ def run_experiment(
         vec_prompt = stage_teacher_vector(state, lm, cfg.prompt_teacher, "prompt")
         data_prompt = stage_data(state, lm, cfg.prompt_teacher, vec_prompt, "prompt")
 
-    student_lm = (
-        load_model(cfg.student_model, dtype=cfg.dtype, device=cfg.device)
-        if cfg.student_model
-        else lm
-    )
     fit_stages: list[StageResult] = []
     for spec in cfg.fits:
-        data, vec = (
-            (data_prompt, vec_prompt)
-            if spec.teacher == "prompt" and data_prompt
-            else (data_main, vec_main)
-        )
+        data, vec = (data_prompt, vec_prompt) if spec.teacher == "prompt" else (data_main, vec_main)
+        assert data is not None  # check_experiment: a "prompt" fit has a prompt teacher
         for seed in spec.seeds or []:
-            fit_stages.append(stage_fit(state, student_lm, spec, seed, data, vec))
-    base_stages = [stage_baseline(state, student_lm, b, data_main) for b in cfg.baselines]
+            fit_stages.append(stage_fit(state, student_lm, spec, seed, data, vec, teacher_lm=lm))
+    base_stages = [
+        stage_baseline(state, student_lm, b, data_main, teacher_lm=lm) for b in cfg.baselines
+    ]
 
     subjects = make_subjects(cfg, lm, student_lm, vec_main, fit_stages, base_stages)
     dep = {

@@ -5,7 +5,8 @@ and key hashes everything the stage depends on (its own settings and its inputs'
 A finished stage has `stage.json` and is never run again; an interrupted one left a
 `{name}-{key}.partial` folder that the next run passes back to the stage function so it
 can resume (e.g. generation continues its JSONL). The folder is renamed into place only
-when the stage function returns, so a stage is either complete or visibly partial.
+when the stage function returns, so a stage is either complete or visibly partial; a stage
+that fails with an error before it made any progress leaves no folder at all.
 
 stage.json describes its stage, so a reader (the report) needs no naming convention:
     {"stage": name, "kind": kind, "tag": tag, "key": ..., "depends_on": ..., "info": ...,
@@ -17,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -56,6 +58,11 @@ class StageResult:
     tag: str | None = None  # which one of its kind (e.g. "main", "vec-s0")
 
 
+def has_files(work: Path) -> bool:
+    """The default test of whether a failed stage's folder holds progress: any file."""
+    return any(work.iterdir())
+
+
 def run_stage(
     run_dir: str | os.PathLike,
     kind: str,
@@ -63,11 +70,15 @@ def run_stage(
     fn: Callable[[Path], dict | None],
     provenance: dict | None = None,
     tag: str | None = None,
+    has_progress: Callable[[Path], bool] = has_files,
 ) -> StageResult:
     """Run fn(work_dir) unless a finished stage with the same key exists.
 
     fn writes its outputs into work_dir and returns a small JSON-able summary. If it is
-    interrupted, the partial folder stays; calling again resumes in the same folder.
+    interrupted (a kill, Ctrl-C), the partial folder stays; calling again resumes in the
+    same folder. If fn raises an error, the partial folder stays only when
+    `has_progress(work)` says it holds something a rerun continues from (rows written, a
+    checkpoint); otherwise it is removed, so no `.partial` folder pretends to be progress.
     """
     run_dir = Path(run_dir)
     name = f"{kind}-{tag}" if tag else kind
@@ -82,7 +93,12 @@ def run_stage(
     work = run_dir / f"{name}-{key}.partial"
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    info = fn(work) or {}
+    try:
+        info = fn(work) or {}
+    except Exception:
+        if not has_progress(work):
+            shutil.rmtree(work, ignore_errors=True)
+        raise
     seconds = time.perf_counter() - t0
     atomic_write_json(
         work / STAGE_FILE,

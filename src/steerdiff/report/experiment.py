@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from ..evals.preference import CategoryError, PreferenceResult, paired_difference
 from ..io import read_json, read_jsonl
 from .figures import eval_figure, loss_figure
 from .html import Code, Figure, Report, Table, Text, write
@@ -38,29 +40,83 @@ def _eval_rows(results: list[dict]) -> list[dict]:
     return rows
 
 
-def _verdict(results: list[dict]) -> Text:
-    """Say plainly whether students moved toward the trait, with intervals."""
-    base = next((r for r in results if r["role"] == "base"), None)
-    lines = []
-    if base is None:
-        return Text("No base model result.")
-    b_lo, b_hi = base["ci95"]
-    for r in results:
-        if r["role"] in ("base",):
-            continue
-        lo, hi = r["ci95"]
-        ratio = r["target_rate"] / base["target_rate"] if base["target_rate"] > 0 else float("inf")
-        if lo > b_hi:
-            what = "higher than the base model (intervals do not overlap)"
-        elif hi < b_lo:
-            what = "lower than the base model (intervals do not overlap)"
+def row_model(row: dict, experiment: dict) -> str:
+    """The model a result row was evaluated on (for run folders from before eval rows named
+    it: students, baselines and `student-base` are of the student model, the rest of the
+    teacher's)."""
+    if row.get("model"):
+        return row["model"]
+    student = experiment.get("student_model") or experiment["model"]
+    if row["role"] in ("student", "baseline") or row["name"] == "student-base":
+        return student
+    return experiment["model"]
+
+
+def as_preference(row: dict) -> PreferenceResult:
+    """An eval.json row back as the PreferenceResult it was saved from."""
+    return PreferenceResult(
+        **{f.name: row[f.name] for f in fields(PreferenceResult) if f.name in row}
+    )
+
+
+def compare_with_base(row: dict, base: dict) -> str:
+    """`row` vs the base model it was made from: the paired per-question difference of the
+    target rate with its 95% interval, or (for rows saved without per-question rates) the
+    overlap of the two intervals."""
+    ratio = row["target_rate"] / base["target_rate"] if base["target_rate"] > 0 else float("inf")
+    head = (
+        f"{row['name']} ({row['role']}, model {row.get('model', '?')}): "
+        f"{_pct(row['target_rate'])} vs its base model ({base['name']}) "
+        f"{_pct(base['target_rate'])}, x{ratio:.2f}"
+    )
+    try:
+        diff, (lo, hi) = paired_difference(as_preference(row), as_preference(base))
+    except (CategoryError, KeyError, TypeError):  # no per-question rates on the same questions
+        (lo_r, hi_r), (lo_b, hi_b) = row["ci95"], base["ci95"]
+        if lo_r > hi_b:
+            what = "higher than its base model (intervals do not overlap; not paired)"
+        elif hi_r < lo_b:
+            what = "lower than its base model (intervals do not overlap; not paired)"
         else:
-            what = "not distinguishable from the base model (intervals overlap)"
-        lines.append(
-            f"{r['name']} ({r['role']}): {_pct(r['target_rate'])} [{_pct(lo)}, {_pct(hi)}] vs base "
-            f"{_pct(base['target_rate'])} [{_pct(b_lo)}, {_pct(b_hi)}], x{ratio:.2f}: {what}."
-        )
-    return Text("\n\n".join(lines), kind="note")
+            what = "not distinguishable from its base model (intervals overlap; not paired)"
+        return f"{head}: {what}."
+    n = len(row["per_question"])
+    paired = f"paired difference {100 * diff:+.1f} pp [95% CI {100 * lo:+.1f}, {100 * hi:+.1f}] over {n} questions"
+    if n < 2:
+        what = "one question: no interval"
+    elif lo > 0:
+        what = "higher than its base model"
+    elif hi < 0:
+        what = "lower than its base model"
+    else:
+        what = "not distinguishable from its base model (the interval includes 0)"
+    return f"{head}; {paired}: {what}."
+
+
+def verdict_lines(results: list[dict], experiment: dict) -> list[str]:
+    """One line per non-base row: compared with the base row of ITS OWN model (a student of
+    another model is never compared with the teacher's base), paired per question."""
+    bases = {row_model(r, experiment): r for r in results if r["role"] == "base"}
+    lines = []
+    for r in results:
+        if r["role"] == "base":
+            continue
+        model = row_model(r, experiment)
+        base = bases.get(model)
+        if base is None:
+            lines.append(
+                f"{r['name']} ({r['role']}): no base-model result of {model!r} to compare with."
+            )
+        else:
+            lines.append(compare_with_base({**r, "model": model}, base))
+    return lines
+
+
+def _verdict(results: list[dict], experiment: dict) -> Text:
+    """Say plainly whether each model moved toward the trait relative to its own base."""
+    if not any(r["role"] == "base" for r in results):
+        return Text("No base model result.")
+    return Text("\n\n".join(verdict_lines(results, experiment)), kind="note")
 
 
 def _dla_table(d: dict, n: int = 12) -> list[dict]:
@@ -126,7 +182,7 @@ def _evaluation_section(r: Report, run: RunFolder) -> None:
             "The interval is a 95% confidence interval across questions."
         )
     )
-    sec.add(_verdict(results))
+    sec.add(_verdict(results, run.experiment))
     sec.add(Table(_eval_rows(results), caption="Target share per model"))
     sec.add(eval_figure(results))
 

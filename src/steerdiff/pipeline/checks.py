@@ -1,0 +1,163 @@
+"""Everything about an experiment that can be checked before its first stage runs.
+
+The schema (config.py) checks each field on its own when the file loads. What needs the
+model is checked here, right after the models load and before anything is written: the
+model specs, every hook name against the model it applies to, the teacher's files, and
+the fit settings that depend on each other (a fit on the prompted teacher's data needs a
+`[prompt_teacher]`; distillation needs the teacher's top-k log-probs over the student's
+own vocabulary). A bad experiment fails in seconds with one line naming the file, the
+key and the fix, instead of after the data stage has run for minutes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from ..errors import SteerdiffError
+from ..evals.preference import load_category
+from ..hooks import get_hook_point, select_hooks
+from ..models import LoadedModel, load_model
+from ..teachers import TeacherConfig
+from ..vectors import VectorSet
+from .config import ConfigError, ExperimentConfig
+
+
+def bad(source: str, key: str, value: object, why: str) -> ConfigError:
+    """The one-line error for one key of the experiment file."""
+    return ConfigError(f"{source}: {key} = {value!r}: {why}")
+
+
+def load_models(cfg: ExperimentConfig) -> tuple[LoadedModel, LoadedModel]:
+    """The teacher's model and the student's (the same object without `student_model`);
+    a spec that does not load is reported under its key in the experiment file."""
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise bad(cfg.source, "device", cfg.device, "no CUDA GPU is visible; use 'cpu'.")
+    lm = _load(cfg, "model", cfg.model)
+    if cfg.student_model is None:
+        return lm, lm
+    return lm, _load(cfg, "student_model", cfg.student_model)
+
+
+def _load(cfg: ExperimentConfig, key: str, spec: str) -> LoadedModel:
+    try:
+        return load_model(spec, dtype=cfg.dtype, device=cfg.device)
+    except SteerdiffError as e:
+        raise bad(cfg.source, key, spec, str(e)) from e
+
+
+def same_tokenizer(a: LoadedModel, b: LoadedModel) -> bool:
+    """Whether two models read token ids the same way (same vocabulary, same ids)."""
+    return a is b or a.tokenizer.get_vocab() == b.tokenizer.get_vocab()
+
+
+def check_experiment(cfg: ExperimentConfig, lm: LoadedModel, student_lm: LoadedModel) -> None:
+    """Raise ConfigError (one line: file, key, value, fix) for the first problem found."""
+    src = cfg.source
+    _check_teacher(src, "teacher", cfg.teacher, lm)
+    if cfg.prompt_teacher is not None:
+        _check_teacher(src, "prompt_teacher", cfg.prompt_teacher, lm)
+    if cfg.task.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise bad(
+            src,
+            "task.backend",
+            "vllm",
+            "vllm is not installed (pip install vllm), or use backend = 'hf'.",
+        )
+    category = "animals" if cfg.teacher.category == "animal" else cfg.teacher.category
+    try:
+        candidates = [c.lower() for c in load_category(category).candidates]
+    except SteerdiffError as e:
+        raise bad(src, "teacher.category", cfg.teacher.category, str(e)) from e
+    if cfg.teacher.animal.lower() not in candidates:
+        raise bad(
+            src,
+            "teacher.animal",
+            cfg.teacher.animal,
+            f"the evaluation cannot score it: not among the {category} candidates "
+            f"({', '.join(candidates)}).",
+        )
+    student = "the student model" if student_lm is not lm else "the model"
+    for i, spec in enumerate(cfg.fits):
+        try:
+            select_hooks(student_lm, spec.hooks)
+        except SteerdiffError as e:
+            raise bad(
+                src,
+                f"fits.{i}.hooks",
+                spec.hooks if len(spec.hooks) > 1 else spec.hooks[0],
+                f"not a hook of {student} {student_lm.spec!r}: {e}",
+            ) from e
+        if spec.teacher == "prompt" and cfg.prompt_teacher is None:
+            raise bad(
+                src,
+                f"fits.{i}.teacher",
+                "prompt",
+                "the experiment has no "
+                "[prompt_teacher] to write that data: add one, or use teacher = 'main'.",
+            )
+        _check_fit_settings(cfg, f"fits.{i}", spec.objective, spec.val_size, lm, student_lm)
+    for i, b in enumerate(cfg.baselines):
+        _check_fit_settings(cfg, f"baselines.{i}", b.objective, b.val_size, lm, student_lm)
+
+
+def _check_teacher(src: str, key: str, t: TeacherConfig, lm: LoadedModel) -> None:
+    """The teacher's hook on its model, and the files it names."""
+    if t.kind == "steered" or t.ablate_from_hook:
+        try:
+            get_hook_point(lm, t.hook)
+        except SteerdiffError as e:
+            raise bad(
+                src, f"{key}.hook", t.hook, f"not a hook of the model {lm.spec!r}: {e}"
+            ) from e
+    if t.vectors is not None and t.kind == "steered":
+        try:
+            VectorSet.load(t.vectors, model=lm)
+        except SteerdiffError as e:
+            raise bad(src, f"{key}.vectors", t.vectors, str(e)) from e
+    if t.kind == "adapter" and (t.adapter is None or not Path(t.adapter).is_dir()):
+        raise bad(
+            src,
+            f"{key}.adapter",
+            t.adapter,
+            "an adapter teacher needs the folder of a "
+            "finetuned model or LoRA adapter; no such folder.",
+        )
+
+
+def _check_fit_settings(
+    cfg: ExperimentConfig,
+    key: str,
+    objective: str,
+    val_size: int | None,
+    lm: LoadedModel,
+    student_lm: LoadedModel,
+) -> None:
+    src = cfg.source
+    if objective == "distill" and cfg.task.topk_logprobs == 0:
+        raise bad(
+            src,
+            f"{key}.objective",
+            "distill",
+            "distillation needs the teacher's top-k "
+            "log-probs: set task.topk_logprobs > 0 (e.g. 20), or use objective = 'sft'.",
+        )
+    if objective == "distill" and not same_tokenizer(lm, student_lm):
+        raise bad(
+            src,
+            f"{key}.objective",
+            "distill",
+            f"the teacher's top-k log-probs are over "
+            f"the vocabulary of {lm.spec!r}, not that of the student model "
+            f"{student_lm.spec!r}: use objective = 'sft' for a student of another tokenizer.",
+        )
+    if val_size is not None and val_size >= cfg.task.n_prompts:
+        raise bad(
+            src,
+            f"{key}.val_size",
+            val_size,
+            f"leaves no training rows of at most "
+            f"task.n_prompts = {cfg.task.n_prompts}: lower val_size.",
+        )
