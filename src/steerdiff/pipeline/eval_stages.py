@@ -135,7 +135,8 @@ def stage_eval(state: RunState, subjects: list[Subject], dep: dict) -> StageResu
         return {"n_subjects": len(done)}
 
     dep = {**dep, "eval": cfg.eval.model_dump()}
-    return state.add(run_stage(state.run_dir, "eval", dep, fn))
+    prov = provenance(subjects[0].lm, cfg.eval, cfg.seed)  # the base model's
+    return state.add(run_stage(state.run_dir, "eval", dep, fn, prov))
 
 
 def stage_read(
