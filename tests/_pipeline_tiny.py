@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
+import tomllib
 import torch
 import yaml
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -93,13 +93,13 @@ def write_yaml(path: Path, raw: dict) -> Path:
     return path
 
 
-def cli(*args: str, **popen: object) -> subprocess.Popen:
-    """`python -m steerdiff.cli ARGS` in a subprocess (stdout and stderr together)."""
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`python -m steerdiff.cli ARGS` in a subprocess (stdout and stderr together); env adds
+    variables to this process's environment."""
     return subprocess.Popen(
         [sys.executable, "-m", "steerdiff.cli", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "400"},
-        **popen,  # type: ignore[arg-type]
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "400", **(env or {})},
     )

@@ -165,17 +165,24 @@ def test_verdict_compares_each_row_with_its_own_models_base_paired():
         "x0.67; paired difference -2.3 pp [95% CI -2.5, -2.1] over 5 questions: "
         "lower than its base model."
     )
-    assert teacher.startswith("teacher (steered) (teacher, model default): 20.0% vs its base "
-                              "model (base) 0.9%, x22.22; paired difference +19.1 pp")
+    assert teacher.startswith(
+        "teacher (steered) (teacher, model default): 20.0% vs its base "
+        "model (base) 0.9%, x22.22; paired difference +19.1 pp"
+    )
     assert teacher.endswith(": higher than its base model.")
     # rows of run folders from before eval rows named their model: the experiment says which
     old = [{k: v for k, v in r.items() if k not in ("model", "per_question")} for r in results]
     line = verdict_lines(old, CROSS_EXPERIMENT)[1]
-    assert line.startswith("gemma-s0 (student, model gemma3-270m): 4.6% vs its base model "
-                           "(student-base) 6.9%")
+    assert line.startswith(
+        "gemma-s0 (student, model gemma3-270m): 4.6% vs its base model (student-base) 6.9%"
+    )
     assert line.endswith("lower than its base model (intervals do not overlap; not paired).")
     # a paired difference whose interval includes 0 is not called higher or lower
-    noisy = _row("noisy-s0", "student", "gemma3-270m", [b + d for b, d in zip(
-        GEMMA_BASE, [0.01, -0.01, 0.012, -0.011, 0.0], strict=True)])
+    noisy = _row(
+        "noisy-s0",
+        "student",
+        "gemma3-270m",
+        [b + d for b, d in zip(GEMMA_BASE, [0.01, -0.01, 0.012, -0.011, 0.0], strict=True)],
+    )
     (line,) = verdict_lines([results[1], noisy], CROSS_EXPERIMENT)
     assert line.endswith("not distinguishable from its base model (the interval includes 0).")
