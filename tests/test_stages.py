@@ -55,3 +55,41 @@ def test_interrupted_stage_resumes_without_duplicates(tmp_path):
     ids = [r["id"] for r in read_jsonl(res.path / "rows.jsonl")]
     assert ids == list(range(10))
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_a_stage_that_fails_before_any_progress_leaves_no_folder(tmp_path):
+    """Bug: a stage that raised at its start left an empty `{name}-{key}.partial` folder,
+    which looks like progress (a fit with a bad hook left `fit-*.partial`). A failure
+    removes the folder unless `has_progress` says it holds something to resume from."""
+
+    def fails(work):
+        (work / "config.json").write_text("{}")  # written first, not progress
+        raise ValueError("bad setting")
+
+    with pytest.raises(ValueError, match="bad setting"):
+        run_stage(tmp_path, "fit", {}, fails, has_progress=lambda w: (w / "ckpt").exists())
+    with pytest.raises(ValueError, match="bad setting"):
+        run_stage(
+            tmp_path, "gen", {}, lambda work: (_ for _ in ()).throw(ValueError("bad setting"))
+        )
+    assert list(tmp_path.iterdir()) == []
+
+    def fails_after_a_checkpoint(work):
+        (work / "ckpt").write_text("step 3")
+        raise ValueError("nan loss")
+
+    with pytest.raises(ValueError, match="nan loss"):
+        run_stage(
+            tmp_path,
+            "fit",
+            {},
+            fails_after_a_checkpoint,
+            has_progress=lambda w: (w / "ckpt").exists(),
+        )
+    (kept,) = tmp_path.iterdir()  # the checkpoint a rerun resumes from stays
+    assert kept.name == f"fit-{stage_key({'stage': 'fit', 'depends_on': {}})}.partial"
+    assert (kept / "ckpt").read_text() == "step 3"
+    # a kill (KeyboardInterrupt here) keeps the folder whatever it holds: the rerun resumes
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(tmp_path, "read", {}, lambda work: (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir()) == ["fit", "read"]
