@@ -46,7 +46,10 @@ def test_report_renders_in_headless_chromium(tmp_path):
     view = view_in_chromium(path, screenshot=tmp_path / "shot.png")
     assert view.section_titles == ["Trait evaluation", "Provenance"]
     assert view.n_images == 1 and view.n_images_decoded == 1
-    assert (tmp_path / "shot.png").stat().st_size > 5000
+    png = (tmp_path / "shot.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"  # a PNG of the window size asked for
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    assert (width, height) == (1200, 2400)
 
 
 def fake_run(run_dir: Path) -> Path:

@@ -10,6 +10,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import SteerdiffError
+
 CHROMIUM_FLAGS = [
     "--headless",
     "--no-sandbox",
@@ -21,6 +23,10 @@ CHROMIUM_FLAGS = [
     "--disable-sync",
     "--virtual-time-budget=5000",
 ]
+
+
+class BrowserError(SteerdiffError, RuntimeError):
+    """No browser to view the report with; the message says what to install."""
 
 
 def find_chromium() -> str | None:
@@ -45,7 +51,7 @@ def view_in_chromium(
     """Render an HTML file in headless Chromium; optionally save a PNG screenshot."""
     exe = find_chromium()
     if exe is None:
-        raise RuntimeError(
+        raise BrowserError(
             "No Chromium found: install Debian's `chromium` package (install.sh does)."
         )
     url = Path(path).resolve().as_uri()

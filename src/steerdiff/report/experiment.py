@@ -20,8 +20,10 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
 
 
-def _eval_rows(results: list[dict]) -> list[dict]:
+def _eval_rows(results: list[dict], experiment: dict) -> list[dict]:
+    """The evaluation table; with a student of another model, a column names each row's."""
     rows = []
+    two_models = bool(experiment.get("student_model"))
     for r in results:
         lo, hi = r["ci95"]
         dist = {k: v for k, v in r.get("distribution", {}).items() if k != r["target"]}
@@ -37,6 +39,8 @@ def _eval_rows(results: list[dict]) -> list[dict]:
                 "questions": r.get("n_questions"),
             }
         )
+        if two_models:
+            rows[-1] = {"model": r["name"], "of": row_model(r, experiment), **rows[-1]}
     return rows
 
 
@@ -183,7 +187,7 @@ def _evaluation_section(r: Report, run: RunFolder) -> None:
         )
     )
     sec.add(_verdict(results, run.experiment))
-    sec.add(Table(_eval_rows(results), caption="Target share per model"))
+    sec.add(Table(_eval_rows(results, run.experiment), caption="Target share per model"))
     sec.add(eval_figure(results))
 
 
