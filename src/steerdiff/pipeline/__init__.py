@@ -3,7 +3,8 @@
     cfg = load_config("examples/adam_vs_sgd.toml")   # validated before anything runs
     summary = run_experiment(cfg, "runs")            # runs/adam-vs-sgd/report.html
 
-config: the experiment schema; stages: content-addressed stages; fit_stages / eval_stages:
+config: the experiment schema; checks: what needs the model, checked before the first
+stage; stages: content-addressed stages; fit_stages / eval_stages:
 the stage functions; run: the order they run in.
 """
 
@@ -18,6 +19,7 @@ from .config import (
     load_config,
     parse_config,
 )
+from .checks import check_experiment, load_models
 from .run import RunSummary, load_results, run_experiment
 from .stages import StageResult, run_stage, stage_key
 
@@ -31,7 +33,9 @@ __all__ = [
     "RunSummary",
     "StageResult",
     "TaskConfig",
+    "check_experiment",
     "load_config",
+    "load_models",
     "load_results",
     "parse_config",
     "run_experiment",
