@@ -139,19 +139,96 @@ def test_response_positions_under_kv_cache(family):
     torch.testing.assert_close(gen_delta, v.expand_as(gen_delta), rtol=1e-4, atol=1e-4)
 
 
+def _generate(model, ids, n):
+    """HF greedy generation of exactly n tokens (no end-of-sequence stop), with its raw
+    next-token logits."""
+    model.generation_config.eos_token_id = None
+    return model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=n,
+        do_sample=False,
+        pad_token_id=0,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+
+
+def _greedy_scores(model, ids, n=5) -> torch.Tensor:
+    """HF greedy generation's next-token logits [steps, batch, vocab]."""
+    return torch.stack(_generate(model, ids, n).logits)
+
+
+# For each positions mode: which greedy steps (under the KV cache) see the vector. Step 0
+# is read off the prefill (the prompt); step s >= 1 also reads the generated tokens.
+STEPS_CHANGED = {"response": [0, 1, 1, 1, 1]}
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-def test_zero_vector_greedy_equals_unsteered(family):
+@pytest.mark.parametrize("positions", ["all", "response", "prompt", "first:2"])
+def test_zero_vector_is_identity_and_a_vector_fires(family, positions):
+    """Bug caught: the hooks perturbing the forward (a zero vector must change nothing,
+    exactly), and, with a non-zero vector at the same hooks, steering that never fires in a
+    positions mode (then the zero-vector check alone would pass)."""
     model = make_tiny(family)
-    ids, mask = IDS[:, :5], torch.ones_like(IDS[:, :5])
-    base = _greedy(model, ids, mask)
-    zero = {n: torch.zeros(hook_dim(model, n)) for n in select_hooks(model, "blocks.*.attn.hook_q")}
-    zero["blocks.0.hook_resid_post"] = torch.zeros(model.config.hidden_size)
-    for positions in ("all", "response", "prompt", "first:2"):
-        with steer(model, zero, positions=positions):
-            assert torch.equal(_greedy(model, ids, mask), base)
+    ids = IDS[:, :5]
+    base = _greedy_scores(model, ids)
+    names = select_hooks(model, "blocks.*.attn.hook_q") + ["blocks.0.hook_resid_post"]
+    with steer(model, {n: torch.zeros(hook_dim(model, n)) for n in names}, positions=positions):
+        assert torch.equal(_greedy_scores(model, ids), base)
+    vecs = {n: rand_vec(model, n, seed=i, scale=3.0) for i, n in enumerate(names)}
+    with steer(model, vecs, positions=positions):
+        steered = _greedy_scores(model, ids)
+    changed = [int(not torch.allclose(a, b, atol=1e-4)) for a, b in zip(steered, base)]
+    assert changed == STEPS_CHANGED.get(positions, [1, 1, 1, 1, 1])
+
+
+def _greedy_by_hand(model, ids, vecs, steer_prompt: bool, steer_generated: bool, n=4):
+    """Greedy decoding written out: one prefill, then one token per forward with the KV
+    cache, each forward steered at every position or not at all (no positions logic)."""
+    from contextlib import nullcontext
+
+    def ctx(on: bool):
+        return steer(model, vecs) if on else nullcontext()
+
+    with ctx(steer_prompt):
+        out = model(input_ids=ids, use_cache=True)
+    scores, tokens = [out.logits[:, -1]], [out.logits[:, -1].argmax(-1)]
+    for _ in range(n - 1):
+        with ctx(steer_generated):
+            out = model(input_ids=tokens[-1][:, None], past_key_values=out.past_key_values)
+        scores.append(out.logits[:, -1])
+        tokens.append(out.logits[:, -1].argmax(-1))
+    return torch.stack(scores), torch.cat([ids, torch.stack(tokens, 1)], 1)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "gpt2"])
+@pytest.mark.parametrize("positions", ["prompt", "response"])
+def test_prompt_and_response_positions_under_kv_cache_match_a_hand_decoding(family, positions):
+    """Bug caught: positions="prompt" steering the generated tokens too (behaving like "all"),
+    or "response" steering the prompt. Greedy generation under steer(positions=...) must give
+    the scores and tokens of a hand-written decoding that steers only the prefill ("prompt")
+    or only the one-token forwards ("response"), and differ from steering everything."""
+    model = make_tiny(family)
+    ids = IDS[:, :5]
+    name = "blocks.1.hook_resid_post"
+    vecs = {name: rand_vec(model, name, scale=5.0)}
+    want_scores, want_ids = _greedy_by_hand(
+        model, ids, vecs, positions == "prompt", positions == "response"
+    )
+    all_scores, _ = _greedy_by_hand(model, ids, vecs, True, True)
+    with steer(model, vecs, positions=positions):
+        out = _generate(model, ids, 4)
+    torch.testing.assert_close(torch.stack(out.logits), want_scores, rtol=1e-4, atol=1e-4)
+    assert torch.equal(out.sequences, want_ids)
+    # the hand decoding differs from steering every position at the generated steps
+    assert not torch.allclose(want_scores[1:], all_scores[1:], atol=1e-3)
 
 
 def test_prompt_positions_only_prompt(tiny_lm):
+    """Bug caught: positions="prompt" adding the vector at generated positions too.
+    Activations under greedy generation equal a teacher-forced pass over the same tokens
+    steered by a mask of the prompt positions, at every position (prompt and generated)."""
     model = tiny_lm.model
     name = "blocks.0.hook_resid_post"
     v = rand_vec(model, name, scale=4.0)
@@ -159,9 +236,16 @@ def test_prompt_positions_only_prompt(tiny_lm):
     with record(model, name) as plain:
         _greedy(model, ids, mask, n=3)
     with steer(model, {name: v}, positions="prompt"), record(model, name) as rec:
-        _greedy(model, ids, mask, n=3)
+        out = _greedy(model, ids, mask, n=3)
     d = rec[name] - plain[name]
     torch.testing.assert_close(d[:, :5], v.expand(2, 5, -1), rtol=1e-4, atol=1e-4)
+    fed = out[:, :-1]  # the last generated token is never fed back
+    prompt_mask = torch.zeros(fed.shape, dtype=torch.bool)
+    prompt_mask[:, :5] = True
+    with steer(model, {name: v}, positions=prompt_mask), record(model, name) as forced:
+        model(input_ids=fed)
+    assert rec[name].shape == forced[name].shape == (2, 7, 64)
+    torch.testing.assert_close(rec[name], forced[name], rtol=1e-4, atol=1e-4)
 
 
 def test_first_k_skips_left_padding(tiny_lm):
