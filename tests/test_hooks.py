@@ -7,8 +7,10 @@ import torch
 from conftest import FAMILIES, make_tiny
 from torch import nn
 
+from steerdiff.errors import SteerdiffError
 from steerdiff.hooks import (
     HookError,
+    NonFiniteError,
     final_norm,
     get_hook_point,
     hook_dim,
@@ -300,10 +302,21 @@ def test_ablate_removes_component(tiny_lm):
     model = tiny_lm.model
     name = "blocks.1.hook_resid_post"
     v = rand_vec(model, name)
+    with record(model, name) as plain:
+        model(input_ids=IDS)
     with steer(model, {name: v}, op="ablate"), record(model, name) as rec:
         model(input_ids=IDS)
-    proj = rec[name] @ (v / v.norm())
+    unit = v / v.norm()
+    proj = rec[name] @ unit
     assert proj.abs().max() < 1e-4
+    # only the component along v is gone: h - (h.u) u, not a zeroed or rescaled residual
+    h = plain[name]
+    torch.testing.assert_close(rec[name], h - (h @ unit)[..., None] * unit, rtol=0, atol=1e-5)
+    with steer(model, {name: v}, coeff=0.5, op="ablate"), record(model, name) as half:
+        model(input_ids=IDS)
+    torch.testing.assert_close(
+        half[name], h - 0.5 * (h @ unit)[..., None] * unit, atol=1e-5, rtol=0
+    )
 
 
 @pytest.mark.parametrize("where", ["steer", "record", "both"])
@@ -353,6 +366,79 @@ def test_unknown_hook_lists_nearest(tiny_lm):
         select_hooks(tiny_lm.model, "blocks.7.hook_resid_post")
     with pytest.raises(HookError, match="Unknown hook point"):
         record(tiny_lm.model, "blocks.*.hook_nothing").__enter__()
+
+
+def test_layer_ranges_and_brace_alternatives_past_the_model_are_errors(tiny_lm):
+    """Bug caught: blocks.1-40.x on a 3-layer model silently clipped to blocks.1-2.x, and
+    one brace alternative that matches nothing dropped without a word."""
+    m = tiny_lm.model
+    with pytest.raises(HookError, match=r"Layer range 1-40 .* has 3 layers \(0-2\)\. Use "):
+        select_hooks(m, "blocks.1-40.hook_resid_post")
+    with pytest.raises(HookError, match=r"'blocks\.1-2\.hook_resid_post' or 'blocks\.1-\."):
+        select_hooks(m, "blocks.1-40.hook_resid_post")
+    with pytest.raises(HookError, match=r"Layer range 5- .* 3 layers \(0-2\)"):
+        select_hooks(m, "blocks.5-.hook_resid_post")
+    with pytest.raises(HookError, match=r"Empty layer range 2-1 .* 'blocks\.1-2\."):
+        select_hooks(m, "blocks.2-1.hook_resid_post")
+    with pytest.raises(
+        HookError, match=r"'blocks\.7\.hook_resid_post' \(from 'blocks\.\{1,7\}.*3 layers"
+    ):
+        select_hooks(m, "blocks.{1,7}.hook_resid_post")
+    with pytest.raises(HookError, match=r"'blocks\.\*\.attn\.hook_x' \(from"):
+        select_hooks(m, "blocks.*.attn.hook_{q,x}")
+    assert select_hooks(m, "blocks.1-.hook_resid_post") == [H1, "blocks.2.hook_resid_post"]
+    assert select_hooks(m, "blocks.0-2.attn.hook_{q,k}") == [
+        f"blocks.{i}.attn.hook_{w}" for i in range(3) for w in "qk"
+    ]
+
+
+H1 = "blocks.1.hook_resid_post"
+
+
+@pytest.mark.parametrize(
+    ("vector", "coeff", "match"),
+    [
+        (float("nan"), 1.0, rf"The vector for {H1} holds 64 NaN and 0 Inf of its 64 values"),
+        (float("inf"), 1.0, rf"The vector for {H1} holds 0 NaN and 64 Inf"),
+        (1.0, float("nan"), rf"coeff nan for steering at {H1} is not finite"),
+        (1.0, float("-inf"), rf"coeff -inf for steering at {H1} is not finite"),
+        (
+            1.0,
+            torch.tensor([1.0, float("nan")]),
+            rf"coeff tensor \[1\.0, nan\] for steering at {H1}",
+        ),
+    ],
+)
+def test_steer_refuses_nan_and_inf(tiny_lm, vector, coeff, match):
+    """Bug caught: a NaN/Inf vector or coeff accepted by steer (every logit NaN, silently).
+    The error is one line naming the hook, and the model is left unsteered."""
+    model = tiny_lm.model
+    base = logits(model)
+    with pytest.raises(NonFiniteError, match=match) as e:
+        with steer(model, {H1: torch.full((64,), vector)}, coeff=coeff):
+            logits(model)
+    assert "\n" not in str(e.value) and isinstance(e.value, SteerdiffError)
+    torch.testing.assert_close(logits(model), base, rtol=0, atol=0)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_steer_takes_lists_and_numpy_arrays(tiny_lm):
+    """Bug caught: a list or numpy vector raising AttributeError ('list' has no 'dim')."""
+    import numpy as np
+
+    model = tiny_lm.model
+    v = rand_vec(model, H1)
+    with steer(model, {H1: v}):
+        want = logits(model)
+    for given in (v.tolist(), v.numpy(), v.double().numpy()):
+        with steer(model, {H1: given}):
+            torch.testing.assert_close(logits(model), want, rtol=0, atol=0)
+    with pytest.raises(HookError, match=rf"vector for {H1} is a dict; give a torch tensor"):
+        with steer(model, {H1: {"x": 1}}):
+            pass
+    with pytest.raises(HookError, match=r"expected \(64,\)"):
+        with steer(model, {H1: np.ones((2, 64))}):
+            pass
 
 
 def test_wrong_shape_says_expected(tiny_lm):
