@@ -169,9 +169,18 @@ def test_finetuned_model_and_lora_adapter(lm, tmp_path):
 
 
 def test_default_corpus_is_diverse():
+    """Bug caught: a default corpus that lost texts or a genre (e.g. a bad rebuild)."""
     c = load_corpus()
-    assert len(c) >= 500
-    assert len(set(c.genres)) >= 5
+    assert len(c) == 1200
+    from collections import Counter
+
+    assert Counter(c.genres) == {
+        "drama": 300,
+        "code": 250,
+        "scripture": 250,
+        "docs": 250,
+        "dialogue": 150,
+    }
     sub = load_corpus(n=20, seed=3)
     assert len(sub) == 20 and sub.texts == load_corpus(n=20, seed=3).texts
 

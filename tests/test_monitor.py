@@ -88,7 +88,7 @@ def test_flags_the_row_that_pushes_toward_the_vector(lm, tmp_path):
     res_f = project(lm, vs, str(p))
     assert res_f.flagged == [2]
     paths = save_monitor(tmp_path / "out", res_f, lm)
-    assert paths["png"].stat().st_size > 1000
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads(paths["json"].read_text())["flagged"] == [2]
 
 

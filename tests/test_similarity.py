@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from _read_helpers import ByteTok
@@ -54,12 +55,13 @@ def test_cross_cosine_fitted_vs_contrast_per_layer():
 def test_effect_correlation_values():
     g = torch.Generator().manual_seed(0)
     e = torch.randn(500, generator=g)
-    m = effect_correlation(
-        {"e": e, "affine": 2 * e + 3, "neg": -e, "other": torch.randn(500, generator=g)}
-    )
+    effects = {"e": e, "affine": 2 * e + 3, "neg": -e, "other": torch.randn(500, generator=g)}
+    m = effect_correlation(effects)
     assert m.values[0, 1] == pytest.approx(1.0, abs=1e-5)
     assert m.values[0, 2] == pytest.approx(-1.0, abs=1e-5)
-    assert abs(float(m.values[0, 3])) < 0.2
+    want = np.corrcoef(e.numpy(), m_other := effects["other"].numpy())[0, 1]
+    assert float(m.values[0, 3]) == pytest.approx(float(want), abs=1e-5)
+    assert m.values[3, 0] == m.values[0, 3] and m_other.shape == (500,)
 
 
 def test_bad_inputs():
@@ -125,4 +127,6 @@ def test_planted_check_finds_the_planted_vector(tiny_lm):
     assert rows["same"]["norm_ratio"] == pytest.approx(0.5, abs=1e-6)
     assert rows["same"]["dla_top10_overlap_centred"] == 10
     assert rows["opposite"]["cosine"] == pytest.approx(-1.0, abs=1e-6)
-    assert rows["opposite"]["dla_top10_overlap_raw"] < 10
+    # -v*'s top tokens are v*'s bottom ones: none in common with v*'s top 10 (vocab 256)
+    assert rows["opposite"]["dla_top10_overlap_raw"] == 0
+    assert rows["opposite"]["dla_top10_overlap_centred"] == 0
