@@ -63,3 +63,13 @@ def tiny_model_folder(path, family: str = "llama"):
     make_tiny(family).save_pretrained(path)
     byte_tokenizer().save_pretrained(path)
     return path
+
+
+def one_line_error(result) -> str:
+    """The `error: ...` line of a failed CliRunner result; fails unless it is the only line
+    the command printed on stdout (stderr may hold transformers' loading bars)."""
+    out = result.stdout.strip()
+    assert result.exit_code == 2, result.output
+    assert out.startswith("error:") and "\n" not in out, out
+    assert "Traceback" not in result.output
+    return out

@@ -235,3 +235,24 @@ def test_truncated_file_is_one_line_naming_the_file(lm, tmp_path):
         with pytest.raises(VectorSetError, match=rf"{re.escape(str(path))} is not a readable safetensors") as e:
             VectorSet.load(path)
         assert "copy it again" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cli_generate_with_a_nan_vector_file_fails_at_load(tmp_path):
+    """Bug caught: `generate --teacher steered` with a NaN vector file sampling junk and
+    reporting "truncated ... try constrained decoding". It stops before sampling with one
+    line naming the file and the hook, and no dataset is written."""
+    from _read_helpers import one_line_error, tiny_model_folder
+    from safetensors.torch import save_file
+    from typer.testing import CliRunner
+
+    from steerdiff.cli import app
+
+    folder = tiny_model_folder(tmp_path / "m")
+    path = tmp_path / "nan.safetensors"
+    save_file({H2: torch.full((64,), float("nan"))}, str(path))
+    data = tmp_path / "d.jsonl"
+    args = ["generate", "--out", str(data), "--teacher", "steered", "--vectors", str(path)]
+    r = CliRunner().invoke(app, [*args, "--model", str(folder), "--n-prompts", "2"])
+    line = one_line_error(r)
+    assert f"{H2} in {path} holds 64 NaN" in line and "truncated" not in r.output
+    assert not data.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["m", "nan.safetensors"]
