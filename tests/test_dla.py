@@ -189,7 +189,9 @@ def test_cli_read_dla_on_a_nan_vector_file_is_one_line(tmp_path):
     v[7] = math.nan
     save_file({"blocks.1.hook_resid_post": v}, str(path))
     out = tmp_path / "o"
-    r = CliRunner().invoke(app, ["read", "dla", str(path), "--model", str(folder), "--out", str(out)])
+    r = CliRunner().invoke(
+        app, ["read", "dla", str(path), "--model", str(folder), "--out", str(out)]
+    )
     line = one_line_error(r)
     assert f"blocks.1.hook_resid_post in {path} holds 1 NaN" in line
     assert not out.exists()

@@ -208,3 +208,47 @@ def test_bad_inputs(lm, tmp_path):
         activation_difference_lens(lm, TEXTS, vectors=other)
     with pytest.raises(LensError, match="exactly one"):
         activation_difference_lens(lm, TEXTS)
+
+
+def test_cli_read_lens_writes_the_lens_of_the_vector(tmp_path):
+    """Bug caught: `steerdiff read lens` (a README command) passing its options wrongly
+    (--coeff, --first-k, --tokens, --hooks, --corpus, --n) or writing files that do not hold
+    the lens. At the vector's own hook the mean difference is coeff * v."""
+    import json
+
+    from _read_helpers import tiny_model_folder
+    from typer.testing import CliRunner
+
+    from steerdiff.cli import app
+    from steerdiff.interpret.dla import direct_logit_attribution
+    from steerdiff.models import load_model
+
+    folder = tiny_model_folder(tmp_path / "m")
+    hook = "blocks.1.hook_resid_pre"
+    v = torch.randn(64, generator=torch.Generator().manual_seed(3))
+    vpath = VectorSet({hook: v}, {"d_model": 64}).save(tmp_path / "v.safetensors")
+    texts = ["the owl sat", "numbers 1 2 3 4 5", "ok", "a longer line of plain text"]
+    (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
+    top = direct_logit_attribution(load_model(str(folder)), 2.0 * v, hook, k=1).top[0].token
+    out = tmp_path / "o"
+    args = ["read", "lens", "--vectors", str(vpath), "--model", str(folder), "--out", str(out)]
+    args += ["--corpus", str(tmp_path / "texts.txt"), "--n", "4", "--tokens", "8"]
+    args += ["--first-k", "2", "--hooks", "blocks.{0,1}.hook_resid_pre", "--coeff", "2", "-k", "3"]
+    r = CliRunner().invoke(app, [*args, "--find", top])
+    assert r.exit_code == 0, r.output
+    said = " ".join(r.stdout.split())  # rich wraps long lines
+    hits = f"{hook}@0#1, {hook}@1#1, {hook}@all#1, logits@0#1, logits@1#1, logits@all#1"
+    assert f"'{top}' in top 3: {hits}" in said
+    info = json.loads((out / "lens.json").read_text())
+    assert (info["n_texts"], info["n_tokens"], info["first_k"]) == (4, 2 + 8 + 8 + 8, 2)
+    assert info["pos_count"] == [4.0, 4.0] and info["meta"]["coeff"] == 2.0
+    rows = {(r["hook"], r["position"]): r for r in info["rows"]}
+    assert rows[(hook, "all")]["diff_norm"] == pytest.approx(2.0 * float(v.norm()), rel=1e-5)
+    assert rows[(hook, "all")]["top"][0]["token"] == top
+    assert rows[("blocks.0.hook_resid_pre", "all")]["diff_norm"] == 0.0
+    back = LensResult.load(out / "lens.pt")
+    torch.testing.assert_close(back.all_mean[hook], 2.0 * v, rtol=0, atol=1e-5)
+    csv_lines = (out / "lens.csv").read_text().splitlines()
+    assert csv_lines[0] == "hook,position,diff_norm,top_tokens,bottom_tokens"
+    assert len(csv_lines) == 1 + 2 * 3 + 3  # header, 2 hooks x (2 positions + all), logits
+    assert (out / "lens_positions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -170,7 +170,9 @@ def test_non_finite_vectors_are_refused_everywhere(lm, tmp_path, value):
     with pytest.raises(NonFiniteError, match=rf"{H2} holds .*{kind}"):
         VectorSet({H1: torch.ones(64), H2: torch.full((64,), value)})
     out = tmp_path / "v.safetensors"
-    with pytest.raises(NonFiniteError, match=rf"{H2} to be saved to {re.escape(str(out))} holds") as e:
+    with pytest.raises(
+        NonFiniteError, match=rf"{H2} to be saved to {re.escape(str(out))} holds"
+    ) as e:
         _nan_at(make_set(lm), H2, value).save(out)
     assert "\n" not in str(e.value) and not out.exists() and not list(tmp_path.iterdir())
     cv = tmp_path / "cv.gguf"
@@ -220,7 +222,9 @@ def test_broken_header_metadata_is_one_line_naming_the_file(tmp_path):
     path = tmp_path / "v.safetensors"
     for meta, why in (("{broken", "not valid JSON"), ("[1, 2]", "a list, not a JSON object")):
         save_file({H1: torch.ones(64)}, str(path), metadata={"steerdiff": meta})
-        with pytest.raises(VectorSetError, match=rf"{re.escape(str(path))}: the 'steerdiff' metadata") as e:
+        with pytest.raises(
+            VectorSetError, match=rf"{re.escape(str(path))}: the 'steerdiff' metadata"
+        ) as e:
             VectorSet.load(path)
         assert why in str(e.value) and "Save the set again" in str(e.value)
         assert "\n" not in str(e.value)
@@ -232,7 +236,9 @@ def test_truncated_file_is_one_line_naming_the_file(lm, tmp_path):
     data = path.read_bytes()
     for cut in (len(data) // 2, 10):
         path.write_bytes(data[:cut])
-        with pytest.raises(VectorSetError, match=rf"{re.escape(str(path))} is not a readable safetensors") as e:
+        with pytest.raises(
+            VectorSetError, match=rf"{re.escape(str(path))} is not a readable safetensors"
+        ) as e:
             VectorSet.load(path)
         assert "copy it again" in str(e.value) and "\n" not in str(e.value)
 
@@ -255,4 +261,7 @@ def test_cli_generate_with_a_nan_vector_file_fails_at_load(tmp_path):
     r = CliRunner().invoke(app, [*args, "--model", str(folder), "--n-prompts", "2"])
     line = one_line_error(r)
     assert f"{H2} in {path} holds 64 NaN" in line and "truncated" not in r.output
-    assert not data.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["m", "nan.safetensors"]
+    assert not data.exists() and sorted(p.name for p in tmp_path.iterdir()) == [
+        "m",
+        "nan.safetensors",
+    ]
