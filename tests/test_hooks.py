@@ -181,7 +181,7 @@ def test_zero_vector_is_identity_and_a_vector_fires(family, positions):
     vecs = {n: rand_vec(model, n, seed=i, scale=3.0) for i, n in enumerate(names)}
     with steer(model, vecs, positions=positions):
         steered = _greedy_scores(model, ids)
-    changed = [int(not torch.allclose(a, b, atol=1e-4)) for a, b in zip(steered, base)]
+    changed = [int(not torch.allclose(a, b, atol=1e-4)) for a, b in zip(steered, base, strict=True)]
     assert changed == STEPS_CHANGED.get(positions, [1, 1, 1, 1, 1])
 
 

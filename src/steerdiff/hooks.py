@@ -218,9 +218,9 @@ def check_finite(vectors: Mapping[str, torch.Tensor], where: str = "", coeff: An
     if isinstance(coeff, torch.Tensor):
         tensors.append(coeff)
     ok = _all_finite(tensors) if tensors else []
-    for name, v, good in zip(names, tensors, ok):
-        if not good:
-            v = v.detach()
+    for i, name in enumerate(names):
+        if not ok[i]:
+            v = tensors[i].detach()
             n_nan, n_inf = int(torch.isnan(v).sum()), int(torch.isinf(v).sum())
             raise NonFiniteError(
                 f"The vector for {name}{where} holds {n_nan} NaN and {n_inf} Inf of its "
