@@ -39,3 +39,37 @@ class ByteTok:
 
     def decode(self, ids) -> str:
         return "".join(chr(i) for i in ids)
+
+
+def byte_tokenizer():
+    """A real (saveable) tokenizer: one token per byte (byte-level BPE without merges),
+    vocab 256, pad = the token of byte 0."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=alphabet[0])
+
+
+def tiny_model_folder(path, family: str = "llama"):
+    """A tiny random model of `family` and the byte tokenizer saved to a folder, for the
+    command line (`--model FOLDER`). Returns the folder."""
+    from conftest import make_tiny
+
+    make_tiny(family).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+def one_line_error(result) -> str:
+    """The `error: ...` line of a failed CliRunner result; fails unless it is the only line
+    the command printed on stdout (stderr may hold transformers' loading bars)."""
+    out = result.stdout.strip()
+    assert result.exit_code == 2, result.output
+    assert out.startswith("error:") and "\n" not in out, out
+    assert "Traceback" not in result.output
+    return out

@@ -170,3 +170,28 @@ def test_cli_read_dla(smollm, tmp_path):
     )
     r = CliRunner().invoke(app, ["read", "dla", str(bad), "--out", str(tmp_path / "o2")])
     assert r.exit_code == 2 and "d_model" in r.output
+
+
+def test_cli_read_dla_on_a_nan_vector_file_is_one_line(tmp_path):
+    """Bug caught: `read dla` on a NaN vector file exiting 0 with junk tokens. It exits 2
+    with one line naming the file and the hook, and writes nothing."""
+    import math
+
+    from _read_helpers import one_line_error, tiny_model_folder
+    from safetensors.torch import save_file
+    from typer.testing import CliRunner
+
+    from steerdiff.cli import app
+
+    folder = tiny_model_folder(tmp_path / "m")
+    path = tmp_path / "nan.safetensors"
+    v = torch.randn(64)
+    v[7] = math.nan
+    save_file({"blocks.1.hook_resid_post": v}, str(path))
+    out = tmp_path / "o"
+    r = CliRunner().invoke(
+        app, ["read", "dla", str(path), "--model", str(folder), "--out", str(out)]
+    )
+    line = one_line_error(r)
+    assert f"blocks.1.hook_resid_post in {path} holds 1 NaN" in line
+    assert not out.exists()

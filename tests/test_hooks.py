@@ -7,8 +7,10 @@ import torch
 from conftest import FAMILIES, make_tiny
 from torch import nn
 
+from steerdiff.errors import SteerdiffError
 from steerdiff.hooks import (
     HookError,
+    NonFiniteError,
     final_norm,
     get_hook_point,
     hook_dim,
@@ -139,19 +141,96 @@ def test_response_positions_under_kv_cache(family):
     torch.testing.assert_close(gen_delta, v.expand_as(gen_delta), rtol=1e-4, atol=1e-4)
 
 
+def _generate(model, ids, n):
+    """HF greedy generation of exactly n tokens (no end-of-sequence stop), with its raw
+    next-token logits."""
+    model.generation_config.eos_token_id = None
+    return model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=n,
+        do_sample=False,
+        pad_token_id=0,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+
+
+def _greedy_scores(model, ids, n=5) -> torch.Tensor:
+    """HF greedy generation's next-token logits [steps, batch, vocab]."""
+    return torch.stack(_generate(model, ids, n).logits)
+
+
+# For each positions mode: which greedy steps (under the KV cache) see the vector. Step 0
+# is read off the prefill (the prompt); step s >= 1 also reads the generated tokens.
+STEPS_CHANGED = {"response": [0, 1, 1, 1, 1]}
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-def test_zero_vector_greedy_equals_unsteered(family):
+@pytest.mark.parametrize("positions", ["all", "response", "prompt", "first:2"])
+def test_zero_vector_is_identity_and_a_vector_fires(family, positions):
+    """Bug caught: the hooks perturbing the forward (a zero vector must change nothing,
+    exactly), and, with a non-zero vector at the same hooks, steering that never fires in a
+    positions mode (then the zero-vector check alone would pass)."""
     model = make_tiny(family)
-    ids, mask = IDS[:, :5], torch.ones_like(IDS[:, :5])
-    base = _greedy(model, ids, mask)
-    zero = {n: torch.zeros(hook_dim(model, n)) for n in select_hooks(model, "blocks.*.attn.hook_q")}
-    zero["blocks.0.hook_resid_post"] = torch.zeros(model.config.hidden_size)
-    for positions in ("all", "response", "prompt", "first:2"):
-        with steer(model, zero, positions=positions):
-            assert torch.equal(_greedy(model, ids, mask), base)
+    ids = IDS[:, :5]
+    base = _greedy_scores(model, ids)
+    names = select_hooks(model, "blocks.*.attn.hook_q") + ["blocks.0.hook_resid_post"]
+    with steer(model, {n: torch.zeros(hook_dim(model, n)) for n in names}, positions=positions):
+        assert torch.equal(_greedy_scores(model, ids), base)
+    vecs = {n: rand_vec(model, n, seed=i, scale=3.0) for i, n in enumerate(names)}
+    with steer(model, vecs, positions=positions):
+        steered = _greedy_scores(model, ids)
+    changed = [int(not torch.allclose(a, b, atol=1e-4)) for a, b in zip(steered, base, strict=True)]
+    assert changed == STEPS_CHANGED.get(positions, [1, 1, 1, 1, 1])
+
+
+def _greedy_by_hand(model, ids, vecs, steer_prompt: bool, steer_generated: bool, n=4):
+    """Greedy decoding written out: one prefill, then one token per forward with the KV
+    cache, each forward steered at every position or not at all (no positions logic)."""
+    from contextlib import nullcontext
+
+    def ctx(on: bool):
+        return steer(model, vecs) if on else nullcontext()
+
+    with ctx(steer_prompt):
+        out = model(input_ids=ids, use_cache=True)
+    scores, tokens = [out.logits[:, -1]], [out.logits[:, -1].argmax(-1)]
+    for _ in range(n - 1):
+        with ctx(steer_generated):
+            out = model(input_ids=tokens[-1][:, None], past_key_values=out.past_key_values)
+        scores.append(out.logits[:, -1])
+        tokens.append(out.logits[:, -1].argmax(-1))
+    return torch.stack(scores), torch.cat([ids, torch.stack(tokens, 1)], 1)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "gpt2"])
+@pytest.mark.parametrize("positions", ["prompt", "response"])
+def test_prompt_and_response_positions_under_kv_cache_match_a_hand_decoding(family, positions):
+    """Bug caught: positions="prompt" steering the generated tokens too (behaving like "all"),
+    or "response" steering the prompt. Greedy generation under steer(positions=...) must give
+    the scores and tokens of a hand-written decoding that steers only the prefill ("prompt")
+    or only the one-token forwards ("response"), and differ from steering everything."""
+    model = make_tiny(family)
+    ids = IDS[:, :5]
+    name = "blocks.1.hook_resid_post"
+    vecs = {name: rand_vec(model, name, scale=5.0)}
+    want_scores, want_ids = _greedy_by_hand(
+        model, ids, vecs, positions == "prompt", positions == "response"
+    )
+    all_scores, _ = _greedy_by_hand(model, ids, vecs, True, True)
+    with steer(model, vecs, positions=positions):
+        out = _generate(model, ids, 4)
+    torch.testing.assert_close(torch.stack(out.logits), want_scores, rtol=1e-4, atol=1e-4)
+    assert torch.equal(out.sequences, want_ids)
+    # the hand decoding differs from steering every position at the generated steps
+    assert not torch.allclose(want_scores[1:], all_scores[1:], atol=1e-3)
 
 
 def test_prompt_positions_only_prompt(tiny_lm):
+    """Bug caught: positions="prompt" adding the vector at generated positions too.
+    Activations under greedy generation equal a teacher-forced pass over the same tokens
+    steered by a mask of the prompt positions, at every position (prompt and generated)."""
     model = tiny_lm.model
     name = "blocks.0.hook_resid_post"
     v = rand_vec(model, name, scale=4.0)
@@ -159,9 +238,16 @@ def test_prompt_positions_only_prompt(tiny_lm):
     with record(model, name) as plain:
         _greedy(model, ids, mask, n=3)
     with steer(model, {name: v}, positions="prompt"), record(model, name) as rec:
-        _greedy(model, ids, mask, n=3)
+        out = _greedy(model, ids, mask, n=3)
     d = rec[name] - plain[name]
     torch.testing.assert_close(d[:, :5], v.expand(2, 5, -1), rtol=1e-4, atol=1e-4)
+    fed = out[:, :-1]  # the last generated token is never fed back
+    prompt_mask = torch.zeros(fed.shape, dtype=torch.bool)
+    prompt_mask[:, :5] = True
+    with steer(model, {name: v}, positions=prompt_mask), record(model, name) as forced:
+        model(input_ids=fed)
+    assert rec[name].shape == forced[name].shape == (2, 7, 64)
+    torch.testing.assert_close(rec[name], forced[name], rtol=1e-4, atol=1e-4)
 
 
 def test_first_k_skips_left_padding(tiny_lm):
@@ -216,10 +302,21 @@ def test_ablate_removes_component(tiny_lm):
     model = tiny_lm.model
     name = "blocks.1.hook_resid_post"
     v = rand_vec(model, name)
+    with record(model, name) as plain:
+        model(input_ids=IDS)
     with steer(model, {name: v}, op="ablate"), record(model, name) as rec:
         model(input_ids=IDS)
-    proj = rec[name] @ (v / v.norm())
+    unit = v / v.norm()
+    proj = rec[name] @ unit
     assert proj.abs().max() < 1e-4
+    # only the component along v is gone: h - (h.u) u, not a zeroed or rescaled residual
+    h = plain[name]
+    torch.testing.assert_close(rec[name], h - (h @ unit)[..., None] * unit, rtol=0, atol=1e-5)
+    with steer(model, {name: v}, coeff=0.5, op="ablate"), record(model, name) as half:
+        model(input_ids=IDS)
+    torch.testing.assert_close(
+        half[name], h - 0.5 * (h @ unit)[..., None] * unit, atol=1e-5, rtol=0
+    )
 
 
 @pytest.mark.parametrize("where", ["steer", "record", "both"])
@@ -269,6 +366,79 @@ def test_unknown_hook_lists_nearest(tiny_lm):
         select_hooks(tiny_lm.model, "blocks.7.hook_resid_post")
     with pytest.raises(HookError, match="Unknown hook point"):
         record(tiny_lm.model, "blocks.*.hook_nothing").__enter__()
+
+
+def test_layer_ranges_and_brace_alternatives_past_the_model_are_errors(tiny_lm):
+    """Bug caught: blocks.1-40.x on a 3-layer model silently clipped to blocks.1-2.x, and
+    one brace alternative that matches nothing dropped without a word."""
+    m = tiny_lm.model
+    with pytest.raises(HookError, match=r"Layer range 1-40 .* has 3 layers \(0-2\)\. Use "):
+        select_hooks(m, "blocks.1-40.hook_resid_post")
+    with pytest.raises(HookError, match=r"'blocks\.1-2\.hook_resid_post' or 'blocks\.1-\."):
+        select_hooks(m, "blocks.1-40.hook_resid_post")
+    with pytest.raises(HookError, match=r"Layer range 5- .* 3 layers \(0-2\)"):
+        select_hooks(m, "blocks.5-.hook_resid_post")
+    with pytest.raises(HookError, match=r"Empty layer range 2-1 .* 'blocks\.1-2\."):
+        select_hooks(m, "blocks.2-1.hook_resid_post")
+    with pytest.raises(
+        HookError, match=r"'blocks\.7\.hook_resid_post' \(from 'blocks\.\{1,7\}.*3 layers"
+    ):
+        select_hooks(m, "blocks.{1,7}.hook_resid_post")
+    with pytest.raises(HookError, match=r"'blocks\.\*\.attn\.hook_x' \(from"):
+        select_hooks(m, "blocks.*.attn.hook_{q,x}")
+    assert select_hooks(m, "blocks.1-.hook_resid_post") == [H1, "blocks.2.hook_resid_post"]
+    assert select_hooks(m, "blocks.0-2.attn.hook_{q,k}") == [
+        f"blocks.{i}.attn.hook_{w}" for i in range(3) for w in "qk"
+    ]
+
+
+H1 = "blocks.1.hook_resid_post"
+
+
+@pytest.mark.parametrize(
+    ("vector", "coeff", "match"),
+    [
+        (float("nan"), 1.0, rf"The vector for {H1} holds 64 NaN and 0 Inf of its 64 values"),
+        (float("inf"), 1.0, rf"The vector for {H1} holds 0 NaN and 64 Inf"),
+        (1.0, float("nan"), rf"coeff nan for steering at {H1} is not finite"),
+        (1.0, float("-inf"), rf"coeff -inf for steering at {H1} is not finite"),
+        (
+            1.0,
+            torch.tensor([1.0, float("nan")]),
+            rf"coeff tensor \[1\.0, nan\] for steering at {H1}",
+        ),
+    ],
+)
+def test_steer_refuses_nan_and_inf(tiny_lm, vector, coeff, match):
+    """Bug caught: a NaN/Inf vector or coeff accepted by steer (every logit NaN, silently).
+    The error is one line naming the hook, and the model is left unsteered."""
+    model = tiny_lm.model
+    base = logits(model)
+    with pytest.raises(NonFiniteError, match=match) as e:
+        with steer(model, {H1: torch.full((64,), vector)}, coeff=coeff):
+            logits(model)
+    assert "\n" not in str(e.value) and isinstance(e.value, SteerdiffError)
+    torch.testing.assert_close(logits(model), base, rtol=0, atol=0)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_steer_takes_lists_and_numpy_arrays(tiny_lm):
+    """Bug caught: a list or numpy vector raising AttributeError ('list' has no 'dim')."""
+    import numpy as np
+
+    model = tiny_lm.model
+    v = rand_vec(model, H1)
+    with steer(model, {H1: v}):
+        want = logits(model)
+    for given in (v.tolist(), v.numpy(), v.double().numpy()):
+        with steer(model, {H1: given}):
+            torch.testing.assert_close(logits(model), want, rtol=0, atol=0)
+    with pytest.raises(HookError, match=rf"vector for {H1} is a dict; give a torch tensor"):
+        with steer(model, {H1: {"x": 1}}):
+            pass
+    with pytest.raises(HookError, match=r"expected \(64,\)"):
+        with steer(model, {H1: np.ones((2, 64))}):
+            pass
 
 
 def test_wrong_shape_says_expected(tiny_lm):

@@ -88,7 +88,7 @@ def test_flags_the_row_that_pushes_toward_the_vector(lm, tmp_path):
     res_f = project(lm, vs, str(p))
     assert res_f.flagged == [2]
     paths = save_monitor(tmp_path / "out", res_f, lm)
-    assert paths["png"].stat().st_size > 1000
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads(paths["json"].read_text())["flagged"] == [2]
 
 
@@ -102,3 +102,53 @@ def test_bad_inputs(lm):
     other = VectorSet({HOOK: torch.randn(32)}, {"d_model": 32})
     with pytest.raises(VectorSetError, match="d_model"):
         project(lm, other, ["abc"])
+
+
+def test_cli_read_monitor_flags_the_row_and_writes_the_projections(tmp_path):
+    """Bug caught: `steerdiff read monitor` (a README command) ignoring --hook, --flag-z or
+    --baseline, or writing values that are not the per-token projections on the vector."""
+    from _read_helpers import tiny_model_folder
+    from typer.testing import CliRunner
+
+    from steerdiff.cli import app
+    from steerdiff.models import load_model
+
+    folder = tiny_model_folder(tmp_path / "m")
+    lm = load_model(str(folder))
+    rows = ["the cat sat on the mat", "a dog ran far", "qqqqqqqqqqqqqq", "hello world again"]
+    rows += ["numbers 1 2 3", "plain text here", "another sentence", "some more words"]
+    acts = []
+    for t in rows:
+        x = torch.tensor([lm.tokenizer(t)["input_ids"]])
+        with torch.no_grad(), record(lm.model, HOOK) as r:
+            lm.model(x)
+        acts.append(r[HOOK][0])
+    v = acts[2][1:].mean(0) - torch.stack([a[1:].mean(0) for a in acts]).mean(0)
+    other = "blocks.2.hook_resid_post"  # a second hook: --hook must pick HOOK
+    vpath = VectorSet({HOOK: v, other: -v}, {"d_model": 64}).save(tmp_path / "v.safetensors")
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
+    (tmp_path / "base.txt").write_text("\n".join(rows[:2] + rows[3:]) + "\n")
+    out = tmp_path / "o"
+    args = ["read", "monitor", str(vpath), str(data), "--model", str(folder), "--hook", HOOK]
+    args += ["--baseline", str(tmp_path / "base.txt"), "--flag-z", "2.5", "--out", str(out)]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    d = json.loads((out / "monitor.json").read_text())
+    assert d["hook"] == HOOK and d["flag_z"] == 2.5 and d["flagged"] == [2]
+    unit = v / v.norm()
+    for i in (0, 2):
+        want = (acts[i] @ unit).tolist()
+        assert d["tokens"][i]["index"] == i
+        assert d["tokens"][i]["values"] == pytest.approx(want, abs=1e-4)
+    # the baseline (rows without row 2) sets the reference: mean/sd of its rows' means
+    base_means = torch.tensor([float((a[1:] @ unit).mean()) for j, a in enumerate(acts) if j != 2])
+    assert d["reference_mean"] == pytest.approx(float(base_means.mean()), abs=1e-4)
+    assert d["reference_std"] == pytest.approx(float(base_means.std()), abs=1e-4)
+    z2 = (float((acts[2][1:] @ unit).mean()) - float(base_means.mean())) / float(base_means.std())
+    assert d["summary"][2]["z"] == pytest.approx(z2, rel=1e-3) and z2 > 2.5
+    assert "flagged 1: [2]" in " ".join(r.stdout.split())
+    csv_rows = (out / "monitor.csv").read_text().splitlines()
+    assert csv_rows[0] == "index,mean,max,z,flagged,n_tokens" and len(csv_rows) == 1 + len(rows)
+    assert csv_rows[3].startswith("2,") and ",True," in csv_rows[3]
+    assert (out / "monitor_strips.png").read_bytes()[:4] == b"\x89PNG"

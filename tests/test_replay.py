@@ -45,11 +45,18 @@ def test_fit_prefix_replays_the_full_forward(tiny):
 
 
 def test_fit_prefix_replay_has_gradients(tiny):
+    """Bug caught: a replay that detaches (no or zero gradient) or drops a block's term.
+    The vector's gradient through the replayed blocks equals the full forward's."""
     v = torch.zeros(tiny.config.hidden_size, requires_grad=True)
     prefix = compute_prefix(tiny, IDS, MASK, 1)
+    real = MASK.bool()
     with steer(tiny, {"blocks.1.hook_resid_pre": v}):
-        lm_head(tiny, prefix_hidden(tiny, prefix)).sum().backward()
-    assert v.grad is not None and v.grad.abs().sum() > 0
+        lm_head(tiny, prefix_hidden(tiny, prefix))[real].sum().backward()
+    replayed, v.grad = v.grad, None
+    with steer(tiny, {"blocks.1.hook_resid_pre": v}):
+        tiny(input_ids=IDS, attention_mask=MASK).logits[real].sum().backward()
+    assert replayed is not None and float(replayed.norm()) > 1e-3
+    torch.testing.assert_close(replayed, v.grad, rtol=1e-4, atol=1e-5)
 
 
 def test_sweep_recorded_passes_replay_from_every_layer(tiny):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from _read_helpers import ByteTok
@@ -52,14 +53,17 @@ def test_cross_cosine_fitted_vs_contrast_per_layer():
 
 
 def test_effect_correlation_values():
+    """Bug caught: a correlation that is not Pearson's (uncentred, or a cosine)."""
     g = torch.Generator().manual_seed(0)
     e = torch.randn(500, generator=g)
-    m = effect_correlation(
-        {"e": e, "affine": 2 * e + 3, "neg": -e, "other": torch.randn(500, generator=g)}
-    )
+    effects = {"e": e, "affine": 2 * e + 3, "neg": -e, "other": torch.randn(500, generator=g)}
+    m = effect_correlation(effects)
     assert m.values[0, 1] == pytest.approx(1.0, abs=1e-5)
     assert m.values[0, 2] == pytest.approx(-1.0, abs=1e-5)
-    assert abs(float(m.values[0, 3])) < 0.2
+    # an unrelated effect: exactly numpy's Pearson r (about 0, not just "small")
+    want = np.corrcoef(e.numpy(), effects["other"].numpy())[0, 1]
+    assert float(m.values[0, 3]) == pytest.approx(float(want), abs=1e-5)
+    assert m.values[3, 0] == m.values[0, 3]
 
 
 def test_bad_inputs():
@@ -125,4 +129,67 @@ def test_planted_check_finds_the_planted_vector(tiny_lm):
     assert rows["same"]["norm_ratio"] == pytest.approx(0.5, abs=1e-6)
     assert rows["same"]["dla_top10_overlap_centred"] == 10
     assert rows["opposite"]["cosine"] == pytest.approx(-1.0, abs=1e-6)
-    assert rows["opposite"]["dla_top10_overlap_raw"] < 10
+    # -v*'s top tokens are v*'s bottom ones: none in common with v*'s top 10 (vocab 256)
+    assert rows["opposite"]["dla_top10_overlap_raw"] == 0
+    assert rows["opposite"]["dla_top10_overlap_centred"] == 0
+
+
+def test_cli_read_similarity_tables_and_effects(tmp_path):
+    """Bug caught: `steerdiff read similarity` (a README command) labelling sets wrongly,
+    writing tables that are not the cosines, or effects that are not the correlation of the
+    sets' logit effects (a vector at blocks.0 resid_post and the same at blocks.1 resid_pre
+    act identically: r = 1)."""
+    import json
+
+    from _read_helpers import tiny_model_folder
+    from typer.testing import CliRunner
+
+    from steerdiff.cli import app
+
+    g = torch.Generator().manual_seed(0)
+    v, w, u = (torch.randn(64, generator=g) for _ in range(3))
+    p0, p1 = "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"
+    a = VectorSet({p0: v, p1: w}).save(tmp_path / "a.safetensors")
+    b = VectorSet({p0: -2 * v, p1: w + u}).save(tmp_path / "b.safetensors")
+    c = VectorSet({p0: u, p1: 3 * w}).save(tmp_path / "contrast.safetensors")
+    out = tmp_path / "o"
+    r = CliRunner().invoke(
+        app,
+        ["read", "similarity", f"seed0={a}", str(b), "--contrast", str(c), "--out", str(out)],
+    )
+    assert r.exit_code == 0, r.output
+    assert "cosine: 2 table(s) contrast: 2 table(s)" in " ".join(r.stdout.split())
+    rep = json.loads((out / "similarity.json").read_text())
+    assert set(rep) == {"cosine", "contrast"}
+    m0, m1 = rep["cosine"][p0], rep["cosine"][p1]
+    assert m0["rows"] == m0["cols"] == ["seed0", "b"]  # label=path, or the file's stem
+    np.testing.assert_allclose(m0["values"], [[1, -1], [-1, 1]], atol=1e-6)
+    cos_wu = float(torch.nn.functional.cosine_similarity(w, w + u, dim=0))
+    np.testing.assert_allclose(m1["values"], [[1, cos_wu], [cos_wu, 1]], atol=1e-6)
+    cv = rep["contrast"]["seed0"]
+    assert cv["rows"] == [p0, p1] and cv["cols"] == [p0, p1]
+    cos_vu = float(torch.nn.functional.cosine_similarity(v, u, dim=0))
+    assert cv["values"][0][0] == pytest.approx(cos_vu, abs=1e-6)
+    assert cv["values"][1][1] == pytest.approx(1.0, abs=1e-6)
+    csv = (out / f"cosine_{p0}.csv").read_text().splitlines()
+    assert csv == [",seed0,b", "seed0,1.0000,-1.0000", "b,-1.0000,1.0000"]
+    assert (out / f"cosine_{p1}.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "contrast_b.csv").exists()
+    # effects on a tiny model: the same vector on either side of block 1's input
+    folder = tiny_model_folder(tmp_path / "m")
+    (tmp_path / "texts.txt").write_text("the owl sat\nnumbers 1 2 3\nplain text here\n")
+    post = VectorSet({p0: v}).save(tmp_path / "post.safetensors")
+    pre = VectorSet({"blocks.1.hook_resid_pre": v}).save(tmp_path / "pre.safetensors")
+    far = VectorSet({"blocks.2.hook_resid_pre": u}).save(tmp_path / "far.safetensors")
+    args = ["read", "similarity", str(post), str(pre), str(far), "--effects"]
+    args += ["--model", str(folder), "--corpus", str(tmp_path / "texts.txt"), "--n", "3"]
+    r = CliRunner().invoke(app, [*args, "--tokens", "8", "--out", str(tmp_path / "e")])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "e" / "similarity.json").read_text())
+    said = " ".join(r.stdout.split())  # rich wraps long lines
+    assert "no per-hook cosine: The vector sets share no hook points" in said
+    assert "effects: 1 table(s)" in said and "cosine" not in rep
+    eff = rep["effects"]
+    assert eff["rows"] == ["post", "pre", "far"]
+    assert eff["values"][0][1] == pytest.approx(1.0, abs=1e-5)
+    assert abs(eff["values"][0][2]) < 0.9  # a different vector: not the same effect

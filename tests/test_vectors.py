@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import re
+
 import gguf
 import numpy as np
 import pytest
 import torch
 from conftest import make_tiny
 
-from steerdiff.hooks import steer
+from steerdiff.hooks import HookError, NonFiniteError, steer
 from steerdiff.models import wrap_model
 from steerdiff.vectors import VectorSet, VectorSetError
+
+H1, H2 = "blocks.1.hook_resid_post", "blocks.2.hook_resid_post"
 
 
 @pytest.fixture
@@ -79,9 +83,13 @@ def test_vectorset_steers_like_a_dict(lm):
 
 
 def test_load_onto_wrong_model_says_which(lm, tmp_path):
-    path = make_set(lm).save(tmp_path / "v.safetensors")
-    gpt2 = make_tiny("gpt2")  # also d_model 64 but only 3 layers: fits; now change d_model
-    VectorSet.load(path, model=gpt2)
+    """Bug caught: check_fits refusing a set that does fit another family of the same width,
+    or letting a wrong shape / missing hook / other d_model through."""
+    vs = make_set(lm)
+    path = vs.save(tmp_path / "v.safetensors")
+    gpt2 = make_tiny("gpt2")  # also d_model 64 and 3 layers: the set fits it
+    back = VectorSet.load(path, model=gpt2)
+    assert all(torch.equal(back[k], vs[k]) for k in vs)
     bigger = VectorSet({"blocks.1.hook_resid_post": torch.zeros(32)}, {"model_id": "x"})
     with pytest.raises(VectorSetError, match=r"shape \(32,\), expected \(64,\)"):
         bigger.check_fits(lm)
@@ -143,3 +151,117 @@ def test_gguf_reader_rejects_bad_files(tmp_path):
     bad.write_bytes(b"not a gguf")
     with pytest.raises(VectorSetError, match="not a readable GGUF"):
         VectorSet.from_gguf_control_vector(bad)
+
+
+def _nan_at(vs: VectorSet, hook: str, value: float = float("nan")) -> VectorSet:
+    """The set with one entry of one vector made non-finite (bypassing construction)."""
+    bad = vs.vectors[hook].clone()
+    bad[3] = value
+    vs.vectors[hook] = bad
+    return vs
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_vectors_are_refused_everywhere(lm, tmp_path, value):
+    """Bug caught: a NaN/Inf vector accepted by VectorSet(), save, load, the GGUF export or
+    import (then `steer` gives all-NaN logits silently). Each error is one line naming the
+    hook (and the file), and no file is written."""
+    kind = "NaN" if value != value else "Inf"
+    with pytest.raises(NonFiniteError, match=rf"{H2} holds .*{kind}"):
+        VectorSet({H1: torch.ones(64), H2: torch.full((64,), value)})
+    out = tmp_path / "v.safetensors"
+    with pytest.raises(
+        NonFiniteError, match=rf"{H2} to be saved to {re.escape(str(out))} holds"
+    ) as e:
+        _nan_at(make_set(lm), H2, value).save(out)
+    assert "\n" not in str(e.value) and not out.exists() and not list(tmp_path.iterdir())
+    cv = tmp_path / "cv.gguf"
+    with pytest.raises(NonFiniteError, match=rf"{H2} to be exported to {re.escape(str(cv))}"):
+        _nan_at(make_set(lm), H2, value).to_gguf_control_vector(cv)
+    assert not cv.exists() and not list(tmp_path.iterdir())
+    # files written by other tools: safetensors, and a llama.cpp control vector
+    from safetensors.torch import save_file
+
+    save_file(dict(_nan_at(make_set(lm), H1, value).items()), str(out))
+    with pytest.raises(NonFiniteError, match=rf"{H1} in {re.escape(str(out))} holds"):
+        VectorSet.load(out, model=lm)
+    w = gguf.GGUFWriter(str(cv), "controlvector")
+    w.add_string("controlvector.model_hint", "llama")
+    w.add_uint32("controlvector.layer_count", 1)
+    w.add_tensor("direction.1", np.full(64, value, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(NonFiniteError, match=rf"{H1} in {re.escape(str(cv))} holds"):
+        VectorSet.from_gguf_control_vector(cv)
+
+
+def test_vectors_as_lists_and_numpy_arrays(lm):
+    """Bug caught: a list or numpy vector raising AttributeError in VectorSet or steer."""
+    v = torch.randn(64, generator=torch.Generator().manual_seed(4))
+    as_list = VectorSet({H1: v.tolist()})
+    as_np = VectorSet({H1: v.double().numpy()})
+    for vs in (as_list, as_np):
+        assert vs[H1].dtype == torch.float32 and torch.equal(vs[H1], v)
+    ids = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(0))
+    with steer(lm.model, {H1: v}):
+        want = lm.model(input_ids=ids).logits
+    for given in (v.tolist(), v.numpy(), as_np):
+        with steer(lm.model, given if isinstance(given, VectorSet) else {H1: given}):
+            torch.testing.assert_close(lm.model(input_ids=ids).logits, want, rtol=0, atol=0)
+    with pytest.raises(HookError, match=rf"vector for {H1} is a str; give a torch tensor"):
+        VectorSet({H1: "0.1 0.2"})
+
+
+def test_broken_header_metadata_is_one_line_naming_the_file(tmp_path):
+    """Bug caught: json.loads of the header's metadata escaping as a JSONDecodeError
+    traceback (52 lines from the CLI) instead of a VectorSetError naming the file."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "v.safetensors"
+    for meta, why in (("{broken", "not valid JSON"), ("[1, 2]", "a list, not a JSON object")):
+        save_file({H1: torch.ones(64)}, str(path), metadata={"steerdiff": meta})
+        with pytest.raises(
+            VectorSetError, match=rf"{re.escape(str(path))}: the 'steerdiff' metadata"
+        ) as e:
+            VectorSet.load(path)
+        assert why in str(e.value) and "Save the set again" in str(e.value)
+        assert "\n" not in str(e.value)
+
+
+def test_truncated_file_is_one_line_naming_the_file(lm, tmp_path):
+    """Bug caught: a file cut short (interrupted copy) giving a traceback or no fix."""
+    path = make_set(lm).save(tmp_path / "v.safetensors")
+    data = path.read_bytes()
+    for cut in (len(data) // 2, 10):
+        path.write_bytes(data[:cut])
+        with pytest.raises(
+            VectorSetError, match=rf"{re.escape(str(path))} is not a readable safetensors"
+        ) as e:
+            VectorSet.load(path)
+        assert "copy it again" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cli_generate_with_a_nan_vector_file_fails_at_load(tmp_path):
+    """Bug caught: `generate --teacher steered` with a NaN vector file sampling junk and
+    reporting "truncated ... try constrained decoding". It stops before sampling with one
+    line naming the file and the hook, and no dataset is written."""
+    from _read_helpers import one_line_error, tiny_model_folder
+    from safetensors.torch import save_file
+    from typer.testing import CliRunner
+
+    from steerdiff.cli import app
+
+    folder = tiny_model_folder(tmp_path / "m")
+    path = tmp_path / "nan.safetensors"
+    save_file({H2: torch.full((64,), float("nan"))}, str(path))
+    data = tmp_path / "d.jsonl"
+    args = ["generate", "--out", str(data), "--teacher", "steered", "--vectors", str(path)]
+    r = CliRunner().invoke(app, [*args, "--model", str(folder), "--n-prompts", "2"])
+    line = one_line_error(r)
+    assert f"{H2} in {path} holds 64 NaN" in line and "truncated" not in r.output
+    assert not data.exists() and sorted(p.name for p in tmp_path.iterdir()) == [
+        "m",
+        "nan.safetensors",
+    ]

@@ -217,35 +217,48 @@ def _expand_ranges(pattern: str, n: int) -> list[str]:
         return [pattern]
     lo = int(m.group(1)) if m.group(1) else 0
     hi = int(m.group(2)) if m.group(2) else n - 1
+    rest = m.group(3)
+    if lo >= n or hi >= n:
+        fix = f"'blocks.{lo}-{n - 1}.{rest}' or 'blocks.{lo}-.{rest}'" if lo < n else "layers"
+        raise HookError(
+            f"Layer range {m.group(1)}-{m.group(2)} in {pattern!r} is out of range: the model "
+            f"has {n} layers (0-{n - 1}). Use {fix} within 0-{n - 1}."
+        )
     if lo > hi:
-        raise HookError(f"Empty layer range {lo}-{hi} in {pattern!r}")
-    return [f"blocks.{layer}.{m.group(3)}" for layer in range(lo, hi + 1)]
+        raise HookError(
+            f"Empty layer range {lo}-{hi} in {pattern!r}; write the lower layer first "
+            f"(e.g. 'blocks.{hi}-{lo}.{rest}')."
+        )
+    return [f"blocks.{layer}.{rest}" for layer in range(lo, hi + 1)]
 
 
 def select_hooks(model: nn.Module | LoadedModel, patterns: str | list[str]) -> list[str]:
     """Names matching glob patterns, in model order.
 
     Patterns: exact names, shell globs (`blocks.*.hook_resid_post`), braces
-    (`blocks.*.attn.hook_{q,k,v}`), layer ranges (`blocks.20-29.hook_resid_post`).
-    A pattern that matches nothing raises HookError listing the nearest names.
+    (`blocks.*.attn.hook_{q,k,v}`), layer ranges (`blocks.20-29.hook_resid_post`, or
+    `blocks.20-.hook_resid_post` to the last layer). A pattern, or one alternative of its
+    braces, that matches nothing, and a layer range past the last layer, raise HookError
+    (listing the nearest names, or the valid layers).
     """
     model = unwrap(model)
     names = list_hook_points(model)
     patterns = [patterns] if isinstance(patterns, str) else list(patterns)
     chosen: set[str] = set()
     for pat in patterns:
-        hits: set[str] = set()
         for p in _expand_braces(pat):
+            hits: set[str] = set()
             for q in _expand_ranges(p, n_layers(model)):
                 hits |= set(fnmatch.filter(names, q))
-        if not hits:
-            raise HookError(_unknown_hook_message(pat, names))
-        chosen |= hits
+            if not hits:
+                raise HookError(_unknown_hook_message(p, names, pat))
+            chosen |= hits
     return [n for n in names if n in chosen]
 
 
-def _unknown_hook_message(name: str, names: list[str]) -> str:
+def _unknown_hook_message(name: str, names: list[str], pattern: str | None = None) -> str:
     near = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+    within = f" (from {pattern!r})" if pattern is not None and pattern != name else ""
     m = _NAME_RE.match(name)
     if m and int(m.group(1)) >= len(names) // len(HOOK_SUFFIXES):
         extra = f" The model has {len(names) // len(HOOK_SUFFIXES)} layers (0-{len(names) // len(HOOK_SUFFIXES) - 1})."
@@ -253,7 +266,7 @@ def _unknown_hook_message(name: str, names: list[str]) -> str:
         extra = ""
     hint = f" Nearest names: {', '.join(near)}." if near else ""
     return (
-        f"Unknown hook point {name!r}.{extra}{hint} Valid suffixes: {', '.join(HOOK_SUFFIXES)} "
+        f"Unknown hook point {name!r}{within}.{extra}{hint} Valid suffixes: {', '.join(HOOK_SUFFIXES)} "
         "(e.g. 'blocks.5.hook_resid_post'); see list_hook_points(model) or `steerdiff info`."
     )
 

@@ -16,15 +16,18 @@ is never left steered after an error.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
 
+from .errors import SteerdiffError
 from .hookpoints import (
     FAMILIES,
     FAMILY_LABELS,
@@ -53,10 +56,13 @@ __all__ = [
     "Family",
     "HookError",
     "HookPoint",
+    "NonFiniteError",
     "Op",
     "Positions",
     "Recording",
     "VectorsLike",
+    "as_vector",
+    "check_finite",
     "describe",
     "family_of",
     "final_norm",
@@ -169,9 +175,70 @@ def position_mask(
     return (abs_pos < k).unsqueeze(0).expand(batch, seq)
 
 
-# ----------------------------------------------------------------------------- steer / record
+# ----------------------------------------------------------------------------- vectors
 
 VectorsLike = Mapping[str, torch.Tensor]  # a VectorSet or a dict hook name -> [dim]
+
+
+class NonFiniteError(SteerdiffError, ValueError):
+    """A vector or coefficient holds NaN or Inf: steering with it makes every logit NaN."""
+
+
+def as_vector(name: str, v: Any) -> torch.Tensor:
+    """The vector for hook `name` as a tensor: a tensor is kept as it is (dtype, device,
+    autograd); a numpy array or a list of numbers becomes a float32 tensor."""
+    if isinstance(v, torch.Tensor):
+        return v
+    if isinstance(v, (np.ndarray, list, tuple)):
+        try:
+            return torch.from_numpy(np.asarray(v, dtype=np.float32))
+        except (TypeError, ValueError) as e:
+            raise HookError(
+                f"The vector for {name} is a {type(v).__name__} that is not a flat list of "
+                f"numbers ({e}); give a torch tensor, a numpy array or a list of floats [dim]."
+            ) from e
+    raise HookError(
+        f"The vector for {name} is a {type(v).__name__}; give a torch tensor, a numpy array "
+        "or a list of floats of shape [dim]."
+    )
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> list[bool]:
+    """Whether each tensor holds only finite values (one device sync for all of them)."""
+    flags = [torch.isfinite(t.detach()).all() for t in tensors]
+    dev = flags[0].device
+    return torch.stack([f.to(dev) for f in flags]).tolist()
+
+
+def check_finite(vectors: Mapping[str, torch.Tensor], where: str = "", coeff: Any = None) -> None:
+    """Raise NonFiniteError naming the first hook whose vector holds NaN or Inf (and a
+    non-finite `coeff`). `where` names the file, e.g. " in runs/a/vectors.safetensors"."""
+    names = list(vectors)
+    tensors = [vectors[n] for n in names]
+    if isinstance(coeff, torch.Tensor):
+        tensors.append(coeff)
+    ok = _all_finite(tensors) if tensors else []
+    for i, name in enumerate(names):
+        if not ok[i]:
+            v = tensors[i].detach()
+            n_nan, n_inf = int(torch.isnan(v).sum()), int(torch.isinf(v).sum())
+            raise NonFiniteError(
+                f"The vector for {name}{where} holds {n_nan} NaN and {n_inf} Inf of its "
+                f"{v.numel()} values: steering with it would make every logit NaN. Refit or "
+                "recompute it (a fit that diverged gives NaN: lower the learning rate)."
+            )
+    if isinstance(coeff, torch.Tensor):
+        bad, shown = not ok[-1], f"tensor {coeff.detach().flatten()[:8].tolist()}"
+    else:
+        bad, shown = coeff is not None and not math.isfinite(float(coeff)), str(coeff)
+    if bad:
+        raise NonFiniteError(
+            f"coeff {shown} for steering at {', '.join(names)} is not finite (NaN or Inf): "
+            "it would make every logit NaN; pass a finite number."
+        )
+
+
+# ----------------------------------------------------------------------------- steer / record
 
 
 def _get_tensor(x: Any) -> torch.Tensor:
@@ -252,7 +319,9 @@ def steer(
 ) -> Iterator[None]:
     """Add (or ablate) vectors at hook points while inside the block.
 
-    vectors: a VectorSet or dict {hook name: tensor [dim]}.
+    vectors: a VectorSet or dict {hook name: tensor [dim]} (a numpy array or a list of
+      floats is turned into a float32 tensor). A vector or coeff holding NaN or Inf
+      raises NonFiniteError naming the hook.
     coeff: multiplies every vector (negative to subtract); a tensor [batch] gives each
       row its own coefficient (e.g. several strengths in one batched pass).
     positions: "all"; "prompt" (positions of the prefill, i.e. the input prompt);
@@ -266,9 +335,11 @@ def steer(
     parse_positions(positions)
     if op not in ("add", "ablate"):
         raise HookError(f"Unknown op {op!r}; use 'add' or 'ablate'.")
-    points = [(get_hook_point(model, name), v) for name, v in vectors.items()]
+    given = {name: as_vector(name, v) for name, v in vectors.items()}
+    points = [(get_hook_point(model, name), v) for name, v in given.items()]
     for hp, v in points:
         _check_vector(model, hp, v)
+    check_finite(given, coeff=coeff)
     handles = []
     with _track_positions(model) as state:
         try:

@@ -2,6 +2,10 @@
 
 Saved as safetensors (metadata as JSON in the header); residual-stream sets export
 to llama.cpp's GGUF control-vector format.
+
+A set never holds NaN or Inf: construction, save, load and the GGUF export and import
+raise `NonFiniteError` (from steerdiff.hooks, the check `steer` uses) naming the hook and
+the file. A vector given as a numpy array or a list of floats becomes a float32 tensor.
 """
 
 from __future__ import annotations
@@ -19,12 +23,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import SteerdiffError
-from .hooks import HookError, get_hook_point, n_layers
+from .hooks import HookError, NonFiniteError, as_vector, check_finite, get_hook_point, n_layers
 from .io import atomic_path
 from .models import LoadedModel, unwrap
 from .version import __version__
 
 _META_KEY = "steerdiff"
+
+__all__ = ["NonFiniteError", "VectorSet", "VectorSetError", "model_metadata"]
 
 
 class VectorSetError(SteerdiffError, ValueError):
@@ -37,6 +43,10 @@ class VectorSet(Mapping[str, torch.Tensor]):
 
     vectors: dict[str, torch.Tensor]
     metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.vectors = {k: as_vector(k, v) for k, v in dict(self.vectors).items()}
+        check_finite(self.vectors)
 
     # --- mapping
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -141,6 +151,7 @@ class VectorSet(Mapping[str, torch.Tensor]):
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically as safetensors; metadata goes in the header as JSON."""
         path = Path(path)
+        check_finite(self.vectors, f" to be saved to {path}")
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"steerdiff_version": __version__, **self.metadata}
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.items()}
@@ -161,9 +172,12 @@ class VectorSet(Mapping[str, torch.Tensor]):
                 header = f.metadata() or {}
                 vectors = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as e:  # safetensors raises its own error types
-            raise VectorSetError(f"{path} is not a readable safetensors file: {e}") from e
-        meta = json.loads(header[_META_KEY]) if _META_KEY in header else {}
-        vs = cls(vectors, meta)
+            raise VectorSetError(
+                f"{path} is not a readable safetensors file ({_one_line(e)}); a file cut short "
+                "by an interrupted copy or write: copy it again, or save/fit the set again."
+            ) from e
+        check_finite(vectors, f" in {path}")
+        vs = cls(vectors, _header_metadata(path, header))
         if model is not None:
             vs.check_fits(model)
         return vs
@@ -181,6 +195,7 @@ class VectorSet(Mapping[str, torch.Tensor]):
         """
         import gguf
 
+        check_finite(self.vectors, f" to be exported to {path}")
         layers: dict[int, torch.Tensor] = {}
         for name, v in self.items():
             m = re.fullmatch(r"blocks\.(\d+)\.hook_resid_(pre|post)", name)
@@ -224,7 +239,10 @@ class VectorSet(Mapping[str, torch.Tensor]):
         try:
             reader = gguf.GGUFReader(str(path))
         except Exception as e:
-            raise VectorSetError(f"{path} is not a readable GGUF file: {e}") from e
+            raise VectorSetError(
+                f"{path} is not a readable GGUF file ({_one_line(e)}); export it again with "
+                "VectorSet.to_gguf_control_vector."
+            ) from e
         arch = _gguf_str(reader, "general.architecture")
         if arch != "controlvector":
             raise VectorSetError(f"{path} has architecture {arch!r}, not 'controlvector'.")
@@ -233,8 +251,34 @@ class VectorSet(Mapping[str, torch.Tensor]):
             m = re.fullmatch(r"direction\.(\d+)", t.name)
             if m:
                 vectors[f"blocks.{m.group(1)}.hook_resid_post"] = torch.tensor(t.data.copy())
+        check_finite(vectors, f" in {path}")
         meta = {"model_hint": _gguf_str(reader, "controlvector.model_hint"), "source": str(path)}
         return cls(vectors, meta)
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
+def _header_metadata(path: Path, header: Mapping[str, str]) -> dict[str, Any]:
+    """The set's metadata from a safetensors header; a broken entry names the file and fix."""
+    if _META_KEY not in header:
+        return {}
+    try:
+        meta = json.loads(header[_META_KEY])
+    except json.JSONDecodeError as e:
+        raise VectorSetError(
+            f"{path}: the '{_META_KEY}' metadata in its safetensors header is not valid JSON "
+            f"({e}). Save the set again (VectorSet.save), or rewrite that header entry as a "
+            "JSON object."
+        ) from e
+    if not isinstance(meta, dict):
+        raise VectorSetError(
+            f"{path}: the '{_META_KEY}' metadata in its safetensors header is a "
+            f"{type(meta).__name__}, not a JSON object. Save the set again (VectorSet.save), "
+            "or rewrite that header entry as a JSON object."
+        )
+    return meta
 
 
 def _gguf_str(reader: Any, key: str) -> str | None:

@@ -205,7 +205,8 @@ def similarity(
         for h, m in mats.items():
             heatmap_png(m, o / f"cosine_{h}.png")
             atomic_write_text(o / f"cosine_{h}.csv", m.to_csv())
-        report["cosine"] = {h: m.to_dict() for h, m in mats.items()}
+        if mats:
+            report["cosine"] = {h: m.to_dict() for h, m in mats.items()}
     if contrast:
         c = VectorSet.load(contrast)
         report["contrast"] = {}
@@ -225,7 +226,8 @@ def similarity(
         report["effects"] = m.to_dict()
     atomic_write_json(o / "similarity.json", report)
     for key, val in report.items():
-        console.print(f"[bold]{key}[/]: {len(val) if isinstance(val, dict) else ''} table(s)")
+        n_tables = 1 if key == "effects" else len(val)
+        console.print(f"[bold]{key}[/]: {n_tables} table(s)")
     console.print(f"wrote {o}/similarity.json and PNG/CSV tables")
 
 
