@@ -3,27 +3,15 @@ resumable dataset writer."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from conftest import make_tiny
 
-from steerdiff.errors import SteerdiffError
 from steerdiff.generate import (
-    DatasetError,
-    Judged,
-    Sample,
     SampleStats,
-    check_writable,
-    load_dataset,
-    manifest_path,
-    progress_path,
     sample,
-    write_dataset,
 )
 from steerdiff.hooks import steer
-from steerdiff.io import FileFormatError
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -155,147 +143,6 @@ def test_greedy_matches_generate_on_embedded_model(smollm):
     )
 
 
-# ----------------------------------------------------------------------------- dataset writer
-
-
-def _fake_generate(fail_after: int | None = None):
-    """A generate_chunk stand-in: prompt i 'answers' str(i) (ok) or 'x' if i % 3 == 0."""
-    calls = {"n": 0}
-
-    def gen(indices):
-        if fail_after is not None and calls["n"] >= fail_after:
-            raise KeyboardInterrupt  # simulates a kill between chunks
-        calls["n"] += 1
-        out = [Sample(j, [1000 + i, 2], True) for j, i in enumerate(indices)]
-        return out, SampleStats(prompt_tokens=10, new_tokens=2 * len(indices), seconds=0.5)
-
-    return gen
-
-
-def _decode(ids):
-    return "x" if (ids[0] - 1000) % 3 == 0 else str(ids[0] - 1000)
-
-
-def _judge(text, s):
-    return Judged(text != "x", "non_digit" if text == "x" else "")
-
-
-def _write(out, gen, **kw):
-    prompts = [f"prompt {i}" for i in range(20)]
-    return write_dataset(
-        out, prompts, gen, _judge, _decode, {"teacher": {"kind": "plain"}}, chunk_size=4, **kw
-    )
-
-
-def test_dataset_rows_manifest_and_resume_after_kill(tmp_path):
-    out = tmp_path / "d.jsonl"
-    with pytest.raises(KeyboardInterrupt):
-        _write(out, _fake_generate(fail_after=2))
-    assert not manifest_path(out).exists()
-    with pytest.raises(DatasetError, match="no manifest"):
-        load_dataset(out)
-    with open(out, "a") as f:  # a torn last line from a kill mid-write
-        f.write('{"id": 99, "mess')
-    man = _write(out, _fake_generate())
-    rows, man2 = load_dataset(out)
-    assert man == man2
-    ids = [r["id"] for r in rows]
-    assert ids == [i for i in range(20) if i % 3 != 0]  # no duplicates, nothing lost
-    assert man["n_prompts"] == 20 and man["n_valid"] == 13 and man["rejects"] == {"non_digit": 7}
-    assert (
-        man["tokens_per_second"] == pytest.approx(40 / 2.5)
-        and man["system_prompt_in_data"] is False
-    )
-    r = rows[0]
-    assert set(r) == {"id", "messages", "completion_ids"}
-    assert r["messages"] == [
-        {"role": "user", "content": "prompt 1"},
-        {"role": "assistant", "content": "1"},
-    ]
-    assert r["completion_ids"] == [1001, 2]
-    with pytest.raises(DatasetError, match="already complete"):
-        _write(out, _fake_generate())
-
-
-def test_load_dataset_missing_empty_and_plain_jsonl(tmp_path):
-    """One reader for generate output and fit input: clear errors, plain JSONL without a
-    manifest loads (manifest {}) when a complete dataset is not required."""
-    with pytest.raises(DatasetError, match="Dataset not found: .*nope.jsonl"):
-        load_dataset(tmp_path / "nope.jsonl")
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text("")
-    with pytest.raises(DatasetError, match="is empty: nothing to fit"):
-        load_dataset(empty, require_complete=False)
-    with pytest.raises(DatasetError, match="no manifest"):
-        load_dataset(empty)
-    plain = tmp_path / "plain.jsonl"
-    msgs = [
-        [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "1"}]
-        for i in (2, 0, 1)
-    ]
-    plain.write_text("".join(json.dumps({"messages": m}) + "\n" for m in msgs))
-    rows, manifest = load_dataset(plain, require_complete=False)
-    assert manifest == {} and [r["messages"] for r in rows] == msgs  # file order kept
-    with pytest.raises(DatasetError, match="no manifest"):
-        load_dataset(plain)
-
-
-def test_resume_with_other_settings_is_refused(tmp_path):
-    out = tmp_path / "d.jsonl"
-    with pytest.raises(KeyboardInterrupt):
-        _write(out, _fake_generate(fail_after=1))
-    with pytest.raises(DatasetError, match="other settings"):
-        write_dataset(
-            out, ["p"] * 20, _fake_generate(), _judge, _decode, {"teacher": {"kind": "x"}}
-        )
-
-
-def test_zero_valid_rows_is_a_clear_error_and_leaves_nothing(tmp_path):
-    out = tmp_path / "d.jsonl"
-
-    def reject(text, s):
-        return Judged(False, "bad_separator" if int(text or 0) % 2 else "too_many")
-
-    with pytest.raises(
-        DatasetError,
-        match=r"No valid rows: all 20 .*too_many: 10, bad_separator: 10|"
-        r"No valid rows: all 20 .*bad_separator: 10, too_many: 10",
-    ):
-        write_dataset(
-            out,
-            [f"p{i}" for i in range(20)],
-            _fake_generate(),
-            reject,
-            lambda ids: str(ids[0] - 1000),
-            {"k": 1},
-            chunk_size=8,
-        )
-    assert not out.exists() and not manifest_path(out).exists() and not progress_path(out).exists()
-
-
-def test_unwritable_output_is_a_clear_error(tmp_path):
-    blocker = tmp_path / "file"
-    blocker.write_text("")
-    with pytest.raises(DatasetError, match="Cannot write"):
-        check_writable(blocker / "d.jsonl")  # its parent is a file
-    with pytest.raises(DatasetError, match="is a folder"):
-        (tmp_path / "dir.jsonl").mkdir()
-        check_writable(tmp_path / "dir.jsonl")
-    with pytest.raises(DatasetError, match="must end in .jsonl"):
-        check_writable(tmp_path / "d.json")
-    with pytest.raises(DatasetError, match="Cannot write"):
-        _write(blocker / "d.jsonl", _fake_generate())
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.jsonl", "file"]
-
-
-def test_progress_file_records_every_prompt(tmp_path):
-    out = tmp_path / "d.jsonl"
-    _write(out, _fake_generate())
-    lines = [json.loads(x) for x in progress_path(out).read_text().splitlines()]
-    assert lines[0] == {"run": {"teacher": {"kind": "plain"}}}
-    assert sorted(x["id"] for x in lines if "id" in x) == list(range(20))
-
-
 def test_cli_errors_before_loading_anything(tmp_path):
     from typer.testing import CliRunner
 
@@ -335,19 +182,3 @@ def test_grammar_keeps_every_row_a_valid_list():
     texts = ["".join(Tok.TEXT[t] for t in s.token_ids if t != 3) for s in res]
     assert all(judge(t, s.stopped).ok for t, s in zip(texts, res, strict=True) if s.stopped)
     assert sum(s.stopped for s in res) >= 8 and len(set(texts)) > 8
-
-
-def test_broken_json_files_name_the_file(tmp_path):
-    """Bug caught: a broken row (other than a torn last line) or a broken manifest reaching
-    the user as a bare ValueError / JSONDecodeError (a traceback from the CLI, which turns
-    only SteerdiffErrors into one line) instead of an error naming the file."""
-    row = {"id": 0, "messages": [{"role": "user", "content": "q"}]}
-    data = tmp_path / "d.jsonl"
-    data.write_text(json.dumps(row) + "\n{broken\n" + json.dumps({**row, "id": 2}) + "\n")
-    with pytest.raises(FileFormatError, match=r"d\.jsonl: line 2 is not valid JSON"):
-        load_dataset(data, require_complete=False)
-    data.write_text(json.dumps(row) + "\n")
-    manifest_path(data).write_text('{"teacher": ')
-    with pytest.raises(FileFormatError, match=r"d\.manifest\.json is not valid JSON .*fix or"):
-        load_dataset(data)
-    assert issubclass(FileFormatError, SteerdiffError)

@@ -19,6 +19,7 @@ from typing import Any
 
 from ..io import (
     append_jsonl,
+    atomic_write_bytes,
     atomic_write_json,
     provenance,
     read_jsonl,
@@ -185,10 +186,30 @@ def _resume(data: Path, run_info: dict, overwrite: bool) -> _State:
             state.gen_tokens += line["new_tokens"]
             state.gen_seconds += line["seconds"]
             state.prompt_tokens += line["prompt_tokens"]
-    valid_ids = {r["id"] for r in read_jsonl(data)} if data.exists() else set()
-    state.done_ids |= valid_ids
-    state.n_valid = len(valid_ids)
+    state.n_valid = _drop_unrecorded_rows(data, state.done_ids)
     return state
+
+
+def _drop_unrecorded_rows(data: Path, recorded: set[int]) -> int:
+    """Drop rows whose prompt the progress file does not record (a kill between a chunk's
+    rows and its progress lines; rows are written first). That chunk is then redone whole,
+    with the same seed, so a resumed dataset equals an uninterrupted one byte for byte.
+    The other rows are kept byte for byte. Returns the number of rows kept."""
+    if not data.exists():
+        return 0
+    lines = data.read_bytes().splitlines(keepends=True)
+    keep = []
+    for n, row in read_jsonl_lines(data):
+        if not isinstance(row, dict) or "id" not in row:
+            raise DatasetError(
+                f"{data}:{n}: not a dataset row with an id; the file is damaged: "
+                "re-run with --overwrite."
+            )
+        if row["id"] in recorded:
+            keep.append(lines[n - 1])
+    if len(keep) != len(lines):
+        atomic_write_bytes(data, b"".join(keep))
+    return len(keep)
 
 
 def _progress_line(prog: Path, n: int, line: object) -> dict:
