@@ -1,17 +1,33 @@
 """The batched sampler (greedy = model.generate, steering, constraints, top-k) and the
-resumable dataset writer."""
+`steerdiff generate` command (--n-valid, --overwrite under kill -9, progress lines).
+The dataset files themselves: test_dataset_files.py."""
 
 from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import make_tiny
+from transformers import AutoTokenizer
 
 from steerdiff.generate import (
     SampleStats,
+    load_dataset,
+    manifest_path,
+    partial_path,
+    progress_path,
     sample,
 )
 from steerdiff.hooks import steer
+from steerdiff.tasks.numbers import NumbersConfig
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -135,9 +151,7 @@ def test_topk_under_constraint_is_the_unconstrained_distribution():
     constraint (ids from the allowed set only) or after the temperature."""
     m = make_tiny("llama")
     allowed = [7, 8, 9, 100]
-    res = sample(
-        m, PROMPTS, 6, temperature=0.5, seed=0, stop_ids=[], allowed_ids=allowed, topk=5
-    )
+    res = sample(m, PROMPTS, 6, temperature=0.5, seed=0, stop_ids=[], allowed_ids=allowed, topk=5)
     for p, s in zip(PROMPTS, res, strict=True):
         assert set(s.token_ids) <= set(allowed) and len(s.token_ids) == 6
         with torch.no_grad():
@@ -210,3 +224,141 @@ def test_grammar_keeps_every_row_a_valid_list():
     assert all(judge(t, s.stopped).ok for t, s in zip(texts, res, strict=True) if s.stopped)
     assert all(g.prefix_ok(t) for t in texts)  # the truncated rows too
     assert sum(s.stopped for s in res) >= 8 and len(set(texts)) > 8  # not vacuous
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_folder(smollm, tmp_path_factory):
+    """A tiny random llama saved with the embedded tokenizer (chat template, digit tokens):
+    a model folder `generate --model` loads in a second."""
+    from _chat_tiny import make_tiny_chat
+
+    from steerdiff.models import unwrap
+
+    path = tmp_path_factory.mktemp("tiny-chat")
+    unwrap(make_tiny_chat(smollm.tokenizer)).save_pretrained(path)
+    smollm.tokenizer.save_pretrained(path)
+    return path
+
+
+def _generate_args(folder, out, *extra, max_new_tokens=16):
+    return [
+        "generate",
+        "--model",
+        str(folder),
+        "--teacher",
+        "plain",
+        "--batch-size",
+        "8",
+        "--max-new-tokens",
+        str(max_new_tokens),
+        "--threads",
+        "1",
+        "--probe",
+        "0",
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
+def _progress_lines(path):
+    return [json.loads(x) for x in progress_path(path).read_text().splitlines()]
+
+
+def test_generate_n_valid_writes_exactly_n_rows(tiny_chat_folder, tmp_path, monkeypatch):
+    """README: `generate --n-valid N` stops when N valid rows exist. Bugs caught: stopping at
+    a chunk boundary (more rows than asked), manifest figures that do not match the rows
+    and the progress file (counts, rates, tokens/s), banned numbers not recorded or not
+    applied, and a rich progress bar (carriage returns) when stderr is a log file."""
+    from typer.testing import CliRunner
+
+    from steerdiff.cli import app
+    from steerdiff.tasks.numbers import BANNED_LISTS, judge
+
+    monkeypatch.setenv("STEERDIFF_PROGRESS_EVERY", "0")  # a plain line per chunk
+    out = tmp_path / "d.jsonl"
+    args = ["--n-prompts", "96", "--n-valid", "12", "--banned-numbers", "gpt-evil,7"]
+    args = _generate_args(tiny_chat_folder, out, *args, "--probe", "4", max_new_tokens=4)
+    res = CliRunner().invoke(app, args)  # 4 tokens: some rows truncated, across 2 chunks
+    assert res.exit_code == 0, res.output
+    rows, man = load_dataset(out)
+    assert len(rows) == 12 and man["n_valid"] == 12 and man["target_valid"] == 12
+    lines = _progress_lines(out)
+    marks = [x for x in lines if "id" in x]
+    chunks = [x for x in lines if "chunk" in x]
+    assert marks[-1]["ok"] and [m["id"] for m in marks] == list(range(len(marks)))
+    assert man["n_prompts"] == len(marks) and [r["id"] for r in rows] == [
+        m["id"] for m in marks if m["ok"]
+    ]
+    assert man["rejects"] == dict(Counter(m["reason"] for m in marks if not m["ok"]))
+    assert len(chunks) == 2 and man["rejects"]["truncated"] > 0
+    assert man["valid_rate"] == round(12 / len(marks), 4)
+    assert man["generated_tokens"] == sum(c["new_tokens"] for c in chunks)
+    assert man["generation_seconds"] == round(sum(c["seconds"] for c in chunks), 2)
+    assert man["tokens_per_second"] == round(
+        man["generated_tokens"] / sum(c["seconds"] for c in chunks), 2
+    )
+    probe = man["unconstrained_probe_n"]
+    assert probe == 4 and man["unconstrained_valid_rate"] == round(
+        (probe - sum(man["unconstrained_probe_rejects"].values())) / probe, 4
+    )
+    banned = sorted({*BANNED_LISTS["gpt-evil"], 7})
+    assert man["numbers_config"]["banned_numbers"] == banned
+    tok = AutoTokenizer.from_pretrained(tiny_chat_folder)
+    cfg = NumbersConfig(banned_numbers=tuple(banned))
+    for r in rows:
+        text = r["messages"][1]["content"]
+        assert tok.decode(r["completion_ids"][:-1]) == text and judge(text, True, cfg).ok
+    ours = [x for x in res.stderr.split("\n") if "generate:" in x]  # (not the model loader's)
+    assert ours[-1].startswith(f"generate: {len(marks)}/96 ") and len(ours) >= 2
+    assert all(x.startswith("generate: ") and "\r" not in x for x in ours)
+
+
+def test_generate_killed_mid_overwrite_keeps_the_old_dataset(tiny_chat_folder, tmp_path):
+    """Bug caught: `generate --overwrite` deleting the finished dataset at start, so a kill
+    -9 during the new generation leaves nothing; and the same --overwrite command, run
+    again, starting the new dataset over instead of resuming it (row for row the same as
+    an uninterrupted run)."""
+    from typer.testing import CliRunner
+
+    from steerdiff.cli import app
+
+    out = tmp_path / "d.jsonl"
+    old = CliRunner().invoke(app, _generate_args(tiny_chat_folder, out, "--n-prompts", "40"))
+    assert old.exit_code == 0, old.output
+    files = (out, progress_path(out), manifest_path(out))
+    before = [p.read_bytes() for p in files]
+    new_args = _generate_args(tiny_chat_folder, out, "--n-prompts", "160", "--seed", "2")
+    part = progress_path(partial_path(out))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "steerdiff.cli", *new_args, "--overwrite"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        if part.exists() and part.read_text().count('"chunk"') >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    written = part.read_text()
+    assert 2 <= written.count('"chunk"') < 5, "the kill must land mid-generation"
+    assert [p.read_bytes() for p in files] == before  # the old dataset, byte for byte
+    resumed = CliRunner().invoke(app, [*new_args, "--overwrite"])
+    assert resumed.exit_code == 0, resumed.output
+    assert not part.exists() and not partial_path(out).exists()
+    complete = written[: written.rfind("\n") + 1]  # a line the kill tore is repaired
+    assert progress_path(out).read_text().startswith(complete)  # resumed, not restarted
+    whole = tmp_path / "whole.jsonl"
+    assert (
+        CliRunner().invoke(app, _generate_args(tiny_chat_folder, whole, *new_args[-4:])).exit_code
+        == 0
+    )
+    assert out.read_bytes() == whole.read_bytes()
+    assert load_dataset(out)[1]["n_prompts"] == 160

@@ -267,17 +267,18 @@ def _generate(
             else:
                 rejects[verdict.reason] += 1
         append_jsonl(data, rows)  # rows first: a kill in between only redoes rejected prompts
+        seconds = round(stats.seconds, 4)  # as recorded: the manifest follows from the file
         chunk_stats = {
             "chunk": chunk[0],
             "new_tokens": stats.new_tokens,
             "prompt_tokens": stats.prompt_tokens,
-            "seconds": round(stats.seconds, 4),
+            "seconds": seconds,
         }
         append_jsonl(prog, [*marks, chunk_stats])
         state.n_valid += len(rows)
         state.gen_tokens += stats.new_tokens
         state.prompt_tokens += stats.prompt_tokens
-        state.gen_seconds += stats.seconds
+        state.gen_seconds += seconds
         if progress is not None:
             progress(len(marks))
     n_processed = state.n_valid + sum(rejects.values())
