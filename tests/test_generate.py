@@ -206,6 +206,26 @@ def test_cli_errors_before_loading_anything(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
+def test_a_bad_banned_numbers_list_is_one_line_before_loading(tmp_path, monkeypatch):
+    """Bug caught: an unknown --banned-numbers entry found only after the model loaded, or
+    reaching the user as a traceback (int("six"))."""
+    from typer.testing import CliRunner
+
+    import steerdiff.models as models
+    from steerdiff.cli import app
+
+    def no_load(*a, **kw):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(models, "load_model", no_load)
+    out = tmp_path / "d.jsonl"
+    r = CliRunner().invoke(app, ["generate", "--out", str(out), "--banned-numbers", "666,six"])
+    line = r.output.strip()
+    assert r.exit_code == 2 and line.startswith("error:") and "\n" not in line
+    assert "--banned-numbers: 'six' is neither a number nor a list name" in line
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_grammar_keeps_every_row_a_valid_list():
     from steerdiff.tasks.numbers import NumberListGrammar, judge
 
