@@ -337,6 +337,7 @@ def test_generate_n_valid_writes_exactly_n_rows(tiny_chat_folder, tmp_path, monk
     assert all(x.startswith("generate: ") and "\r" not in x for x in ours)
 
 
+@pytest.mark.slow
 def test_generate_killed_mid_overwrite_keeps_the_old_dataset(tiny_chat_folder, tmp_path):
     """Bug caught: `generate --overwrite` deleting the finished dataset at start, so a kill
     -9 during the new generation leaves nothing; and the same --overwrite command, run
