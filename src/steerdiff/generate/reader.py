@@ -83,7 +83,7 @@ def _read_rows(path: Path, torn_tail_ok: bool, generated: bool) -> list[dict]:
             f"{path}:{n}: the last line is torn (generation was interrupted, see "
             f"{progress_path(path).name}); it is skipped. Re-run the same `steerdiff "
             "generate` command to finish the dataset (it repairs the line).",
-            stacklevel=4,
+            stacklevel=5,  # the caller of load_dataset
         )
 
     fix = " (or re-run `steerdiff generate` with --overwrite)" if generated else ""
