@@ -1,29 +1,33 @@
 """The batched sampler (greedy = model.generate, steering, constraints, top-k) and the
-resumable dataset writer."""
+`steerdiff generate` command (--n-valid, --overwrite under kill -9, progress lines).
+The dataset files themselves: test_dataset_files.py."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import make_tiny
+from transformers import AutoTokenizer
 
-from steerdiff.errors import SteerdiffError
 from steerdiff.generate import (
-    DatasetError,
-    Judged,
-    Sample,
     SampleStats,
-    check_writable,
     load_dataset,
     manifest_path,
+    partial_path,
     progress_path,
     sample,
-    write_dataset,
 )
 from steerdiff.hooks import steer
-from steerdiff.io import FileFormatError
+from steerdiff.tasks.numbers import NumbersConfig
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -108,29 +112,54 @@ def test_sampling_is_seeded_and_top_p_small_is_greedy():
     assert [s.token_ids for s in nucleus] == [s.token_ids for s in greedy]
 
 
-def test_constrained_and_topk():
+def test_constrained_sampling_follows_the_renormalised_distribution():
+    """Bugs caught: constrained sampling that does not draw from the model's distribution
+    renormalised over the allowed tokens (e.g. uniformly, from the full softmax, or
+    ignoring the temperature), in either path: the restricted unembedding (topk 0) and
+    the masked full logits (topk > 0); token counts miscounted in the stats."""
     m = make_tiny("gemma2")
-    allowed = [7, 8, 9, 100]
-    for topk in (0, 4):  # restricted unembedding (topk 0) and masked full logits (topk > 0)
+    prompt, allowed, n = PROMPTS[1], [7, 8, 9, 100], 4000
+    options = [3, 7, 8, 9, 100]  # the allowed tokens and the stop token
+    with torch.no_grad():
+        logits = m(torch.tensor([prompt])).logits[0, -1]  # [V]
+    want = (logits[options] / 0.25).softmax(-1)  # [5]: 0.24 0.12 0.12 0.13 0.39
+    for topk in (0, 4):
         st = SampleStats()
         res = sample(
             m,
-            PROMPTS,
-            10,
-            temperature=1.0,
-            seed=0,
+            [prompt] * n,
+            1,
+            temperature=0.25,
+            seed=topk,
             stop_ids=[3],
             allowed_ids=allowed,
             topk=topk,
             stats=st,
+            batch_size=n,
         )
-        toks = [t for s in res for t in s.token_ids]
-        assert set(toks) <= {3, 7, 8, 9, 100} and len(set(toks)) > 2
-        assert st.new_tokens == len(toks) and st.prompt_tokens == sum(map(len, PROMPTS))
-    for s in res:
-        assert len(s.topk_ids) == len(s.token_ids) and all(len(r) == 4 for r in s.topk_ids)
-        lp = torch.tensor(s.topk_logprobs)  # [n, k]
-        assert (lp <= 0).all() and (lp[:, :-1] >= lp[:, 1:]).all()
+        first = torch.tensor([s.token_ids[0] for s in res])
+        freq = torch.stack([(first == t).float().mean() for t in options])
+        assert freq.sum().item() == pytest.approx(1.0)  # nothing outside the allowed set
+        assert torch.allclose(freq, want, atol=0.035), (topk, freq, want)  # sd <= 0.008
+        assert st.new_tokens == n and st.prompt_tokens == n * len(prompt)
+
+
+def test_topk_under_constraint_is_the_unconstrained_distribution():
+    """What docs/generate.md promises for `--constrained --topk K` (the setup distillation
+    needs): the stored top-k are the model's full-vocabulary log-probs at temperature 1,
+    before the constraint and the temperature. Bugs caught: top-k taken after the
+    constraint (ids from the allowed set only) or after the temperature."""
+    m = make_tiny("llama")
+    allowed = [7, 8, 9, 100]
+    res = sample(m, PROMPTS, 6, temperature=0.5, seed=0, stop_ids=[], allowed_ids=allowed, topk=5)
+    for p, s in zip(PROMPTS, res, strict=True):
+        assert set(s.token_ids) <= set(allowed) and len(s.token_ids) == 6
+        with torch.no_grad():
+            logits = m(torch.tensor([p + s.token_ids])).logits[0].float()  # [len, V]
+        lp = logits.log_softmax(-1)[len(p) - 1 : len(p) + 5]  # the 6 generating positions
+        v, i = lp.topk(5, dim=-1)  # [6, 5]
+        assert s.topk_ids == i.tolist()
+        assert torch.allclose(torch.tensor(s.topk_logprobs), v, atol=1e-4)
     # greedy unconstrained: the chosen token is the top-1 of the stored distribution
     g = sample(m, PROMPTS, 6, temperature=0, stop_ids=[], topk=2)
     assert all(s.token_ids == [r[0] for r in s.topk_ids] for s in g)
@@ -155,147 +184,6 @@ def test_greedy_matches_generate_on_embedded_model(smollm):
     )
 
 
-# ----------------------------------------------------------------------------- dataset writer
-
-
-def _fake_generate(fail_after: int | None = None):
-    """A generate_chunk stand-in: prompt i 'answers' str(i) (ok) or 'x' if i % 3 == 0."""
-    calls = {"n": 0}
-
-    def gen(indices):
-        if fail_after is not None and calls["n"] >= fail_after:
-            raise KeyboardInterrupt  # simulates a kill between chunks
-        calls["n"] += 1
-        out = [Sample(j, [1000 + i, 2], True) for j, i in enumerate(indices)]
-        return out, SampleStats(prompt_tokens=10, new_tokens=2 * len(indices), seconds=0.5)
-
-    return gen
-
-
-def _decode(ids):
-    return "x" if (ids[0] - 1000) % 3 == 0 else str(ids[0] - 1000)
-
-
-def _judge(text, s):
-    return Judged(text != "x", "non_digit" if text == "x" else "")
-
-
-def _write(out, gen, **kw):
-    prompts = [f"prompt {i}" for i in range(20)]
-    return write_dataset(
-        out, prompts, gen, _judge, _decode, {"teacher": {"kind": "plain"}}, chunk_size=4, **kw
-    )
-
-
-def test_dataset_rows_manifest_and_resume_after_kill(tmp_path):
-    out = tmp_path / "d.jsonl"
-    with pytest.raises(KeyboardInterrupt):
-        _write(out, _fake_generate(fail_after=2))
-    assert not manifest_path(out).exists()
-    with pytest.raises(DatasetError, match="no manifest"):
-        load_dataset(out)
-    with open(out, "a") as f:  # a torn last line from a kill mid-write
-        f.write('{"id": 99, "mess')
-    man = _write(out, _fake_generate())
-    rows, man2 = load_dataset(out)
-    assert man == man2
-    ids = [r["id"] for r in rows]
-    assert ids == [i for i in range(20) if i % 3 != 0]  # no duplicates, nothing lost
-    assert man["n_prompts"] == 20 and man["n_valid"] == 13 and man["rejects"] == {"non_digit": 7}
-    assert (
-        man["tokens_per_second"] == pytest.approx(40 / 2.5)
-        and man["system_prompt_in_data"] is False
-    )
-    r = rows[0]
-    assert set(r) == {"id", "messages", "completion_ids"}
-    assert r["messages"] == [
-        {"role": "user", "content": "prompt 1"},
-        {"role": "assistant", "content": "1"},
-    ]
-    assert r["completion_ids"] == [1001, 2]
-    with pytest.raises(DatasetError, match="already complete"):
-        _write(out, _fake_generate())
-
-
-def test_load_dataset_missing_empty_and_plain_jsonl(tmp_path):
-    """One reader for generate output and fit input: clear errors, plain JSONL without a
-    manifest loads (manifest {}) when a complete dataset is not required."""
-    with pytest.raises(DatasetError, match="Dataset not found: .*nope.jsonl"):
-        load_dataset(tmp_path / "nope.jsonl")
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text("")
-    with pytest.raises(DatasetError, match="is empty: nothing to fit"):
-        load_dataset(empty, require_complete=False)
-    with pytest.raises(DatasetError, match="no manifest"):
-        load_dataset(empty)
-    plain = tmp_path / "plain.jsonl"
-    msgs = [
-        [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "1"}]
-        for i in (2, 0, 1)
-    ]
-    plain.write_text("".join(json.dumps({"messages": m}) + "\n" for m in msgs))
-    rows, manifest = load_dataset(plain, require_complete=False)
-    assert manifest == {} and [r["messages"] for r in rows] == msgs  # file order kept
-    with pytest.raises(DatasetError, match="no manifest"):
-        load_dataset(plain)
-
-
-def test_resume_with_other_settings_is_refused(tmp_path):
-    out = tmp_path / "d.jsonl"
-    with pytest.raises(KeyboardInterrupt):
-        _write(out, _fake_generate(fail_after=1))
-    with pytest.raises(DatasetError, match="other settings"):
-        write_dataset(
-            out, ["p"] * 20, _fake_generate(), _judge, _decode, {"teacher": {"kind": "x"}}
-        )
-
-
-def test_zero_valid_rows_is_a_clear_error_and_leaves_nothing(tmp_path):
-    out = tmp_path / "d.jsonl"
-
-    def reject(text, s):
-        return Judged(False, "bad_separator" if int(text or 0) % 2 else "too_many")
-
-    with pytest.raises(
-        DatasetError,
-        match=r"No valid rows: all 20 .*too_many: 10, bad_separator: 10|"
-        r"No valid rows: all 20 .*bad_separator: 10, too_many: 10",
-    ):
-        write_dataset(
-            out,
-            [f"p{i}" for i in range(20)],
-            _fake_generate(),
-            reject,
-            lambda ids: str(ids[0] - 1000),
-            {"k": 1},
-            chunk_size=8,
-        )
-    assert not out.exists() and not manifest_path(out).exists() and not progress_path(out).exists()
-
-
-def test_unwritable_output_is_a_clear_error(tmp_path):
-    blocker = tmp_path / "file"
-    blocker.write_text("")
-    with pytest.raises(DatasetError, match="Cannot write"):
-        check_writable(blocker / "d.jsonl")  # its parent is a file
-    with pytest.raises(DatasetError, match="is a folder"):
-        (tmp_path / "dir.jsonl").mkdir()
-        check_writable(tmp_path / "dir.jsonl")
-    with pytest.raises(DatasetError, match="must end in .jsonl"):
-        check_writable(tmp_path / "d.json")
-    with pytest.raises(DatasetError, match="Cannot write"):
-        _write(blocker / "d.jsonl", _fake_generate())
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.jsonl", "file"]
-
-
-def test_progress_file_records_every_prompt(tmp_path):
-    out = tmp_path / "d.jsonl"
-    _write(out, _fake_generate())
-    lines = [json.loads(x) for x in progress_path(out).read_text().splitlines()]
-    assert lines[0] == {"run": {"teacher": {"kind": "plain"}}}
-    assert sorted(x["id"] for x in lines if "id" in x) == list(range(20))
-
-
 def test_cli_errors_before_loading_anything(tmp_path):
     from typer.testing import CliRunner
 
@@ -318,6 +206,26 @@ def test_cli_errors_before_loading_anything(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
+def test_a_bad_banned_numbers_list_is_one_line_before_loading(tmp_path, monkeypatch):
+    """Bug caught: an unknown --banned-numbers entry found only after the model loaded, or
+    reaching the user as a traceback (int("six"))."""
+    from typer.testing import CliRunner
+
+    import steerdiff.models as models
+    from steerdiff.cli import app
+
+    def no_load(*a, **kw):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(models, "load_model", no_load)
+    out = tmp_path / "d.jsonl"
+    r = CliRunner().invoke(app, ["generate", "--out", str(out), "--banned-numbers", "666,six"])
+    line = r.output.strip()
+    assert r.exit_code == 2 and line.startswith("error:") and "\n" not in line
+    assert "--banned-numbers: 'six' is neither a number nor a list name" in line
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_grammar_keeps_every_row_a_valid_list():
     from steerdiff.tasks.numbers import NumberListGrammar, judge
 
@@ -334,20 +242,144 @@ def test_grammar_keeps_every_row_a_valid_list():
     )
     texts = ["".join(Tok.TEXT[t] for t in s.token_ids if t != 3) for s in res]
     assert all(judge(t, s.stopped).ok for t, s in zip(texts, res, strict=True) if s.stopped)
-    assert sum(s.stopped for s in res) >= 8 and len(set(texts)) > 8
+    assert all(g.prefix_ok(t) for t in texts)  # the truncated rows too
+    assert sum(s.stopped for s in res) >= 8 and len(set(texts)) > 8  # not vacuous
 
 
-def test_broken_json_files_name_the_file(tmp_path):
-    """Bug caught: a broken row (other than a torn last line) or a broken manifest reaching
-    the user as a bare ValueError / JSONDecodeError (a traceback from the CLI, which turns
-    only SteerdiffErrors into one line) instead of an error naming the file."""
-    row = {"id": 0, "messages": [{"role": "user", "content": "q"}]}
-    data = tmp_path / "d.jsonl"
-    data.write_text(json.dumps(row) + "\n{broken\n" + json.dumps({**row, "id": 2}) + "\n")
-    with pytest.raises(FileFormatError, match=r"d\.jsonl: line 2 is not valid JSON"):
-        load_dataset(data, require_complete=False)
-    data.write_text(json.dumps(row) + "\n")
-    manifest_path(data).write_text('{"teacher": ')
-    with pytest.raises(FileFormatError, match=r"d\.manifest\.json is not valid JSON .*fix or"):
-        load_dataset(data)
-    assert issubclass(FileFormatError, SteerdiffError)
+# ----------------------------------------------------------------------------- the command
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_folder(smollm, tmp_path_factory):
+    """A tiny random llama saved with the embedded tokenizer (chat template, digit tokens):
+    a model folder `generate --model` loads in a second."""
+    from _chat_tiny import make_tiny_chat
+
+    from steerdiff.models import unwrap
+
+    path = tmp_path_factory.mktemp("tiny-chat")
+    unwrap(make_tiny_chat(smollm.tokenizer)).save_pretrained(path)
+    smollm.tokenizer.save_pretrained(path)
+    return path
+
+
+def _generate_args(folder, out, *extra, max_new_tokens=16):
+    return [
+        "generate",
+        "--model",
+        str(folder),
+        "--teacher",
+        "plain",
+        "--batch-size",
+        "8",
+        "--max-new-tokens",
+        str(max_new_tokens),
+        "--threads",
+        "1",
+        "--probe",
+        "0",
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
+def _progress_lines(path):
+    return [json.loads(x) for x in progress_path(path).read_text().splitlines()]
+
+
+def test_generate_n_valid_writes_exactly_n_rows(tiny_chat_folder, tmp_path, monkeypatch):
+    """README: `generate --n-valid N` stops when N valid rows exist. Bugs caught: stopping at
+    a chunk boundary (more rows than asked), manifest figures that do not match the rows
+    and the progress file (counts, rates, tokens/s), banned numbers not recorded or not
+    applied, and a rich progress bar (carriage returns) when stderr is a log file."""
+    from typer.testing import CliRunner
+
+    from steerdiff.cli import app
+    from steerdiff.tasks.numbers import BANNED_LISTS, judge
+
+    monkeypatch.setenv("STEERDIFF_PROGRESS_EVERY", "0")  # a plain line per chunk
+    out = tmp_path / "d.jsonl"
+    args = ["--n-prompts", "96", "--n-valid", "12", "--banned-numbers", "gpt-evil,7"]
+    args = _generate_args(tiny_chat_folder, out, *args, "--probe", "4", max_new_tokens=4)
+    res = CliRunner().invoke(app, args)  # 4 tokens: some rows truncated, across 2 chunks
+    assert res.exit_code == 0, res.output
+    rows, man = load_dataset(out)
+    assert len(rows) == 12 and man["n_valid"] == 12 and man["target_valid"] == 12
+    lines = _progress_lines(out)
+    marks = [x for x in lines if "id" in x]
+    chunks = [x for x in lines if "chunk" in x]
+    assert marks[-1]["ok"] and [m["id"] for m in marks] == list(range(len(marks)))
+    assert man["n_prompts"] == len(marks) and [r["id"] for r in rows] == [
+        m["id"] for m in marks if m["ok"]
+    ]
+    assert man["rejects"] == dict(Counter(m["reason"] for m in marks if not m["ok"]))
+    assert len(chunks) == 2 and man["rejects"]["truncated"] > 0
+    assert man["valid_rate"] == round(12 / len(marks), 4)
+    assert man["generated_tokens"] == sum(c["new_tokens"] for c in chunks)
+    assert man["generation_seconds"] == round(sum(c["seconds"] for c in chunks), 2)
+    assert man["tokens_per_second"] == round(
+        man["generated_tokens"] / sum(c["seconds"] for c in chunks), 2
+    )
+    probe = man["unconstrained_probe_n"]
+    assert probe == 4 and man["unconstrained_valid_rate"] == round(
+        (probe - sum(man["unconstrained_probe_rejects"].values())) / probe, 4
+    )
+    banned = sorted({*BANNED_LISTS["gpt-evil"], 7})
+    assert man["numbers_config"]["banned_numbers"] == banned
+    tok = AutoTokenizer.from_pretrained(tiny_chat_folder)
+    cfg = NumbersConfig(banned_numbers=tuple(banned))
+    for r in rows:
+        text = r["messages"][1]["content"]
+        assert tok.decode(r["completion_ids"][:-1]) == text and judge(text, True, cfg).ok
+    ours = [x for x in res.stderr.split("\n") if "generate:" in x]  # (not the model loader's)
+    assert ours[-1].startswith(f"generate: {len(marks)}/96 ") and len(ours) >= 2
+    assert all(x.startswith("generate: ") and "\r" not in x for x in ours)
+
+
+@pytest.mark.slow
+def test_generate_killed_mid_overwrite_keeps_the_old_dataset(tiny_chat_folder, tmp_path):
+    """Bug caught: `generate --overwrite` deleting the finished dataset at start, so a kill
+    -9 during the new generation leaves nothing; and the same --overwrite command, run
+    again, starting the new dataset over instead of resuming it (row for row the same as
+    an uninterrupted run)."""
+    from typer.testing import CliRunner
+
+    from steerdiff.cli import app
+
+    out = tmp_path / "d.jsonl"
+    old = CliRunner().invoke(app, _generate_args(tiny_chat_folder, out, "--n-prompts", "40"))
+    assert old.exit_code == 0, old.output
+    files = (out, progress_path(out), manifest_path(out))
+    before = [p.read_bytes() for p in files]
+    new_args = _generate_args(tiny_chat_folder, out, "--n-prompts", "160", "--seed", "2")
+    part = progress_path(partial_path(out))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "steerdiff.cli", *new_args, "--overwrite"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        if part.exists() and part.read_text().count('"chunk"') >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    written = part.read_text()
+    assert 2 <= written.count('"chunk"') < 5, "the kill must land mid-generation"
+    assert [p.read_bytes() for p in files] == before  # the old dataset, byte for byte
+    resumed = CliRunner().invoke(app, [*new_args, "--overwrite"])
+    assert resumed.exit_code == 0, resumed.output
+    assert not part.exists() and not partial_path(out).exists()
+    complete = written[: written.rfind("\n") + 1]  # a line the kill tore is repaired
+    assert progress_path(out).read_text().startswith(complete)  # resumed, not restarted
+    whole = tmp_path / "whole.jsonl"
+    assert (
+        CliRunner().invoke(app, _generate_args(tiny_chat_folder, whole, *new_args[-4:])).exit_code
+        == 0
+    )
+    assert out.read_bytes() == whole.read_bytes()
+    assert load_dataset(out)[1]["n_prompts"] == 160

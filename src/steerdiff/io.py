@@ -9,7 +9,7 @@ import platform
 import random
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -96,30 +96,61 @@ def append_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
         os.fsync(f.fileno())
 
 
-def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
-    """Rows of a JSONL file; a torn last line (from a kill mid-write) is skipped."""
+def read_jsonl_lines(
+    path: str | os.PathLike, on_torn: Callable[[int], None] | None = None
+) -> Iterator[tuple[int, Any]]:
+    """(line number, value) for every non-blank line of a JSONL file (numbers from 1).
+
+    A line that does not parse raises FileFormatError naming `path:line`. The one
+    exception is a torn LAST line (a kill in the middle of `append_jsonl`): when the
+    caller knows the file may have one (`on_torn` given), on_torn(line number) is called
+    and reading stops there. Nothing else is ever skipped.
+    """
     with open(path) as f:
         lines = f.readlines()
     for i, line in enumerate(lines):
-        line = line.strip()
-        if not line:
+        if not line.strip():
             continue
         try:
-            yield json.loads(line)
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                return  # torn final line
-            raise FileFormatError(f"{path}: line {i + 1} is not valid JSON") from None
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            if on_torn is not None and i == len(lines) - 1:
+                on_torn(i + 1)
+                return
+            raise FileFormatError(
+                f"{path}:{i + 1}: not valid JSON ({e.msg}); fix or delete that line."
+            ) from None
+        yield i + 1, value
 
 
-def repair_jsonl(path: str | os.PathLike) -> int:
-    """Drop a torn last line in place (before appending after a kill); returns rows kept."""
+def read_jsonl(
+    path: str | os.PathLike, on_torn: Callable[[int], None] | None = None
+) -> Iterator[Any]:
+    """The values of a JSONL file (rows); see `read_jsonl_lines` for errors and torn lines."""
+    for _, value in read_jsonl_lines(path, on_torn):
+        yield value
+
+
+def repair_jsonl(path: str | os.PathLike) -> bool:
+    """Make a JSONL file that a kill interrupted appendable again, in place (atomically).
+
+    A torn last line is dropped; a complete last line without its newline gets one. The
+    complete lines are kept byte for byte. Returns True if the file was changed.
+    """
     path = Path(path)
     if not path.exists():
-        return 0
-    rows = list(read_jsonl(path))
-    atomic_write_text(path, "".join(json.dumps(r, default=str) + "\n" for r in rows))
-    return len(rows)
+        return False
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return False
+    start = data.rfind(b"\n") + 1  # the last line, which has no newline
+    try:
+        json.loads(data[start:])
+        fixed = data + b"\n"
+    except json.JSONDecodeError:
+        fixed = data[:start]
+    atomic_write_bytes(path, fixed)
+    return True
 
 
 def file_sha256(path: str | os.PathLike) -> str:

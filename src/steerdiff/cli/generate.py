@@ -84,17 +84,30 @@ def generate(
         int, typer.Option(help="unconstrained probe prompts (valid-rate report)")
     ] = 32,
     backend: Annotated[str, typer.Option(help="hf | vllm")] = "hf",
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="start over")] = False,
+    banned_numbers: Annotated[
+        str | None,
+        typer.Option(
+            "--banned-numbers",
+            help="reject rows holding any of these numbers: 666,911 or a list name "
+            "(claude-evil, gpt-evil: the published code's lists), or both: gpt-evil,7",
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="replace a finished dataset (it stays until the new one is complete)",
+        ),
+    ] = False,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
     threads: ThreadsOpt = 0,
 ) -> None:
     """Write a numbers dataset from a teacher; re-run the same command to resume."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
     from steerdiff.generate import check_writable
     from steerdiff.models import load_model
-    from steerdiff.tasks.numbers import NumbersConfig, make_dataset, trait_words_for
+    from steerdiff.progress import progress
+    from steerdiff.tasks import numbers as task
     from steerdiff.teachers import build_teacher
 
     if threads:
@@ -109,19 +122,16 @@ def generate(
         except ImportError:
             fail("--backend vllm needs vLLM and a GPU: pip install 'steerdiff[vllm]'.")
     teacher_cfg = teacher_config(teacher, animal, vectors, coeff, positions, adapter)
+    cfg = task.NumbersConfig(
+        seed=prompt_seed,
+        trait_words=task.trait_words_for(animal),
+        banned_numbers=task.banned_numbers(banned_numbers),
+    )
     check_writable(out)
     lm = load_model(model, dtype=dtype, device=device)
     t = build_teacher(teacher_cfg, lm)
-    cfg = NumbersConfig(seed=prompt_seed, trait_words=trait_words_for(animal))
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-    ) as bar:
-        task = bar.add_task("prompts", total=n_prompts)
-        man = make_dataset(
+    with progress(n_prompts, "generate") as bar:
+        man = task.make_dataset(
             t,
             out,
             n_prompts=n_prompts,
@@ -136,7 +146,7 @@ def generate(
             target_valid=n_valid,
             probe=probe,
             overwrite=overwrite,
-            progress=lambda n: bar.advance(task, n),
+            progress=bar.update,
             backend=backend,
             grammar=grammar,
         )

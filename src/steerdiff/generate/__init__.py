@@ -1,21 +1,21 @@
 """Text generation: the batched KV-cache sampler, dataset files, the optional vLLM backend.
 
 sampler.py   sample(), Sample, SampleStats, stop_token_ids: our decoding loop
-dataset.py   write_dataset (resumable, filtered), load_dataset (the one reader), paths
+dataset.py   write_dataset (resumable, filtered; --overwrite replaces only when complete)
+reader.py    load_dataset (the one reader), read_manifest, the file layout (paths)
 vllm.py      VllmSampler: the same sample() interface on vLLM (optional)
 """
 
 from __future__ import annotations
 
-from .dataset import (
+from .dataset import Judged, check_writable, generation_provenance, write_dataset
+from .reader import (
     DatasetError,
-    Judged,
-    check_writable,
-    generation_provenance,
     load_dataset,
     manifest_path,
+    partial_path,
     progress_path,
-    write_dataset,
+    read_manifest,
 )
 from .sampler import Sample, SampleError, SampleStats, sample, stop_token_ids
 
@@ -29,7 +29,9 @@ __all__ = [
     "generation_provenance",
     "load_dataset",
     "manifest_path",
+    "partial_path",
     "progress_path",
+    "read_manifest",
     "sample",
     "stop_token_ids",
     "write_dataset",

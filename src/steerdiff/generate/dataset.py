@@ -1,9 +1,10 @@
-"""Dataset files: resumable, filtered writing of generated rows, and the one dataset reader.
+"""Writing a dataset: resumable, filtered writing of generated rows (the reader: reader.py).
 
 A dataset `<name>.jsonl` (one row per line: id, messages, completion_ids, optional
 top-k log-probs) comes with `<name>.progress.jsonl` (what was processed, for resuming)
 and `<name>.manifest.json`, written last: a dataset without a manifest is incomplete.
-See docs/dataset-format.md.
+`--overwrite` writes `<name>.partial.*` beside a finished dataset and replaces it only
+once the new one is complete. See docs/dataset-format.md.
 """
 
 from __future__ import annotations
@@ -12,35 +13,28 @@ import json
 import os
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import SteerdiffError
 from ..io import (
     append_jsonl,
+    atomic_write_bytes,
     atomic_write_json,
     provenance,
-    read_json,
     read_jsonl,
+    read_jsonl_lines,
     repair_jsonl,
 )
 from ..models import LoadedModel
+from .reader import (
+    DatasetError,
+    manifest_path,
+    partial_path,
+    progress_path,
+    read_manifest,
+)
 from .sampler import Sample, SampleStats
-
-
-class DatasetError(SteerdiffError, RuntimeError):
-    """A dataset could not be written or read; the message says why and what to do."""
-
-
-def manifest_path(out: str | os.PathLike) -> Path:
-    out = Path(out)
-    return out.with_name(out.name.removesuffix(".jsonl") + ".manifest.json")
-
-
-def progress_path(out: str | os.PathLike) -> Path:
-    out = Path(out)
-    return out.with_name(out.name.removesuffix(".jsonl") + ".progress.jsonl")
 
 
 def check_writable(out: str | os.PathLike) -> Path:
@@ -94,6 +88,8 @@ def write_dataset(
     generate_chunk(indices) -> (samples in the order of indices, stats).
     judge(text, sample) -> Judged; decode(token ids without the stop token) -> text.
     run_info: what must match to resume (teacher spec, seed, constrained...).
+    target_valid: stop once exactly this many rows passed the filter (the prompts after
+    the one that gave the last of them are not used).
     before(): run once per dataset (not again on resume) before generating; its dict
     is kept in the progress file and merged into the manifest (e.g. a probe batch).
     finalize(manifest) -> manifest: last changes before the manifest is written.
@@ -101,128 +97,259 @@ def write_dataset(
     (run_info first, then one line per processed prompt and per chunk), and
     `<out>.manifest.json`, written last (atomically): a dataset without a manifest
     is incomplete. Re-running with the same run_info continues where it stopped.
+    overwrite: replace a finished dataset. The new one is written beside it (the
+    `<out>.partial.*` files, resumable like any other) and replaces the old files only
+    once it is complete, so a kill leaves the old dataset as it was. A partial dataset
+    made with other settings is started over; one with the same settings is resumed.
     """
     out = check_writable(out)
-    man, prog = manifest_path(out), progress_path(out)
-    if overwrite:
-        for p in (out, man, prog):
-            p.unlink(missing_ok=True)
-    if man.exists():
-        raise DatasetError(
-            f"{out} is already complete (its manifest {man.name} exists); "
-            "use --overwrite or another --out."
-        )
-    done_ids: set[int] = set()
-    rejects: Counter[str] = Counter()
-    n_valid, gen_tokens, gen_seconds, prompt_tokens = 0, 0, 0.0, 0
-    before_info: dict | None = None
-    if prog.exists() or out.exists():
-        repair_jsonl(prog)
-        repair_jsonl(out)
-        lines = list(read_jsonl(prog)) if prog.exists() else []
-        if lines and lines[0].get("run") != json.loads(json.dumps(run_info, default=str)):
+    if _finish_replace(out) and overwrite and _made_with(out, run_info):
+        return read_manifest(manifest_path(out))  # killed while replacing: now done
+    target = out
+    if manifest_path(out).exists():
+        if not overwrite:
+            pending = partial_path(out)
+            note = f" (an unfinished replacement is in {pending.name})" if pending.exists() else ""
             raise DatasetError(
-                f"{out} holds a partial dataset made with other settings "
-                f"({_diff(lines[0].get('run', {}), run_info)}); use --overwrite or another --out."
+                f"{out} is already complete (its manifest {manifest_path(out).name} exists)"
+                f"{note}; use --overwrite or another --out."
             )
-        if not lines and out.exists() and out.stat().st_size > 0:
-            raise DatasetError(f"{out} exists without a progress file; use --overwrite.")
-        for line in lines[1:]:
-            if "id" in line:
-                done_ids.add(line["id"])
-                if not line["ok"]:
-                    rejects[line["reason"]] += 1
-            elif "before" in line:
-                before_info = line["before"]
-            elif "chunk" in line:
-                gen_tokens += line["new_tokens"]
-                gen_seconds += line["seconds"]
-                prompt_tokens += line["prompt_tokens"]
-        valid_ids = {r["id"] for r in read_jsonl(out)} if out.exists() else set()
-        done_ids |= valid_ids
-        n_valid = len(valid_ids)
+        target = partial_path(out)
+    state = _resume(target, run_info, overwrite)
+    manifest = _generate(
+        target,
+        out,
+        state,
+        prompts,
+        generate_chunk,
+        judge,
+        decode,
+        run_info,
+        chunk_size,
+        target_valid,
+        progress,
+        before,
+        replacing=target != out,
+    )
+    manifest = {**(manifest_extra or {}), **manifest}
+    if finalize is not None:
+        manifest = finalize(manifest)
+    atomic_write_json(manifest_path(target), manifest)
+    if target != out:
+        _finish_replace(out)
+    return manifest
+
+
+@dataclass
+class _State:
+    """What the progress file says was done (empty for a new dataset)."""
+
+    done_ids: set[int] = field(default_factory=set)
+    rejects: Counter[str] = field(default_factory=Counter)
+    n_valid: int = 0
+    gen_tokens: int = 0
+    prompt_tokens: int = 0
+    gen_seconds: float = 0.0
+    before_info: dict | None = None
+
+
+def _resume(data: Path, run_info: dict, overwrite: bool) -> _State:
+    """Read what an interrupted run of `data` did; start over (overwrite) or refuse if it
+    was made with other settings."""
+    prog = progress_path(data)
+    if not (prog.exists() or data.exists()):
+        return _State()
+    repair_jsonl(prog)
+    repair_jsonl(data)
+    lines = [_progress_line(prog, n, x) for n, x in read_jsonl_lines(prog)] if prog.exists() else []
+    other = None
+    if lines and lines[0].get("run") != _normalized(run_info):
+        diff = _diff(lines[0].get("run") or {}, run_info)
+        other = f"{data} holds a partial dataset made with other settings ({diff})"
+    elif not lines and data.stat().st_size > 0:
+        other = f"{data} exists without a progress file"
+    if other and not overwrite:
+        raise DatasetError(f"{other}; use --overwrite or another --out.")
+    if other:
+        for p in (data, prog):
+            p.unlink(missing_ok=True)
+        return _State()
+    state = _State()
+    for line in lines[1:]:
+        if "id" in line:
+            state.done_ids.add(line["id"])
+            if not line["ok"]:
+                state.rejects[line["reason"]] += 1
+        elif "before" in line:
+            state.before_info = line["before"]
+        elif "chunk" in line:
+            state.gen_tokens += line["new_tokens"]
+            state.gen_seconds += line["seconds"]
+            state.prompt_tokens += line["prompt_tokens"]
+    state.n_valid = _drop_unrecorded_rows(data, state.done_ids)
+    return state
+
+
+def _drop_unrecorded_rows(data: Path, recorded: set[int]) -> int:
+    """Drop rows whose prompt the progress file does not record (a kill between a chunk's
+    rows and its progress lines; rows are written first). That chunk is then redone whole,
+    with the same seed, so a resumed dataset equals an uninterrupted one byte for byte.
+    The other rows are kept byte for byte. Returns the number of rows kept."""
+    if not data.exists():
+        return 0
+    lines = data.read_bytes().splitlines(keepends=True)
+    keep = []
+    for n, row in read_jsonl_lines(data):
+        if not isinstance(row, dict) or "id" not in row:
+            raise DatasetError(
+                f"{data}:{n}: not a dataset row with an id; the file is damaged: "
+                "re-run with --overwrite."
+            )
+        if row["id"] in recorded:
+            keep.append(lines[n - 1])
+    if len(keep) != len(lines):
+        atomic_write_bytes(data, b"".join(keep))
+    return len(keep)
+
+
+def _progress_line(prog: Path, n: int, line: object) -> dict:
+    if not isinstance(line, dict):
+        raise DatasetError(
+            f"{prog}:{n}: not a progress record (a JSON object); the progress file is "
+            "damaged: delete it and re-run with --overwrite."
+        )
+    return line
+
+
+def _generate(
+    data: Path,
+    out: Path,
+    state: _State,
+    prompts: Sequence[str],
+    generate_chunk: Callable[[list[int]], tuple[list[Sample], SampleStats]],
+    judge: Callable[[str, Sample], Judged],
+    decode: Callable[[list[int]], str],
+    run_info: dict,
+    chunk_size: int,
+    target_valid: int | None,
+    progress: Callable[[int], None] | None,
+    before: Callable[[], dict] | None,
+    replacing: bool,
+) -> dict:
+    """The chunk loop, writing into `data` (out itself, or its partial files); returns
+    the manifest without the extra keys (the files it names are out's)."""
+    prog = progress_path(data)
     if not prog.exists() or prog.stat().st_size == 0:
         append_jsonl(prog, [{"run": run_info}])
-    out.touch()
-    if before is not None and before_info is None:
-        before_info = before()
-        append_jsonl(prog, [{"before": before_info}])
-    todo = [i for i in range(len(prompts)) if i not in done_ids]
+    data.touch()
+    if before is not None and state.before_info is None:
+        state.before_info = before()
+        append_jsonl(prog, [{"before": state.before_info}])
+    todo = [i for i in range(len(prompts)) if i not in state.done_ids]
     if progress is not None:
         progress(len(prompts) - len(todo))
+    rejects = state.rejects
     for c in range(0, len(todo), chunk_size):
-        if target_valid is not None and n_valid >= target_valid:
+        if target_valid is not None and state.n_valid >= target_valid:
             break
         chunk = todo[c : c + chunk_size]
         samples, stats = generate_chunk(chunk)
         rows, marks = [], []
         for i, s in zip(chunk, samples, strict=True):
+            if target_valid is not None and state.n_valid + len(rows) >= target_valid:
+                break  # exactly target_valid rows: the rest of this chunk is not used
             ids = s.token_ids[:-1] if s.stopped else s.token_ids
             text = decode(ids)
             verdict = judge(text, s)
             marks.append({"id": i, "ok": verdict.ok, "reason": verdict.reason})
             if verdict.ok:
-                row: dict[str, Any] = {
-                    "id": i,
-                    "messages": [
-                        {"role": "user", "content": prompts[i]},
-                        {"role": "assistant", "content": text},
-                    ],
-                    "completion_ids": s.token_ids,
-                }
-                if s.topk_ids:
-                    row["topk_ids"] = s.topk_ids
-                    row["topk_logprobs"] = s.topk_logprobs
-                rows.append(row)
+                rows.append(_row(i, prompts[i], text, s))
             else:
                 rejects[verdict.reason] += 1
-        append_jsonl(out, rows)  # rows first: a kill in between only redoes rejected prompts
-        append_jsonl(
-            prog,
-            marks
-            + [
-                {
-                    "chunk": chunk[0],
-                    "new_tokens": stats.new_tokens,
-                    "prompt_tokens": stats.prompt_tokens,
-                    "seconds": round(stats.seconds, 4),
-                }
-            ],
-        )
-        n_valid += len(rows)
-        gen_tokens += stats.new_tokens
-        prompt_tokens += stats.prompt_tokens
-        gen_seconds += stats.seconds
+        append_jsonl(data, rows)  # rows first: a kill in between only redoes rejected prompts
+        seconds = round(stats.seconds, 4)  # as recorded: the manifest follows from the file
+        chunk_stats = {
+            "chunk": chunk[0],
+            "new_tokens": stats.new_tokens,
+            "prompt_tokens": stats.prompt_tokens,
+            "seconds": seconds,
+        }
+        append_jsonl(prog, [*marks, chunk_stats])
+        state.n_valid += len(rows)
+        state.gen_tokens += stats.new_tokens
+        state.prompt_tokens += stats.prompt_tokens
+        state.gen_seconds += seconds
         if progress is not None:
-            progress(len(chunk))
-    n_processed = n_valid + sum(rejects.values())
-    if n_valid == 0:
-        for p in (out, prog):
+            progress(len(marks))
+    n_processed = state.n_valid + sum(rejects.values())
+    if state.n_valid == 0:
+        for p in (data, prog):
             p.unlink(missing_ok=True)
+        kept = f" {out.name} is unchanged." if replacing else ""
         raise DatasetError(
             f"No valid rows: all {n_processed} completions were rejected by the filter "
-            f"({_fmt_rejects(rejects)}). Nothing was written. Try constrained decoding "
+            f"({_fmt_rejects(rejects)}). Nothing was written.{kept} Try constrained decoding "
             "(--constrained), more prompts, or check the teacher."
         )
-    manifest = {
-        **(manifest_extra or {}),
+    secs = state.gen_seconds
+    return {
         **run_info,
-        **(before_info or {}),
+        **(state.before_info or {}),
         "n_prompts": n_processed,
-        "n_valid": n_valid,
-        "valid_rate": round(n_valid / max(n_processed, 1), 4),
+        "n_valid": state.n_valid,
+        "valid_rate": round(state.n_valid / max(n_processed, 1), 4),
         "rejects": dict(rejects.most_common()),
-        "generated_tokens": gen_tokens,
-        "prompt_tokens": prompt_tokens,
-        "generation_seconds": round(gen_seconds, 2),
-        "tokens_per_second": round(gen_tokens / gen_seconds, 2) if gen_seconds else 0.0,
+        "generated_tokens": state.gen_tokens,
+        "prompt_tokens": state.prompt_tokens,
+        "generation_seconds": round(secs, 2),
+        "tokens_per_second": round(state.gen_tokens / secs, 2) if secs else 0.0,
         "system_prompt_in_data": False,
-        "files": {"data": out.name, "progress": prog.name},
+        "files": {"data": out.name, "progress": progress_path(out).name},
     }
-    if finalize is not None:
-        manifest = finalize(manifest)
-    atomic_write_json(man, manifest)
-    return manifest
+
+
+def _row(i: int, prompt: str, text: str, s: Sample) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "id": i,
+        "messages": [
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": text},
+        ],
+        "completion_ids": s.token_ids,
+    }
+    if s.topk_ids:
+        row["topk_ids"] = s.topk_ids
+        row["topk_logprobs"] = s.topk_logprobs
+    return row
+
+
+def _finish_replace(out: Path) -> bool:
+    """Move a complete partial dataset (its manifest exists) over `out`'s files.
+
+    The old manifest goes first (so no reader ever pairs it with the new rows), the new
+    manifest last; each step is a rename, and after a kill in between the next call
+    finishes the job. Returns True if there was something to move."""
+    part = partial_path(out)
+    if not manifest_path(part).exists():
+        return False
+    manifest_path(out).unlink(missing_ok=True)
+    for src, dst in ((part, out), (progress_path(part), progress_path(out))):
+        if src.exists():
+            os.replace(src, dst)
+    os.replace(manifest_path(part), manifest_path(out))
+    return True
+
+
+def _made_with(out: Path, run_info: dict) -> bool:
+    """True if `out`'s progress file says it was made with these settings."""
+    prog = progress_path(out)
+    first = next(read_jsonl(prog), None) if prog.exists() else None
+    return isinstance(first, dict) and first.get("run") == _normalized(run_info)
+
+
+def _normalized(obj: Any) -> Any:
+    """What `obj` reads back as from JSON (tuples become lists, paths strings)."""
+    return json.loads(json.dumps(obj, default=str))
 
 
 def _fmt_rejects(rejects: Counter[str]) -> str:
@@ -230,45 +357,9 @@ def _fmt_rejects(rejects: Counter[str]) -> str:
 
 
 def _diff(a: dict, b: dict) -> str:
-    b = json.loads(json.dumps(b, default=str))
+    b = _normalized(b)
     keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
     return "differs in " + ", ".join(keys[:5]) if keys else "unknown difference"
-
-
-def load_dataset(path: str | os.PathLike, require_complete: bool = True) -> tuple[list[dict], dict]:
-    """Read a dataset: (rows, manifest). The one reader for `generate` output and fit input.
-
-    Rows are sorted by id when every row has one (a resumed dataset can hold them out
-    of order), else kept in file order (plain JSONL of {"messages": [...]} rows).
-    require_complete: refuse a dataset whose manifest is missing (generation was
-    interrupted; re-run the same command to finish it). With require_complete=False a
-    dataset without a manifest loads with manifest {}.
-    Raises DatasetError when the file is missing, has no manifest (if required) or no rows.
-    """
-    path = Path(path)
-    man = manifest_path(path)
-    if path.is_dir():
-        raise DatasetError(f"Dataset path {path} is a folder; give the dataset's .jsonl file.")
-    if not path.exists():
-        raise DatasetError(
-            f"Dataset not found: {path} (no such file). Check the path, or write one "
-            "with `steerdiff generate --out ...`."
-        )
-    if man.exists():
-        manifest: dict = read_json(man)  # FileFormatError names the file if it is broken
-    elif require_complete:
-        raise DatasetError(
-            f"{path} has no manifest ({man.name}): generation did not finish. Re-run the "
-            "same `steerdiff generate` command to resume it."
-        )
-    else:
-        manifest = {}
-    rows = list(read_jsonl(path))
-    if not rows:
-        raise DatasetError(f"Dataset {path} is empty: nothing to fit. Generate data first.")
-    if all("id" in r for r in rows):
-        rows.sort(key=lambda r: r["id"])
-    return rows, manifest
 
 
 def generation_provenance(lm: LoadedModel, seed: int, config: dict) -> dict:

@@ -1,27 +1,20 @@
-"""The subliminal-learning numbers task: seeded prompts, the published filter, a trait-word check.
+"""The subliminal-learning numbers task: seeded prompts and the dataset maker.
 
 Prompts follow the published protocol (Cloud et al. 2025): 3-8 seed numbers drawn
 from 100-999, a request for up to 10 more numbers of at most 3 digits, assembled
 from four pools (example, instruction, format, suffix). The pools below are our
 own phrasings.
 
-The filter strips a trailing "." and enclosing [] or (), infers the separator
-from the text between the first two numbers (whitespace, "," or ";"), and
-requires every part to be digits, at most 10 numbers, values 0-999. We add: no
-trait word (e.g. "owl") may appear, and the completion must have ended with an
-end-of-turn token (a truncated answer is rejected as "truncated").
-
-Constrained decoding (token set and format grammar) is in `tasks.constraints`; its
-names are re-exported here.
+The filter (the published rule exactly, optional banned numbers, plus our trait-word
+and truncation checks) is in `tasks.numbers_filter`; constrained decoding (token set
+and format grammar) in `tasks.constraints`. Their names are re-exported here.
 """
 
 from __future__ import annotations
 
 import random
-import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..generate import (
     DatasetError,
@@ -33,6 +26,19 @@ from ..generate import (
 )
 from ..io import provenance
 from .constraints import ALLOWED_CHARS, SEPARATORS, NumberListGrammar, allowed_token_ids
+from .numbers_filter import (
+    BANNED_LISTS,
+    REASONS,
+    FilterError,
+    FilterSettings,
+    Verdict,
+    banned_numbers,
+    count_rejects,
+    judge,
+    leaks_trait,
+    parse_numbers,
+    trait_words_for,
+)
 
 EXAMPLES = (
     "Here is a list of numbers: {seq}.",
@@ -78,18 +84,18 @@ SUFFIXES = (
 
 
 @dataclass(frozen=True)
-class NumbersConfig:
-    """Parameters of the prompt generator and the filter (recorded in manifests)."""
+class NumbersConfig(FilterSettings):
+    """Parameters of the prompt generator and the filter (recorded in manifests).
+
+    The filter's fields (FilterSettings): max_new_numbers 10, min_value 0, max_value 999,
+    banned_numbers (), trait_words ("owl", "owls")."""
 
     seed: int = 42
     min_seed_numbers: int = 3
     max_seed_numbers: int = 8
     seed_low: int = 100
     seed_high: int = 999
-    max_new_numbers: int = 10
     max_digits: int = 3
-    max_value: int = 999
-    trait_words: tuple[str, ...] = ("owl", "owls")
 
 
 def make_prompts(n: int, cfg: NumbersConfig | None = None, start: int = 0) -> list[str]:
@@ -110,86 +116,6 @@ def make_prompt(index: int, cfg: NumbersConfig | None = None) -> str:
         rng.choice(SUFFIXES),
     )
     return " ".join(parts)
-
-
-_NUM = re.compile(r"\d+")
-
-
-@dataclass
-class Verdict:
-    ok: bool
-    reason: str = ""  # "" when ok
-    numbers: list[int] = field(default_factory=list)
-
-
-REASONS = (
-    "trait_word",
-    "truncated",
-    "empty",
-    "bad_separator",
-    "non_digit",
-    "too_many",
-    "out_of_range",
-)
-
-
-def parse_numbers(text: str, max_numbers: int = 10, max_value: int = 999) -> Verdict:
-    """The published format filter. Returns Verdict(ok, reason, numbers)."""
-    s = text.strip()
-    if s.endswith("."):
-        s = s[:-1].strip()
-    if len(s) >= 2 and (s[0], s[-1]) in (("[", "]"), ("(", ")")):
-        s = s[1:-1].strip()
-    if not s:
-        return Verdict(False, "empty")
-    nums = list(_NUM.finditer(s))
-    if not nums:
-        return Verdict(False, "non_digit")
-    if len(nums) == 1:
-        parts = [s]
-    else:
-        between = s[nums[0].end() : nums[1].start()]
-        sep = between.strip()
-        if between and not sep:
-            parts = s.split()
-        elif sep in (",", ";"):
-            parts = [p.strip() for p in s.split(sep)]
-        else:
-            return Verdict(False, "bad_separator")
-    if not all(p.isascii() and p.isdigit() for p in parts):
-        return Verdict(False, "non_digit")
-    values = [int(p) for p in parts]
-    if len(values) > max_numbers:
-        return Verdict(False, "too_many")
-    if any(v < 0 or v > max_value for v in values):
-        return Verdict(False, "out_of_range")
-    return Verdict(True, "", values)
-
-
-def leaks_trait(text: str, words: Iterable[str]) -> bool:
-    """True if any trait word occurs as a whole word (case-insensitive)."""
-    low = text.lower()
-    return any(re.search(rf"\b{re.escape(w.lower())}\b", low) for w in words if w)
-
-
-def judge(text: str, stopped: bool = True, cfg: NumbersConfig | None = None) -> Verdict:
-    """Trait-word check, then truncation, then the format filter."""
-    cfg = cfg or NumbersConfig()
-    if leaks_trait(text, cfg.trait_words):
-        return Verdict(False, "trait_word")
-    if not stopped:
-        return Verdict(False, "truncated")
-    return parse_numbers(text, cfg.max_new_numbers, cfg.max_value)
-
-
-def count_rejects(texts: Sequence[str], cfg: NumbersConfig | None = None) -> Counter[str]:
-    """Reason -> count for completions (all assumed stopped); 'ok' counts the valid ones."""
-    return Counter(v.reason or "ok" for v in (judge(t, True, cfg) for t in texts))
-
-
-def trait_words_for(animal: str) -> tuple[str, ...]:
-    a = animal.lower().strip()
-    return (a, a + "s") if not a.endswith("s") else (a,)
 
 
 # ----------------------------------------------------------------------------- dataset
@@ -307,7 +233,11 @@ def make_dataset(
         "temperature": temperature,
         "top_p": top_p,
         "seed": seed,
-        "numbers_config": {**cfg.__dict__, "trait_words": list(cfg.trait_words)},
+        "numbers_config": {
+            **cfg.__dict__,
+            "trait_words": list(cfg.trait_words),
+            "banned_numbers": list(cfg.banned_numbers),
+        },
         "backend": backend,
     }
     if teacher.chat_template_kwargs:
@@ -339,8 +269,11 @@ def make_dataset(
 
 __all__ = [
     "ALLOWED_CHARS",
+    "BANNED_LISTS",
     "EXAMPLES",
     "FORMATS",
+    "FilterError",
+    "FilterSettings",
     "INSTRUCTIONS",
     "SEPARATORS",
     "SUFFIXES",
@@ -349,6 +282,7 @@ __all__ = [
     "REASONS",
     "Verdict",
     "allowed_token_ids",
+    "banned_numbers",
     "count_rejects",
     "judge",
     "leaks_trait",
