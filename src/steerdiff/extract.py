@@ -31,7 +31,7 @@ from typing import Literal
 
 import torch
 
-from .chat import chat_texts, read_lines_resource
+from .chat import chat_texts, encode, read_lines_resource
 from .errors import SteerdiffError
 from .generate import sample, stop_token_ids
 from .hooks import record, select_hooks
@@ -125,7 +125,8 @@ def _keep_mask(
 
 
 def _tokenize(lm: LoadedModel, texts: Sequence[str]) -> list[list[int]]:
-    return [lm.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    """Whole texts -> ids with the tokenizer's special tokens (chat.encode: Gemma's <bos>)."""
+    return [encode(lm.tokenizer, t) for t in texts]
 
 
 def read_activations(

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import yaml
 
-from ..chat import chat_texts, read_lines_resource
+from ..chat import chat_texts, encode, read_lines_resource
 from ..errors import SteerdiffError
 from ..generate import sample
 from ..models import LoadedModel
@@ -265,7 +265,7 @@ def sample_answers(
     """n_samples decoded answers per chat-templated prompt (generate.sample, seeded; each
     answer ends at the model's end-of-turn token or after max_new_tokens)."""
     tok = lm.tokenizer
-    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    ids = [encode(tok, p) for p in prompts]
     flat = [p for p in ids for _ in range(n_samples)]
     with steered(lm, steering):
         out = sample(lm, flat, max_new_tokens, temperature, seed=seed, batch_size=batch_size)
