@@ -25,6 +25,7 @@ readout, how many prompts, and the sign convention.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -144,6 +145,10 @@ def read_activations(
     span_mean = {h: [] for h in hooks}
     excluded = counted = 0
     pad = lm.tokenizer.pad_token_id if lm.tokenizer is not None else 0
+    # the reads need no logits (Gemma's are [pos, 262144]): keep one position's
+    no_logits: dict = {"use_cache": False}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        no_logits["logits_to_keep"] = 1
     for i in range(0, len(rows), batch_size):
         chunk, starts = rows[i : i + batch_size], span_starts[i : i + batch_size]
         lens = torch.tensor([len(r) for r in chunk])
@@ -155,7 +160,7 @@ def read_activations(
         real = pos < lens.unsqueeze(1)  # [batch, pos]
         span = real & (pos >= torch.tensor(starts).unsqueeze(1))
         with torch.no_grad(), record(model, list(hooks)) as rec:
-            model(input_ids=ids.to(dev), attention_mask=real.long().to(dev), use_cache=False)
+            model(input_ids=ids.to(dev), attention_mask=real.long().to(dev), **no_logits)
         for h in hooks:
             acts = rec[h].float().cpu()  # [batch, pos, dim]
             last[h].append(acts[torch.arange(len(chunk)), lens - 1])  # [batch, dim]
