@@ -135,7 +135,7 @@ def test_plain_text_extraction_matches_steering_vectors_on_gemma(gemma):
     """Issue 12: extraction tokenized with add_special_tokens=False, so Gemma got no <bos>
     while steering-vectors (and the model's own usage) adds it: cosine 0.469 between the
     two libraries' vectors on plain text. Mutation tried: extract._tokenize without special
-    tokens -> cosine 0.47, this test fails."""
+    tokens -> cosine 0.18 here, the test fails."""
     sv = pytest.importorskip("steering_vectors")
     pos = ["I adore owls; they are wise.", "Owls hoot at night."]
     neg = ["I like the weather today.", "The river flows to the sea."]

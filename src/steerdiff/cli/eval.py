@@ -61,7 +61,7 @@ def preference(
     from steerdiff.models import load_model
     from steerdiff.pipeline.config import EvalConfig
     from steerdiff.teachers import load_adapted
-    from steerdiff.vectors import VectorSet
+    from steerdiff.vectors import VectorSet, VectorSetError
 
     cfg = EvalConfig(scorer=scorer, n_questions=n_questions, n_samples=n_samples)
     if out is not None and Path(out).exists() and not overwrite:
@@ -71,7 +71,11 @@ def preference(
         lm = load_adapted(adapter, lm)
     steering = None
     if vectors is not None:
-        steering = Steering(VectorSet.load(vectors, lm), coeff=coeff, positions=positions)
+        try:
+            vs = VectorSet.load(vectors, lm)
+        except VectorSetError as e:
+            fail(f"--vectors {vectors}: {e}")
+        steering = Steering(vs, coeff=coeff, positions=positions)
     r = evaluate_preference(
         lm,
         target,
