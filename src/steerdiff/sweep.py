@@ -51,6 +51,7 @@ from .evals import (
 from .extract import Exclusion, default_contrast_questions, trait_vectors
 from .hooks import n_layers
 from .models import LoadedModel
+from .progress import progress as progress_bar
 from .vectors import VectorSet
 
 HOOK_TEMPLATE = "blocks.{layer}.hook_resid_post"
@@ -255,9 +256,9 @@ def _cell(r, layer, hook, s, dist, base, ti, cat, kl, norm) -> Cell:
 def run_sweep(
     lm: LoadedModel, config: SweepConfig | None = None, progress: bool = True
 ) -> SweepResult:
-    """Extract trait vectors and score every (readout, layer, strength) cell."""
-    from tqdm.auto import tqdm
+    """Extract trait vectors and score every (readout, layer, strength) cell.
 
+    progress: a bar on a terminal, plain periodic lines when stderr is a log file."""
     cfg = config or SweepConfig()
     n_model = n_layers(lm.model)
     cfg.check(n_model)
@@ -299,9 +300,7 @@ def run_sweep(
     t0, c0 = time.perf_counter(), time.process_time()
     cells: list[Cell] = []
     grid = [(r, la) for r in cfg.readouts for la in layers]
-    bar = tqdm(
-        total=len(grid) * len(cfg.strengths), desc=f"sweep {cfg.target}", disable=not progress
-    )
+    bar = progress_bar(len(grid) * len(cfg.strengths), f"sweep {cfg.target}", disable=not progress)
     # positions "all": partial forwards from the steered layer (evals.fast_scoring); other
     # positions: the full cached model passes, all strengths of one vector batched.
     fast = cfg.positions == "all"

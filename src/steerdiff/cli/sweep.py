@@ -52,6 +52,9 @@ def sweep(
     questions: Annotated[
         int, typer.Option(help="exact-scorer questions per cell (first n of 50)")
     ] = 5,
+    confirm_questions: Annotated[
+        int, typer.Option(help="re-score the best cell on this many questions (0: skip)")
+    ] = 50,
     off_target_bound: Annotated[float, typer.Option(help="max rise of any other candidate")] = 0.10,
     kl_bound: Annotated[
         float, typer.Option(help="max KL (nats/token) from the unsteered model")
@@ -80,6 +83,7 @@ def sweep(
         strengths=parse_floats(strengths, "strengths"),
         readouts=rlist,
         n_questions=questions,
+        confirm_questions=confirm_questions,
         off_target_bound=off_target_bound,
         kl_bound=kl_bound,
         seed=seed,

@@ -16,6 +16,9 @@ Two scorers, both returning the full distribution over the candidate list:
 
 "No system prompt" means the chat template's own default system prompt (SmolLM2
 inserts one): the model as a user meets it.
+
+`evaluate_preference` runs either scorer by name: the one call behind the pipeline's eval
+stage and `steerdiff eval preference`.
 """
 
 from __future__ import annotations
@@ -27,19 +30,20 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import yaml
 
-from ..chat import chat_texts, read_lines_resource
+from ..chat import chat_texts, encode, read_lines_resource
 from ..errors import SteerdiffError
 from ..generate import sample
 from ..models import LoadedModel
-from .scoring import candidate_logprobs, question_prompts
+from .scoring import ScoringError, candidate_logprobs, question_prompts
 from .steering import Steering, SteeringError, steered
 
 QUESTIONS_FILE = "preference_questions.txt"
+SCORERS = ("exact", "sampling")
 
 
 class CategoryError(SteerdiffError, ValueError):
@@ -265,7 +269,7 @@ def sample_answers(
     """n_samples decoded answers per chat-templated prompt (generate.sample, seeded; each
     answer ends at the model's end-of-turn token or after max_new_tokens)."""
     tok = lm.tokenizer
-    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    ids = [encode(tok, p) for p in prompts]
     flat = [p for p in ids for _ in range(n_samples)]
     with steered(lm, steering):
         out = sample(lm, flat, max_new_tokens, temperature, seed=seed, batch_size=batch_size)
@@ -332,3 +336,38 @@ def sample_preference(
         seconds=time.perf_counter() - t0,
         extra={"temperature": temperature, "max_new_tokens": max_new_tokens, "seed": seed},
     )
+
+
+# ----------------------------------------------------------------------------- either scorer
+
+
+def evaluate_preference(
+    lm: LoadedModel,
+    target: str = "owl",
+    category: Category | str | Path = "animals",
+    scorer: Literal["exact", "sampling"] = "exact",
+    n_questions: int | None = None,
+    n_samples: int = 20,
+    system_prompt: str | None = None,
+    steering: Steering | None = None,
+    seed: int = 0,
+) -> PreferenceResult:
+    """The trait evaluation of one model (steered, prompted, adapted or plain) with the
+    exact scorer or the sampling scorer (n_samples answers per question, seeded)."""
+    if scorer == "exact":
+        return exact_preference(
+            lm, target, category, None, n_questions, system_prompt=system_prompt, steering=steering
+        )
+    if scorer == "sampling":
+        return sample_preference(
+            lm,
+            target,
+            category,
+            None,
+            n_questions,
+            n_samples=n_samples,
+            system_prompt=system_prompt,
+            steering=steering,
+            seed=seed,
+        )
+    raise ScoringError(f"Unknown scorer {scorer!r}; use one of {', '.join(SCORERS)}.")

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from ..chat import chat_texts
+from ..chat import answer_lead, chat_texts, encode
 from ..errors import SteerdiffError
 from ..generate import sample
 from ..models import LoadedModel
@@ -164,12 +164,14 @@ def answer_variants(candidate: str) -> list[str]:
 
 
 def answer_forms(tokenizer, candidates: Sequence[str]) -> tuple[list[int], list[list[int]]]:
-    """Every surface form's tokens, and the candidate index that owns each form."""
+    """Every surface form's tokens (after chat.answer_lead), and the candidate index that
+    owns each form."""
     owner, forms = [], []
+    lead = answer_lead(tokenizer)
     for ci, c in enumerate(candidates):
         for v in answer_variants(c):
             owner.append(ci)
-            forms.append(tokenizer(v, add_special_tokens=False)["input_ids"])
+            forms.append(tokenizer(lead + v, add_special_tokens=False)["input_ids"])
     return owner, forms
 
 
@@ -178,7 +180,7 @@ def question_prompts(
 ) -> list[list[int]]:
     """Chat-templated prompt token ids (generation prompt added) for each question."""
     texts = chat_texts(lm.tokenizer, questions, system_prompt)
-    return [lm.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    return [encode(lm.tokenizer, t) for t in texts]
 
 
 def continuation_feeds(forms: Sequence[Sequence[int]]) -> tuple[list[list[int]], list[int]]:
@@ -264,7 +266,7 @@ class CoherenceProbe:
         self.lm = lm
         tok = lm.tokenizer
         texts = chat_texts(tok, prompts, None)
-        self.prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        self.prompts = [encode(tok, t) for t in texts]
         self.responses = greedy_responses(lm, self.prompts, n_tokens)
         self.base = self._logprobs(None)  # [K, n_tokens, vocab]
 
