@@ -132,6 +132,7 @@ def fit_lora(
     cfg = make_config(config, overrides)
     lora = lora or LoraConfig()
     d = prepare_fit(lm, data, cfg, teacher)
+    cfg = d.config(cfg)  # objective "auto" resolved
     model = unwrap(lm)
     torch.manual_seed(cfg.seed)  # LoRA A init
     peft_model = get_peft_model(model, lora.peft_config(model))
@@ -174,6 +175,7 @@ def fit_full(
     """
     cfg = make_config(config, overrides)
     d = prepare_fit(lm, data, cfg, teacher)
+    cfg = d.config(cfg)  # objective "auto" resolved
     model = copy.deepcopy(unwrap(lm))
     model.requires_grad_(True)
     params = {n: p for n, p in model.named_parameters()}
