@@ -54,6 +54,18 @@ class FitData:
     pad_id: int
     objective: str = "sft"  # what cfg.objective "auto" resolves to on this data
     notes: list[str] = field(default_factory=list)  # said on stderr, kept in result.json
+    # for `score` (prepare_fit(score=False) leaves base_val / teacher_val to it)
+    lm: Any = None
+    scorer: TeacherLike = None
+    batch_size: int = 16
+    show_progress: bool = False
+
+    def score(self) -> None:
+        """Fill base_val / teacher_val (the slow part: a pass of each model over val)."""
+        if self.val and self.base_val is None:
+            self.base_val, self.teacher_val = reference_losses(
+                self.lm, self.val, self.scorer, self.batch_size, self.show_progress
+            )
 
     def config(self, cfg: FitConfig) -> FitConfig:
         """`cfg` with objective "auto" resolved for this data."""
@@ -62,7 +74,12 @@ class FitData:
         return cfg.model_copy(update={"objective": self.objective})
 
     def train_student(self, student: Student, cfg: FitConfig, **kwargs: Any) -> FitResult:
-        """`loop.train_student` on this data; kwargs: out_dir, resume, prov, on_step, ..."""
+        """`loop.train_student` on this data; kwargs: out_dir, resume, prov, on_step, ...
+
+        Resuming from a checkpoint takes the reference losses from it (its settings are
+        checked first, in seconds); otherwise they are scored here if not yet."""
+        if not resumes(kwargs.get("out_dir"), kwargs.get("resume", False)):
+            self.score()
         extra = {
             "objective": self.objective,
             "n_train_rows": len(self.train),
@@ -82,10 +99,21 @@ class FitData:
         )
 
 
+def resumes(out_dir: str | os.PathLike | None, resume: bool) -> bool:
+    """Will a fit with these arguments resume from a checkpoint?"""
+    return bool(resume and out_dir is not None and (Path(out_dir) / "checkpoint.pt").exists())
+
+
 def prepare_fit(
-    lm: LoadedModel | nn.Module, data: Data, cfg: FitConfig, teacher: TeacherLike = None
+    lm: LoadedModel | nn.Module,
+    data: Data,
+    cfg: FitConfig,
+    teacher: TeacherLike = None,
+    score: bool = True,
 ) -> FitData:
-    """Examples, the seeded split, and the base model's and teacher's validation losses.
+    """Examples, the seeded split, and the base model's and teacher's validation losses
+    (score=False: left to `FitData.score`, which `FitData.train_student` calls unless it
+    resumes from a checkpoint).
 
     teacher: a Teacher (used as it is; it must run on `lm`'s model), a TeacherConfig or a
     spec dict (built once on `lm`); None = the dataset manifest's teacher, unless the data
@@ -124,10 +152,11 @@ def prepare_fit(
                 file=sys.stderr,
                 flush=True,
             )
-    base_val = teacher_val = None
-    if val:
-        base_val, teacher_val = reference_losses(lm, val, scorer, cfg.micro, cfg.progress)
-    return FitData(train, val, p.teacher, base_val, teacher_val, pad_id_of(lm), objective, p.notes)
+    d = FitData(train, val, p.teacher, None, None, pad_id_of(lm), objective, p.notes)
+    d.lm, d.scorer, d.batch_size, d.show_progress = lm, scorer, cfg.micro, cfg.progress
+    if score:
+        d.score()
+    return d
 
 
 def _describe(lm: LoadedModel) -> str:
@@ -211,7 +240,7 @@ def fit(
         names = select_hooks(model, cfg.hooks)
     except HookError as e:
         raise FitError(f"Hook selection {cfg.hooks} matches no hook point: {e}") from e
-    d = prepare_fit(lm, data, cfg, teacher)
+    d = prepare_fit(lm, data, cfg, teacher, score=False)  # scored in d.train_student
     cfg = d.config(cfg)  # objective "auto" resolved
     model.requires_grad_(False)
     student = VectorStudent(model, init_vectors(model, names, cfg), cfg)
@@ -220,7 +249,8 @@ def fit(
     def save(out: Path, params: dict[str, torch.Tensor], summary: dict) -> None:
         _vector_set(lm, params, cfg, summary, d.teacher).save(out / "vectors.safetensors")
 
-    if rank_world()[0] == 0 and out_dir is not None:
+    if rank_world()[0] == 0 and out_dir is not None and not resumes(out_dir, resume):
+        # (a resumed fit keeps the config.json of its start: the checkpoint holds the same)
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         atomic_write_json(Path(out_dir) / "config.json", {"config": cfg.model_dump(), **prov})
     res = d.train_student(
