@@ -222,16 +222,17 @@ def gap_lines(summary: dict) -> list[str]:
         if ci:
             line += f" (95% CI {_pct(ci[0])} to {_pct(ci[1])})"
         line += behind
-        gap = summary.get("ce_gap") if key == "gap_closed" else summary.get("kl_gap")
-        if gap is not None:
-            line += f"; the gap is {gap:.4f} nats/token"
-        if key == "gap_closed" and summary.get("ce_gap_within_noise"):
-            line += (
-                f" (under {NOISE_GAP_NATS} nats: within noise, the fraction can swing far "
-                "outside 0..1; read the KL figure)"
-            )
+        if key == "gap_closed" and summary.get("ce_gap") is not None:
+            line += f"; base - teacher = {summary['ce_gap']:.4f} nats/token"
+            if summary.get("ce_gap_within_noise"):
+                line += (
+                    f", under {NOISE_GAP_NATS}: within noise (the fraction can swing far "
+                    "outside 0..1; read the KL figure)"
+                )
+        if key == "kl_gap_closed" and summary.get("kl_gap") is not None:
+            line += f"; base KL to the teacher = {summary['kl_gap']:.4f} nats/token"
         if ci and ci[0] <= 0.0 <= ci[1]:
-            line += ": not distinguishable from no change"
+            line += "; the interval contains 0: not distinguishable from no change"
         out.append(line)
     if summary.get("gap_closed") is None and summary.get("fitted_val_loss") is not None:
         out.append(
