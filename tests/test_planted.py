@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from test_train import HOOK, peaky_tiny
 
@@ -11,17 +12,20 @@ torch.set_num_threads(1)
 
 
 def test_planted_vector_is_recovered_by_distillation():
+    """Ground truth: distillation on the teacher's top-k recovers v* (docs/fit.md: cosine
+    1.000 and norm ratio 1.000 from 100 samples), so the fit closes the whole gap."""
     m = peaky_tiny()
     v_star = random_vector(m, HOOK, 4.0, seed=3)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(2, 256, (6,), generator=g).tolist() for _ in range(300)]
-    cfg = FitConfig(objective="distill", lr=0.05, epochs=10, batch_size=32, progress=False)
+    cfg = FitConfig(lr=0.05, epochs=10, batch_size=32, progress=False)
     res = planted_experiment(m, HOOK, v_star, prompts, cfg, max_new_tokens=8, topk=32)
-    assert res.n_samples == 300
-    assert res.cosine >= 0.9
-    assert 0.8 < res.norm_ratio < 1.2
-    assert res.fit.fitted_val_loss < res.fit.base_val_loss
-    assert res.fit.metrics[-1]["val_kl"] < 0.1 * res.fit.metrics[0]["train_kl"]
+    assert res.n_samples == 300 and res.objective == "distill"
+    assert res.cosine == pytest.approx(1.0, abs=0.005)
+    assert res.norm_ratio == pytest.approx(1.0, abs=0.02)
+    assert res.fit.fitted_val_loss == pytest.approx(res.fit.teacher_val_loss, abs=1e-3)
+    assert res.fit.gap_closed == pytest.approx(1.0, abs=0.1)
+    assert res.fit.metrics[-1]["val_kl"] < 1e-3 * res.fit.metrics[0]["train_kl"]
 
 
 def test_sample_examples_greedy_equals_model_generate():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -24,7 +25,10 @@ from steerdiff.fit import (
     sample_examples,
     split_examples,
     tokenize_rows,
+    train_student,
 )
+from steerdiff.fit.loop import batch_of_step, fixed_batches
+from steerdiff.fit.students import Student
 from steerdiff.hooks import get_hook_point, select_hooks, steer
 from steerdiff.io import append_jsonl
 from steerdiff.replay import compute_prefix, lm_head, prefix_hidden
@@ -41,17 +45,20 @@ def peaky_tiny(seed: int = 0) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(cfg).eval().requires_grad_(False)
 
 
+# The draw of the samples; every test passes with seeds 0, 1 and 2 (checked by hand with
+# STEERED_DATA_SEED=0/1/2): the one-epoch checks compare losses on the rows trained on,
+# not validation losses that depend on the draw.
+DATA_SEED = int(os.environ.get("STEERED_DATA_SEED", "1"))
+
+
 @pytest.fixture(scope="module")
 def steered_data() -> tuple[torch.nn.Module, torch.Tensor, list[Example]]:
-    """Teacher = peaky tiny + v* at blocks.1.hook_resid_post; 96 samples with top-k 16.
-
-    The one-epoch SFT checks below (mixed hooks, full finetune) depend on the draw: with
-    generate.sample's stream, seeds 1 and 3 pass them and seeds 0 and 2 do not."""
+    """Teacher = peaky tiny + v* at blocks.1.hook_resid_post; 96 samples with top-k 16."""
     m = peaky_tiny()
     v = random_vector(m, HOOK, 16.0, seed=3)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(2, 256, (6,), generator=g).tolist() for _ in range(96)]
-    exs = sample_examples(m, prompts, {HOOK: v}, max_new_tokens=6, seed=1)
+    exs = sample_examples(m, prompts, {HOOK: v}, max_new_tokens=6, seed=DATA_SEED)
     annotate_topk(m, exs, {"kind": "steered", "vectors": {HOOK: v}}, k=16)
     return m, v, exs
 
@@ -60,7 +67,47 @@ def teacher(v: torch.Tensor) -> dict:
     return {"kind": "steered", "vectors": {HOOK: v}, "coeff": 1.0}
 
 
-QUICK = dict(batch_size=16, epochs=1, progress=False, val_size=16, lr=0.05)
+def hand_ce(m: torch.nn.Module, examples: list[Example], vectors: dict | None = None) -> tuple:
+    """(mean CE per completion token, per-row CE sums, tokens) by a plain forward of each
+    row alone, with `vectors` steered in: the losses as a user computes them, with no code
+    of steerdiff.fit."""
+    rows, n = [], 0
+    for ex in examples:
+        ids = torch.tensor([ex.prompt_ids + ex.completion_ids])
+        with steer(m, vectors or {}):
+            logp = torch.log_softmax(m(input_ids=ids).logits[0].float(), -1)
+        p, tgt = len(ex.prompt_ids), torch.tensor(ex.completion_ids)
+        rows.append(-float(logp[p - 1 : p - 1 + len(tgt)].gather(1, tgt[:, None]).sum()))
+        n += len(tgt)
+    return sum(rows) / n, rows, n
+
+
+def hand_kl(m: torch.nn.Module, examples: list[Example], vectors: dict | None = None) -> float:
+    """Mean over completion tokens of KL(teacher top-k || student renormalised over the same
+    k ids), by a plain forward of each row alone."""
+    total, n = 0.0, 0
+    for ex in examples:
+        ids = torch.tensor([ex.prompt_ids + ex.completion_ids])
+        with steer(m, vectors or {}):
+            logp = torch.log_softmax(m(input_ids=ids).logits[0].float(), -1)
+        p = len(ex.prompt_ids)
+        for t, (k_ids, k_lp) in enumerate(zip(ex.topk_ids, ex.topk_logprobs, strict=True)):
+            log_pt = torch.log_softmax(torch.tensor(k_lp), -1)
+            log_qs = torch.log_softmax(logp[p - 1 + t][torch.tensor(k_ids)], -1)
+            total += float((log_pt.exp() * (log_pt - log_qs)).sum())
+            n += 1
+    return total / n
+
+
+QUICK = dict(
+    batch_size=16,
+    epochs=1,
+    progress=False,
+    val_size=16,
+    lr=0.05,
+    schedule="constant",
+    warmup_steps=0,
+)
 
 
 # ---------------------------------------------------------------- partial forward
@@ -109,12 +156,15 @@ def test_fit_mixed_hooks_sft_lowers_loss_and_matches_uncached(steered_data):
     ]
     cfg = FitConfig(hooks=hooks, objective="sft", micro_batch_size=8, **QUICK)
     res = fit(m, exs, cfg, teacher=teacher(v))
+    _, val = split_examples(list(exs), cfg)
     assert set(res.vectors) == set(select_hooks(m, hooks)) and len(res.vectors) == 9
     assert res.vectors["blocks.1.attn.hook_k"].shape == (32,)  # 2 kv heads x 16
-    first, last = res.metrics[0]["train_loss"], res.metrics[-1]["train_loss"]
-    assert last < first
+    # one epoch lowers the loss on the rows it trained on (for any draw of the data)
+    train, _ = split_examples(list(exs), cfg)
+    before, after = hand_ce(m, train)[0], hand_ce(m, train, dict(res.vectors))[0]
+    assert after < before - 0.01
     assert res.teacher_val_loss < res.base_val_loss
-    assert res.fitted_val_loss < res.base_val_loss and res.gap_closed > 0
+    assert res.fitted_val_loss == pytest.approx(hand_ce(m, val, dict(res.vectors))[0], rel=1e-4)
     slow = fit(m, exs, cfg.model_copy(update={"cache_prefix": False}), teacher=teacher(v))
     for k in res.vectors:
         torch.testing.assert_close(res.vectors[k], slow.vectors[k], atol=1e-5, rtol=1e-4)
@@ -127,7 +177,12 @@ def test_distill_and_grad_accumulation_equal_big_batch(steered_data):
     b = fit(m, exs, cfg.model_copy(update={"micro_batch_size": 4}), teacher=teacher(v))
     torch.testing.assert_close(a.vectors[HOOK], b.vectors[HOOK], atol=1e-6, rtol=1e-5)
     assert a.metrics[-1]["train_kl"] < a.metrics[0]["train_kl"]
-    assert "val_kl" in a.metrics[-1] and a.metrics[-1]["kl_gap_closed"] > 0
+    # the validation KL and its gap closed, by hand (KL to the stored top-k, renormalised)
+    _, val = split_examples(list(exs), cfg)
+    base_kl, fitted_kl = hand_kl(m, val), hand_kl(m, val, dict(a.vectors))
+    assert a.metrics[-1]["val_kl"] == pytest.approx(fitted_kl, rel=1e-4)
+    assert a.extra["base_val_kl"] == pytest.approx(base_kl, rel=1e-4)
+    assert a.extra["kl_gap_closed"] == pytest.approx(1 - fitted_kl / base_kl, rel=1e-3)
     assert a.extra["kl_gap_closed"] == a.metrics[-1]["kl_gap_closed"]
 
 
@@ -160,9 +215,9 @@ def test_lr_schedules():
     assert lr_factor(2, 10, cfg) == pytest.approx(1.0)
     assert lr_factor(6, 10, cfg) == pytest.approx(0.5)
     assert lr_factor(10, 10, cfg) == pytest.approx(0.0)
-    lin = FitConfig(schedule="linear")
+    lin = FitConfig(schedule="linear", warmup_steps=0)
     assert lr_factor(5, 10, lin) == pytest.approx(0.5)
-    assert lr_factor(7, 10, FitConfig()) == 1.0
+    assert lr_factor(7, 10, FitConfig(schedule="constant", warmup_steps=0)) == 1.0
 
 
 def test_random_init_is_seeded_and_norm_cap(steered_data):
@@ -177,7 +232,8 @@ def test_random_init_is_seeded_and_norm_cap(steered_data):
         **{k: x for k, x in QUICK.items() if k != "lr"},
     )
     a, b = fit(m, exs, cfg), fit(m, exs, cfg)
-    assert torch.equal(a.vectors[HOOK], b.vectors[HOOK]) and a.vectors[HOOK].norm() > 4
+    want = torch.randn(64, generator=torch.Generator().manual_seed(0))  # std init_scale = 1
+    assert torch.equal(a.vectors[HOOK], want) and torch.equal(b.vectors[HOOK], want)
     c = fit(m, exs, cfg.model_copy(update={"seed": 1}))
     assert not torch.equal(a.vectors[HOOK], c.vectors[HOOK])
     capped = fit(m, exs, cfg.model_copy(update={"max_norm": 0.5}))
@@ -185,18 +241,29 @@ def test_random_init_is_seeded_and_norm_cap(steered_data):
 
 
 def test_early_stopping_keeps_best(steered_data):
+    """Bug caught: early stopping returning the LAST step's vectors instead of the best
+    evaluation's (the restore of best_params removed). Adam at lr 2 overshoots: the
+    validation loss reaches its lowest point, then rises on two evaluations (patience 1),
+    so the fit stops two steps after its best (step 6 of 8 with the seed-1 data) and must
+    return the best step's vectors: exactly those of a fit stopped at that step."""
     m, v, exs = steered_data
     cfg = FitConfig(
         hooks=[HOOK],
-        optimizer="sgd",
+        objective="sft",
         eval_every=1,
         early_stopping_patience=1,
-        epochs=5,
-        **{k: x for k, x in QUICK.items() if k not in ("lr", "epochs")},
-        lr=0.0,
+        **{**QUICK, "lr": 2.0, "epochs": 5},
     )
     res = fit(m, exs, cfg)
-    assert res.stopped == "early_stopping" and res.steps == 3
+    val = [r["val_loss"] for r in res.metrics]
+    best = val.index(min(val)) + 1
+    assert res.stopped == "early_stopping" and best == res.steps - 2 and res.steps < 25
+    assert res.fitted_val_loss == pytest.approx(val[best - 1], rel=1e-6)
+    assert val[-1] > val[best - 1] + 1e-3  # the last step's vectors are worse
+    at_best = fit(
+        m, exs, cfg.model_copy(update={"early_stopping_patience": None, "max_steps": best})
+    )
+    torch.testing.assert_close(res.vectors[HOOK], at_best.vectors[HOOK], atol=1e-6, rtol=1e-6)
 
 
 def test_checkpoint_resume_gives_same_result(steered_data, tmp_path):
@@ -261,36 +328,70 @@ def test_hook_selection_matching_nothing(steered_data):
         fit(m, exs, FitConfig(hooks=["blocks.7.hook_resid_post"], progress=False))
 
 
+def rows_of_step(examples: list[Example], cfg: FitConfig, step: int) -> list[Example]:
+    """The training rows optimizer step `step` (1-based) takes (the order is seeded)."""
+    train, _ = split_examples(examples, cfg)
+    batches = fixed_batches(train, cfg)
+    return batches[batch_of_step(step - 1, len(batches), cfg.seed)[1]]
+
+
 def test_nan_loss_stops_and_keeps_last_checkpoint(steered_data, tmp_path):
+    """Bug caught: a NaN loss taken as a step (NaN vectors checkpointed and saved), or a
+    checkpoint written after the bad step. The rows of step 4 carry NaN top-k log-probs;
+    checkpoints every 2 steps: the fit stops at step 4 naming it, the checkpoint on disk is
+    step 2's, equal to a clean fit stopped at step 2, and no vectors or result are written."""
     m, v, exs = steered_data
+    cfg = FitConfig(hooks=[HOOK], objective="distill", checkpoint_every=2, **QUICK)
     bad = [Example(e.prompt_ids, e.completion_ids, None, e.topk_ids, e.topk_logprobs) for e in exs]
-    cfg = FitConfig(
-        hooks=[HOOK],
-        objective="distill",
-        checkpoint_every=1,
-        val_size=16,
-        batch_size=16,
-        progress=False,
-        seed=0,
-    )
-    # poison the training rows of step 3 (order is fixed by the seed): find them from a dry run
-    order_rows = []
-    fit(
-        m,
-        bad,
-        cfg.model_copy(update={"max_steps": 3}),
-        out_dir=tmp_path / "dry",
-        on_step=lambda s, r: order_rows.append(s),
-    )
-    ck = torch.load(tmp_path / "dry" / "checkpoint.pt", weights_only=False)
-    good = ck["params"][HOOK]
-    for e in bad:
+    for e in rows_of_step(bad, cfg, 4):
         e.topk_logprobs = [[math.nan] * len(x) for x in e.topk_logprobs]
-    with pytest.raises(FitError, match="Non-finite loss at step 4 .*last good checkpoint"):
-        fit(m, bad, cfg, out_dir=tmp_path / "dry", resume=True)
-    ck2 = torch.load(tmp_path / "dry" / "checkpoint.pt", weights_only=False)
-    assert ck2["state"]["step"] == 3 and torch.equal(ck2["params"][HOOK], good)
-    assert torch.isfinite(ck2["params"][HOOK]).all()
+    with pytest.raises(FitError) as err:
+        fit(m, bad, cfg, out_dir=tmp_path / "nan")
+    assert str(err.value).startswith("Non-finite loss at step 4 (loss=nan")
+    assert f"The last good checkpoint (step 2) is kept at {tmp_path / 'nan'}" in str(err.value)
+    ck = torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=False)
+    clean = fit(m, exs, cfg.model_copy(update={"max_steps": 2}))
+    assert ck["state"]["step"] == 2
+    torch.testing.assert_close(ck["params"][HOOK], clean.vectors[HOOK], atol=0, rtol=0)
+    assert not (tmp_path / "nan" / "vectors.safetensors").exists()
+    assert not (tmp_path / "nan" / "result.json").exists()
+    rows = [json.loads(x) for x in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]  # no row for the bad step
+
+
+class OverflowStudent(Student):
+    """One trained tensor whose loss, 1 + 1e19 * sum(w), has a finite gradient (5e18 per coordinate):
+    an SGD step at lr 1e22 moves w to -5e40, past float32's range (-inf)."""
+
+    def __init__(self) -> None:
+        self.params = {"w": torch.zeros(4, requires_grad=True)}
+        self.model = None
+
+    def losses(self, batch, key, objective):
+        ce = 1.0 + 1e19 * self.params["w"].sum() * torch.ones(batch.input_ids.shape[0])
+        return ce, torch.zeros_like(ce)
+
+
+def test_non_finite_parameters_are_never_checkpointed(tmp_path):
+    """Bug caught: a step whose update overflows the parameters (finite loss and gradient,
+    huge lr) is checkpointed, so the 'last good checkpoint' holds -inf. The fit stops
+    before saving anything of that step."""
+    exs = [Example([1, 2], [3, 4]) for _ in range(8)]
+    cfg = FitConfig(optimizer="sgd", checkpoint_every=1, **{**QUICK, "lr": 1e22, "val_size": 0})
+    with pytest.raises(FitError) as err:
+        train_student(
+            OverflowStudent(),
+            exs,
+            [],
+            cfg,
+            pad_id=0,
+            base_val=None,
+            teacher_val=None,
+            out_dir=tmp_path,
+        )
+    assert str(err.value).startswith("Non-finite parameters after step 1 (w);")
+    assert "No checkpoint was written yet. Lower --lr" in str(err.value)
+    assert not (tmp_path / "checkpoint.pt").exists()
 
 
 # ---------------------------------------------------------------- real tokenizer
@@ -314,9 +415,14 @@ def test_tokenize_rows_matches_chat_template(smollm):
     assert tok.decode(ex.teacher_prompt_ids).startswith(
         "<|im_start|>system\nYou love owls.<|im_end|>"
     )
-    assert ex.completion_ids[-1] == tok.convert_tokens_to_ids("<|im_end|>")
-    rows[0]["completion_ids"] = [33, 2]
-    assert tokenize_rows(tok, rows)[0].completion_ids == [33, 2]
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    assert ex.completion_ids[-1] == eot
+    # sampled ids are kept as they are, also when they are not the text's own tokenization
+    rows[0]["messages"][1]["content"] = "hello there"
+    sampled = [2797, 5365, 665, eot]  # 'hel' 'lo' ' there' (the tokenizer says 'hello' ' there')
+    assert tok("hello there", add_special_tokens=False).input_ids == [28120, 665]
+    rows[0]["completion_ids"] = sampled
+    assert tokenize_rows(tok, rows)[0].completion_ids == sampled
 
 
 def test_cli_fit_single_vector(smollm, tmp_path, monkeypatch):
@@ -361,7 +467,15 @@ def test_cli_fit_single_vector(smollm, tmp_path, monkeypatch):
     assert list(vs) == ["blocks.28.hook_resid_post"] and vs["blocks.28.hook_resid_post"].shape == (
         576,
     )
-    assert float(vs["blocks.28.hook_resid_post"].norm()) > 0
+    # the CLI's vectors are the library's with the same settings (and not zero)
+    lib = fit(
+        smollm,
+        tmp_path / "d.jsonl",
+        FitConfig(hooks=["blocks.28.hook_resid_post"], max_steps=2, batch_size=4, lr=0.01),
+    )
+    got = vs["blocks.28.hook_resid_post"]
+    torch.testing.assert_close(got, lib.vectors["blocks.28.hook_resid_post"], atol=1e-6, rtol=1e-5)
+    assert float(got.norm()) > 1e-3
     r = CliRunner().invoke(
         app,
         [
@@ -378,38 +492,41 @@ def test_cli_fit_single_vector(smollm, tmp_path, monkeypatch):
 
 
 def test_reported_val_losses_equal_a_hand_computation(steered_data):
-    """base / teacher / fitted validation CE and the gap fraction are what a user would
-    compute by hand: mean -log p(completion token) over the held-out split."""
+    """base / teacher / fitted validation CE, the gap fraction, its bootstrap interval and
+    the rows / tokens behind them are what a user computes by hand (a plain forward per
+    row, mean -log p over the held-out split): from `fit` and from `evaluate_vectors` on
+    the saved vectors. Bugs caught: padded positions or prompt tokens counted in a loss,
+    the wrong rows held out, intervals resampled unpaired."""
     m, v, exs = steered_data
     cfg = FitConfig(hooks=[HOOK], objective="sft", max_steps=4, **QUICK)
     res = fit(m, exs, cfg, teacher=teacher(v))
     _, val = split_examples(list(exs), cfg)
-
-    def mean_ce(vectors: dict) -> float:
-        total, n = 0.0, 0
-        for ex in val:
-            ids = torch.tensor([ex.prompt_ids + ex.completion_ids])
-            with steer(m, vectors):
-                logp = torch.log_softmax(m(input_ids=ids).logits[0].float(), -1)
-            p = len(ex.prompt_ids)
-            tgt = torch.tensor(ex.completion_ids)
-            total -= float(logp[p - 1 : p - 1 + len(tgt)].gather(1, tgt[:, None]).sum())
-            n += len(tgt)
-        return total / n
-
-    base, teach, fitted = mean_ce({}), mean_ce({HOOK: v}), mean_ce(dict(res.vectors))
-    assert res.base_val_loss == pytest.approx(base, rel=1e-4)
-    assert res.teacher_val_loss == pytest.approx(teach, rel=1e-4)
-    assert res.fitted_val_loss == pytest.approx(fitted, rel=1e-4)
-    assert res.gap_closed == pytest.approx((base - fitted) / (base - teach), rel=1e-3)
-    lo, hi = res.extra["gap_closed_ci"]
-    assert lo < res.gap_closed < hi
+    (base, b_rows, n), (teach, t_rows, _) = hand_ce(m, val), hand_ce(m, val, {HOOK: v})
+    fitted, f_rows, _ = hand_ce(m, val, dict(res.vectors))
+    gap = (base - fitted) / (base - teach)
+    # the paired percentile bootstrap of the docs, written out: resample rows, sum, ratio
+    idx = torch.randint(len(val), (2000, len(val)), generator=torch.Generator().manual_seed(0))
+    b, f, t = (torch.tensor(x, dtype=torch.float64)[idx].sum(1) for x in (b_rows, f_rows, t_rows))
+    ci = torch.quantile((b - f) / (b - t), torch.tensor([0.025, 0.975], dtype=torch.float64))
+    want = {
+        "base_val_loss": base,
+        "teacher_val_loss": teach,
+        "fitted_val_loss": fitted,
+        "gap_closed": gap,
+        "gap_closed_ci": ci.tolist(),
+        "ce_gap": base - teach,
+        "n_val_rows": 16,
+        "n_val_tokens": n,
+    }
     again = evaluate_vectors(m, exs, res.vectors, cfg, teacher=teacher(v))  # saved vectors
-    for k in ("base_val_loss", "teacher_val_loss", "fitted_val_loss", "gap_closed"):
-        assert again[k] == pytest.approx(res.summary()[k], rel=1e-5)
-    assert again["gap_closed_ci"] == pytest.approx(list(res.extra["gap_closed_ci"]), rel=1e-5)
+    for got in (res.summary(), again):
+        for k, x in want.items():
+            assert got[k] == pytest.approx(x, rel=1e-3), k
+    assert n == sum(len(ex.completion_ids) for ex in val)
     built = build_teacher(teacher(v), m)  # a Teacher built once is used as it is
-    assert evaluate_vectors(m, exs, res.vectors, cfg, teacher=built) == pytest.approx(again)
+    again_built = evaluate_vectors(m, exs, res.vectors, cfg, teacher=built)
+    for k in want:
+        assert again_built[k] == pytest.approx(again[k], rel=1e-6), k
     no_val = cfg.model_copy(update={"val_size": 0})
     with pytest.raises(FitError, match="No validation rows: set val_size"):
         evaluate_vectors(m, exs, res.vectors, no_val, teacher=teacher(v))
@@ -440,19 +557,43 @@ def test_gap_interval_brackets_the_truth_and_narrows_with_rows():
     assert gap_interval(same, same, same) is None  # no gap to close: nothing to report
 
 
-def test_cli_gap_sentence_says_when_an_interval_contains_zero():
+def test_cli_gap_sentences_give_counts_and_flag_noise():
+    """The summary `steerdiff fit` prints: each gap closed with its interval, the rows and
+    tokens behind it, the gap itself, a CE gap under 0.05 nats flagged as noise (the
+    report's rule), an interval containing 0 called indistinguishable from no change; with
+    no teacher loss, the base and fitted losses."""
     from steerdiff.cli.fit import gap_lines
 
-    lines = gap_lines(
-        {
-            "gap_closed": 0.4,
-            "gap_closed_ci": [-0.2, 0.9],
-            "kl_gap_closed": 0.8,
-            "kl_gap_closed_ci": [0.7, 0.85],
-        }
+    summary = {
+        "objective": "distill",
+        "gap_closed": 0.4,
+        "gap_closed_ci": [-0.2, 0.9],
+        "kl_gap_closed": 0.8,
+        "kl_gap_closed_ci": [0.7, 0.85],
+        "n_val_rows": 243,
+        "n_val_tokens": 8116,
+        "ce_gap": 0.017,
+        "ce_gap_within_noise": True,
+        "kl_gap": 0.0109,
+    }
+    assert gap_lines(summary) == [
+        "objective: distill",
+        "cross-entropy gap to the teacher closed: 40% (95% CI -20% to 90%) on 243 validation "
+        "rows (8,116 tokens); base - teacher = 0.0170 nats/token, under 0.05: within noise (the "
+        "fraction can swing far outside 0..1; read the KL figure); the interval contains 0: "
+        "not distinguishable from no change",
+        "top-k KL gap to the teacher closed: 80% (95% CI 70% to 85%) on 243 validation rows "
+        "(8,116 tokens); base KL to the teacher = 0.0109 nats/token",
+    ]
+    wide = {**summary, "ce_gap": 0.2, "ce_gap_within_noise": False, "gap_closed_ci": [0.1, 0.9]}
+    assert gap_lines(wide)[1] == (
+        "cross-entropy gap to the teacher closed: 40% (95% CI 10% to 90%) on 243 validation "
+        "rows (8,116 tokens); base - teacher = 0.2000 nats/token"
     )
-    assert lines[0].startswith("cross-entropy gap to the teacher closed: 40% (95% CI -20% to 90%")
-    assert lines[0].endswith("not distinguishable from no change")
-    assert "top-k KL gap to the teacher closed: 80%" in lines[1]
-    assert "not distinguishable" not in lines[1]
+    no_teacher = {"gap_closed": None, "base_val_loss": 1.3, "fitted_val_loss": 1.25,
+                  "n_val_rows": 4, "n_val_tokens": 40}  # fmt: skip
+    assert gap_lines(no_teacher) == [
+        "validation cross-entropy on 4 validation rows (40 tokens): base 1.3000, fitted 1.2500 "
+        "nats/token (no teacher loss: no gap closed)"
+    ]
     assert gap_lines({"gap_closed": None}) == []

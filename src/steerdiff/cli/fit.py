@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import typer
 
-from .common import DeviceOpt, DtypeOpt, ModelOpt, console, fail, option_flag
+from .common import DeviceOpt, DtypeOpt, ModelOpt, ThreadsOpt, console, fail, option_flag
 
 app = typer.Typer()
 
@@ -130,6 +130,9 @@ def fit_cmd(
     resume: Annotated[
         bool, typer.Option("--resume", help="continue from --out's checkpoint")
     ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="replace an earlier fit in --out")
+    ] = False,
     baseline: Annotated[
         str | None, typer.Option(help="lora | full: train a real finetune instead of vectors")
     ] = None,
@@ -140,14 +143,24 @@ def fit_cmd(
     ] = None,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
+    threads: ThreadsOpt = 0,
     **config: Any,
 ) -> None:
     """Fit vectors at hook points (weights frozen) to a dataset, or a LoRA/full baseline.
 
     Example: steerdiff fit --data owl.jsonl --hooks 'blocks.*.attn.hook_{q,k,v}'
-    --objective distill --epochs 3 --out runs/owl_qkv
+    --epochs 3 --out runs/owl_qkv  (objective auto: distillation when the data carries
+    top-k log-probs; cosine schedule, 2 warmup steps, 20% validation rows)
     """
-    from steerdiff.fit import FitConfig, LoraConfig, fit, fit_full, fit_lora, maybe_init_distributed
+    from steerdiff.fit import (
+        FitConfig,
+        LoraConfig,
+        check_out_dir,
+        fit,
+        fit_full,
+        fit_lora,
+        maybe_init_distributed,
+    )
     from steerdiff.models import load_model
 
     for name in json_fields():
@@ -158,6 +171,11 @@ def fit_cmd(
     cfg = FitConfig(**config)  # a bad value: "error: bad option --NAME: ..."
     if baseline not in (None, "lora", "full"):
         fail(f"--baseline must be lora or full, not {baseline!r}")
+    check_out_dir(out, overwrite=overwrite, resume=resume)  # before the model loads
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     rank, _ = maybe_init_distributed()
     lm = load_model(model, dtype=dtype, device=device)
     if baseline == "lora":
@@ -169,27 +187,56 @@ def fit_cmd(
     else:
         res = fit(lm, data, cfg, out_dir=out, resume=resume)
     if rank == 0:
-        console.print_json(json.dumps(res.summary(), default=str))
-        for line in gap_lines(res.summary()):
-            console.print(line)
+        summary = res.summary()
+        console.print_json(json.dumps(summary, default=str))
+        for line in gap_lines(summary):
+            console.print(line, soft_wrap=True, markup=False)
         console.print(
             f"wrote {out}/ (result.json, metrics.jsonl, metrics.csv, "
             + ("vectors.safetensors" if baseline is None else "adapter/model weights")
-            + ")"
+            + ")",
+            markup=False,
         )
 
 
+def _pct(x: float) -> str:
+    return f"{x:.0%}"
+
+
 def gap_lines(summary: dict) -> list[str]:
-    """Plain sentences for the gap-closed figures and their bootstrap intervals."""
+    """Plain sentences for the validation figures: the objective, each gap closed with its
+    bootstrap interval, the rows and tokens behind it, the gap itself in nats per token, and
+    a flag when the CE gap is within noise (`fit.losses.gap_within_noise`)."""
+    from steerdiff.fit.losses import NOISE_GAP_NATS
+
     out = []
+    if summary.get("objective"):
+        out.append(f"objective: {summary['objective']}")
+    rows, tokens = summary.get("n_val_rows"), summary.get("n_val_tokens")
+    behind = f" on {rows} validation rows ({tokens:,} tokens)" if rows and tokens else ""
     for key, what in (("gap_closed", "cross-entropy"), ("kl_gap_closed", "top-k KL")):
         value, ci = summary.get(key), summary.get(f"{key}_ci")
         if value is None:
             continue
-        line = f"{what} gap to the teacher closed: {value:.0%}"
+        line = f"{what} gap to the teacher closed: {_pct(value)}"
         if ci:
-            line += f" (95% CI {ci[0]:.0%} to {ci[1]:.0%} over validation rows)"
-            if ci[0] <= 0.0 <= ci[1]:
-                line += ": not distinguishable from no change"
+            line += f" (95% CI {_pct(ci[0])} to {_pct(ci[1])})"
+        line += behind
+        if key == "gap_closed" and summary.get("ce_gap") is not None:
+            line += f"; base - teacher = {summary['ce_gap']:.4f} nats/token"
+            if summary.get("ce_gap_within_noise"):
+                line += (
+                    f", under {NOISE_GAP_NATS}: within noise (the fraction can swing far "
+                    "outside 0..1; read the KL figure)"
+                )
+        if key == "kl_gap_closed" and summary.get("kl_gap") is not None:
+            line += f"; base KL to the teacher = {summary['kl_gap']:.4f} nats/token"
+        if ci and ci[0] <= 0.0 <= ci[1]:
+            line += "; the interval contains 0: not distinguishable from no change"
         out.append(line)
+    if summary.get("gap_closed") is None and summary.get("fitted_val_loss") is not None:
+        out.append(
+            f"validation cross-entropy{behind}: base {summary['base_val_loss']:.4f}, fitted "
+            f"{summary['fitted_val_loss']:.4f} nats/token (no teacher loss: no gap closed)"
+        )
     return out

@@ -7,6 +7,7 @@ Modules, in reading order:
     optim.py        optimizers (incl. SignSGD) and the learning-rate schedule
     distributed.py  data-parallel helpers (accelerate / torchrun)
     students.py     what is trained: vectors at hook points (with the prefix cache)
+    checkpoint.py   checkpoint.pt, resuming (settings must match), the output folder
     loop.py         the training loop shared by vector fits and baselines
     teacher.py      the teacher inside a fit: reference losses, top-k annotation
     api.py          fit(), evaluate_vectors(), prepare_fit()
@@ -16,7 +17,15 @@ Modules, in reading order:
 
 from __future__ import annotations
 
-from .api import FitData, evaluate_vectors, fit, model_provenance, prepare_fit
+from .api import (
+    FitData,
+    check_same_model,
+    evaluate_vectors,
+    fit,
+    made_by_other_model,
+    model_provenance,
+    prepare_fit,
+)
 from .baselines import (
     FinetuneResult,
     ModelContext,
@@ -28,27 +37,36 @@ from .baselines import (
     lora_context,
     vector_context,
 )
+from .checkpoint import FIT_FILES, LoopState, check_out_dir, run_identity
 from .config import LLAMA_TARGETS, FitConfig, FitError, FitResult, LoraConfig, make_config
 from .data import (
     Batch,
     Example,
+    Prepared,
+    Rows,
     TeacherLike,
+    check_row,
     collate,
     pad_id_of,
     prepare_examples,
+    read_rows,
+    resolve_objective,
     split_examples,
     teacher_spec,
     tokenize_rows,
 )
 from .distributed import maybe_init_distributed, rank_world
-from .loop import LoopState, train_student
+from .loop import train_student
 from .losses import (
+    NOISE_GAP_NATS,
     eval_losses,
     gap_closed,
     gap_figures,
     gap_interval,
+    gap_within_noise,
     lm_of,
     model_losses,
+    result_figures,
     token_losses,
 )
 from .optim import SignSGD, lr_factor, make_optimizer
@@ -59,6 +77,7 @@ from .teacher import annotate_topk, as_teacher, reference_losses, teacher_losses
 __all__ = [
     "Batch",
     "Example",
+    "FIT_FILES",
     "FinetuneResult",
     "FitConfig",
     "FitData",
@@ -69,7 +88,10 @@ __all__ = [
     "LoraConfig",
     "ModelContext",
     "ModuleStudent",
+    "NOISE_GAP_NATS",
     "PlantedResult",
+    "Prepared",
+    "Rows",
     "SignSGD",
     "Student",
     "TeacherLike",
@@ -77,6 +99,9 @@ __all__ = [
     "annotate_topk",
     "as_teacher",
     "base_context",
+    "check_out_dir",
+    "check_row",
+    "check_same_model",
     "collate",
     "cosine",
     "eval_losses",
@@ -87,11 +112,13 @@ __all__ = [
     "gap_closed",
     "gap_figures",
     "gap_interval",
+    "gap_within_noise",
     "init_vectors",
     "kl_between",
     "lm_of",
     "lora_context",
     "lr_factor",
+    "made_by_other_model",
     "make_config",
     "make_optimizer",
     "maybe_init_distributed",
@@ -103,7 +130,11 @@ __all__ = [
     "prepare_fit",
     "random_vector",
     "rank_world",
+    "read_rows",
     "reference_losses",
+    "resolve_objective",
+    "result_figures",
+    "run_identity",
     "sample_examples",
     "split_examples",
     "teacher_losses",

@@ -9,8 +9,9 @@ under the base model and the teacher; then `FitData.train` runs the shared loop.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +20,22 @@ from torch import nn
 
 from ..hooks import HookError, family_of, select_hooks, steer
 from ..io import atomic_write_json, provenance
-from ..models import LoadedModel, unwrap, weights_hash_of_model
+from ..models import LoadedModel, unwrap, weights_hash_of_model, wrap_model
 from ..teachers import Teacher
 from ..vectors import VectorSet
 from .config import FitConfig, FitError, FitResult, make_config
-from .data import Example, TeacherLike, pad_id_of, prepare_examples, split_examples
+from .data import (
+    Example,
+    TeacherLike,
+    pad_id_of,
+    prepare_examples,
+    resolve_objective,
+    split_examples,
+    wants_validation,
+)
 from .distributed import maybe_init_distributed, rank_world
 from .loop import train_student
-from .losses import eval_losses, gap_figures
+from .losses import eval_losses, result_figures
 from .students import Student, VectorStudent, init_vectors
 from .teacher import reference_losses
 
@@ -43,37 +52,154 @@ class FitData:
     base_val: dict | None  # eval_losses of the base model on val (None without val rows)
     teacher_val: dict | None  # ... of the teacher (None for a plain teacher)
     pad_id: int
+    objective: str = "sft"  # what cfg.objective "auto" resolves to on this data
+    notes: list[str] = field(default_factory=list)  # said on stderr, kept in result.json
+    # for `score` (prepare_fit(score=False) leaves base_val / teacher_val to it)
+    lm: Any = None
+    scorer: TeacherLike = None
+    batch_size: int = 16
+    show_progress: bool = False
+
+    def score(self) -> None:
+        """Fill base_val / teacher_val (the slow part: a pass of each model over val)."""
+        if self.val and self.base_val is None:
+            self.base_val, self.teacher_val = reference_losses(
+                self.lm, self.val, self.scorer, self.batch_size, self.show_progress
+            )
+
+    def config(self, cfg: FitConfig) -> FitConfig:
+        """`cfg` with objective "auto" resolved for this data."""
+        if cfg.objective != "auto":
+            return cfg
+        return cfg.model_copy(update={"objective": self.objective})
 
     def train_student(self, student: Student, cfg: FitConfig, **kwargs: Any) -> FitResult:
-        """`loop.train_student` on this data; kwargs: out_dir, resume, prov, on_step, ..."""
+        """`loop.train_student` on this data; kwargs: out_dir, resume, prov, on_step, ...
+
+        Resuming from a checkpoint takes the reference losses from it (its settings are
+        checked first, in seconds); otherwise they are scored here if not yet."""
+        if not resumes(kwargs.get("out_dir"), kwargs.get("resume", False)):
+            self.score()
+        extra = {
+            "objective": self.objective,
+            "n_train_rows": len(self.train),
+            "notes": self.notes,
+            **kwargs.pop("extra", {}),
+        }
         return train_student(
             student,
             self.train,
             self.val,
-            cfg,
+            self.config(cfg),
             pad_id=self.pad_id,
             base_val=self.base_val,
             teacher_val=self.teacher_val,
+            extra=extra,
             **kwargs,
         )
 
 
-def prepare_fit(
-    lm: LoadedModel | nn.Module, data: Data, cfg: FitConfig, teacher: TeacherLike = None
-) -> FitData:
-    """Examples, the seeded split, and the base model's and teacher's validation losses.
+def resumes(out_dir: str | os.PathLike | None, resume: bool) -> bool:
+    """Will a fit with these arguments resume from a checkpoint?"""
+    return bool(resume and out_dir is not None and (Path(out_dir) / "checkpoint.pt").exists())
 
-    teacher: a Teacher (used as it is), a TeacherConfig or a spec dict (built once);
-    None = the dataset manifest's teacher.
+
+def prepare_fit(
+    lm: LoadedModel | nn.Module,
+    data: Data,
+    cfg: FitConfig,
+    teacher: TeacherLike = None,
+    score: bool = True,
+) -> FitData:
+    """Examples, the seeded split, and the base model's and teacher's validation losses
+    (score=False: left to `FitData.score`, which `FitData.train_student` calls unless it
+    resumes from a checkpoint).
+
+    teacher: a Teacher (used as it is; it must run on `lm`'s model), a TeacherConfig or a
+    spec dict (built once on `lm`); None = the dataset manifest's teacher, unless the data
+    was made by another model (then there is no teacher loss: a teacher of another model
+    has none on the student's model, and the student is compared with its own base).
+    Notes (re-tokenized completions, a dropped teacher) are printed on stderr, one line each.
     """
-    maybe_init_distributed()
-    examples, spec = prepare_examples(lm, data, teacher, cfg.max_len)
-    train, val = split_examples(examples, cfg)
-    base_val = teacher_val = None
-    if val:
-        scorer = teacher if isinstance(teacher, Teacher) else spec
-        base_val, teacher_val = reference_losses(lm, val, scorer, cfg.micro)
-    return FitData(train, val, spec, base_val, teacher_val, pad_id_of(lm))
+    rank, _ = maybe_init_distributed()
+    if isinstance(teacher, Teacher):
+        check_same_model(teacher, lm)
+    p = prepare_examples(lm, data, teacher, cfg.max_len)
+    objective, why = resolve_objective(cfg, p.examples, p.retokenized)
+    scorer: TeacherLike = teacher if isinstance(teacher, Teacher) else p.teacher
+    if teacher is None and p.teacher and (p.retokenized or made_by_other_model(p.manifest, lm)):
+        made_by = (p.manifest.get("provenance") or {}).get("model_id", "another model")
+        p.notes.append(
+            f"the data's teacher runs on {made_by}, not on the student's model: it has no "
+            "loss on the student's model, so the fit is compared with the student's own base "
+            "only (no teacher loss, no gap closed); pass teacher=... to score one"
+        )
+        scorer = {"kind": "plain"}
+    if wants_validation(cfg) and len(p.examples) < 2:
+        raise FitError(
+            f"{p.source} has {len(p.examples)} usable row: a fit with validation needs at "
+            "least 2 (1 to train on, 1 to validate on). Add rows, or set val_size=0 "
+            "(--val-size 0) to fit without validation figures."
+        )
+    train, val = split_examples(p.examples, cfg)
+    if rank == 0:
+        for note in p.notes:
+            print(f"note: {note}", file=sys.stderr, flush=True)
+        if cfg.progress:
+            print(
+                f"fit: objective {objective}{why}; {len(train)} training rows, "
+                f"{len(val)} validation rows",
+                file=sys.stderr,
+                flush=True,
+            )
+    d = FitData(train, val, p.teacher, None, None, pad_id_of(lm), objective, p.notes)
+    d.lm, d.scorer, d.batch_size, d.show_progress = lm, scorer, cfg.micro, cfg.progress
+    if score:
+        d.score()
+    return d
+
+
+def _describe(lm: LoadedModel) -> str:
+    c = lm.model.config
+    return (
+        f"{lm.spec} ({c.model_type}, {c.num_hidden_layers} layers, vocab {c.vocab_size}, "
+        f"weights {lm.weights_hash})"
+    )
+
+
+def check_same_model(teacher: Teacher, lm: LoadedModel | nn.Module) -> None:
+    """FitError unless `teacher` runs on the student's model (the same weights; for an
+    adapter teacher, a finetune of the same architecture): a teacher of another model has
+    no losses on the student's model."""
+    student = lm if isinstance(lm, LoadedModel) else wrap_model(lm, spec="student", weights_hash="")
+    t, s = teacher.lm.model, student.model
+    if t is s:
+        return
+    arch = ("model_type", "num_hidden_layers", "hidden_size", "vocab_size")
+    same = all(getattr(t.config, a, None) == getattr(s.config, a, None) for a in arch)
+    if same and teacher.kind != "adapter":
+        same = _weights_hash(teacher.lm) == _weights_hash(student)
+    if not same:
+        raise FitError(
+            f"The teacher runs on another model than the student: teacher "
+            f"{_describe(teacher.lm)}, student {_describe(student)}. A teacher of another "
+            "model has no losses on the student's model: pass no teacher (the fit is then "
+            "compared with the student's own base) or a teacher built on the student's model."
+        )
+
+
+def _weights_hash(lm: LoadedModel) -> str:
+    if lm.weights_hash in ("", "in-memory"):
+        lm.weights_hash = weights_hash_of_model(lm.model)
+    return lm.weights_hash
+
+
+def made_by_other_model(manifest: dict, lm: LoadedModel | nn.Module) -> bool:
+    """Does the manifest's provenance name another model (weights hash) than `lm`?"""
+    made = (manifest.get("provenance") or {}).get("weights_hash")
+    if not made or not isinstance(lm, LoadedModel) or lm.weights_hash in ("", "in-memory"):
+        return False
+    return made != lm.weights_hash
 
 
 def model_provenance(lm: LoadedModel | nn.Module, cfg: FitConfig) -> dict:
@@ -114,7 +240,8 @@ def fit(
         names = select_hooks(model, cfg.hooks)
     except HookError as e:
         raise FitError(f"Hook selection {cfg.hooks} matches no hook point: {e}") from e
-    d = prepare_fit(lm, data, cfg, teacher)
+    d = prepare_fit(lm, data, cfg, teacher, score=False)  # scored in d.train_student
+    cfg = d.config(cfg)  # objective "auto" resolved
     model.requires_grad_(False)
     student = VectorStudent(model, init_vectors(model, names, cfg), cfg)
     prov = {**model_provenance(lm, cfg), "teacher": d.teacher, "hooks": names}
@@ -122,7 +249,8 @@ def fit(
     def save(out: Path, params: dict[str, torch.Tensor], summary: dict) -> None:
         _vector_set(lm, params, cfg, summary, d.teacher).save(out / "vectors.safetensors")
 
-    if rank_world()[0] == 0 and out_dir is not None:
+    if rank_world()[0] == 0 and out_dir is not None and not resumes(out_dir, resume):
+        # (a resumed fit keeps the config.json of its start: the checkpoint holds the same)
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         atomic_write_json(Path(out_dir) / "config.json", {"config": cfg.model_dump(), **prov})
     res = d.train_student(
@@ -171,12 +299,11 @@ def evaluate_vectors(
     if isinstance(vectors, VectorSet):
         vectors.check_fits(model)  # a VectorSetError names the hook or shape that differs
     with steer(model, vectors):
-        ev = eval_losses(model, d.val, cfg.micro, d.pad_id)
+        desc = "fitted model on validation rows" if cfg.progress else None
+        ev = eval_losses(model, d.val, cfg.micro, d.pad_id, desc=desc)
     return {
-        "n_val_rows": len(d.val),
-        "n_val_tokens": ev["n_tokens"],
         "base_val_loss": d.base_val["ce"],
         "teacher_val_loss": d.teacher_val["ce"] if d.teacher_val else None,
         "fitted_val_loss": ev["ce"],
-        **gap_figures(d.base_val, ev, d.teacher_val, intervals=True),
+        **result_figures(d.base_val, ev, d.teacher_val),
     }

@@ -28,7 +28,7 @@ from torch import nn
 from ..hooks import steer
 from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from ..models import LoadedModel, unwrap
-from .api import Data, model_provenance, prepare_fit
+from .api import Data, model_provenance, prepare_fit, resumes
 from .config import FitConfig, FitResult, LoraConfig, make_config
 from .data import Batch, TeacherLike
 from .losses import model_losses
@@ -131,7 +131,9 @@ def fit_lora(
 
     cfg = make_config(config, overrides)
     lora = lora or LoraConfig()
-    d = prepare_fit(lm, data, cfg, teacher)
+    # scored now, before LoRA is injected into the model (unless resuming: the checkpoint's)
+    d = prepare_fit(lm, data, cfg, teacher, score=not resumes(out_dir, resume))
+    cfg = d.config(cfg)  # objective "auto" resolved
     model = unwrap(lm)
     torch.manual_seed(cfg.seed)  # LoRA A init
     peft_model = get_peft_model(model, lora.peft_config(model))
@@ -173,7 +175,8 @@ def fit_full(
     `teachers.load_adapted` and `from_pretrained` load), metrics.jsonl/.csv, result.json.
     """
     cfg = make_config(config, overrides)
-    d = prepare_fit(lm, data, cfg, teacher)
+    d = prepare_fit(lm, data, cfg, teacher, score=False)  # scored in d.train_student
+    cfg = d.config(cfg)  # objective "auto" resolved
     model = copy.deepcopy(unwrap(lm))
     model.requires_grad_(True)
     params = {n: p for n, p in model.named_parameters()}

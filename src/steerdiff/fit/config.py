@@ -29,14 +29,19 @@ class FitConfig(BaseModel):
         ["blocks.*.attn.hook_{q,k,v}"],
         description="hook pattern(s), repeatable, e.g. 'blocks.*.attn.hook_{q,k,v}'",
     )
-    objective: Literal["sft", "distill"] = "sft"
+    objective: Literal["auto", "sft", "distill"] = Field(
+        "auto",
+        description="auto = distill when every row carries top-k log-probs, else sft",
+    )
     optimizer: Literal["adam", "adamw", "sgd", "signsgd"] = "adam"
     lr: float = Field(1e-2, description="learning rate")
     momentum: float = Field(0.0, description="sgd / signsgd momentum")
     betas: tuple[float, float] = Field((0.9, 0.999), description="adam / adamw betas (two numbers)")
     weight_decay: float = Field(0.0, description="weight decay")
-    schedule: Literal["constant", "linear", "cosine"] = "constant"
-    warmup_steps: int = Field(0, description="linear warmup steps")
+    schedule: Literal["constant", "linear", "cosine"] = Field(
+        "cosine", description="lr schedule after the warmup (cosine decays to 0)"
+    )
+    warmup_steps: int = Field(2, description="linear warmup steps")
     init: Literal["zero", "random"] = "zero"
     init_scale: float = Field(0.01, description="std of the seeded random init")
     max_norm: float | None = Field(
@@ -51,7 +56,7 @@ class FitConfig(BaseModel):
     micro_batch_size: int | None = Field(
         None, description="rows per forward (< batch_size: gradient accumulation)"
     )
-    val_fraction: float = Field(0.1, description="validation fraction")
+    val_fraction: float = Field(0.2, description="validation fraction")
     val_size: int | None = Field(None, description="validation rows (overrides val_fraction)")
     eval_every: int = Field(0, description="evaluate every N steps (0 = each epoch)")
     early_stopping_patience: int | None = Field(

@@ -6,9 +6,11 @@ Examples                        --collate------->   Batch [batch, pos] + loss po
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,7 +19,7 @@ from torch import nn
 from ..chat import chat_prompt_ids, end_of_turn_ids
 from ..generate import DatasetError, load_dataset
 from ..models import LoadedModel
-from ..teachers import Teacher, TeacherConfig
+from ..teachers import Teacher, TeacherConfig, build_teacher
 from .config import FitConfig, FitError
 
 # what a fit accepts as its teacher: a built Teacher, its config, or a spec dict (manifests)
@@ -52,33 +54,139 @@ def teacher_spec(teacher: TeacherLike) -> dict[str, Any]:
     return dict(teacher or {})
 
 
-def read_rows(path: str | os.PathLike) -> tuple[list[dict], dict]:
+@dataclass
+class Rows:
+    """Dataset rows and where they came from, so an error can name the file and line."""
+
+    rows: list
+    manifest: dict = field(default_factory=dict)
+    path: Path | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def source(self) -> str:
+        return str(self.path) if self.path is not None else "the rows given"
+
+    def where(self, i: int) -> str:
+        """'data.jsonl line 7' for a file (found on demand: only errors need it), else 'row 7'."""
+        row = self.rows[i]
+        rid = row.get("id") if isinstance(row, dict) else None
+        if self.path is not None:
+            by_id = all(isinstance(r, dict) and "id" in r for r in self.rows)
+            line = _line_number(self.path, i, rid if by_id else None)
+            if line is not None:
+                return f"{self.path} line {line}"
+        return f"row {i}" + (f" (id={rid})" if rid is not None else "")
+
+
+def _line_number(path: Path, i: int, rid: Any) -> int | None:
+    """The file line of row i (file order) or of the row whose id is rid (rows sorted by id)."""
+    n = -1
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            n += 1
+            if rid is None and n == i:
+                return lineno
+            if rid is not None:
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(obj, dict) and obj.get("id") == rid:
+                    return lineno
+    return None
+
+
+def read_rows(path: str | os.PathLike) -> Rows:
     """Rows of a dataset JSONL and its manifest ({} if absent), via generate.load_dataset."""
     try:
         rows, manifest = load_dataset(path, require_complete=False)
     except DatasetError as e:
         raise FitError(str(e)) from e
-    return rows, manifest
+    return Rows(rows, manifest, Path(path))
 
 
-def _user_and_assistant(row: dict, i: int) -> tuple[list[dict], str]:
+ROW_FORMAT = (
+    'each row needs "messages": [{"role": "user", "content": "..."}, '
+    '{"role": "assistant", "content": "..."}] (docs/dataset-format.md)'
+)
+
+
+def check_row(data: Rows, i: int) -> tuple[list[dict], str]:
+    """(the user/system messages, the assistant text) of row i; FitError naming its line."""
+    row = data.rows[i]
+
+    def bad(problem: str) -> FitError:
+        return FitError(f"{data.where(i)}: {problem}; {ROW_FORMAT}.")
+
+    if not isinstance(row, dict):
+        raise bad(f"a row must be a JSON object, not a {type(row).__name__}")
     msgs = row.get("messages")
     if not isinstance(msgs, list) or not msgs:
-        raise FitError(f"Row {i} (id={row.get('id')}) has no 'messages' list.")
-    assistant = [m for m in msgs if m.get("role") == "assistant"]
+        raise bad("no 'messages' list")
+    for j, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise bad(f"message {j} is not an object with a 'role'")
+        if m["role"] in ("user", "system", "assistant"):
+            if "content" not in m:
+                raise bad(f"the {m['role']} message has no 'content'")
+            if not isinstance(m["content"], str):
+                kind = type(m["content"]).__name__
+                raise bad(f"the {m['role']} message's content is a {kind}, not a string")
+    assistant = [m for m in msgs if m["role"] == "assistant"]
     if not assistant and not row.get("completion_ids"):
-        raise FitError(
-            f"Row {i} (id={row.get('id')}) has no assistant turn: nothing to train on. "
-            "Each row needs messages [{'role':'user',...},{'role':'assistant',...}]."
-        )
-    context = [m for m in msgs if m.get("role") in ("user", "system")]
+        raise bad("no assistant turn: nothing to train on")
+    context = [m for m in msgs if m["role"] in ("user", "system")]
     if not any(m["role"] == "user" for m in context):
-        raise FitError(f"Row {i} (id={row.get('id')}) has no user turn.")
+        raise bad("no user turn")
+    comp = row.get("completion_ids")
+    if comp is not None and (
+        not isinstance(comp, list) or not all(isinstance(t, int) for t in comp)
+    ):
+        raise FitError(f"{data.where(i)}: 'completion_ids' must be a list of token ids (integers).")
     return context, assistant[-1]["content"] if assistant else ""
 
 
+def ids_decode_to_text(tokenizer: Any, rows: Sequence[dict], texts: Sequence[str]) -> list[bool]:
+    """Per row with completion_ids: do they (without the end-of-turn token) decode to the
+    assistant text under `tokenizer`? The generator writes text = decode(ids[:-1]), so with
+    the tokenizer that sampled them they always do; with another model's they do not."""
+    return [
+        tokenizer.decode(r["completion_ids"][:-1], skip_special_tokens=False) == t
+        for r, t in zip(rows, texts, strict=True)
+        if r.get("completion_ids") and t
+    ]
+
+
+def foreign_ids(tokenizer: Any, data: Rows, texts: Sequence[str]) -> bool:
+    """True when the rows' completion_ids are another tokenizer's (none decodes to its text).
+
+    A few rows that do not decode among many that do is a broken dataset, not another
+    tokenizer: FitError naming the first such row.
+    """
+    ok = ids_decode_to_text(tokenizer, data.rows, texts)
+    if not ok or all(ok):
+        return False
+    if sum(ok) * 2 < len(ok):
+        return True
+    checked = [i for i, r in enumerate(data.rows) if r.get("completion_ids") and texts[i]]
+    bad = checked[ok.index(False)]
+    raise FitError(
+        f"{data.where(bad)}: its completion_ids do not decode to its assistant content under "
+        f"the student's tokenizer ({len(ok) - sum(ok)} of {len(ok)} rows); fix those rows or "
+        "drop their 'completion_ids' (the text is then tokenized)."
+    )
+
+
 def tokenize_rows(
-    tokenizer: Any, rows: Sequence[dict], teacher: TeacherLike = None
+    tokenizer: Any,
+    rows: Sequence[dict] | Rows,
+    teacher: TeacherLike = None,
+    notes: list[str] | None = None,
 ) -> list[Example]:
     """Rows (dataset format) -> Examples.
 
@@ -87,16 +195,41 @@ def tokenize_rows(
     the generator's student-side prompt). Teacher prompt = the same with the teacher's
     system prompt when the teacher is a prompt teacher ({"kind": "prompt", "system_prompt":
     ...}); a teacher's chat_template_kwargs apply to both.
+
+    Completion = the row's completion_ids (the teacher's sampled ids), or the assistant text
+    tokenized + end-of-turn. When the completion_ids are another model's token ids (they do
+    not decode to the text under `tokenizer`: a student of another family), the text is
+    tokenized instead and the top-k log-probs (over the other vocabulary) dropped; a line
+    saying so is added to `notes`. Bad rows raise FitError naming the file and line.
     """
-    if not rows:
-        raise FitError("The dataset is empty: nothing to fit.")
+    data = rows if isinstance(rows, Rows) else Rows(list(rows))
+    if not data.rows:
+        raise FitError(f"The dataset ({data.source}) is empty: nothing to fit.")
     spec = teacher_spec(teacher)
     system = spec.get("system_prompt") if spec.get("kind") == "prompt" else None
     tkw = spec.get("chat_template_kwargs")
+    checked = [check_row(data, i) for i in range(len(data.rows))]
+    texts = [content for _, content in checked]
+    if all(
+        not t.strip() and len(r.get("completion_ids") or []) <= 1
+        for r, t in zip(data.rows, texts, strict=True)
+    ):
+        raise FitError(
+            f"Every assistant message in {data.source} is empty ({len(texts)} rows): the fit "
+            "would learn only the end-of-turn token. Check how the data was made."
+        )
+    retokenize = foreign_ids(tokenizer, data, texts)
+    if retokenize and notes is not None:
+        made_by = (data.manifest.get("provenance") or {}).get("model_id")
+        notes.append(
+            "the rows' completion_ids are another tokenizer's token ids"
+            + (f" (the data was made by {made_by})" if made_by else "")
+            + ": the assistant text was tokenized for the student instead, and the top-k "
+            "log-probs (over the other vocabulary) were dropped"
+        )
     eot: list[int] | None = None
     out = []
-    for i, row in enumerate(rows):
-        context, content = _user_and_assistant(row, i)
+    for i, (row, (context, content)) in enumerate(zip(data.rows, checked, strict=True)):
         user = [m for m in context if m["role"] == "user"]
         prompt_ids = chat_prompt_ids(tokenizer, user, tkw)
         teacher_ids = (
@@ -104,18 +237,32 @@ def tokenize_rows(
             if system
             else None
         )
-        comp = row.get("completion_ids")
+        comp = None if retokenize else row.get("completion_ids")
         if not comp:
             if eot is None:
                 eot = end_of_turn_ids(tokenizer)
             comp = tokenizer(content, add_special_tokens=False).input_ids + eot
         topk_ids, topk_lp = row.get("topk_ids"), row.get("topk_logprobs")
+        if retokenize:
+            topk_ids = topk_lp = None
         if topk_ids is not None and len(topk_ids) != len(comp):
             raise FitError(
-                f"Row {i}: {len(topk_ids)} top-k lists for {len(comp)} completion tokens."
+                f"{data.where(i)}: {len(topk_ids)} top-k lists for {len(comp)} completion tokens."
             )
         out.append(Example(prompt_ids, list(comp), teacher_ids, topk_ids, topk_lp, row.get("id")))
     return out
+
+
+@dataclass
+class Prepared:
+    """What `prepare_examples` gives: Examples, the teacher spec and what a fit should say."""
+
+    examples: list[Example]
+    teacher: dict  # `teacher`'s spec, else the manifest's
+    manifest: dict = field(default_factory=dict)
+    source: str = "the rows given"
+    notes: list[str] = field(default_factory=list)  # one line each; printed and recorded
+    retokenized: bool = False  # completion_ids were another tokenizer's (see tokenize_rows)
 
 
 def prepare_examples(
@@ -123,38 +270,71 @@ def prepare_examples(
     data: str | os.PathLike | Sequence[dict] | Sequence[Example],
     teacher: TeacherLike = None,
     max_len: int | None = None,
-) -> tuple[list[Example], dict]:
-    """Path / rows / Examples -> (Examples, teacher spec: `teacher`'s, else the manifest's)."""
-    manifest: dict = {}
-    if isinstance(data, (str, os.PathLike)):
-        data, manifest = read_rows(data)
-    data = list(data)
-    if not data:
+) -> Prepared:
+    """Path / rows / Examples -> Prepared (Examples, teacher spec: `teacher`'s, else the
+    manifest's, and notes such as re-tokenized completions)."""
+    rows = read_rows(data) if isinstance(data, (str, os.PathLike)) else Rows(list(data))
+    if not rows.rows:
         raise FitError("The dataset is empty: nothing to fit.")
-    spec = teacher_spec(teacher if teacher is not None else manifest.get("teacher"))
-    if isinstance(data[0], Example):
-        examples = list(data)  # type: ignore[arg-type]
+    spec = teacher_spec(teacher if teacher is not None else rows.manifest.get("teacher"))
+    if spec.get("kind") == "prompt" and not spec.get("system_prompt"):
+        spec = build_teacher(spec, lm).spec()  # {"animal": "owl"} -> its system prompt
+    notes: list[str] = []
+    if isinstance(rows.rows[0], Example):
+        examples = list(rows.rows)
     else:
         tok = lm.tokenizer if isinstance(lm, LoadedModel) else None
         if tok is None:
             raise FitError("Rows of messages need a tokenizer: pass a LoadedModel (load_model()).")
-        examples = tokenize_rows(tok, data, spec)  # type: ignore[arg-type]
+        examples = tokenize_rows(tok, rows, spec, notes)
     for i, ex in enumerate(examples):
         if not ex.completion_ids:
-            raise FitError(f"Row {i} (id={ex.id}) has an empty completion: nothing to train on.")
+            raise FitError(f"{rows.where(i)} has an empty completion: nothing to train on.")
         if not ex.prompt_ids:
-            raise FitError(f"Row {i} (id={ex.id}) has an empty prompt.")
+            raise FitError(f"{rows.where(i)} has an empty prompt.")
     if max_len is not None:
         examples = [ex for ex in examples if len(ex) <= max_len]
         if not examples:
-            raise FitError(f"No row is at most max_len={max_len} tokens long.")
-    return examples, spec
+            raise FitError(f"No row of {rows.source} is at most max_len={max_len} tokens long.")
+    return Prepared(examples, spec, rows.manifest, rows.source, notes, bool(notes))
+
+
+def resolve_objective(
+    cfg: FitConfig, examples: list[Example], retokenized: bool
+) -> tuple[str, str]:
+    """(the objective, why) for `cfg.objective` on these examples; FitError for distillation
+    without top-k log-probs (before any scoring, not at the first step)."""
+    have = sum(ex.topk_ids is not None for ex in examples)
+    if cfg.objective == "auto":
+        if have == len(examples):
+            return "distill", " (auto: every row carries the teacher's top-k log-probs)"
+        return "sft", " (auto: the rows carry no top-k log-probs)"
+    if cfg.objective == "distill" and have < len(examples):
+        why = (
+            "the data's top-k log-probs are over another model's vocabulary and were dropped"
+            if retokenized
+            else f"{len(examples) - have} of {len(examples)} rows carry no top-k log-probs"
+        )
+        raise FitError(
+            f"objective 'distill' needs the teacher's top-k log-probs in every row: {why}. "
+            "Use objective 'sft' (--objective sft), or regenerate the data with --topk "
+            "(or add them with annotate_topk())."
+        )
+    return cfg.objective, ""
+
+
+def wants_validation(cfg: FitConfig) -> bool:
+    """Does `cfg` ask for validation rows (val_size or val_fraction above 0)?"""
+    return (cfg.val_size if cfg.val_size is not None else cfg.val_fraction) > 0
 
 
 def split_examples(examples: list[Example], cfg: FitConfig) -> tuple[list[Example], list[Example]]:
-    """Seeded train / validation split."""
+    """Seeded train / validation split: at least 1 validation row when validation is asked
+    for, and at least 1 training row."""
     n = len(examples)
     n_val = cfg.val_size if cfg.val_size is not None else int(round(cfg.val_fraction * n))
+    if wants_validation(cfg):
+        n_val = max(n_val, 1)
     n_val = min(n_val, n - 1)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     val = [examples[i] for i in perm[:n_val]]

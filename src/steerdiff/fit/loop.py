@@ -14,38 +14,26 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..io import append_jsonl, atomic_write_bytes, atomic_write_json, atomic_write_text
+from ..io import append_jsonl, atomic_write_json, atomic_write_text
+from ..progress import progress
+from .checkpoint import (
+    LoopState,
+    kept_message,
+    load_checkpoint,
+    run_identity,
+    save_checkpoint,
+)
 from .config import FitConfig, FitError, FitResult
-from .data import Batch, Example, collate
+from .data import Batch, Example, collate, resolve_objective
 from .distributed import all_reduce_, rank_world
-from .losses import eval_losses, gap_closed, gap_figures
+from .losses import eval_losses, gap_closed, gap_figures, result_figures
 from .optim import lr_factor, make_optimizer, set_lr
 from .students import Student
-
-
-@dataclass
-class LoopState:
-    """What a checkpoint restores besides the parameters, the optimizer and the metrics."""
-
-    step: int = 0  # optimizer steps taken
-    best: float = math.inf  # best validation criterion so far
-    bad_evals: int = 0  # evaluations since the best one
-    best_params: dict[str, torch.Tensor] | None = None  # kept for early stopping
-
-    def record_eval(self, crit: float, params: dict[str, torch.Tensor], keep_best: bool) -> None:
-        """Track the best validation criterion (and with keep_best, its parameters)."""
-        if crit < self.best - 1e-6:
-            self.best, self.bad_evals = crit, 0
-            if keep_best:
-                self.best_params = {k: v.detach().clone() for k, v in params.items()}
-        else:
-            self.bad_evals += 1
 
 
 def train_student(
@@ -62,13 +50,21 @@ def train_student(
     prov: dict | None = None,
     on_step: Callable[[int, dict], None] | None = None,
     save_params: Callable[[Path, dict[str, torch.Tensor], dict], None] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> FitResult:
     """Train `student.params` on `train`, evaluating on `val`; files go to out_dir.
 
     base_val / teacher_val: `eval_losses` of the base model and the teacher on `val`
     (for the gap closed). save_params(out_dir, params, summary) writes what was trained.
+    extra: more for the summary and result.json (e.g. the resolved objective, notes).
+    resume: continue from out_dir's checkpoint; FitError listing the settings that differ
+    from the checkpoint's. A non-finite loss, gradient or parameter stops the fit with a
+    FitError before anything non-finite is saved: the checkpoint on disk stays the last
+    good one.
     """
     rank, _ = rank_world()
+    if cfg.objective == "auto":
+        cfg = cfg.model_copy(update={"objective": resolve_objective(cfg, train + val, False)[0]})
     out = Path(out_dir) if out_dir is not None else None
     params = student.params
     opt = make_optimizer(list(params.values()), cfg)
@@ -85,8 +81,9 @@ def train_student(
 
     state, metrics = LoopState(), []
     ckpt_path = out / "checkpoint.pt" if out else None
+    identity = run_identity(cfg, prov, train, val)
     if resume and ckpt_path and ckpt_path.exists():
-        state, metrics, base_val, teacher_val = load_checkpoint(ckpt_path, params, opt)
+        state, metrics, base_val, teacher_val = load_checkpoint(ckpt_path, params, opt, identity)
         if rank == 0 and out:
             atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
     elif rank == 0 and out:
@@ -109,11 +106,7 @@ def train_student(
         last_eval = (state.step, ev)
         return ev
 
-    bar = None
-    if cfg.progress and rank == 0:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, initial=state.step, desc="fit", leave=False)
+    bar = progress(total, "fit", initial=state.step, disable=not cfg.progress or rank != 0)
     stopped = "done"
     t_start, tokens_seen = time.perf_counter(), 0
     try:
@@ -163,10 +156,9 @@ def train_student(
             metrics.append(row)
             if rank == 0 and out:
                 append_jsonl(out / "metrics.jsonl", [row])
-            if bar is not None:
-                bar.update(1)
-                val_loss = {"val": f"{row['val_loss']:.4f}"} if "val_loss" in row else {}
-                bar.set_postfix(loss=f"{train_loss:.4f}", **val_loss)
+            bar.update(1)
+            val_loss = {"val": f"{row['val_loss']:.4f}"} if "val_loss" in row else {}
+            bar.set_postfix(loss=f"{train_loss:.4f}", **val_loss)
             if on_step is not None:
                 on_step(state.step, row)
             patience = cfg.early_stopping_patience
@@ -174,14 +166,16 @@ def train_student(
                 stopped = "early_stopping"
                 break
             if rank == 0 and ckpt_path and (state.step % cfg.checkpoint_every == 0 or last_step):
-                save_checkpoint(ckpt_path, params, opt, state, metrics, base_val, teacher_val, cfg)
+                check_finite(params, state.step, ckpt_path)
+                save_checkpoint(
+                    ckpt_path, params, opt, state, metrics, base_val, teacher_val, identity
+                )
         else:
             stopped = (
                 "max_steps" if cfg.max_steps is not None and total == cfg.max_steps else "done"
             )
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
         student.release_cache()
 
     # the parameters the fit returns, and their validation losses
@@ -196,12 +190,12 @@ def train_student(
         else:
             final = evaluate()
     fitted = final["ce"] if final else None
-    extra: dict[str, Any] = {}
+    figures: dict[str, Any] = {}
     if final and base_val:
-        extra = gap_figures(base_val, final, teacher_val, intervals=True)
-        extra.pop("gap_closed")  # a FitResult field of its own
+        figures = result_figures(base_val, final, teacher_val)
+        figures.pop("gap_closed")  # a FitResult field of its own
     res = FitResult(
-        extra=extra,
+        extra={**figures, **(extra or {})},
         vectors=None,
         metrics=metrics,
         base_val_loss=base_ce,
@@ -213,6 +207,7 @@ def train_student(
         out_dir=out,
     )
     if rank == 0 and out:
+        check_finite(params, state.step, ckpt_path)
         write_metrics_csv(out / "metrics.csv", metrics)
         if save_params is not None:
             save_params(out, params, res.summary())
@@ -283,57 +278,29 @@ def _no_grad_losses(student: Student, batch: Batch, key: Any) -> tuple[torch.Ten
 
 
 def _non_finite(step: int, loss: float, grad_norm: float, ckpt_path: Path | None) -> FitError:
-    last = ckpt_path if ckpt_path and ckpt_path.exists() else None
     return FitError(
         f"Non-finite loss at step {step + 1} (loss={loss}, grad_norm={grad_norm}); "
         f"stopped without taking the step ({step} good steps before it). "
-        + (
-            f"The last good checkpoint is kept at {last} (resume from it with a lower lr, "
-            "--resume)."
-            if last
-            else "No checkpoint was written yet."
-        )
-        + " Common causes: lr too high, NaN in the data's top-k log-probs."
+        + kept_message(ckpt_path)
+        + " Common causes: lr too high (start again with a lower --lr, into another --out or "
+        "with --overwrite), NaN in the data's top-k log-probs."
     )
 
 
+def check_finite(params: dict[str, torch.Tensor], step: int, ckpt_path: Path | None) -> None:
+    """FitError (before anything is saved) if a trained parameter is not finite."""
+    bad = [k for k, v in params.items() if not bool(torch.isfinite(v.detach()).all())]
+    if bad:
+        raise FitError(
+            f"Non-finite parameters after step {step} ({bad[0]}"
+            + (f" and {len(bad) - 1} more" if len(bad) > 1 else "")
+            + "); nothing was saved for this step. "
+            + kept_message(ckpt_path)
+            + " Lower --lr (or set --grad-clip / --max-norm)."
+        )
+
+
 # ============================================================================ files
-
-
-def save_checkpoint(
-    path: Path,
-    params: dict[str, torch.Tensor],
-    opt: torch.optim.Optimizer,
-    state: LoopState,
-    metrics: list[dict],
-    base_val: dict | None,
-    teacher_val: dict | None,
-    cfg: FitConfig,
-) -> None:
-    ck = {
-        "params": {k: v.detach().cpu() for k, v in params.items()},
-        "optimizer": opt.state_dict(),
-        "state": dict(vars(state)),
-        "base_val": base_val,
-        "teacher_val": teacher_val,
-        "metrics": metrics,
-        "config": cfg.model_dump(),
-    }
-    buf = io.BytesIO()
-    torch.save(ck, buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def load_checkpoint(
-    path: Path, params: dict[str, torch.Tensor], opt: torch.optim.Optimizer
-) -> tuple[LoopState, list[dict], dict | None, dict | None]:
-    """Restore params and optimizer in place; returns (state, metrics, base_val, teacher_val)."""
-    ck = torch.load(path, weights_only=False)
-    with torch.no_grad():
-        for k, v in params.items():
-            v.copy_(ck["params"][k])
-    opt.load_state_dict(ck["optimizer"])
-    return LoopState(**ck["state"]), list(ck["metrics"]), ck["base_val"], ck["teacher_val"]
 
 
 def write_metrics_csv(path: Path, rows: list[dict]) -> None:

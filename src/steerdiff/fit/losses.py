@@ -8,6 +8,9 @@ Two objectives, both on the assistant (completion) tokens only:
              probabilities renormalised over the same k token ids.
 
 gap closed = (base - fitted) / (base - teacher): 1.0 = as good as the teacher on its data.
+
+A fraction is only as good as its gap: when base and teacher differ by less than
+NOISE_GAP_NATS per token (`gap_within_noise`), the CE fraction is dominated by noise.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..progress import progress
 from ..replay import full_hidden, lm_head
 from .config import FitError
 from .data import Batch, Example, collate, device_of
@@ -66,6 +70,20 @@ def model_losses(
     return token_losses(lm_of(module), hidden, batch, objective)
 
 
+# The rule the experiment report uses (and may import from here): a base-to-teacher CE gap
+# under this many nats per token is dominated by noise; its gap-closed fraction swings far
+# outside 0..1 (0.45 to 1.33 between epochs on a 0.014-nat gap).
+NOISE_GAP_NATS = 0.05
+
+
+def gap_within_noise(base: float | None, teacher: float | None) -> bool | None:
+    """Is the base-to-teacher CE gap too small (< NOISE_GAP_NATS) for its fraction to mean
+    much? None without both losses."""
+    if base is None or teacher is None:
+        return None
+    return abs(base - teacher) < NOISE_GAP_NATS
+
+
 def gap_closed(base: float | None, fitted: float | None, teacher: float | None) -> float | None:
     """(base - fitted) / (base - teacher): 1.0 = as good as the teacher on its own data."""
     if base is None or fitted is None or teacher is None or abs(base - teacher) < 1e-12:
@@ -81,8 +99,11 @@ def eval_losses(
     pad_id: int = 0,
     teacher: bool = False,
     loss_fn: Callable[[Batch, int], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    desc: str | None = None,
 ) -> dict[str, Any]:
     """Mean per-token CE (and top-k KL if present) of `module` on the completions.
+
+    desc: show progress under this name (rows scored; plain lines in a log file).
 
     loss_fn(batch, batch index) -> per-row (CE, KL) replaces a plain forward of `module`
     (a student's cached forward, a teacher's steered one). Also returns "rows": per
@@ -92,7 +113,9 @@ def eval_losses(
     """
     rank, world = rank_world()
     rows = torch.zeros(len(examples), 3, dtype=torch.float64)  # ce, kl, n per example
+    bar = progress(len(examples), desc or "", disable=desc is None or rank != 0)
     for start in range(0, len(examples), batch_size):
+        bar.update(min(batch_size, len(examples) - start))
         if (start // batch_size) % world != rank:
             continue
         chunk = examples[start : start + batch_size]
@@ -105,6 +128,7 @@ def eval_losses(
             ce, kl = model_losses(module, batch)
         n = batch.loss_mask.sum(1)
         rows[start : start + len(chunk)] = torch.stack([ce.cpu(), kl.cpu(), n.cpu()], 1).double()
+    bar.close()
     if world > 1:
         dist.all_reduce(rows)  # each row is filled on exactly one rank, zeros elsewhere
     sums = rows.sum(0)
@@ -169,4 +193,17 @@ def gap_figures(
         out["kl_gap_closed"] = 1.0 - fitted["kl"] / base["kl"]
         if intervals:
             out["kl_gap_closed_ci"] = gap_interval(base, fitted)
+    return out
+
+
+def result_figures(base: dict, fitted: dict, teacher: dict | None) -> dict[str, Any]:
+    """What result.json reports of a fit's validation: `gap_figures` with intervals, the
+    rows and tokens behind them, both gaps in nats per token (CE: base - teacher, KL: the
+    base's KL to the teacher's top-k) and whether the CE gap is within noise."""
+    out = gap_figures(base, fitted, teacher, intervals=True)
+    out["n_val_rows"] = len(fitted["rows"])
+    out["n_val_tokens"] = fitted["n_tokens"]
+    out["ce_gap"] = base["ce"] - teacher["ce"] if teacher else None
+    out["ce_gap_within_noise"] = gap_within_noise(base["ce"], teacher["ce"] if teacher else None)
+    out["kl_gap"] = base.get("kl") if "kl" in fitted else None
     return out

@@ -129,7 +129,7 @@ def planted_experiment(
             eos_id=eos_id,
             pad_id=pad_id,
         )
-        if config.objective == "distill":
+        if config.objective in ("distill", "auto"):  # auto: distill on the top-k written here
             annotate_topk(lm, examples, teacher, k=topk)
     cfg = config.model_copy(update={"hooks": [hook]})
     res = fit(lm, examples, cfg, teacher=teacher)
@@ -137,7 +137,7 @@ def planted_experiment(
     return PlantedResult(
         hook=hook,
         n_samples=len(examples),
-        objective=cfg.objective,
+        objective=res.extra.get("objective", cfg.objective),
         optimizer=cfg.optimizer,
         cosine=cosine(v, v_star),
         norm_ratio=float(v.norm() / v_star.norm()),

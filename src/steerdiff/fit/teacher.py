@@ -32,21 +32,33 @@ def teacher_losses(teacher: Teacher, batch: Batch) -> tuple[torch.Tensor, torch.
 
 
 def reference_losses(
-    lm: LoadedModel | nn.Module, val: list[Example], teacher: TeacherLike, batch_size: int
+    lm: LoadedModel | nn.Module,
+    val: list[Example],
+    teacher: TeacherLike,
+    batch_size: int,
+    show_progress: bool = False,
 ) -> tuple[dict, dict | None]:
     """Validation losses of the base model and of the teacher on the same completions.
 
     The teacher's is None for a plain teacher, and for a prompt teacher whose rows carry
-    no teacher prompt (Examples made without its system prompt).
+    no teacher prompt (Examples made without its system prompt). show_progress: a bar (or
+    plain lines in a log file) per model, since on a large model this takes minutes.
     """
     model, pad = unwrap(lm), pad_id_of(lm)
-    base_val = eval_losses(model, val, batch_size, pad)
+    desc = "base model on validation rows" if show_progress else None
+    base_val = eval_losses(model, val, batch_size, pad, desc=desc)
     kind = teacher_spec(teacher).get("kind", "plain")
     if kind == "plain" or (kind == "prompt" and not any(ex.teacher_prompt_ids for ex in val)):
         return base_val, None
     t = as_teacher(teacher, lm)
     teacher_val = eval_losses(
-        t.lm.model, val, batch_size, pad, teacher=True, loss_fn=lambda b, _: teacher_losses(t, b)
+        t.lm.model,
+        val,
+        batch_size,
+        pad,
+        teacher=True,
+        loss_fn=lambda b, _: teacher_losses(t, b),
+        desc="teacher on validation rows" if show_progress else None,
     )
     return base_val, teacher_val
 
