@@ -441,6 +441,24 @@ def test_steer_takes_lists_and_numpy_arrays(tiny_lm):
             pass
 
 
+def test_per_row_coeff_equals_separate_runs_and_checks_its_shape(tiny_lm):
+    """Bug caught: a per-row coeff broadcast over the wrong axis (rows mixed up), or a
+    tensor of the wrong length accepted."""
+    model = tiny_lm.model
+    v = rand_vec(model, H1, scale=2.0)
+    ids = IDS[:1].expand(3, -1)
+    with steer(model, {H1: v}, coeff=torch.tensor([0.0, 1.5, -3.0])):
+        batched = logits(model, ids)
+    for row, c in enumerate((0.0, 1.5, -3.0)):
+        with steer(model, {H1: v}, coeff=c):
+            torch.testing.assert_close(batched[row], logits(model, IDS[:1])[0], atol=1e-5, rtol=0)
+    with pytest.raises(
+        HookError, match=r"Per-row coeff has shape \(2,\) but this forward has batch 3"
+    ):
+        with steer(model, {H1: v}, coeff=torch.tensor([1.0, 2.0])):
+            logits(model, ids)
+
+
 def test_wrong_shape_says_expected(tiny_lm):
     with pytest.raises(HookError, match=r"expected \(32,\)"):
         with steer(tiny_lm.model, {"blocks.0.attn.hook_v": torch.zeros(64)}):
