@@ -167,8 +167,7 @@ STEPS_CHANGED = {"response": [0, 1, 1, 1, 1]}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("positions", ["all", "response", "prompt", "first:2"])
-def test_zero_vector_is_identity_and_a_vector_fires(family, positions):
+def test_zero_vector_is_identity_and_a_vector_fires(family):
     """Bug caught: the hooks perturbing the forward (a zero vector must change nothing,
     exactly), and, with a non-zero vector at the same hooks, steering that never fires in a
     positions mode (then the zero-vector check alone would pass)."""
@@ -176,13 +175,17 @@ def test_zero_vector_is_identity_and_a_vector_fires(family, positions):
     ids = IDS[:, :5]
     base = _greedy_scores(model, ids)
     names = select_hooks(model, "blocks.*.attn.hook_q") + ["blocks.0.hook_resid_post"]
-    with steer(model, {n: torch.zeros(hook_dim(model, n)) for n in names}, positions=positions):
-        assert torch.equal(_greedy_scores(model, ids), base)
+    zeros = {n: torch.zeros(hook_dim(model, n)) for n in names}
     vecs = {n: rand_vec(model, n, seed=i, scale=3.0) for i, n in enumerate(names)}
-    with steer(model, vecs, positions=positions):
-        steered = _greedy_scores(model, ids)
-    changed = [int(not torch.allclose(a, b, atol=1e-4)) for a, b in zip(steered, base, strict=True)]
-    assert changed == STEPS_CHANGED.get(positions, [1, 1, 1, 1, 1])
+    for positions in ("all", "response", "prompt", "first:2"):
+        with steer(model, zeros, positions=positions):
+            assert torch.equal(_greedy_scores(model, ids), base), positions
+        with steer(model, vecs, positions=positions):
+            steered = _greedy_scores(model, ids)
+        changed = [
+            int(not torch.allclose(a, b, atol=1e-4)) for a, b in zip(steered, base, strict=True)
+        ]
+        assert changed == STEPS_CHANGED.get(positions, [1, 1, 1, 1, 1]), positions
 
 
 def _greedy_by_hand(model, ids, vecs, steer_prompt: bool, steer_generated: bool, n=4):
@@ -439,6 +442,24 @@ def test_steer_takes_lists_and_numpy_arrays(tiny_lm):
     with pytest.raises(HookError, match=r"expected \(64,\)"):
         with steer(model, {H1: np.ones((2, 64))}):
             pass
+
+
+def test_per_row_coeff_equals_separate_runs_and_checks_its_shape(tiny_lm):
+    """Bug caught: a per-row coeff broadcast over the wrong axis (rows mixed up), or a
+    tensor of the wrong length accepted."""
+    model = tiny_lm.model
+    v = rand_vec(model, H1, scale=2.0)
+    ids = IDS[:1].expand(3, -1)
+    with steer(model, {H1: v}, coeff=torch.tensor([0.0, 1.5, -3.0])):
+        batched = logits(model, ids)
+    for row, c in enumerate((0.0, 1.5, -3.0)):
+        with steer(model, {H1: v}, coeff=c):
+            torch.testing.assert_close(batched[row], logits(model, IDS[:1])[0], atol=1e-5, rtol=0)
+    with pytest.raises(
+        HookError, match=r"Per-row coeff has shape \(2,\) but this forward has batch 3"
+    ):
+        with steer(model, {H1: v}, coeff=torch.tensor([1.0, 2.0])):
+            logits(model, ids)
 
 
 def test_wrong_shape_says_expected(tiny_lm):

@@ -73,13 +73,47 @@ def test_mismatched_sets_raise(lm):
 
 
 def test_vectorset_steers_like_a_dict(lm):
+    """Bug caught: a VectorSet that steer reads differently from a dict (or not at all:
+    then both runs equal the unsteered logits and a bare comparison would pass)."""
     vs = make_set(lm)
-    ids = torch.randint(0, 256, (1, 5))
+    ids = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(0))
+    base = lm.model(input_ids=ids).logits
     with steer(lm.model, vs, coeff=2.0):
         a = lm.model(input_ids=ids).logits
     with steer(lm.model, {k: 2.0 * v for k, v in vs.items()}):
         b = lm.model(input_ids=ids).logits
     torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, base, atol=1e-3)
+
+
+def test_set_helpers_and_their_errors(lm, tmp_path):
+    """Bug caught: to() losing vectors or metadata, repr hiding the hooks, for_model not
+    stamping the model, cosine over no shared hook, a GGUF of another architecture read
+    as a control vector."""
+    vs = make_set(lm)
+    half = vs.to(dtype=torch.float16)
+    assert half[H1].dtype == torch.float16 and half.metadata == vs.metadata
+    torch.testing.assert_close(half[H1].float(), vs[H1], rtol=1e-3, atol=1e-3)
+    assert repr(vs) == f"VectorSet({H1}: (64,), {H2}: (64,); model=tiny-llama)"
+    assert {k: vs.metadata[k] for k in ("d_model", "n_layers", "model_type", "seed")} == {
+        "d_model": 64,
+        "n_layers": 3,
+        "model_type": "llama",
+        "seed": 0,
+    }
+    with pytest.raises(VectorSetError, match="share no hook points"):
+        vs.cosine({"blocks.0.hook_resid_post": torch.ones(64)})
+    with pytest.raises(VectorSetError, match="does not exist on this model"):
+        VectorSet.for_model(lm, {"blocks.3.hook_resid_post": torch.ones(64)})
+    other = tmp_path / "model.gguf"
+    w = gguf.GGUFWriter(str(other), "llama")
+    w.add_tensor("direction.1", np.ones(64, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(VectorSetError, match="architecture 'llama', not 'controlvector'"):
+        VectorSet.from_gguf_control_vector(other)
 
 
 def test_load_onto_wrong_model_says_which(lm, tmp_path):
