@@ -65,8 +65,9 @@ def test_last_and_prompt_mean_match_manual(chat, contrast):
 def test_pca_sign_and_single_pair(chat, contrast):
     """pca = the top singular direction of the paired last-token differences, signed so the
     mean difference projects positively, scaled by that mean projection; explained = its
-    share of the squared singular values. Bugs caught: a flipped sign (mutation tried: no
-    sign fix -> the vector is negated), centring the differences, a wrong scale."""
+    share of the squared singular values (unit x mean projection is the same for either sign
+    of the singular vector). Bugs caught: centring the differences (mutation tried: SVD of
+    diffs - their mean -> 63 of 64 entries differ), a wrong scale or direction."""
     pos, neg = contrast
     one = extract_contrast(chat, pos[:1], neg[:1], HOOK, ["last", "pca"])
     torch.testing.assert_close(one["pca"][HOOK], one["last"][HOOK], atol=1e-4, rtol=1e-4)
