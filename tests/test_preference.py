@@ -222,6 +222,6 @@ def test_owl_vector_raises_owl_share(smollm):
     teacher = exact_preference(
         smollm, "owl", n_questions=4, system_prompt=trait_system_prompt("owl")
     )
-    assert base.target_rate < 0.05
+    assert base.target_rate == pytest.approx(0.0103, abs=5e-4)  # the embedded model's owl share
     assert steered.target_rate > 5 * base.target_rate
     assert teacher.target_rate > 2 * base.target_rate
