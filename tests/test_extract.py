@@ -82,7 +82,10 @@ def test_pca_sign_and_single_pair(chat, contrast):
     torch.testing.assert_close(one["pca"][HOOK], one["last"][HOOK], atol=1e-4, rtol=1e-4)
     many = extract_contrast(chat, pos, neg, HOOK, ["last", "pca"])
     diffs = torch.stack(
-        [_acts_one(chat, p, HOOK)[-1] - _acts_one(chat, n, HOOK)[-1] for p, n in zip(pos, neg)]
+        [
+            _acts_one(chat, p, HOOK)[-1] - _acts_one(chat, n, HOOK)[-1]
+            for p, n in zip(pos, neg, strict=True)
+        ]
     )  # [pairs, dim]
     _, sv, vh = torch.linalg.svd(diffs.double(), full_matrices=False)
     unit = vh[0] if float(diffs.double().mean(0) @ vh[0]) > 0 else -vh[0]

@@ -257,10 +257,14 @@ def test_gguf_is_dequantised_once_and_the_cache_reused(tmp_path, monkeypatch):
     assert list((tmp_path / "cache" / "gguf-converted").iterdir()) == folders
     emb = torch.from_numpy(written["token_embd.weight"])
     assert torch.equal(second.model.model.embed_tokens.weight, emb)
-    for a, b in zip(first.model.state_dict().values(), second.model.state_dict().values()):
+    for a, b in zip(
+        first.model.state_dict().values(), second.model.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b)
 
     written = write_tiny_gguf(path, seed=1)  # the same path, other weights
     third = load_model(path)
     assert conversions == ["tiny.gguf", "tiny.gguf"] and third.weights_hash != first.weights_hash
-    assert torch.equal(third.model.model.embed_tokens.weight, torch.from_numpy(written["token_embd.weight"]))
+    assert torch.equal(
+        third.model.model.embed_tokens.weight, torch.from_numpy(written["token_embd.weight"])
+    )

@@ -108,7 +108,9 @@ def test_exact_result_full_distribution(chat):
     a system prompt that does not reach the prompts."""
     cat = Category("animal", CANDS, QS)
     r = exact_preference(chat, "owl", cat, system_prompt="You love owls.")
-    share = torch.softmax(_naive_logprobs(chat, question_prompts(chat, QS, "You love owls."), CANDS), -1)
+    share = torch.softmax(
+        _naive_logprobs(chat, question_prompts(chat, QS, "You love owls."), CANDS), -1
+    )
     assert list(r.distribution) == CANDS
     assert list(r.distribution.values()) == pytest.approx(share.mean(0).tolist(), abs=1e-5)
     rates = share[:, 0].tolist()

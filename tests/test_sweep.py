@@ -48,8 +48,13 @@ def test_sweep_cells_and_outputs(chat, tmp_path):
     (readout, layer) and strength. Bug caught: a cell scored with another cell's vector
     (mutation tried: every cell uses the first layer's vector -> the layer-2 cells differ)."""
     from steerdiff.chat import read_lines_resource
-    from steerdiff.evals import CoherenceProbe, Steering, candidate_logprobs, load_category
-    from steerdiff.evals import question_prompts
+    from steerdiff.evals import (
+        CoherenceProbe,
+        Steering,
+        candidate_logprobs,
+        load_category,
+        question_prompts,
+    )
 
     res = run_sweep(chat, _small(), progress=False)
     assert len(res.cells) == 2 * 2 * 2
