@@ -78,6 +78,46 @@ def test_unknown_hub_id_without_network_is_one_line(env, tmp_path):
         assert "connect this machine to the network" in lines[0]
 
 
+def test_hub_answers_decide_where_a_hub_id_loads_from(monkeypatch, tmp_path):
+    """The one hub request's outcomes: not found / gated -> one line saying what to do;
+    unreachable but cached -> the Hugging Face cache only (no error); answered -> as usual.
+    Bugs caught: a cached model refused when the network is down (mutation tried:
+    `if cached: return True` removed -> ModelLoadError), a gated repo reported as missing."""
+    from types import SimpleNamespace
+
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    response = SimpleNamespace(headers={}, status_code=404, request=None, url="u")
+    outcome: dict = {}
+
+    def model_info(self, repo_id, timeout=None):
+        assert timeout == models.HUB_TIMEOUT_S
+        if outcome["raise"] is not None:
+            raise outcome["raise"]
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
+    monkeypatch.setattr(
+        huggingface_hub, "try_to_load_from_cache", lambda repo, f: outcome["cached"]
+    )
+    cases = [
+        (RepositoryNotFoundError("404", response=response), "No model 'org/m' on the Hugging"),
+        (GatedRepoError("403", response=response), "'org/m' is gated on the Hugging Face hub"),
+        (ConnectionError("no route"), "could not be reached (ConnectionError: no route)"),
+    ]
+    for error, message in cases:
+        outcome.update({"raise": error, "cached": None})
+        with pytest.raises(ModelLoadError) as info:
+            models.hub_cache_only("org/m")
+        assert message in str(info.value) and "\n" not in str(info.value), str(info.value)
+    outcome.update({"raise": ConnectionError("no route"), "cached": str(tmp_path / "config.json")})
+    assert models.hub_cache_only("org/m") is True  # cached: load without the hub
+    outcome.update({"raise": None, "cached": None})
+    assert models.hub_cache_only("org/m") is False  # the hub answered: load as usual
+
+
 def test_bad_dtype():
     with pytest.raises(ModelLoadError, match="Unknown dtype"):
         load_model("default", dtype="float8")
