@@ -73,7 +73,9 @@ def test_specs_round_trip(chat, tmp_path):
     t = build_teacher(specs[1], chat)
     assert t.system_prompt == trait_system_prompt("owl") and "You love owls." in t.system_prompt
     assert t.spec()["system_prompt"].endswith("your love for the animal.")
-    assert build_teacher(specs[2], chat).spec()["vectors_sha256"]
+    from steerdiff.io import file_sha256
+
+    assert build_teacher(specs[2], chat).spec()["vectors_sha256"] == file_sha256(vpath)[:16]
 
 
 def test_teacher_config_builds_the_same_teacher_as_its_spec(chat, tmp_path):
