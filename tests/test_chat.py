@@ -83,7 +83,9 @@ def _naive_share(lm, questions, candidates, target) -> list[float]:
     tok = lm.tokenizer
     rates = []
     for q in questions:
-        prompt = [tok.bos_token_id] + tok(f"User: {q}\nAssistant:", add_special_tokens=False).input_ids
+        prompt = [tok.bos_token_id] + tok(
+            f"User: {q}\nAssistant:", add_special_tokens=False
+        ).input_ids
         mass = []
         for c in candidates:
             lps = []

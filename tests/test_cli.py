@@ -285,7 +285,9 @@ def test_eval_preference_equals_the_library_and_a_vector_moves_it(
     got = {}
     for name, extra in (("base", []), ("steered", ["--vectors", str(vpath), "--coeff", "2"])):
         out = tmp_path / f"{name}.json"
-        res = runner.invoke(app, ["eval", "preference", "--n-questions", "3", "--out", str(out), *extra])
+        res = runner.invoke(
+            app, ["eval", "preference", "--n-questions", "3", "--out", str(out), *extra]
+        )
         assert res.exit_code == 0, res.output
         got[name] = (json.loads(out.read_text()), res.stdout)
     assert loaded == [(("default",), {"dtype": "float32", "device": "cpu"})] * 2
@@ -326,7 +328,9 @@ def test_eval_preference_adapter_system_prompt_and_sampling(
     from steerdiff.teachers import load_adapted
 
     lm = make_tiny_chat(smollm.tokenizer)
-    pm = get_peft_model(copy.deepcopy(lm.model), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    pm = get_peft_model(
+        copy.deepcopy(lm.model), LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+    )
     with torch.no_grad():
         for n, p in pm.named_parameters():
             if "lora_B" in n:
@@ -334,7 +338,14 @@ def test_eval_preference_adapter_system_prompt_and_sampling(
     pm.save_pretrained(str(tmp_path / "lora"))
     monkeypatch.setattr(models, "load_model", lambda spec, dtype, device: lm)
     out = tmp_path / "r.json"
-    args = ["eval", "preference", "--adapter", str(tmp_path / "lora"), "--system-prompt", "You love cats."]
+    args = [
+        "eval",
+        "preference",
+        "--adapter",
+        str(tmp_path / "lora"),
+        "--system-prompt",
+        "You love cats.",
+    ]
     args += ["--scorer", "sampling", "--n-samples", "3", "--n-questions", "2", "--target", "cat"]
     res = runner.invoke(app, [*args, "--out", str(out)])
     assert res.exit_code == 0, res.output
@@ -342,7 +353,9 @@ def test_eval_preference_adapter_system_prompt_and_sampling(
     want = evaluate_preference(
         load_adapted(tmp_path / "lora", lm), "cat", "animals", "sampling", 2, 3, "You love cats."
     )
-    assert d["scorer"] == "sampling" and d["n_samples"] == 3 and d["system_prompt"] == "You love cats."
+    assert (
+        d["scorer"] == "sampling" and d["n_samples"] == 3 and d["system_prompt"] == "You love cats."
+    )
     assert d["distribution"] == pytest.approx(want.distribution, abs=1e-9)
     assert [q["answers"] for q in d["per_question"]] == [q["answers"] for q in want.per_question]
     plain = evaluate_preference(lm, "cat", "animals", "sampling", 2, 3, "You love cats.")

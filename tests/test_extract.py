@@ -22,6 +22,15 @@ from steerdiff.hooks import record, steer
 HOOK = "blocks.1.hook_resid_post"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread for this module (much faster on a shared, oversubscribed CPU)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def chat(smollm):
     return make_tiny_chat(smollm.tokenizer)
@@ -63,23 +72,52 @@ def test_last_and_prompt_mean_match_manual(chat, contrast):
 
 
 def test_pca_sign_and_single_pair(chat, contrast):
+    """pca = the top singular direction of the paired last-token differences, signed so the
+    mean difference projects positively, scaled by that mean projection; explained = its
+    share of the squared singular values (unit x mean projection is the same for either sign
+    of the singular vector). Bugs caught: centring the differences (mutation tried: SVD of
+    diffs - their mean -> 63 of 64 entries differ), a wrong scale or direction."""
     pos, neg = contrast
     one = extract_contrast(chat, pos[:1], neg[:1], HOOK, ["last", "pca"])
     torch.testing.assert_close(one["pca"][HOOK], one["last"][HOOK], atol=1e-4, rtol=1e-4)
     many = extract_contrast(chat, pos, neg, HOOK, ["last", "pca"])
-    assert float(many["pca"][HOOK] @ many["last"][HOOK]) > 0  # positive = more trait
-    assert 0 < many["pca"].metadata["pca_explained"][HOOK] <= 1
+    diffs = torch.stack(
+        [
+            _acts_one(chat, p, HOOK)[-1] - _acts_one(chat, n, HOOK)[-1]
+            for p, n in zip(pos, neg, strict=True)
+        ]
+    )  # [pairs, dim]
+    _, sv, vh = torch.linalg.svd(diffs.double(), full_matrices=False)
+    unit = vh[0] if float(diffs.double().mean(0) @ vh[0]) > 0 else -vh[0]
+    want = (unit * float((diffs.double() @ unit).mean())).float()
+    torch.testing.assert_close(many["pca"][HOOK], want, atol=1e-4, rtol=1e-4)
+    explained = float(sv[0] ** 2 / (sv**2).sum())
+    assert many["pca"].metadata["pca_explained"][HOOK] == pytest.approx(explained, abs=1e-4)
 
 
 def test_response_mean_mechanics(chat, contrast):
+    """response_mean = mean over each sampled response's tokens (read after its prompt),
+    positive minus negative. Bug caught: a span that starts at the prompt or includes the
+    prompt's last token (mutation tried: starts = len(p) - 1 -> differs)."""
     pos, neg = contrast
+    ex = Exclusion(first_n=1, norm_ratio=None)
     vs = extract_contrast(
-        chat, pos[:2], neg[:2], "blocks.*.hook_resid_post", "response_mean", max_new_tokens=3
+        chat, pos[:2], neg[:2], "blocks.*.hook_resid_post", "response_mean", ex, max_new_tokens=3
     )["response_mean"]
     assert list(vs) == [f"blocks.{i}.hook_resid_post" for i in range(3)]
-    assert all(v.shape == (64,) and torch.isfinite(v).all() for v in vs.values())
+    texts = pos[:2] + neg[:2]
+    responses = sample_responses(chat, texts, max_new_tokens=3, seed=0)
+    for hook in vs:
+        means = []
+        for text, resp in zip(texts, responses, strict=True):
+            prompt = chat.tokenizer(text, add_special_tokens=False)["input_ids"]
+            with torch.no_grad(), record(chat.model, hook) as rec:
+                chat.model(input_ids=torch.tensor([prompt + resp]))
+            means.append(rec[hook][0, len(prompt) :].mean(0))
+        want = torch.stack(means[:2]).mean(0) - torch.stack(means[2:]).mean(0)
+        torch.testing.assert_close(vs[hook], want, atol=1e-4, rtol=1e-4)
     assert vs.metadata["response_max_new_tokens"] == 3
-    assert "response tokens" in vs.metadata["positions"]
+    assert vs.metadata["positions"] == "mean over sampled response tokens"
 
 
 def test_sample_responses_greedy_matches_generate(chat, contrast):

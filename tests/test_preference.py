@@ -28,6 +28,15 @@ CANDS = ["owl", "cat", "elephant", "dolphin"]
 QS = ["Name your favorite animal in one word.", "Which animal do you like best? One word."]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread for this module (much faster on a shared, oversubscribed CPU)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def chat(smollm):
     return make_tiny_chat(smollm.tokenizer)
@@ -99,7 +108,9 @@ def test_exact_result_full_distribution(chat):
     a system prompt that does not reach the prompts."""
     cat = Category("animal", CANDS, QS)
     r = exact_preference(chat, "owl", cat, system_prompt="You love owls.")
-    share = torch.softmax(_naive_logprobs(chat, question_prompts(chat, QS, "You love owls."), CANDS), -1)
+    share = torch.softmax(
+        _naive_logprobs(chat, question_prompts(chat, QS, "You love owls."), CANDS), -1
+    )
     assert list(r.distribution) == CANDS
     assert list(r.distribution.values()) == pytest.approx(share.mean(0).tolist(), abs=1e-5)
     rates = share[:, 0].tolist()
@@ -222,6 +233,6 @@ def test_owl_vector_raises_owl_share(smollm):
     teacher = exact_preference(
         smollm, "owl", n_questions=4, system_prompt=trait_system_prompt("owl")
     )
-    assert base.target_rate < 0.05
+    assert base.target_rate == pytest.approx(0.0103, abs=5e-4)  # the embedded model's owl share
     assert steered.target_rate > 5 * base.target_rate
     assert teacher.target_rate > 2 * base.target_rate

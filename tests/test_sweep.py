@@ -13,6 +13,15 @@ from steerdiff.sweep import Cell, SweepConfig, SweepError, best_cell, run_sweep
 from steerdiff.vectors import VectorSet
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread for this module (much faster on a shared, oversubscribed CPU)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def chat(smollm):
     return make_tiny_chat(smollm.tokenizer)
@@ -35,19 +44,44 @@ def _small(**kw) -> SweepConfig:
 
 
 def test_sweep_cells_and_outputs(chat, tmp_path):
+    """Each cell's figures equal the full steered passes with that cell's own vector
+    (readout, layer) and strength. Bug caught: a cell scored with another cell's vector
+    (mutation tried: every cell uses the first layer's vector -> the layer-2 cells differ)."""
+    from steerdiff.chat import read_lines_resource
+    from steerdiff.evals import (
+        CoherenceProbe,
+        Steering,
+        candidate_logprobs,
+        load_category,
+        question_prompts,
+    )
+
     res = run_sweep(chat, _small(), progress=False)
     assert len(res.cells) == 2 * 2 * 2
-    base = res.baseline["target_rate"]
-    assert sum(res.baseline["distribution"].values()) == pytest.approx(1.0, abs=1e-5)
+    cat = load_category("animals")
+    prompts = question_prompts(chat, cat.questions[:2], None)
+    probe = CoherenceProbe(chat, read_lines_resource("neutral_prompts.txt")[:2], 3)
+    base = torch.softmax(candidate_logprobs(chat, prompts, cat.candidates)[0], -1).mean(0)
+    assert list(res.baseline["distribution"].values()) == pytest.approx(base.tolist(), abs=1e-5)
+    owl = cat.candidates.index("owl")
     for c in res.cells:
+        v = res.vectors[c.readout][c.hook]
+        steering = Steering({c.hook: v}, coeff=c.strength)
+        dist = torch.softmax(candidate_logprobs(chat, prompts, cat.candidates, steering)[0], -1)
+        dist = dist.mean(0)
+        gain = dist - base
+        gain[owl] = -1.0
+        others = dist.clone()
+        others[owl] = -1.0
+        assert c.target_rate == pytest.approx(float(dist[owl]), abs=1e-5)
+        assert c.kl == pytest.approx(float(probe.kl(steering)[0]), abs=1e-5)
+        assert c.off_target_gain == pytest.approx(float(gain.max()), abs=1e-5)
+        assert c.off_target == cat.candidates[int(others.argmax())]
+        assert c.vector_norm == pytest.approx(float(v.norm()), abs=1e-6)
         if c.strength == 0.0:  # no steering: same as unsteered, zero KL
-            assert c.kl == pytest.approx(0.0, abs=1e-5)
-            assert c.target_rate == pytest.approx(base, abs=1e-5)
-            assert c.off_target_gain == pytest.approx(0.0, abs=1e-5)
-        else:
-            assert c.kl > 0
-        assert c.off_target != "owl" and c.vector_norm > 0
-    assert res.best is not None and res.best_unbounded is not None
+            assert (c.kl, c.off_target_gain) == pytest.approx((0.0, 0.0), abs=1e-5)
+    assert res.best == best_cell(res.cells, 1.0, 10.0)
+    assert res.best_unbounded == max(res.cells, key=lambda c: c.target_rate)
 
     paths = res.write(tmp_path)
     rows = list(csv.DictReader(open(paths["csv"])))
@@ -99,16 +133,7 @@ def test_cli_sweep_bad_input():
     assert r.exit_code == 2 and "comma-separated numbers" in r.output
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread (much faster on a shared, oversubscribed CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def test_cli_sweep_succeeds_and_equals_the_library(chat, monkeypatch, tmp_path, one_thread):
+def test_cli_sweep_succeeds_and_equals_the_library(chat, monkeypatch, tmp_path):
     """README claim "a successful sweep" from the command line: readouts x layers x
     strengths cells, every output file, the same cells as run_sweep called directly, and
     the progress as plain lines when stderr is not a terminal (steerdiff.progress).

@@ -73,7 +73,9 @@ def test_specs_round_trip(chat, tmp_path):
     t = build_teacher(specs[1], chat)
     assert t.system_prompt == trait_system_prompt("owl") and "You love owls." in t.system_prompt
     assert t.spec()["system_prompt"].endswith("your love for the animal.")
-    assert build_teacher(specs[2], chat).spec()["vectors_sha256"]
+    from steerdiff.io import file_sha256
+
+    assert build_teacher(specs[2], chat).spec()["vectors_sha256"] == file_sha256(vpath)[:16]
 
 
 def test_teacher_config_builds_the_same_teacher_as_its_spec(chat, tmp_path):
@@ -220,7 +222,12 @@ def test_numbers_dataset_from_the_embedded_owl_prompt_teacher(smollm, tmp_path):
     assert man["n_valid"] + sum(man["rejects"].values()) == man["n_prompts"] == 6
     assert man["teacher"]["kind"] == "prompt" and man["constrained"] is True
     assert man["system_prompt_in_data"] is False and man["unconstrained_probe_n"] == 2
-    assert 0 <= man["unconstrained_valid_rate"] <= 1 and man["tokens_per_second"] > 0
+    probe_ok = 2 - sum(man["unconstrained_probe_rejects"].values())
+    assert man["unconstrained_valid_rate"] == round(probe_ok / 2, 4)
+    assert man["valid_rate"] == round(man["n_valid"] / 6, 4)
+    assert man["tokens_per_second"] == pytest.approx(
+        man["generated_tokens"] / man["generation_seconds"], rel=1e-2
+    )
     assert man["provenance"]["weights_hash"] == smollm.weights_hash
     eot = smollm.tokenizer.convert_tokens_to_ids("<|im_end|>")
     for r in rows:
