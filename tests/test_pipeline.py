@@ -391,3 +391,13 @@ def test_run_killed_mid_generation_resumes_row_for_row(tmp_path, tiny_model):
         assert x == y, (x["id"], y["id"])
     assert manifest_path(resumed).exists() and not list(killed.glob("kill/*.partial"))
     assert [r["name"] for r in load_results(killed / "kill")] == ["base", "teacher (system prompt)"]
+
+
+def test_run_threads_option_sets_torch_threads(tmp_path, tiny_model):
+    """`steerdiff run --threads N` (1 is fastest on a busy CPU) must reach torch; an option
+    that is parsed and then ignored would leave torch's default."""
+    exp = tmp_path / "hooks.toml"
+    exp.write_text(f'name = "h"\nmodel = "{tiny_model}"\n[[fits]]\nname = "v"\nhooks = "x"\n')
+    res = CliRunner().invoke(app, ["run", str(exp), "--threads", "3", "--runs-dir", str(tmp_path)])
+    assert res.exit_code == 2 and "fits.0.hooks = 'x'" in res.stdout, res.output
+    assert torch.get_num_threads() == 3  # (the one_thread fixture restores it)

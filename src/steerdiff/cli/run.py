@@ -9,7 +9,17 @@ from typing import Annotated
 
 import typer
 
+from .common import ThreadsOpt
+
 app = typer.Typer()
+
+
+def use_threads(threads: int) -> None:
+    """torch's CPU threads (0: leave torch's default)."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def demo_config_path() -> Path:
@@ -23,11 +33,16 @@ def run(
         Path, typer.Argument(help="experiment file (.toml or .yaml); see examples/")
     ],
     runs_dir: Annotated[Path, typer.Option(help="where run folders go")] = Path("runs"),
+    threads: ThreadsOpt = 0,
 ) -> None:
-    """Run an experiment: cached, resumable stages; ends with report.html in the run folder."""
+    """Run an experiment: cached, resumable stages; ends with report.html in the run folder.
+
+    Everything that needs the model (model paths, hook names, fit settings) is checked
+    before the first stage runs; a bad setting is one line naming the file and key."""
     from steerdiff.pipeline import load_config, run_experiment
 
     cfg = load_config(experiment)
+    use_threads(threads)
     t0 = time.perf_counter()
     summary = run_experiment(cfg, runs_dir)
     typer.echo(f"Finished in {time.perf_counter() - t0:.0f}s. Open {summary.report}")
@@ -39,6 +54,7 @@ def demo(
     print_config: Annotated[
         bool, typer.Option("--print-config", help="show the experiment file and exit")
     ] = False,
+    threads: ThreadsOpt = 0,
 ) -> None:
     """The end-to-end demo on the embedded model (about 10 minutes on 2 CPU cores)."""
     from steerdiff.pipeline import load_config, run_experiment
@@ -47,6 +63,7 @@ def demo(
     if print_config:
         typer.echo(path.read_text())
         return
+    use_threads(threads)
     t0 = time.perf_counter()
     summary = run_experiment(load_config(path), runs_dir)
     typer.echo(

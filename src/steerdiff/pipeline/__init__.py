@@ -8,6 +8,7 @@ stage; stages: content-addressed stages; fit_stages / eval_stages:
 the stage functions; run: the order they run in.
 """
 
+from .checks import check_experiment, load_models
 from .config import (
     BaselineSpec,
     ConfigError,
@@ -19,7 +20,6 @@ from .config import (
     load_config,
     parse_config,
 )
-from .checks import check_experiment, load_models
 from .run import RunSummary, load_results, run_experiment
 from .stages import StageResult, run_stage, stage_key
 

@@ -60,47 +60,47 @@ def check_experiment(cfg: ExperimentConfig, lm: LoadedModel, student_lm: LoadedM
     if cfg.prompt_teacher is not None:
         _check_teacher(src, "prompt_teacher", cfg.prompt_teacher, lm)
     if cfg.task.backend == "vllm" and importlib.util.find_spec("vllm") is None:
-        raise bad(
-            src,
-            "task.backend",
-            "vllm",
-            "vllm is not installed (pip install vllm), or use backend = 'hf'.",
-        )
-    category = "animals" if cfg.teacher.category == "animal" else cfg.teacher.category
-    try:
-        candidates = [c.lower() for c in load_category(category).candidates]
-    except SteerdiffError as e:
-        raise bad(src, "teacher.category", cfg.teacher.category, str(e)) from e
-    if cfg.teacher.animal.lower() not in candidates:
-        raise bad(
-            src,
-            "teacher.animal",
-            cfg.teacher.animal,
-            f"the evaluation cannot score it: not among the {category} candidates "
-            f"({', '.join(candidates)}).",
-        )
-    student = "the student model" if student_lm is not lm else "the model"
+        why = "vllm is not installed (pip install vllm), or use backend = 'hf'."
+        raise bad(src, "task.backend", "vllm", why)
+    _check_eval_target(cfg)
     for i, spec in enumerate(cfg.fits):
-        try:
-            select_hooks(student_lm, spec.hooks)
-        except SteerdiffError as e:
-            raise bad(
-                src,
-                f"fits.{i}.hooks",
-                spec.hooks if len(spec.hooks) > 1 else spec.hooks[0],
-                f"not a hook of {student} {student_lm.spec!r}: {e}",
-            ) from e
+        _check_fit_hooks(cfg, i, spec.hooks, student_lm, lm)
         if spec.teacher == "prompt" and cfg.prompt_teacher is None:
-            raise bad(
-                src,
-                f"fits.{i}.teacher",
-                "prompt",
-                "the experiment has no "
-                "[prompt_teacher] to write that data: add one, or use teacher = 'main'.",
+            why = (
+                "the experiment has no [prompt_teacher] to write that data: add one, "
+                "or use teacher = 'main'."
             )
+            raise bad(src, f"fits.{i}.teacher", "prompt", why)
         _check_fit_settings(cfg, f"fits.{i}", spec.objective, spec.val_size, lm, student_lm)
     for i, b in enumerate(cfg.baselines):
         _check_fit_settings(cfg, f"baselines.{i}", b.objective, b.val_size, lm, student_lm)
+
+
+def _check_eval_target(cfg: ExperimentConfig) -> None:
+    """The evaluation (the last stage) can score the teacher's trait."""
+    t = cfg.teacher
+    category = "animals" if t.category == "animal" else t.category
+    try:
+        candidates = [c.lower() for c in load_category(category).candidates]
+    except SteerdiffError as e:
+        raise bad(cfg.source, "teacher.category", t.category, str(e)) from e
+    if t.animal.lower() not in candidates:
+        names = ", ".join(candidates)
+        why = f"the evaluation cannot score it: not among the {category} candidates ({names})."
+        raise bad(cfg.source, "teacher.animal", t.animal, why)
+
+
+def _check_fit_hooks(
+    cfg: ExperimentConfig, i: int, hooks: list[str], student_lm: LoadedModel, lm: LoadedModel
+) -> None:
+    """Every hook pattern of fit i matches a hook of the model it fits (the student's)."""
+    which = "the student model" if student_lm is not lm else "the model"
+    try:
+        select_hooks(student_lm, hooks)
+    except SteerdiffError as e:
+        value = hooks if len(hooks) > 1 else hooks[0]
+        why = f"not a hook of {which} {student_lm.spec!r}: {e}"
+        raise bad(cfg.source, f"fits.{i}.hooks", value, why) from e
 
 
 def _check_teacher(src: str, key: str, t: TeacherConfig, lm: LoadedModel) -> None:

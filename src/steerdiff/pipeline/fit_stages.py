@@ -172,8 +172,10 @@ def fit_teacher(data_stage: StageResult, vec_stage: StageResult | None, cross: b
     return teacher
 
 
-def cross_note(teacher_lm: LoadedModel) -> dict:
-    """What a cross-model fit records instead of teacher losses."""
+def cross_note(teacher_lm: LoadedModel | None, cross: bool) -> dict:
+    """What a cross-model fit records instead of teacher losses (nothing for the others)."""
+    if not cross or teacher_lm is None:
+        return {}
     return {
         "teacher_reference": f"none: the data's teacher runs on {teacher_lm.spec!r}, another "
         "model; the losses compare the fitted student with its own base model"
@@ -203,7 +205,7 @@ def stage_fit(
         resume = (work / CHECKPOINT_FILE).exists()
         res = fit(lm, data_path(data_stage), cfg, teacher=teacher, out_dir=work, resume=resume)
         # fit wrote vectors.safetensors (and metrics) into work
-        return {**res.summary(), **(cross_note(teacher_lm) if cross else {})}  # type: ignore[arg-type]
+        return {**res.summary(), **cross_note(teacher_lm, cross)}
 
     dep = {
         "data": data_stage.key,
@@ -239,7 +241,7 @@ def stage_baseline(
         else:
             res = fit_full(lm, data, cfg, teacher=teacher, out_dir=work, resume=resume)
         # work is a folder teachers.load_adapted reads (see fit_lora)
-        return {**res.summary(), **(cross_note(teacher_lm) if cross else {})}  # type: ignore[arg-type]
+        return {**res.summary(), **cross_note(teacher_lm, cross)}
 
     dep = {
         "data": data_stage.key,

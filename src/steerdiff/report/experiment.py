@@ -85,7 +85,10 @@ def compare_with_base(row: dict, base: dict) -> str:
             what = "not distinguishable from its base model (intervals overlap; not paired)"
         return f"{head}: {what}."
     n = len(row["per_question"])
-    paired = f"paired difference {100 * diff:+.1f} pp [95% CI {100 * lo:+.1f}, {100 * hi:+.1f}] over {n} questions"
+    paired = (
+        f"paired difference {100 * diff:+.1f} pp "
+        f"[95% CI {100 * lo:+.1f}, {100 * hi:+.1f}] over {n} questions"
+    )
     if n < 2:
         what = "one question: no interval"
     elif lo > 0:
