@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..chat import render_chat
 from ..errors import SteerdiffError
 from ..hooks import get_hook_point, record
 from ..io import read_jsonl
@@ -122,10 +123,7 @@ def _render(tok, row: Row, role: str) -> tuple[str, list[tuple[int, int]] | None
     msgs = row.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise MonitorError("A chat row needs a non-empty 'messages' list.")
-    if getattr(tok, "chat_template", None):
-        text = tok.apply_chat_template(msgs, tokenize=False)
-    else:
-        text = "\n".join(f"{m['role']}: {m['content']}" for m in msgs)
+    text = render_chat(tok, msgs, add_generation_prompt=False)  # the one chat fallback
     spans, cur = [], 0
     for m in msgs:
         c = str(m.get("content", ""))
@@ -245,7 +243,11 @@ def _project_rows(
             chat = spans is not None
             e = tok(
                 text,
-                add_special_tokens=not chat,
+                # a chat template writes its own <bos>; plain text and the fallback get the
+                # tokenizer's special tokens (Gemma's <bos>)
+                add_special_tokens=not (
+                    chat and text.startswith(getattr(tok, "bos_token", None) or "\0")
+                ),
                 truncation=True,
                 max_length=max_tokens,
                 return_offsets_mapping=chat,
