@@ -67,6 +67,7 @@ def teacher(v: torch.Tensor) -> dict:
     return {"kind": "steered", "vectors": {HOOK: v}, "coeff": 1.0}
 
 
+@torch.no_grad()
 def hand_ce(m: torch.nn.Module, examples: list[Example], vectors: dict | None = None) -> tuple:
     """(mean CE per completion token, per-row CE sums, tokens) by a plain forward of each
     row alone, with `vectors` steered in: the losses as a user computes them, with no code
@@ -82,6 +83,7 @@ def hand_ce(m: torch.nn.Module, examples: list[Example], vectors: dict | None = 
     return sum(rows) / n, rows, n
 
 
+@torch.no_grad()
 def hand_kl(m: torch.nn.Module, examples: list[Example], vectors: dict | None = None) -> float:
     """Mean over completion tokens of KL(teacher top-k || student renormalised over the same
     k ids), by a plain forward of each row alone."""

@@ -296,7 +296,8 @@ def prepare_examples(
         examples = [ex for ex in examples if len(ex) <= max_len]
         if not examples:
             raise FitError(f"No row of {rows.source} is at most max_len={max_len} tokens long.")
-    return Prepared(examples, spec, rows.manifest, rows.source, notes, bool(notes))
+    # tokenize_rows adds a note only when it re-tokenized another model's ids
+    return Prepared(examples, spec, rows.manifest, rows.source, notes, retokenized=bool(notes))
 
 
 def resolve_objective(
