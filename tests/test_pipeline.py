@@ -358,7 +358,9 @@ def chunks_done(run: Path) -> int:
     prog = [progress_path(p / "data.jsonl") for p in run.glob("data-main-*.partial")]
     if not prog or not prog[0].exists():
         return 0
-    return sum(1 for line in read_jsonl(prog[0]) if "chunk" in line)
+    # read while the run appends: count complete lines only (the last may be half written)
+    lines = prog[0].read_text().split("\n")[:-1]
+    return sum(1 for line in lines if line.startswith('{"chunk"'))
 
 
 def test_run_killed_mid_generation_resumes_row_for_row(tmp_path, tiny_model):
