@@ -131,6 +131,8 @@ def main() -> None:
         cfg = FitConfig(
             objective="sft",
             optimizer="adam",
+            schedule="constant",  # the figures in docs/fit.md were taken with these
+            warmup_steps=0,
             lr=args.lr,
             epochs=args.epochs,
             batch_size=16,

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..evals.preference import CategoryError, PreferenceResult, paired_difference
+from ..fit.losses import NOISE_GAP_NATS, gap_within_noise
 from ..io import read_json, read_jsonl
 from .figures import eval_figure, loss_figure
 from .html import Code, Figure, Report, Table, Text, write
@@ -260,18 +261,12 @@ def _fits_section(r: Report, run: RunFolder) -> None:
             "Brackets: 95% bootstrap interval over validation rows."
         )
     )
-    small = [
-        x["fit"]
-        for x in rows
-        if x["base val loss"] is not None
-        and x["teacher val loss"] is not None
-        and abs(x["base val loss"] - x["teacher val loss"]) < 0.05
-    ]
+    small = [x["fit"] for x in rows if gap_within_noise(x["base val loss"], x["teacher val loss"])]
     if small:
         sec.add(
             Text(
                 f"For {', '.join(small)} the base and teacher validation losses differ by "
-                "less than 0.05 nats per token, so the cross-entropy gap closed is dominated "
+                f"less than {NOISE_GAP_NATS} nats per token, so the cross-entropy gap closed is dominated "
                 "by noise (values far outside 0..1 happen); read the KL gap closed instead.",
                 kind="warn",
             )
