@@ -331,3 +331,26 @@ def test_gap_within_noise_is_the_reports_rule():
     assert gap_within_noise(0.5, 0.4375) is False  # 0.0625 nats
     assert gap_within_noise(0.4375, 0.5) is False  # a teacher worse than base: same size
     assert gap_within_noise(None, 0.5) is None and gap_within_noise(0.5, None) is None
+
+
+def test_fallback_student_learns_the_answer_after_a_space() -> None:
+    # Bug caught: a student without a chat template (Gemma 3 270M) learning "Assistant:145"
+    # (no space) from re-tokenized text, unlike how the model writes an answer after the
+    # fallback's "Assistant:" header.
+    from _read_helpers import byte_tokenizer
+
+    tok = byte_tokenizer()
+    tok.eos_token = "\x01"  # the fallback's end of turn is eos
+    rows = [
+        {
+            "id": 0,
+            "messages": [
+                {"role": "user", "content": "Continue: 1, 2"},
+                {"role": "assistant", "content": "145, 267"},
+            ],
+        }
+    ]
+    (ex,) = tokenize_rows(tok, rows)
+    assert ex.completion_ids[-1] == tok.eos_token_id
+    assert tok.decode(ex.completion_ids[:-1]) == " 145, 267"
+    assert tok.decode(ex.prompt_ids).endswith("Assistant:")

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..chat import chat_prompt_ids, end_of_turn_ids
+from ..chat import answer_lead, chat_prompt_ids, end_of_turn_ids
 from ..generate import DatasetError, load_dataset
 from ..models import LoadedModel
 from ..teachers import Teacher, TeacherConfig, build_teacher
@@ -241,7 +241,10 @@ def tokenize_rows(
         if not comp:
             if eot is None:
                 eot = end_of_turn_ids(tokenizer)
-            comp = tokenizer(content, add_special_tokens=False).input_ids + eot
+            # answer_lead: " " after the fallback's "Assistant:" (no chat template), as a model
+            # writes it; nothing after a chat template's assistant header
+            text = answer_lead(tokenizer) + content
+            comp = tokenizer(text, add_special_tokens=False).input_ids + eot
         topk_ids, topk_lp = row.get("topk_ids"), row.get("topk_logprobs")
         if retokenize:
             topk_ids = topk_lp = None
