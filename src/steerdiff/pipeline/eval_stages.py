@@ -80,35 +80,25 @@ def make_subjects(
 
 def evaluate(subject: Subject, cfg: ExperimentConfig) -> dict:
     """The trait preference of one subject (per-question rows dropped)."""
-    from ..evals.preference import Steering, exact_preference, sample_preference
+    from ..evals.preference import Steering, evaluate_preference
 
     steering = (
         Steering(subject.vectors, coeff=subject.coeff, positions=subject.positions)
         if subject.vectors is not None
         else None
     )
-    animal, category = cfg.teacher.animal, cfg.teacher.category
-    cat = "animals" if category == "animal" else category
-    if cfg.eval.scorer == "exact":
-        r = exact_preference(
-            subject.lm,
-            animal,
-            cat,
-            n_questions=cfg.eval.n_questions,
-            system_prompt=subject.system_prompt,
-            steering=steering,
-        )
-    else:
-        r = sample_preference(
-            subject.lm,
-            animal,
-            cat,
-            n_questions=cfg.eval.n_questions,
-            n_samples=cfg.eval.n_samples,
-            system_prompt=subject.system_prompt,
-            steering=steering,
-            seed=cfg.seed,
-        )
+    category = cfg.teacher.category
+    r = evaluate_preference(
+        subject.lm,
+        cfg.teacher.animal,
+        "animals" if category == "animal" else category,
+        scorer=cfg.eval.scorer,
+        n_questions=cfg.eval.n_questions,
+        n_samples=cfg.eval.n_samples,
+        system_prompt=subject.system_prompt,
+        steering=steering,
+        seed=cfg.seed,
+    )
     d = r.to_dict()
     # per question, only its target rate: what the report pairs with the same model's base
     d["per_question"] = [
