@@ -1,0 +1,187 @@
+"""Mutation testing with mutmut 3: do the fast tests catch small bugs in the core modules?
+
+Not part of CI (it takes from minutes to hours). For each module below: a scratch copy of
+src/, tests/ and pyproject.toml under build/mutation/<module>/ whose [tool.mutmut] section
+is narrowed to that module and the fast tests that exercise it; `mutmut run` there (under
+`nice -n 10`), then the count of mutants per status. The worktree itself is never touched.
+
+    pip install mutmut==3.8.1
+    python3 bench/mutation.py                     # every module (long)
+    python3 bench/mutation.py vectors gap         # some modules
+    python3 bench/mutation.py hooks --survivors   # also list each surviving mutant
+    python3 bench/mutation.py --keep vectors      # re-use build/mutation/vectors (resume)
+
+Then `cd build/mutation/<module> && mutmut show <name>` prints a mutant's diff, and
+`mutmut browse` gives the interactive view. docs/testing.md records the counts and why
+each remaining survivor is left alive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRATCH = ROOT / "build" / "mutation"
+
+
+@dataclass(frozen=True)
+class Module:
+    """One module under mutation: the file, the tests run against it, and which of its
+    functions count (mutmut names a mutant `<module>.x_<function>__mutmut_<n>`)."""
+
+    path: str
+    tests: tuple[str, ...]
+    functions: tuple[str, ...] = ("*",)  # globs over function names; "*" = the whole file
+    deselect: str = ""  # a pytest -k expression that drops slow parametrisations
+
+    @property
+    def dotted(self) -> str:
+        return self.path.removeprefix("src/").removesuffix(".py").replace("/", ".")
+
+    def name_globs(self) -> list[str]:
+        """mutmut's mutant-name globs: `x_f__mutmut_*` for functions, `xǁC ǁm` for methods."""
+        return [f"{self.dotted}.x*{f}__mutmut_*" for f in self.functions]
+
+
+MODULES = {
+    # the steer/record machinery (the decorated context managers themselves are not mutated
+    # by mutmut 3, see docs/testing.md); gpt2/qwen/gemma2 parametrisations of the model tests
+    # are dropped for time: llama and gemma3_text remain
+    "hooks": Module(
+        "src/steerdiff/hooks.py",
+        ("tests/test_hooks.py", "tests/test_mutants_hooks.py"),
+        deselect="not gpt2 and not qwen2 and not qwen3 and not gemma2",
+    ),
+    "vectors": Module(
+        "src/steerdiff/vectors.py", ("tests/test_vectors.py", "tests/test_mutants_vectors.py")
+    ),
+    # the published numbers filter (not the dataset maker around it)
+    "numbers": Module(
+        "src/steerdiff/tasks/numbers.py",
+        ("tests/test_numbers.py", "tests/test_mutants_numbers.py"),
+        functions=(
+            "parse_numbers",
+            "reject_reason*",
+            "leaks_trait",
+            "judge",
+            "count_rejects",
+            "trait_words_for",
+        ),
+    ),
+    # the gap-closed figures and their bootstrap interval
+    "gap": Module(
+        "src/steerdiff/fit/losses.py",
+        (
+            "tests/test_train.py::test_gap_interval_brackets_the_truth_and_narrows_with_rows",
+            "tests/test_train.py::test_reported_val_losses_equal_a_hand_computation",
+            "tests/test_mutants_losses.py",
+        ),
+        functions=("gap_closed", "gap_interval", "gap_figures"),
+    ),
+}
+
+
+def mutmut_section(mod: Module, tests: list[str]) -> str:
+    """The [tool.mutmut] section of the scratch copy's pyproject.toml."""
+    args = ["-p", "no:cacheprovider", "-x", "-q", "-m", "not slow"]
+    if mod.deselect:
+        args += ["-k", mod.deselect]
+    return (
+        "[tool.mutmut]\n"
+        'source_paths = ["src/"]\n'
+        f"only_mutate = [{json.dumps(mod.path)}]\n"
+        f"pytest_add_cli_args = {json.dumps(args)}\n"
+        f"pytest_add_cli_args_test_selection = {json.dumps(tests)}\n"
+        # torch's thread pools are not fork-safe: fork each mutant from a clean server
+        'process_isolation = "forkserver"\n'
+    )
+
+
+def prepare(name: str, mod: Module, keep: bool) -> Path:
+    """build/mutation/<name>: src/, tests/ and pyproject.toml with the narrowed section."""
+    work = SCRATCH / name
+    if work.exists() and not keep:
+        shutil.rmtree(work)
+    if not work.exists():
+        work.mkdir(parents=True)
+        shutil.copytree(ROOT / "src", work / "src", ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(
+            ROOT / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__")
+        )
+    tests = [t for t in mod.tests if (work / t.split("::")[0]).exists()]
+    text = (ROOT / "pyproject.toml").read_text()
+    text = re.sub(r"(?ms)^\[tool\.mutmut\]\n.*?(?=^\[|\Z)", "", text)  # the shared section
+    (work / "pyproject.toml").write_text(text.rstrip() + "\n\n" + mutmut_section(mod, tests))
+    return work
+
+
+def results(work: Path, mod: Module) -> dict[str, str]:
+    """Mutant name -> status ('killed', 'survived', 'no tests', 'timeout', ...)."""
+    out = subprocess.run(
+        ["mutmut", "results", "--all", "true"], cwd=work, capture_output=True, text=True
+    ).stdout
+    status = {}
+    for line in out.splitlines():
+        name, _, st = line.strip().rpartition(": ")
+        if name.startswith(mod.dotted + "."):
+            status[name] = st
+    globs = [re.compile(re.escape(g).replace(r"\*", ".*") + "$") for g in mod.name_globs()]
+    return {k: v for k, v in status.items() if any(g.match(k) for g in globs)}
+
+
+def run_module(name: str, mod: Module, keep: bool, survivors: bool) -> dict[str, int]:
+    work = prepare(name, mod, keep)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # mutmut sets the path
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    cmd = ["nice", "-n", "10", "mutmut", "run", "--max-children", "2", *mod.name_globs()]
+    if mod.functions == ("*",):
+        cmd = cmd[: -len(mod.name_globs())]  # the whole file: no filter
+    t0 = time.time()
+    log = work / "mutmut.log"
+    with open(log, "w") as f:
+        rc = subprocess.run(cmd, cwd=work, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+    status = results(work, mod)
+    counts: dict[str, int] = {}
+    for st in status.values():
+        counts[st] = counts.get(st, 0) + 1
+    print(
+        f"{name:8s} {mod.path}: {len(status)} mutants, "
+        + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+        + f"  ({time.time() - t0:.0f} s; mutmut exit {rc}; log {log.relative_to(ROOT)})",
+        flush=True,
+    )
+    if survivors:
+        for k in sorted(k for k, v in status.items() if v != "killed"):
+            print(f"    {status[k]:10s} {k}")
+    return counts
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("modules", nargs="*", help=f"some of {', '.join(MODULES)} (default: all)")
+    ap.add_argument("--keep", action="store_true", help="re-use the scratch copy (resume)")
+    ap.add_argument("--survivors", action="store_true", help="list the mutants not killed")
+    args = ap.parse_args()
+    unknown = sorted(set(args.modules) - set(MODULES))
+    if unknown:
+        print(f"error: unknown module(s) {unknown}; choose from {list(MODULES)}", file=sys.stderr)
+        return 2
+    if shutil.which("mutmut") is None:
+        print("error: mutmut is not installed; `pip install mutmut==3.8.1`", file=sys.stderr)
+        return 2
+    for name in args.modules or list(MODULES):
+        run_module(name, MODULES[name], args.keep, args.survivors)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
