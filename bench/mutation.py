@@ -103,7 +103,19 @@ def mutmut_section(mod: Module, tests: list[str]) -> str:
         f"pytest_add_cli_args_test_selection = {json.dumps(tests)}\n"
         # torch's thread pools are not fork-safe: fork each mutant from a clean server
         'process_isolation = "forkserver"\n'
+        'also_copy = ["conftest.py"]\n'
     )
+
+
+# mutmut selects tests by node id on pytest's command line, and ids that pytest escapes
+# (a parameter "\\n" or "\\u0661") are not found there: give parameters plain ASCII ids.
+ID_PLUGIN = '''"""Plain ASCII ids for parametrised tests (written by bench/mutation.py)."""
+import re
+
+
+def pytest_make_parametrize_id(config, val, argname):
+    return re.sub(r"[^A-Za-z0-9_.,;+-]", "_", repr(val))[:40]
+'''
 
 
 def prepare(name: str, mod: Module, keep: bool) -> Path:
@@ -117,6 +129,7 @@ def prepare(name: str, mod: Module, keep: bool) -> Path:
         shutil.copytree(
             ROOT / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__")
         )
+    (work / "conftest.py").write_text(ID_PLUGIN)
     tests = [t for t in mod.tests if (work / t.split("::")[0]).exists()]
     text = (ROOT / "pyproject.toml").read_text()
     text = re.sub(r"(?ms)^\[tool\.mutmut\]\n.*?(?=^\[|\Z)", "", text)  # the shared section
