@@ -31,6 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRATCH = ROOT / "build" / "mutation"
+RAW_IDS = "disable_test_id_escaping_and_forfeit_all_rights_to_community_support = true\n"
 
 
 @dataclass(frozen=True)
@@ -103,19 +104,7 @@ def mutmut_section(mod: Module, tests: list[str]) -> str:
         f"pytest_add_cli_args_test_selection = {json.dumps(tests)}\n"
         # torch's thread pools are not fork-safe: fork each mutant from a clean server
         'process_isolation = "forkserver"\n'
-        'also_copy = ["conftest.py"]\n'
     )
-
-
-# mutmut selects tests by node id on pytest's command line, and ids that pytest escapes
-# (a parameter "\\n" or "\\u0661") are not found there: give parameters plain ASCII ids.
-ID_PLUGIN = '''"""Plain ASCII ids for parametrised tests (written by bench/mutation.py)."""
-import re
-
-
-def pytest_make_parametrize_id(config, val, argname):
-    return re.sub(r"[^A-Za-z0-9_.,;+-]", "_", repr(val))[:40]
-'''
 
 
 def prepare(name: str, mod: Module, keep: bool) -> Path:
@@ -129,10 +118,12 @@ def prepare(name: str, mod: Module, keep: bool) -> Path:
         shutil.copytree(
             ROOT / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__")
         )
-    (work / "conftest.py").write_text(ID_PLUGIN)
     tests = [t for t in mod.tests if (work / t.split("::")[0]).exists()]
     text = (ROOT / "pyproject.toml").read_text()
     text = re.sub(r"(?ms)^\[tool\.mutmut\]\n.*?(?=^\[|\Z)", "", text)  # the shared section
+    # mutmut selects tests by node id on pytest's command line, where the ids pytest escapes
+    # (a parameter "\\n" or "\\u0661") are not found: keep ids unescaped in the copy
+    text = text.replace("[tool.pytest.ini_options]\n", "[tool.pytest.ini_options]\n" + RAW_IDS)
     (work / "pyproject.toml").write_text(text.rstrip() + "\n\n" + mutmut_section(mod, tests))
     return work
 
