@@ -87,3 +87,38 @@ def test_result_figures_report_the_counts_and_gaps():
     assert alone["ce_gap"] is None and alone["ce_gap_within_noise"] is None
     no_kl = rows([8, 9, 6, 9], None)
     assert losses.result_figures(BASE, no_kl, TEACHER)["kl_gap"] is None
+
+
+def hand_kl_interval(b_kl: list[float], f_kl: list[float]) -> tuple[float, float]:
+    """The documented paired percentile bootstrap of 1 - KL_fitted / KL_base, written out:
+    2000 resamples of the rows (seed 0), resamples whose base KL is 0 left out."""
+    idx = torch.randint(len(b_kl), (2000, len(b_kl)), generator=torch.Generator().manual_seed(0))
+    bs = torch.tensor(b_kl, dtype=torch.float64)[idx].sum(1)
+    fs = torch.tensor(f_kl, dtype=torch.float64)[idx].sum(1)
+    stats = (1.0 - fs / bs)[bs > 0]
+    lo, hi = torch.quantile(stats, torch.tensor([0.025, 0.975], dtype=torch.float64))
+    return float(lo), float(hi)
+
+
+def test_kl_interval_resamples_rows_and_skips_resamples_without_base_kl():
+    """Catches: the rows' KL summed over the whole table instead of per resample (one
+    ratio, a zero-width interval), resamples whose base KL is 0 kept (0/0 makes the interval
+    NaN), and a threshold of 1 instead of 0 on the base KL (small KL sums all dropped)."""
+    b_kl, f_kl = [0.0, 0.4, 0.2, 0.6], [0.0, 0.1, 0.15, 0.3]
+    base, fitted = rows([1, 1, 1, 1], b_kl), rows([1, 1, 1, 1], f_kl)
+    lo, hi = losses.gap_interval(base, fitted)
+    assert (lo, hi) == pytest.approx(hand_kl_interval(b_kl, f_kl), rel=1e-9)
+    assert hi - lo > 0.1  # the per-row ratios differ (0.75, 0.25, 0.5): a real interval
+
+
+def test_ce_interval_edge_cases():
+    """Catches: one validation row treated as none (its interval is the point itself), no
+    rows not caught before resampling, and the CE interval refused when the fitted model
+    has no KL (a teacher is given, so CE needs no KL)."""
+    one = [rows([10], None), rows([8], None), rows([6], None)]
+    assert losses.gap_interval(*one) == pytest.approx((0.5, 0.5))
+    empty = {"rows": torch.zeros(0, 3, dtype=torch.float64), "ce": 0.0, "n_tokens": 0}
+    assert losses.gap_interval(empty, empty, empty) is None
+    no_kl = rows([8, 9, 6, 9], None)
+    assert losses.gap_interval(BASE, no_kl, TEACHER) == pytest.approx((0.5, 0.5))
+    assert losses.gap_interval(BASE, no_kl) is None  # no teacher and no KL: nothing to report
