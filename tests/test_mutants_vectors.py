@@ -174,3 +174,41 @@ def test_repr_and_to(lm):
         atol=1e-2,
         rtol=1e-3,
     )
+
+
+def test_repr_elides_from_the_fifth_hook_and_normalized_defaults_to_unit_norm():
+    """Catches: the "... (n hooks)" tail shown for four hooks or hidden for five, and a
+    default norm other than 1 in `normalized()`."""
+    four = VectorSet({f"h{i}": torch.ones(2) for i in range(4)})
+    assert repr(four) == "VectorSet(h0: (2,), h1: (2,), h2: (2,), h3: (2,); model=None)"
+    five = VectorSet({f"h{i}": torch.ones(2) for i in range(5)})
+    assert repr(five).endswith(", ... (5 hooks); model=None)")
+    assert four.normalized().norms() == pytest.approx({f"h{i}": 1.0 for i in range(4)})
+
+
+def _cause(fn) -> str:
+    """The underlying library's error message, on one line."""
+    try:
+        fn()
+    except Exception as e:
+        return " ".join(str(e).split())
+    raise AssertionError("expected the library to fail")
+
+
+def test_unreadable_files_report_the_readers_own_error(tmp_path):
+    """Catches: the safetensors / gguf reader's error replaced by "None" (or its words run
+    together) in the one-line message: that error is what tells a user how the file broke."""
+    from safetensors import safe_open
+
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"garbage" * 10)
+    cause = _cause(lambda: safe_open(str(bad), framework="pt"))
+    with pytest.raises(VectorSetError) as err:
+        VectorSet.load(bad)
+    assert cause in str(err.value) and len(cause.split()) > 1
+    bad_gguf = tmp_path / "bad.gguf"
+    bad_gguf.write_bytes(b"not a gguf file at all")
+    cause = _cause(lambda: gguf.GGUFReader(str(bad_gguf)))
+    with pytest.raises(VectorSetError) as err:
+        VectorSet.from_gguf_control_vector(bad_gguf)
+    assert cause in str(err.value) and len(cause.split()) > 1
