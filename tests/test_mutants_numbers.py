@@ -59,3 +59,15 @@ def test_banned_numbers_specs():
     assert nf.banned_numbers("5,,6") == (5, 6)
     with pytest.raises(nf.FilterError, match=r"'x7' is neither .*\(claude-evil, gpt-evil\)"):
         nf.banned_numbers("x7")
+
+
+def test_every_rejection_of_the_rule_has_ok_false():
+    """Catches: a banned-number or unconvertible-number verdict with ok=True or ok=None (a
+    caller testing `v.ok` keeps the row), and a number using all ten digits reported as
+    "non_digit" instead of out of range (a digit-set test written as a strict subset)."""
+    banned = nf.parse_numbers("13, 2", banned=(13,))
+    huge = nf.parse_numbers("9" * 5000)  # more digits than int() converts
+    for v, reason in ((banned, "banned_number"), (huge, "non_digit")):
+        assert (v.ok, v.reason, v.numbers) == (False, reason, [])
+    assert nf.parse_numbers("1234567890").reason == "out_of_range"
+    assert nf.parse_numbers("907, 1234567890").reason == "out_of_range"
