@@ -1,0 +1,80 @@
+"""steer / record paths that mutation testing (bench/mutation.py) found untested.
+
+Each test names the mutants of src/steerdiff/hooks.py it kills; each was re-run with
+`mutmut run <name>` and seen killed. docs/testing.md has the counts.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny
+
+from steerdiff.hooks import record, steer
+
+HOOK = "blocks.0.hook_resid_post"
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return make_tiny("llama")
+
+
+def changed_positions(model, call) -> torch.Tensor:
+    """Bool [batch, pos]: where steering HOOK (positions 'first:2') changed the residual."""
+    v = torch.full((64,), 3.0)
+    with torch.no_grad(), record(model, HOOK) as rec:
+        call()
+        with steer(model, {HOOK: v}, positions="first:2"):
+            call()
+    base, steered = rec.chunks[HOOK]
+    return (steered - base).abs().amax(-1) > 1e-4
+
+
+@pytest.mark.parametrize("style", ["input_ids keyword", "input_ids positional", "inputs_embeds"])
+def test_first_k_skips_left_padding_however_the_model_is_called(llama, style):
+    """Catches: the forward's length read from the wrong argument (positional input_ids, or
+    inputs_embeds, not found), so the attention mask is never read and 'first:2' acts on
+    the left padding of a padded row instead of its first two real tokens."""
+    ids = torch.randint(3, 200, (2, 5))
+    am = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    calls = {
+        "input_ids keyword": lambda: llama(input_ids=ids, attention_mask=am),
+        "input_ids positional": lambda: llama(ids, attention_mask=am),
+        "inputs_embeds": lambda: llama(
+            inputs_embeds=llama.get_input_embeddings()(ids), attention_mask=am
+        ),
+    }
+    want = torch.tensor([[0, 0, 1, 1, 0], [1, 1, 0, 0, 0]], dtype=torch.bool)
+    assert torch.equal(changed_positions(llama, calls[style]), want)
+
+
+def test_recording_concatenates_forward_passes_and_names_an_empty_hook(llama):
+    """Catches: a recording of two forward passes that returns only the first one, and the
+    'no forward pass ran' error raised without saying which hook."""
+    a, b = torch.randint(3, 200, (1, 3)), torch.randint(3, 200, (1, 2))
+    with torch.no_grad(), record(llama, HOOK) as rec:
+        llama(input_ids=a)
+        first = rec[HOOK].clone()
+        llama(input_ids=b)
+    assert rec[HOOK].shape == (1, 5, 64)
+    torch.testing.assert_close(rec[HOOK][:, :3], first, rtol=0, atol=0)
+    torch.testing.assert_close(rec[HOOK], torch.cat(rec.chunks[HOOK], dim=1), rtol=0, atol=0)
+    with record(llama, HOOK) as empty:
+        pass
+    with pytest.raises(KeyError, match=f"{HOOK} was hooked but no forward pass ran"):
+        empty[HOOK]
+
+
+def test_a_block_called_with_hidden_states_as_a_keyword_is_steered():
+    """Catches: the resid_pre vector read from, or written to, the wrong place when a block
+    is called as block(hidden_states=x) (the keyword path of the input hooks)."""
+    gpt2 = make_tiny("gpt2")
+    block = gpt2.transformer.h[1]
+    x = torch.randn(1, 4, 64, generator=torch.Generator().manual_seed(2))
+    v = torch.randn(64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = block(x + v)
+        with steer(gpt2, {"blocks.1.hook_resid_pre": v}):
+            got = block(hidden_states=x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
