@@ -78,3 +78,53 @@ def test_a_block_called_with_hidden_states_as_a_keyword_is_steered():
         with steer(gpt2, {"blocks.1.hook_resid_pre": v}):
             got = block(hidden_states=x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_first_k_and_prompt_without_attention_mask_or_cache(llama):
+    """Catches: a forward without a KV cache counted as having one token cached (positions
+    shift by one: 'first:2' hits positions 1-2, 'prompt' misses the last token), and
+    'first:k' taking k + 1 tokens when there is no attention mask."""
+    ids = torch.randint(3, 200, (2, 5))
+    first2 = changed_positions(llama, lambda: llama(input_ids=ids))
+    assert torch.equal(first2, torch.tensor([[1, 1, 0, 0, 0]] * 2, dtype=torch.bool))
+    v = torch.full((64,), 3.0)
+    with torch.no_grad(), record(llama, HOOK) as rec:
+        llama(input_ids=ids)
+        with steer(llama, {HOOK: v}, positions="prompt"):
+            llama(input_ids=ids)
+    base, steered = rec.chunks[HOOK]
+    torch.testing.assert_close(steered, base + v, rtol=0, atol=1e-5)
+
+
+def test_float32_vectors_and_coefficients_steer_a_bfloat16_model_in_bfloat16():
+    """Catches: the vector or the per-row coefficients not cast to the activations' dtype:
+    a float32 vector then turns a bfloat16 residual into float32 (the next layer fails or
+    the model silently runs in another precision)."""
+    model = make_tiny("llama").to(torch.bfloat16)
+    ids = torch.randint(3, 200, (2, 4))
+    v = torch.randn(64, generator=torch.Generator().manual_seed(4))
+    coeff = torch.tensor([1.0, -2.0])
+    with torch.no_grad(), record(model, HOOK) as rec:
+        model(input_ids=ids)
+        with steer(model, {HOOK: v}, coeff=coeff):
+            model(input_ids=ids)
+    base, steered = rec.chunks[HOOK]
+    assert steered.dtype == torch.bfloat16
+    want = base + coeff.view(-1, 1, 1).to(torch.bfloat16) * v.to(torch.bfloat16)
+    torch.testing.assert_close(steered, want, rtol=0, atol=0)
+
+
+def test_ablating_a_short_direction_removes_the_whole_component(llama):
+    """Catches: the direction normalised with a floor of 1 instead of 1e-12, so a vector
+    shorter than 1 is not made a unit vector and only part of the component is removed."""
+    ids = torch.randint(3, 200, (1, 4))
+    with torch.no_grad(), record(llama, HOOK) as rec:
+        llama(input_ids=ids)
+    base = rec[HOOK]
+    v = 0.5 * base[0].mean(0) / base[0].mean(0).norm()  # along the residual, norm 0.5
+    with torch.no_grad(), record(llama, HOOK) as rec, steer(llama, {HOOK: v}, op="ablate"):
+        llama(input_ids=ids)
+    unit = v / v.norm()
+    want = base - (base @ unit)[..., None] * unit
+    torch.testing.assert_close(rec[HOOK], want, rtol=0, atol=1e-6)
+    assert (rec[HOOK] @ unit).abs().max() < 1e-6 < (base @ unit).abs().max()
