@@ -128,3 +128,30 @@ def test_ablating_a_short_direction_removes_the_whole_component(llama):
     want = base - (base @ unit)[..., None] * unit
     torch.testing.assert_close(rec[HOOK], want, rtol=0, atol=1e-6)
     assert (rec[HOOK] @ unit).abs().max() < 1e-6 < (base @ unit).abs().max()
+
+
+def test_steering_with_no_vectors_changes_nothing(llama):
+    """Catches: the finiteness check run on an empty list of vectors (it reads the first
+    flag of none and raises IndexError), so `steer(model, {})` fails instead of being a
+    no-op (a sweep or a pipeline stage can have nothing to steer)."""
+    ids = torch.randint(3, 200, (1, 4))
+    with torch.no_grad():
+        base = llama(input_ids=ids).logits
+        with steer(llama, {}):
+            got = llama(input_ids=ids).logits
+    torch.testing.assert_close(got, base, rtol=0, atol=0)
+
+
+def test_a_non_finite_per_row_coefficient_is_refused_with_several_hooks(llama):
+    """Catches: the per-row coefficient's finiteness read from the wrong entry (the second
+    vector's instead of the coefficient's), which lets a NaN coefficient through as soon as
+    two hooks are steered."""
+    from steerdiff import hooks
+
+    if not hasattr(hooks, "NonFiniteError"):
+        pytest.skip("NonFiniteError arrives with issue 12's hooks changes")
+    vecs = {"blocks.0.hook_resid_post": torch.ones(64), "blocks.1.hook_resid_post": torch.ones(64)}
+    coeff = torch.tensor([1.0, float("nan")])
+    with pytest.raises(hooks.NonFiniteError, match=r"coeff tensor \[1.0, nan\]"):
+        with steer(llama, vecs, coeff=coeff):
+            pass
