@@ -152,6 +152,20 @@ def test_a_non_finite_per_row_coefficient_is_refused_with_several_hooks(llama):
         pytest.skip("NonFiniteError arrives with issue 12's hooks changes")
     vecs = {"blocks.0.hook_resid_post": torch.ones(64), "blocks.1.hook_resid_post": torch.ones(64)}
     coeff = torch.tensor([1.0, float("nan")])
-    with pytest.raises(hooks.NonFiniteError, match=r"coeff tensor \[1.0, nan\]"):
+    msg = r"coeff tensor \[1.0, nan\] for steering at blocks.0.hook_resid_post, blocks.1.hook"
+    with pytest.raises(hooks.NonFiniteError, match=msg):
         with steer(llama, vecs, coeff=coeff):
             pass
+
+
+def test_lists_become_float32_vectors_and_bad_lists_are_named():
+    """Catches: a list of numbers kept as float64 (a VectorSet built from lists then saves
+    and exports float64), and the error for a ragged list losing its hook name and type."""
+    from steerdiff import hooks
+
+    if not hasattr(hooks, "as_vector"):
+        pytest.skip("as_vector arrives with issue 12's hooks changes")
+    v = hooks.as_vector("blocks.0.hook_resid_post", [1, 2.5])
+    assert v.dtype == torch.float32 and v.tolist() == [1.0, 2.5]
+    with pytest.raises(hooks.HookError, match=r"blocks.0.hook_resid_post is a list that is not"):
+        hooks.as_vector("blocks.0.hook_resid_post", [[1.0], [2.0, 3.0]])
