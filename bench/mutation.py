@@ -5,11 +5,12 @@ src/, tests/ and pyproject.toml under build/mutation/<module>/ whose [tool.mutmu
 is narrowed to that module and the fast tests that exercise it; `mutmut run` there (under
 `nice -n 10`), then the count of mutants per status. The worktree itself is never touched.
 
-    pip install mutmut==3.8.1
+    pip install -e ".[mutation]"                  # mutmut 3.8.1
     python3 bench/mutation.py                     # every module (long)
     python3 bench/mutation.py vectors gap         # some modules
     python3 bench/mutation.py hooks --survivors   # also list each surviving mutant
-    python3 bench/mutation.py --keep vectors      # re-use build/mutation/vectors (resume)
+    python3 bench/mutation.py --keep vectors      # resume in build/mutation/vectors, with
+                                                  # the worktree's tests copied in again
 
 Then `cd build/mutation/<module> && mutmut show <name>` prints a mutant's diff, and
 `mutmut browse` gives the interactive view. docs/testing.md records the counts and why
@@ -116,9 +117,8 @@ def prepare(name: str, mod: Module, keep: bool) -> Path:
     if not work.exists():
         work.mkdir(parents=True)
         shutil.copytree(ROOT / "src", work / "src", ignore=shutil.ignore_patterns("__pycache__"))
-        shutil.copytree(
-            ROOT / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__")
-        )
+    skip = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(ROOT / "tests", work / "tests", ignore=skip, dirs_exist_ok=True)
     tests = [t for t in mod.tests if (work / t.split("::")[0]).exists()]
     text = (ROOT / "pyproject.toml").read_text()
     text = re.sub(r"(?ms)^\[tool\.mutmut\]\n.*?(?=^\[|\Z)", "", text)  # the shared section
@@ -184,7 +184,10 @@ def main() -> int:
         print(f"error: unknown module(s) {unknown}; choose from {list(MODULES)}", file=sys.stderr)
         return 2
     if shutil.which("mutmut") is None:
-        print("error: mutmut is not installed; `pip install mutmut==3.8.1`", file=sys.stderr)
+        print(
+            'error: mutmut is not installed; `pip install -e ".[mutation]"` (mutmut 3.8.1)',
+            file=sys.stderr,
+        )
         return 2
     for name in args.modules or list(MODULES):
         run_module(name, MODULES[name], args.keep, args.survivors)
