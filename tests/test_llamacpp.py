@@ -80,7 +80,7 @@ class LlamaCpp:
             logits_all=True,
             verbose=False,
         )
-        m = llm._model.model
+        m = llm.model
         return cls(llm, llama_cpp.llama_model_n_embd(m), llama_cpp.llama_model_n_layer(m))
 
     def logits(self, ids: list[int]) -> np.ndarray:
@@ -103,7 +103,7 @@ class LlamaCpp:
 
     def apply(self, buf: np.ndarray | None) -> None:
         """Set the control vector (over layers 1..n_layer, as llama.cpp's CLI does), or clear it."""
-        ctx = self.llm._ctx.ctx
+        ctx = self.llm.ctx
         if buf is None:
             rc = _set_cvec(ctx, None, 0, self.n_embd, -1, -1)
         else:
