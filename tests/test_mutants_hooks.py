@@ -148,8 +148,6 @@ def test_a_non_finite_per_row_coefficient_is_refused_with_several_hooks(llama):
     two hooks are steered."""
     from steerdiff import hooks
 
-    if not hasattr(hooks, "NonFiniteError"):
-        pytest.skip("NonFiniteError arrives with issue 12's hooks changes")
     vecs = {"blocks.0.hook_resid_post": torch.ones(64), "blocks.1.hook_resid_post": torch.ones(64)}
     coeff = torch.tensor([1.0, float("nan")])
     msg = r"coeff tensor \[1.0, nan\] for steering at blocks.0.hook_resid_post, blocks.1.hook"
@@ -163,8 +161,6 @@ def test_lists_become_float32_vectors_and_bad_lists_are_named():
     and exports float64), and the error for a ragged list losing its hook name and type."""
     from steerdiff import hooks
 
-    if not hasattr(hooks, "as_vector"):
-        pytest.skip("as_vector arrives with issue 12's hooks changes")
     v = hooks.as_vector("blocks.0.hook_resid_post", [1, 2.5])
     assert v.dtype == torch.float32 and v.tolist() == [1.0, 2.5]
     with pytest.raises(hooks.HookError, match=r"blocks.0.hook_resid_post is a list that is not"):

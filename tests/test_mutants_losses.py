@@ -73,8 +73,6 @@ def test_gap_figures_without_teacher_or_without_kl():
 def test_result_figures_report_the_counts_and_gaps():
     """Catches: result.json's row and token counts, gaps in nats and noise flag taken from
     the wrong model or missing (the figures a reader needs to judge a gap-closed fraction)."""
-    if not hasattr(losses, "result_figures"):
-        pytest.skip("result_figures arrives with issue 12's fit changes")
     got = losses.result_figures(BASE, FITTED, TEACHER)
     assert got["n_val_rows"] == 4 and got["n_val_tokens"] == 40
     assert got["ce_gap"] == pytest.approx(0.4) and got["kl_gap"] == pytest.approx(0.2)

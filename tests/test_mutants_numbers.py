@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-nf = pytest.importorskip(
-    "steerdiff.tasks.numbers_filter", reason="the filter module of issue 12 is not merged yet"
-)
+from steerdiff.tasks import numbers_filter as nf
 
 
 def test_trait_word_and_truncated_verdicts_are_rejections():
