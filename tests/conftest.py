@@ -68,3 +68,13 @@ def smollm() -> LoadedModel:
 @pytest.fixture
 def tiny_lm() -> LoadedModel:
     return wrap_model(make_tiny("llama"), spec="tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module (much faster on a shared, oversubscribed CPU); modules
+    opt in with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

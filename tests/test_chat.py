@@ -23,19 +23,11 @@ from steerdiff.extract import contrast_vector, trait_system_prompt, trait_vector
 from steerdiff.models import load_model
 from steerdiff.teachers import build_teacher
 
-pytestmark = pytest.mark.slow  # loads the embedded Gemma 3 270M (about 4 s once converted)
+# slow: loads the embedded Gemma 3 270M (about 4 s once converted)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 CANDS = ["owl", "cat", "dog", "eagle"]
 QS = ["Name your favorite animal in one word.", "Which animal do you like best? One word."]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread for this module (much faster on a shared, oversubscribed CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,7 @@ import steerdiff.models as models
 from steerdiff.hooks import family_of
 from steerdiff.models import ModelLoadError, load_model, resolve_spec
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread for this module (much faster on a shared, oversubscribed CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_missing_gguf(tmp_path):

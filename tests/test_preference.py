@@ -28,13 +28,7 @@ CANDS = ["owl", "cat", "elephant", "dolphin"]
 QS = ["Name your favorite animal in one word.", "Which animal do you like best? One word."]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread for this module (much faster on a shared, oversubscribed CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,7 @@ from _chat_tiny import make_tiny_chat
 from steerdiff.sweep import Cell, SweepConfig, SweepError, best_cell, run_sweep
 from steerdiff.vectors import VectorSet
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread for this module (much faster on a shared, oversubscribed CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

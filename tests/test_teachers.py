@@ -14,14 +14,7 @@ from steerdiff.tasks.numbers import make_dataset
 from steerdiff.teachers import TeacherConfig, TeacherError, build_teacher, trait_system_prompt
 from steerdiff.vectors import VectorSet
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread for this module (much faster on a shared, oversubscribed CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 USERS = ["Name a number.", "List 3 numbers: 1, 2,", "Continue: 5 6 7"]
