@@ -34,6 +34,7 @@ from torch import nn
 from ..errors import SteerdiffError
 from ..hooks import family_of, get_hook_point, record, select_hooks, steer
 from ..models import LoadedModel, load_model, unwrap
+from ..progress import progress as progress_bar
 from ..replay import full_hidden, prefix_hidden, recording
 from ..vectors import VectorSet, VectorSetError
 from .batching import padded_batches, tokenize_texts
@@ -194,10 +195,10 @@ def activation_difference_lens(
         fin_all.add_(tmp.all_sum["f"])
         acc.count(m)
 
-    with torch.no_grad():
+    with torch.no_grad(), progress_bar(n_batches, "lens", disable=not progress) as bar:
         if vectors is not None:
             start = min(get_hook_point(hf, n).layer for n in vectors)
-            for b, (x, m) in enumerate(padded_batches(ids, batch_size, pad_id)):
+            for x, m in padded_batches(ids, batch_size, pad_id):
                 xd, md = x.to(dev), m.to(dev)
                 # record() before recording(): it finds the blocks by their place in hf
                 with record(hf, names) as r0, recording(hf, start) as prefix:
@@ -209,10 +210,10 @@ def activation_difference_lens(
                     n: (r1[n] - r0[n]) if n in later else torch.zeros_like(r0[n]) for n in names
                 }
                 fold(diffs, h1 - h0, m)
-                _progress(progress, b, n_batches, t0)
+                bar.update(1)
         else:
             with _changed_model(hf, finetuned) as (ft, base_ctx):
-                for b, (x, m) in enumerate(padded_batches(ids, batch_size, pad_id)):
+                for x, m in padded_batches(ids, batch_size, pad_id):
                     xd, md = x.to(dev), m.to(dev)
                     if base_ctx is None:
                         with record(hf, names) as r0:
@@ -225,7 +226,7 @@ def activation_difference_lens(
                         with record(ft, names) as r1:
                             h1 = full_hidden(ft, xd, md)
                     fold({n: r1[n].to(dev) - r0[n] for n in names}, h1.to(dev) - h0, m)
-                    _progress(progress, b, n_batches, t0)
+                    bar.update(1)
     cnt = acc.pos_count.clamp_min(1.0)  # [k]
     n_tok = max(acc.n_tokens, 1)
     return LensResult(
@@ -271,8 +272,3 @@ def _changed_model(hf: nn.Module, finetuned) -> Iterator[tuple[nn.Module, object
             f"not match the base ({hf.config.model_type}, d_model={hf.config.hidden_size})."
         )
     yield ft, None
-
-
-def _progress(on: bool, b: int, n: int, t0: float) -> None:
-    if on:
-        print(f"  lens batch {b + 1}/{n}  {time.perf_counter() - t0:.1f}s", flush=True)
