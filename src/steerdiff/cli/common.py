@@ -37,6 +37,17 @@ ThreadsOpt = Annotated[
     int,
     typer.Option("--threads", help="torch CPU threads (0 = default; 1 is fastest on a busy CPU)"),
 ]
+# How a command is given a steering vector or a finetune (generate's teachers, eval).
+VectorsOpt = Annotated[
+    str | None, typer.Option("--vectors", help="steer with this VectorSet (.safetensors)")
+]
+CoeffOpt = Annotated[float, typer.Option(help="steering coefficient (with --vectors)")]
+PositionsOpt = Annotated[
+    str, typer.Option(help="steered positions: all | prompt | response | first:k")
+]
+AdapterOpt = Annotated[
+    str | None, typer.Option("--adapter", help="PEFT adapter or finetuned model folder")
+]
 # The old spelling `steerdiff info MODEL` / `steerdiff sweep MODEL`: accepted for one release.
 OldModelArg = Annotated[
     str | None,

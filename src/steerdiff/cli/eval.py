@@ -12,7 +12,17 @@ from typing import Annotated
 
 import typer
 
-from .common import DeviceOpt, DtypeOpt, ModelOpt, console, fail
+from .common import (
+    AdapterOpt,
+    CoeffOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ModelOpt,
+    PositionsOpt,
+    VectorsOpt,
+    console,
+    fail,
+)
 
 app = typer.Typer(
     name="eval",
@@ -28,16 +38,10 @@ def preference(
     category: Annotated[
         str, typer.Option(help="'animals' or a YAML/JSON category file")
     ] = "animals",
-    vectors: Annotated[
-        str | None, typer.Option(help="steer with this VectorSet (.safetensors)")
-    ] = None,
-    coeff: Annotated[float, typer.Option(help="steering coefficient (with --vectors)")] = 1.0,
-    positions: Annotated[
-        str, typer.Option(help="steered positions: all, prompt, response, first:k")
-    ] = "all",
-    adapter: Annotated[
-        str | None, typer.Option(help="a LoRA adapter or finetuned model folder")
-    ] = None,
+    vectors: VectorsOpt = None,
+    coeff: CoeffOpt = 1.0,
+    positions: PositionsOpt = "all",
+    adapter: AdapterOpt = None,
     system_prompt: Annotated[
         str | None,
         typer.Option(help="system prompt (default: none of ours; the template's own applies)"),

@@ -7,7 +7,18 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from .common import DeviceOpt, DtypeOpt, ModelOpt, ThreadsOpt, console, fail
+from .common import (
+    AdapterOpt,
+    CoeffOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ModelOpt,
+    PositionsOpt,
+    ThreadsOpt,
+    VectorsOpt,
+    console,
+    fail,
+)
 
 if TYPE_CHECKING:
     from steerdiff.teachers import TeacherConfig
@@ -49,16 +60,10 @@ def generate(
     model: ModelOpt = "default",
     teacher: Annotated[str, typer.Option("--teacher", help=" | ".join(TEACHER_KINDS))] = "prompt",
     animal: Annotated[str, typer.Option(help="trait animal (prompt teacher, leak check)")] = "owl",
-    vectors: Annotated[
-        str | None, typer.Option("--vectors", help="VectorSet .safetensors (steered)")
-    ] = None,
-    coeff: Annotated[float, typer.Option(help="steering coefficient (steered)")] = 1.0,
-    positions: Annotated[
-        str, typer.Option(help="steered positions: all | prompt | response | first:k")
-    ] = "all",
-    adapter: Annotated[
-        str | None, typer.Option("--adapter", help="PEFT adapter or finetuned model folder")
-    ] = None,
+    vectors: VectorsOpt = None,
+    coeff: CoeffOpt = 1.0,
+    positions: PositionsOpt = "all",
+    adapter: AdapterOpt = None,
     n_prompts: Annotated[int, typer.Option(help="number of prompts")] = 1000,
     n_valid: Annotated[
         int | None, typer.Option(help="stop once this many rows passed the filter")
