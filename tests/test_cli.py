@@ -247,15 +247,6 @@ def test_info_default_json(smollm):
 # ----------------------------------------------------------------------------- eval preference
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread (much faster on a shared, oversubscribed CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _one_line_error(res) -> str:
     line = res.output.strip()
     assert res.exit_code == 2 and line.startswith("error:") and "\n" not in line, res.output
@@ -264,7 +255,7 @@ def _one_line_error(res) -> str:
 
 @pytest.mark.slow
 def test_eval_preference_equals_the_library_and_a_vector_moves_it(
-    smollm, monkeypatch, tmp_path, one_thread
+    smollm, monkeypatch, tmp_path, one_torch_thread
 ):
     """`steerdiff eval preference` prints and writes what evals.exact_preference computes,
     without and with a trait vector (which must raise the owl share: the expected direction).
@@ -312,7 +303,7 @@ def test_eval_preference_equals_the_library_and_a_vector_moves_it(
 
 
 def test_eval_preference_adapter_system_prompt_and_sampling(
-    smollm, monkeypatch, tmp_path, one_thread
+    smollm, monkeypatch, tmp_path, one_torch_thread
 ):
     """--adapter, --system-prompt and --scorer sampling reach the library: the figures equal
     evaluate_preference on load_adapted(adapter) with that prompt (tiny model). Bug caught:

@@ -133,13 +133,8 @@ def error_line(out: str) -> str:
     return lines[0]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine run ~5x faster on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny models on a shared 2-core machine run ~5x faster on one thread
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -261,24 +256,9 @@ def test_settings_that_need_the_model_are_checked_before_any_stage(
 def test_distilling_a_student_of_another_tokenizer_is_refused(tmp_path, tiny_model):
     """The teacher's stored top-k log-probs index the teacher's vocabulary: a student with
     another tokenizer cannot be distilled on them (it would train on wrong ids)."""
-    from tokenizers import Tokenizer, models
-    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+    from _read_helpers import tiny_model_folder
 
-    other = tmp_path / "other"
-    cfg = AutoConfig.for_model(
-        "llama",
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        vocab_size=64,
-    )
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(other)
-    vocab = {f"t{i}": i for i in range(64)}
-    PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0"))
-    ).save_pretrained(other)
+    other = tiny_model_folder(tmp_path / "other", "llama")  # 3 layers, a byte tokenizer
     raw = {
         "name": "x",
         "model": str(tiny_model),
@@ -290,7 +270,7 @@ def test_distilling_a_student_of_another_tokenizer_is_refused(tmp_path, tiny_mod
         f"vocabulary of {str(tiny_model)!r}, not that of the student model {str(other)!r}: use "
         "objective = 'sft' for a student of another tokenizer."
     )
-    # the student's hooks are checked against the student (2 layers), not the teacher (30)
+    # the student's hooks are checked against the student (3 layers), not the teacher (30)
     raw["fits"] = [{"name": "s", "hooks": "blocks.5.hook_resid_post", "objective": "sft"}]
     assert check_error(tmp_path, raw).startswith(
         f"exp.toml: fits.0.hooks = 'blocks.5.hook_resid_post': not a hook of the student model "

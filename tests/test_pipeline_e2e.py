@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import tomllib
-import torch
 from _pipeline_tiny import load_toml, shrink, tiny_pair, write_yaml
 
 import steerdiff
@@ -23,13 +22,8 @@ from steerdiff.vectors import VectorSet
 EXAMPLES = Path(__file__).parents[1] / "examples"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine run ~5x faster on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny models on a shared 2-core machine run ~5x faster on one thread
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
