@@ -1,7 +1,7 @@
 """`steerdiff ...`: the command line. Each command is a thin wrapper over library functions.
 
-One module per command group (info, generate, sweep, fit, run + demo, read, eval), each holding
-its commands on its own `typer.Typer`; this file adds every group to `app` the same way.
+One module per command group (info, generate, sweep, fit, run + demo, read, eval, export), each
+holding its commands on its own `typer.Typer`; this file adds every group to `app` the same way.
 Shared options, `console`, `fail` and the one error handler live in `common`. Commands
 import the library inside their bodies, so `steerdiff --help` stays fast.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import typer
 
-from . import eval, fit, generate, info, read, run, sweep
+from . import eval, export, fit, generate, info, read, run, sweep
 from .common import ErrorsAsOneLine, console, fail
 
 __all__ = ["app", "console", "fail"]
@@ -30,5 +30,5 @@ def _root() -> None:
 
 
 # A group without a name (all but `read` and `eval`) adds its commands at the top level.
-for _group in (info, generate, sweep, fit, run, read, eval):
+for _group in (info, generate, sweep, fit, run, read, eval, export):
     app.add_typer(_group.app)

@@ -1,12 +1,20 @@
 """Optional vLLM backend for teacher datasets on GPUs (`--backend vllm`, extra `vllm`).
 
-Supported: "prompt" and "plain" teachers, temperature / top-p / seed, constrained
-decoding (vLLM's `allowed_token_ids`), top-k log-probs (vLLM's `logprobs=k`).
+Supported: "prompt", "plain" and "steered" teachers, temperature / top-p / seed,
+constrained decoding (vLLM's `allowed_token_ids`), top-k log-probs (vLLM's `logprobs=k`).
 
-Not supported yet (use the default `hf` backend): steered teachers (vLLM runs its
-own kernels, our PyTorch hooks never fire), adapter teachers (vLLM's LoRARequest
-is not wired up), GGUF files such as the embedded SmolLM2 (pass a Hugging Face
-model id or folder with `--model`). Not tested in CI: this machine has no GPU.
+vLLM runs its own kernels, so our PyTorch hooks never fire inside it. A steered teacher
+(vectors at positions "all") therefore runs as a merged checkpoint: the base model with
+the vectors baked into its biases (steerdiff.merge), exported once into the steerdiff cache
+(keyed by weights hash, vector hash, coeff and dtype) and loaded by `vllm.LLM`. A GGUF
+model (such as the embedded SmolLM2) runs as its cached Hugging Face export the same way.
+`VllmSampler.for_model(lm, vectors)` samples a fitted vector student likewise.
+`engine_model` says which folder vLLM loads; everything up to `vllm.LLM(...)` runs
+without a GPU.
+
+Not supported yet (use the default `hf` backend): steering at positions other than "all",
+hooks no bias can express (see steerdiff.merge), adapter teachers (vLLM's LoRARequest is
+not wired up). Not tested in CI: this machine has no GPU.
 
 Differences from the hf backend: vLLM's top-k log-probs may be computed after its
 own logits processing depending on the vLLM version (`logprobs_mode`); ours are the
@@ -17,13 +25,19 @@ version, but they do not match the hf backend's samples.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import torch
+
 from ..errors import SteerdiffError
+from ..merge import merged_model_folder
+from ..models import LoadedModel
 from .sampler import Sample, SampleStats
 
-SUPPORTED_KINDS = ("prompt", "plain")
+SUPPORTED_KINDS = ("prompt", "plain", "steered")
 
 
 class VllmUnavailable(SteerdiffError, RuntimeError):
@@ -41,6 +55,28 @@ def _import_vllm() -> Any:
     return vllm
 
 
+def _loadable_as_is(source: str) -> bool:
+    """A Hugging Face folder or hub id (not a GGUF file, not a model built in memory)."""
+    path = Path(source)
+    if path.is_dir():
+        return (path / "config.json").is_file()
+    return source != "in-memory" and path.suffix != ".gguf" and not path.exists()
+
+
+def engine_model(
+    lm: LoadedModel,
+    vectors: Mapping[str, torch.Tensor] | None = None,
+    coeff: float = 1.0,
+    positions: str = "all",
+) -> str:
+    """What vLLM loads for `lm` steered by `coeff * vectors`: the model's own folder or hub
+    id when there is nothing to merge, else the cached merged checkpoint (exported on first
+    use; merge.MergeError, one line, for vectors no bias can express)."""
+    if not vectors and _loadable_as_is(str(lm.source)):
+        return str(lm.source)
+    return str(merged_model_folder(lm, vectors, coeff, positions))
+
+
 class VllmSampler:
     """Holds one vLLM engine for a teacher's model; `sample` mirrors generate.sample."""
 
@@ -50,14 +86,30 @@ class VllmSampler:
                 f"The vLLM backend does not support {teacher.kind!r} teachers yet "
                 f"(only {', '.join(SUPPORTED_KINDS)}); use --backend hf."
             )
-        source = str(teacher.lm.source)
-        if source.endswith(".gguf"):
-            raise VllmUnavailable(
-                f"{source} is a GGUF file; give the vLLM backend a Hugging Face model id or folder."
-            )
-        vllm = _import_vllm()
+        vllm = _import_vllm()  # before any export: no vLLM, no work
         self._vllm = vllm
-        self.llm = vllm.LLM(model=source, **engine_kwargs)
+        steered = teacher.kind == "steered"
+        self.model_path = engine_model(
+            teacher.lm,
+            teacher.vectors if steered else None,
+            teacher.coeff if steered else 1.0,
+            teacher.positions if steered else "all",
+        )
+        self.llm = vllm.LLM(model=self.model_path, **engine_kwargs)
+
+    @classmethod
+    def for_model(
+        cls,
+        lm: LoadedModel,
+        vectors: Mapping[str, torch.Tensor] | None = None,
+        coeff: float = 1.0,
+        **engine_kwargs: Any,
+    ) -> VllmSampler:
+        """A sampler for `lm` plus `coeff * vectors` at all positions, e.g. a fitted vector
+        student (a student is a steered model, so it runs as a merged checkpoint)."""
+        kind = "steered" if vectors else "plain"
+        model = SimpleNamespace(kind=kind, lm=lm, vectors=vectors, coeff=coeff, positions="all")
+        return cls(model, **engine_kwargs)
 
     def sample(
         self,
