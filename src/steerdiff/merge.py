@@ -392,7 +392,8 @@ def export_merged(
     hf = unwrap(lm)
     state = {**hf.state_dict(), **plan.params}
     prov = provenance(lm if isinstance(lm, LoadedModel) else None)
-    prov.setdefault("weights_hash", weights_hash_of_model(hf))
+    if "weights_hash" not in prov:  # a bare model: hash its tensors
+        prov["weights_hash"] = weights_hash_of_model(hf)
     meta = {
         "kind": "steerdiff merged checkpoint",
         "base_model": prov.pop("model_id", "in-memory"),
