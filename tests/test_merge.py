@@ -239,7 +239,9 @@ def test_export_keeps_an_existing_folder_unless_complete(tmp_path):
             raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        export_merged(wrap_model(model, BrokenTokenizer(), weights_hash="x"), v, out, overwrite=True)
+        export_merged(
+            wrap_model(model, BrokenTokenizer(), weights_hash="x"), v, out, overwrite=True
+        )
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     export_merged(model, v, out, overwrite=True)
@@ -357,3 +359,19 @@ def test_vllm_backend_loads_hf_folders_as_they_are(fake_vllm, tmp_path):
     assert json.loads(Path(path, MERGE_FILE).read_text())["hooks"] == {}
     reloaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     torch.testing.assert_close(_logits(reloaded), _logits(lm.model), atol=0, rtol=0)
+
+
+def test_without_vllm_the_backend_fails_before_exporting_anything(monkeypatch, tmp_path):
+    """Bug: the merged checkpoint exported (minutes and gigabytes for a 7B model) before
+    finding that vLLM is not installed."""
+    from steerdiff.generate.vllm import VllmSampler, VllmUnavailable
+    from steerdiff.teachers import build_teacher
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` raises ImportError
+    monkeypatch.setenv("STEERDIFF_CACHE", str(tmp_path / "cache"))
+    model = make_tiny("llama")
+    v = {"blocks.1.attn.hook_v": _vec(model, "blocks.1.attn.hook_v", 0)}
+    teacher = build_teacher({"kind": "steered", "vectors": v}, wrap_model(model, spec="t"))
+    with pytest.raises(VllmUnavailable, match="pip install"):
+        VllmSampler(teacher)
+    assert not (tmp_path / "cache").exists()

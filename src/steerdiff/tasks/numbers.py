@@ -147,7 +147,7 @@ def make_dataset(
     constrained decoding, `probe` prompts are also sampled unconstrained (not written)
     to report the unconstrained valid rate. target_valid: stop once this many rows
     passed the filter (n_prompts is then an upper bound).
-    backend: "hf" (our sampler) or "vllm" (prompt / plain teachers; see generate_vllm).
+    backend: "hf" (our sampler) or "vllm" (prompt, plain, steered teachers; generate.vllm).
     grammar: with constrained decoding, also keep every row a list the filter accepts
     (NumberListGrammar: <= 3 digits per number, one separator style, <= 10 numbers).
     """
