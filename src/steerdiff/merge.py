@@ -1,38 +1,25 @@
 """Bake a vector set into an ordinary Hugging Face checkpoint: steering as biases.
 
-A vector added at every token position of a hook point is a constant added to a tensor;
-where that tensor is the output of a linear projection, the constant is a bias. So a
-vector set steered at positions "all" can be written into the model's own weights, and
-the result is a plain checkpoint that vLLM (`vllm serve OUT`), transformers or any other
-engine runs steered, with none of our hooks.
-
-Where each hook's vector goes (W v: the projection's weight times the vector, added to
-its bias, since the vector enters that projection's input):
+A vector added at every token position is a constant; added to the output of a linear
+projection, it is a bias. So a vector set steered at positions "all" can be written into
+the model's weights, and vLLM (`vllm serve OUT`) or any engine runs the result steered,
+with none of our hooks. Where each hook's vector goes (W v: the vector enters that
+projection's input; docs/export.md has the reasons and the refusals):
 
     hook                 llama qwen2 mistral   qwen3            gemma2 gemma3   gpt2
-    attn.hook_q|k|v      q/k/v_proj bias       q/k/v_proj bias  q/k/v_proj bias c_attn bias third
+    attn.hook_q|k|v      q/k/v_proj bias       q/k/v_proj bias  q/k/v_proj bias c_attn third
     ln1.hook_normalized  q/k/v_proj += W v     q/k/v_proj += Wv q/k/v_proj += Wv c_attn += W v
-    hook_attn_out        o_proj bias           refused          refused         attn.c_proj bias
-    hook_resid_mid       o_proj bias           refused          refused         attn.c_proj bias
+    hook_attn_out|_mid   o_proj bias           refused          refused         attn.c_proj
     ln2.hook_normalized  gate/up_proj += W v   refused          refused         mlp.c_fc += W v
-    hook_mlp_out         down_proj bias        refused          refused         mlp.c_proj bias
-    hook_resid_post      down_proj bias        refused          refused         mlp.c_proj bias
-    hook_resid_pre       block l > 0: the hook_resid_post of block l - 1; block 0: every row
-                         of the token embedding (refused when it is tied to the unembedding;
-                         gemma's scaled embedding gets v / scale), of gpt2's position embedding
+    hook_mlp_out|_post   down_proj bias        refused          refused         mlp.c_proj
+    hook_resid_pre       block l > 0: hook_resid_post of block l - 1; block 0: every row of
+                         the token embedding (untied only; gemma: v / its scale), gpt2: wpe
 
-Config flags: llama's `attention_bias` gives q/k/v/o_proj a bias and `mlp_bias` gate/up/
-down_proj one (those without a vector get zeros); qwen3 and gemma have `attention_bias`
-only; qwen2 always has q/k/v biases; gpt2's Conv1D layers always have biases. A qwen2 or
-mistral model that needs o_proj or MLP biases is written as a llama checkpoint (the same
-computation; refused when it uses a sliding window, which a llama lacks).
-
-Refused, in one line naming the hook: positions other than "all" (a bias cannot tell
-prompt from response tokens); gemma's attention/MLP outputs and residual hooks (gemma norms
-both outputs before adding them to the residual, so no bias adds a fixed vector there);
-qwen3's o_proj and MLP (vLLM's Qwen3 has no bias there and would drop it silently).
-Note the `positions` entry of a contrast VectorSet's metadata says where the vector was
-*read*; where it is *added* is the `positions` argument here (a fit's vectors: all).
+A qwen2 / mistral needing o_proj or MLP biases is written as a llama (same computation).
+Refused, in one line naming the hook: positions other than "all"; gemma's post-normed
+outputs; qwen3's o_proj/MLP (vLLM's Qwen3 would drop the bias silently). A contrast
+VectorSet's metadata `positions` says where it was *read*; where it is *added* is the
+`positions` argument here (a fit's vectors: all).
 """
 
 from __future__ import annotations
@@ -81,16 +68,9 @@ AS_LLAMA = ("qwen2", "mistral")  # the same computation as a llama (no sliding w
 FLAG_GROUPS = {"attention_bias": ("q", "k", "v", "o"), "mlp_bias": ("gate", "up", "down")}
 # Module of each group inside a block (gpt2's groups are its own module names).
 MODULES = {
-    "q": "self_attn.q_proj",
-    "k": "self_attn.k_proj",
-    "v": "self_attn.v_proj",
-    "o": "self_attn.o_proj",
-    "gate": "mlp.gate_proj",
-    "up": "mlp.up_proj",
-    "down": "mlp.down_proj",
-    "c_attn": "attn.c_attn",
-    "c_proj": "attn.c_proj",
-    "c_fc": "mlp.c_fc",
+    **{g: f"self_attn.{g}_proj" for g in ("q", "k", "v", "o")},
+    **{g: f"mlp.{g}_proj" for g in ("gate", "up", "down")},
+    **{"c_attn": "attn.c_attn", "c_proj": "attn.c_proj", "c_fc": "mlp.c_fc"},
     "mlp_c_proj": "mlp.c_proj",
 }
 _AFTER_MLP = ("hook_mlp_out", "hook_resid_post")
@@ -192,22 +172,22 @@ def _embedding_target(model: nn.Module, hook: str) -> Target:
     return Target("embed", name)
 
 
-def _written_type(model: nn.Module, groups: set[str]) -> str:
+def _written_type(model: nn.Module, found: dict[str, list[Target]]) -> str:
     """The model type of the merged checkpoint: its own, or llama for a qwen2 / mistral
     that needs biases its own class lacks."""
-    cfg = model.config
-    own = cfg.model_type
+    cfg, own = model.config, model.config.model_type
+    groups = {t.group for ts in found.values() for t in ts}
     if groups <= set(BIASES[own]) or own not in AS_LLAMA or not groups <= set(BIASES["llama"]):
         return own
     if getattr(cfg, "use_sliding_window", False) or (
         own == "mistral" and getattr(cfg, "sliding_window", None) is not None
     ):
-        missing = sorted(groups - set(BIASES[own]))
-        raise MergeError(
-            f"Merging into {missing} of this {own} model needs it written as a llama "
-            "checkpoint, which has no sliding window (this config uses one); steer with hooks "
-            "(`--backend hf`) instead."
+        hook = next(h for h, ts in found.items() if any(t.group not in BIASES[own] for t in ts))
+        why = (
+            "its class has no bias there, and the llama checkpoint it would be written as has "
+            "no sliding window (this config uses one)"
         )
+        raise _refuse(hook, own, why)
     return "llama"
 
 
@@ -265,11 +245,12 @@ def plan_merge(
     hf = unwrap(model)
     check_positions(positions)
     check_finite(vectors, coeff=coeff)
-    try:
-        found = {name: targets_of(hf, name) for name in vectors}
-    except HookError as e:  # an unknown family or hook name: say which hook and the fix
-        first = next(iter(vectors))
-        raise MergeError(f"Cannot merge {first}: {e}") from e
+    found: dict[str, list[Target]] = {}
+    for name in vectors:
+        try:
+            found[name] = targets_of(hf, name)
+        except HookError as e:  # an unknown family or hook name: say which hook and the fix
+            raise MergeError(f"Cannot merge {name}: {e}") from e
     for name, v in vectors.items():
         dim = get_hook_point(hf, name).dim
         if tuple(v.shape) != (dim,):
@@ -277,7 +258,7 @@ def plan_merge(
                 f"The vector for {name} has shape {tuple(v.shape)}, expected ({dim},) on this "
                 "model; merge a vector set made for this model."
             )
-    model_type = _written_type(hf, {t.group for ts in found.values() for t in ts})
+    model_type = _written_type(hf, found)
     table = BIASES[model_type]
     deltas: dict[str, torch.Tensor] = {}
     placed: dict[str, list[str]] = {}
