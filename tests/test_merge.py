@@ -122,6 +122,7 @@ def test_exported_folder_reloads_with_transformers_to_the_steered_logits(family,
     assert set(meta["hooks"]) == set(vectors)
 
 
+@pytest.mark.slow
 def test_embedded_model_with_qkv_at_every_layer_and_a_resid_post(smollm, tmp_path):
     """The embedded SmolLM2 (GGUF, converted): one export + reload, q/k/v vectors at every
     layer and a residual vector. Bug: anything that differs between the hooks and the
@@ -293,7 +294,10 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file")
     out = tmp_path / "out"
-    assert str(bad) in one_line_error(_cli("--vectors", bad, "--merged", out))
+    no_model = tmp_path / "no-such-model"  # the file is read before any model loads
+    assert str(bad) in one_line_error(
+        _cli("--vectors", bad, "--merged", out, "--model", f"{no_model}/")
+    )
     assert "positions='prompt'" in one_line_error(
         _cli("--vectors", bad, "--merged", out, "--positions", "prompt")
     )
