@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import types
 from pathlib import Path
@@ -227,7 +228,8 @@ def test_what_no_bias_can_express_is_refused_in_one_line():
 
 def test_export_keeps_an_existing_folder_unless_complete(tmp_path):
     """Bugs: an existing folder replaced without --overwrite, or deleted before the new one
-    is complete (a failed export loses it), or a temp folder left beside it."""
+    is complete (a failed export loses it), a temp folder left beside it, files only their
+    owner can read."""
     model = make_tiny("llama")
     v = {"blocks.1.hook_resid_post": _vec(model, "blocks.1.hook_resid_post", 0)}
     out = tmp_path / "out"
@@ -248,6 +250,11 @@ def test_export_keeps_an_existing_folder_unless_complete(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     export_merged(model, v, out, overwrite=True)
     assert not (out / "keep.txt").exists() and (out / MERGE_FILE).exists()
+    mask = os.umask(0)
+    os.umask(mask)  # a server running as another user can read it (mkdtemp/mkstemp: 0600)
+    assert {f.name: f.stat().st_mode & 0o777 for f in [out, *out.iterdir()]} == {
+        f.name: (0o777 if f.is_dir() else 0o666) & ~mask for f in [out, *out.iterdir()]
+    }
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 

@@ -340,7 +340,9 @@ def _new_folder(out: Path, overwrite: bool) -> Iterator[Path]:
         yield tmp
         mask = os.umask(0)
         os.umask(mask)
-        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700
+        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700, safetensors files 0600
+        for f in tmp.iterdir():
+            os.chmod(f, 0o666 & ~mask)
         if out.exists():
             old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
             os.rename(out, old / "out")
