@@ -92,6 +92,12 @@ def best_of(rounds: int, fn) -> float:
     return min(times)
 
 
+def seconds(fn, *args, **kw) -> float:
+    t0 = time.perf_counter()
+    fn(*args, **kw)
+    return time.perf_counter() - t0
+
+
 def kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
     """Mean KL(p || q) per token, in nats."""
     lp, lq = p_logits.log_softmax(-1), q_logits.log_softmax(-1)
@@ -105,17 +111,18 @@ def embedded(dtype: str, rounds: int, ids: torch.Tensor, ref: dict | None) -> di
     names = [f"blocks.{layer}.attn.hook_{x}" for layer in range(30) for x in "qkv"]
     names.append("blocks.14.hook_resid_post")
     vectors = {n: vec(hf, n, i, 0.1) for i, n in enumerate(names)}
+    t_save, t_export = [], []  # interleaved: the disk and page cache swing from write to write
     with tempfile.TemporaryDirectory() as tmp:
-        t_save = best_of(3, lambda: hf.save_pretrained(Path(tmp) / f"plain{time.time_ns()}"))
-        t_export = best_of(
-            3, lambda: export_merged(lm, vectors, Path(tmp) / f"m{time.time_ns()}", coeff=2.0)
-        )
+        for r in range(3):
+            t_save.append(seconds(hf.save_pretrained, Path(tmp) / f"plain{r}"))
+            t_export.append(seconds(export_merged, lm, vectors, Path(tmp) / f"m{r}", coeff=2.0))
         out = export_merged(lm, vectors, Path(tmp) / "m", coeff=2.0)
         merged = AutoModelForCausalLM.from_pretrained(out, dtype=hf.dtype).eval()
     base, hooked, got = logits(hf, ids), logits(hf, ids, vectors, 2.0), logits(merged, ids)
     ref = ref or {"base": base, "hooked": hooked}
     print(
-        f"{dtype:9s} export {t_export:5.2f} s (plain save_pretrained {t_save:5.2f} s); "
+        f"{dtype:9s} export {' / '.join(f'{t:.2f}' for t in t_export)} s, plain save_pretrained "
+        f"{' / '.join(f'{t:.2f}' for t in t_save)} s (interleaved);\n{'':9s} "
         f"max|merged-hooked| {(got - hooked).abs().max().item():.2e} logits, steering moves "
         f"them by up to {(hooked - base).abs().max().item():.2f}"
     )
