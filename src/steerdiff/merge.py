@@ -346,7 +346,11 @@ def _new_folder(out: Path, overwrite: bool) -> Iterator[Path]:
         if out.exists():
             old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
             os.rename(out, old / "out")
-            os.rename(tmp, out)
+            try:
+                os.rename(tmp, out)
+            except OSError:
+                os.rename(old / "out", out)  # put the old folder back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, out)
@@ -415,7 +419,7 @@ def merged_model_folder(
     use and reused after (keyed by the weights hash, the vector hash, coeff and dtype).
     With no vectors it is the model itself as a Hugging Face folder (e.g. of a GGUF file)."""
     vectors = vectors or {}
-    plan_merge(lm, vectors, coeff, positions)  # refuse before hashing anything
+    check_positions(positions)  # not in the key: a cached "all" folder must not serve others
     dtype = str(next(lm.model.parameters()).dtype)
     key = json.dumps([lm.weights_hash, vectors_sha256(vectors), float(coeff), dtype])
     target = cache_dir() / "merged" / hashlib.sha256(key.encode()).hexdigest()[:16]
