@@ -35,7 +35,13 @@ runner = CliRunner()
     [
         ("cpu", {"avx512f", "avx512_bf16"}, True, BF16, "bfloat16: CPU has avx512_bf16"),
         ("cpu", {"amx_bf16", "amx_tile"}, True, BF16, "bfloat16: CPU has amx_bf16"),
-        ("cpu", {"amx_bf16", "avx512_bf16"}, True, BF16, "bfloat16: CPU has amx_bf16 and avx512_bf16"),
+        (
+            "cpu",
+            {"amx_bf16", "avx512_bf16"},
+            True,
+            BF16,
+            "bfloat16: CPU has amx_bf16 and avx512_bf16",
+        ),
         ("cpu", {"avx512f", "avx2", "fma"}, True, F32, "float32: CPU has no AMX or AVX-512 BF16"),
         ("cpu", set(), True, F32, "float32: CPU has no AMX or AVX-512 BF16"),
         ("cuda", set(), True, BF16, "bfloat16: CUDA GPU with bfloat16"),

@@ -73,5 +73,3 @@ def pick_dtype(
     if have:
         return torch.bfloat16, f"bfloat16: CPU has {' and '.join(have)}"
     return torch.float32, "float32: CPU has no AMX or AVX-512 BF16"
-
-
