@@ -62,7 +62,7 @@ def tiny(request) -> torch.nn.Module:
 @pytest.fixture(scope="session")
 def smollm() -> LoadedModel:
     """The embedded SmolLM2-135M-Instruct, loaded once per test session, in the default
-    dtype ("auto": bfloat16 on a CPU with AMX / AVX-512 BF16, as users get it)."""
+    dtype ("auto": bfloat16 on a CPU with AMX, float32 on one without, as users get it)."""
     return load_model()
 
 

@@ -1,15 +1,22 @@
 """Which dtype a model loads in: the names `--dtype` accepts, and what "auto" picks.
 
 ``dtype="auto"`` (the default of `load_model`, the CLI and experiment files) is bfloat16
-where the hardware computes it natively and float32 elsewhere:
+where the hardware computes it faster than float32, and float32 elsewhere:
 
-    pick_dtype("cpu", cpu_flags())   # (torch.bfloat16, "bfloat16: CPU has avx512_bf16")
+    pick_dtype("cpu", {"amx_bf16", ...})   # (torch.bfloat16, "bfloat16: CPU has amx_bf16")
 
-On a CPU with AMX or AVX-512 BF16 a bfloat16 matmul runs several times faster than a
-float32 one (4.6x measured on a Xeon with both); without them bfloat16 is emulated and
-slower, so auto stays float32. What users read (log-probs, losses, scorer softmaxes,
-trainable vectors and their optimiser state) is computed in float32 whatever the model's
-dtype: docs/models.md lists where.
+- CUDA (Ampere and later): bfloat16 (tensor cores).
+- CPU with AMX (`amx_bf16`, Sapphire Rapids and later): bfloat16; AMX tiles run bfloat16
+  matmuls several times faster than float32 (4.6x reported on a Xeon with AMX).
+- CPU with AVX-512 BF16 but no AMX: float32. Measured on this project's machine kind (a
+  Xeon VM exposing avx512_bf16, no AMX; torch 2.13, oneDNN's avx512_core_bf16 kernels),
+  bfloat16 is slower: a 1024x576 by 576x1536 matmul 83 vs 145 GFLOP per CPU-second, the
+  embedded model's forward pass 267 vs 415 tokens per CPU-second (0.64x), on one thread.
+- anything else: float32 (bfloat16 is emulated there).
+
+What users read (log-probs, losses, scorer softmaxes, trainable vectors and their
+optimiser state) is computed in float32 whatever the model's dtype: docs/models.md lists
+where. `--dtype bfloat16` still loads bfloat16 anywhere (half the memory).
 """
 
 from __future__ import annotations
@@ -27,11 +34,12 @@ DTYPES = {
     "float16": torch.float16,
     "fp16": torch.float16,
 }
-AUTO = "auto"  # bfloat16 where the hardware has it (pick_dtype), else float32
+AUTO = "auto"  # bfloat16 where the hardware runs it faster (pick_dtype), else float32
 DTYPE_NAMES = [AUTO, *DTYPES]
-# CPU flags (Linux /proc/cpuinfo) of the units that compute bfloat16 matmuls natively:
-# AMX tiles (Sapphire Rapids and later) and AVX-512 BF16 (Cooper Lake, Zen 4 and later).
-BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+# CPU flags (Linux /proc/cpuinfo) with which auto picks bfloat16: AMX tiles. AVX-512 BF16
+# alone is not enough: measured 0.64x float32's forward speed (see above).
+BF16_CPU_FLAGS = ("amx_bf16",)
+AVX512_BF16 = "avx512_bf16"
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -60,9 +68,9 @@ def pick_dtype(
     """What `dtype="auto"` means on this hardware, and why: (dtype, reason).
 
     bfloat16 on a CUDA GPU that computes it (`cuda_bf16`: Ampere and later) and on a CPU
-    with AMX or AVX-512 BF16 (`flags`, e.g. from `cpu_flags()`), where bfloat16 matmuls run
-    several times faster than float32; float32 everywhere else (there bfloat16 is emulated
-    and slower). A pure function: tests give it flags."""
+    with AMX (`flags`, e.g. from `cpu_flags()`), where bfloat16 matmuls run several times
+    faster than float32; float32 everywhere else, AVX-512 BF16 without AMX included (slower
+    in bfloat16, measured: see the module docstring). A pure function: tests give it flags."""
     if device_type == "cuda":
         if cuda_bf16:
             return torch.bfloat16, "bfloat16: CUDA GPU with bfloat16"
@@ -72,4 +80,9 @@ def pick_dtype(
     have = [f for f in BF16_CPU_FLAGS if f in flags]
     if have:
         return torch.bfloat16, f"bfloat16: CPU has {' and '.join(have)}"
-    return torch.float32, "float32: CPU has no AMX or AVX-512 BF16"
+    if AVX512_BF16 in flags:
+        return torch.float32, (
+            "float32: CPU has avx512_bf16 but no AMX (bfloat16 measured 0.64x float32's "
+            "speed there)"
+        )
+    return torch.float32, "float32: CPU has no AMX"

@@ -10,7 +10,7 @@ load fails in seconds with one line saying what to do (instead of a minute of re
 and with ``HF_HUB_OFFLINE=1`` only the local Hugging Face cache is used, without asking.
 
 ``dtype="auto"`` (the default) is bfloat16 where the hardware computes it natively (CUDA,
-CPUs with AMX or AVX-512 BF16), float32 elsewhere (`dtypes.pick_dtype`);
+CPUs with AMX), float32 elsewhere (`dtypes.pick_dtype`);
 `LoadedModel.provenance()` records what was asked for, what was picked, and why.
 """
 
@@ -105,7 +105,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> tuple[torch
     if dtype not in DTYPES:
         raise ModelLoadError(
             f"Unknown dtype {dtype!r}; use one of {', '.join(DTYPE_NAMES)} (auto: bfloat16 "
-            "where the hardware has it, else float32)."
+            "where the hardware runs it faster, else float32)."
         )
     return DTYPES[dtype], f"{dtype_name(DTYPES[dtype])}: requested"
 
@@ -237,7 +237,7 @@ def load_model(
     spec: None / "default" (embedded SmolLM2-135M-Instruct), "gemma3-270m" (embedded),
     a hub id ("Qwen/Qwen2.5-7B-Instruct"), a local model folder, or a .gguf file
     (dequantised to ``dtype`` by transformers).
-    dtype: "auto" (bfloat16 on CUDA and on CPUs with AMX / AVX-512 BF16, else float32:
+    dtype: "auto" (bfloat16 on CUDA and on CPUs with AMX, else float32:
     `pick_dtype`), "float32", "bfloat16", "float16", or a torch.dtype.
     """
     device = torch.device(device)

@@ -35,7 +35,7 @@ DtypeOpt = Annotated[
     str,
     typer.Option(
         "--dtype",
-        help="auto (bfloat16 on CUDA and on CPUs with AMX / AVX-512 BF16, else float32), "
+        help="auto (bfloat16 on CUDA and on CPUs with AMX, else float32), "
         "float32 or bfloat16",
     ),
 ]

@@ -17,7 +17,7 @@ RunDtypeOpt = Annotated[
     typer.Option(
         "--dtype",
         help="override the experiment file's dtype: auto (bfloat16 on CUDA and on CPUs with "
-        "AMX / AVX-512 BF16, else float32), float32 or bfloat16",
+        "AMX, else float32), float32 or bfloat16",
         show_default=False,
     ),
 ]
