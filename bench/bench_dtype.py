@@ -1,18 +1,21 @@
-"""float32 vs dtype="auto" (bfloat16 on a CPU with AMX / AVX-512 BF16) on the embedded
-SmolLM2-135M-Instruct, everything measured in one run:
+"""float32 vs bfloat16 on the embedded SmolLM2-135M-Instruct, everything measured in one
+run, with what dtype="auto" picks on this machine (dtypes.pick_dtype) printed first:
 
+0. a 1024x576 by 576x1536 matmul (the MLP's shape at 16 x 64 tokens) in each dtype,
+   GFLOP/s wall and per CPU-second (best of 10; the two dtypes interleaved);
 1. next-token distributions on the offline corpus (--texts texts x --tokens tokens):
-   KL(float32 || auto) per token (mean, p50, p99, max), top-1 agreement, and the forward
+   KL(float32 || bfloat16) per token (mean, p50, p99, max), top-1 agreement, and the forward
    pass's speed on the same batches (tokens/s, best of --rounds rounds per batch, the two
    dtypes interleaved batch by batch; CPU-seconds too, as the 2 cores are shared);
 2. the demo (data/demo.toml, through the pipeline's Python API) once per dtype into two
    run folders: owl share with its 95% CI for base / steered teacher / prompt teacher /
    vector student / q/k/v student, gap closed of both fits (CE and top-k KL, with CIs),
    planted cosine, how many teacher rows the two dtypes wrote identically, wall and CPU
-   time; a figure whose auto value lies outside the float32 CI (or the reverse) is flagged;
+   time; a figure whose bfloat16 value lies outside the float32 CI (or the reverse) is
+   flagged;
 3. a planted-vector fit in both dtypes (teacher = model + v* at blocks.20, distillation,
    as bench_planted.py --embedded): each dtype end to end on its own teacher samples, and
-   auto fitted on float32's samples (the fit's numerics alone); cosine(fitted, v*) in each
+   bfloat16 fitted on float32's samples (the fit's numerics alone); cosine(fitted, v*) in each
    and between the fitted vectors.
 
     python bench/bench_dtype.py [--quick] [--skip-kl] [--skip-demo] [--skip-planted]
@@ -48,7 +51,8 @@ from steerdiff.models import LoadedModel, load_model
 from steerdiff.pipeline import parse_config, run_experiment
 from steerdiff.tasks.numbers import make_prompts
 
-DTYPES = ("float32", "auto")
+DTYPES = ("float32", "bfloat16")
+DTYPES_T = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DEMO_ROWS = {  # eval.json name -> what the README calls it
     "base": "base",
     "teacher (steered)": "steered teacher",
@@ -97,9 +101,31 @@ def timed_forward(model: torch.nn.Module, ids, mask) -> tuple[torch.Tensor, floa
     return logits, time.perf_counter() - t, cpu_seconds() - c
 
 
+def matmul_peak(rounds: int = 3) -> None:
+    m, k, n = 1024, 576, 1536
+    wall = {d: 0.0 for d in DTYPES}
+    cpu = {d: 0.0 for d in DTYPES}
+    for _ in range(rounds):
+        for d in DTYPES:
+            a, w = torch.randn(m, k, dtype=DTYPES_T[d]), torch.randn(n, k, dtype=DTYPES_T[d])
+            torch.nn.functional.linear(a, w)
+            for _ in range(10):
+                c, t = cpu_seconds(), time.perf_counter()
+                torch.nn.functional.linear(a, w)
+                dt, dc = time.perf_counter() - t, cpu_seconds() - c
+                wall[d] = max(wall[d], 2 * m * k * n / dt / 1e9)
+                cpu[d] = max(cpu[d], 2 * m * k * n / max(dc, 1e-9) / 1e9)
+    print(f"\n== 0. matmul {m}x{k} by {k}x{n}, best of {10 * rounds} per dtype ==")
+    for d in DTYPES:
+        print(f"  {d:>8}: {wall[d]:6.0f} GFLOP/s wall, {cpu[d]:6.0f} GFLOP per CPU-second")
+    print(
+        f"  bfloat16 / float32: {wall['bfloat16'] / wall['float32']:.2f}x wall, "
+        f"{cpu['bfloat16'] / cpu['float32']:.2f}x per CPU-second"
+    )
+
+
 def kl_and_speed(models: dict[str, LoadedModel], args) -> None:
-    a, b = models["float32"], models["auto"]
-    batches = corpus_batches(a, args.texts, args.tokens, args.batch)
+    batches = corpus_batches(models["float32"], args.texts, args.tokens, args.batch)
     n_tok = sum(int(m.sum()) for _, m in batches)
     best = {d: [float("inf")] * len(batches) for d in DTYPES}
     cpu = {d: [float("inf")] * len(batches) for d in DTYPES}
@@ -114,12 +140,12 @@ def kl_and_speed(models: dict[str, LoadedModel], args) -> None:
             if r == 0:
                 real = mask.bool()
                 lp32 = logits["float32"].float().log_softmax(-1)[real]  # [n, vocab]
-                lp16 = logits["auto"].float().log_softmax(-1)[real]
+                lp16 = logits["bfloat16"].float().log_softmax(-1)[real]
                 kls.append((lp32.exp() * (lp32 - lp16)).sum(-1))
                 agree += int((lp32.argmax(-1) == lp16.argmax(-1)).sum())
     kl = torch.cat(kls).double()
     q = torch.quantile(kl, torch.tensor([0.5, 0.99], dtype=torch.float64)).tolist()
-    print(f"\n== 1. next-token KL(float32 || auto) on the offline corpus ({len(kl)} tokens) ==")
+    print(f"\n== 1. next-token KL(float32 || bfloat16), offline corpus, {len(kl)} tokens ==")
     print(f"texts {args.texts} x up to {args.tokens} tokens, batch {args.batch}")
     print(
         f"KL nats/token: mean {kl.mean():.5f}  p50 {q[0]:.5f}  p99 {q[1]:.5f}  max {kl.max():.4f}"
@@ -129,13 +155,10 @@ def kl_and_speed(models: dict[str, LoadedModel], args) -> None:
     cps = {d: n_tok / sum(cpu[d]) for d in DTYPES}
     print(f"forward pass, best of {args.rounds} rounds per batch ({n_tok} tokens per round):")
     for d in DTYPES:
-        print(
-            f"  {d:>7} ({dtype_name(models[d].model.dtype)}): {tps[d]:8.0f} tokens/s wall, "
-            f"{cps[d]:8.0f} tokens per CPU-second"
-        )
+        print(f"  {d:>8}: {tps[d]:8.0f} tokens/s wall, {cps[d]:8.0f} tokens per CPU-second")
     print(
-        f"  auto / float32: {tps['auto'] / tps['float32']:.2f}x tokens/s wall, "
-        f"{cps['auto'] / cps['float32']:.2f}x per CPU-second"
+        f"  bfloat16 / float32: {tps['bfloat16'] / tps['float32']:.2f}x tokens/s wall, "
+        f"{cps['bfloat16'] / cps['float32']:.2f}x per CPU-second"
     )
 
 
@@ -201,9 +224,9 @@ def same_rows(a: Path, b: Path) -> tuple[int, int]:
 def demo_side_by_side(args) -> None:
     runs = Path(args.runs_dir or tempfile.mkdtemp(prefix="bench_dtype-"))
     res = {d: run_demo(d, runs, args.quick) for d in DTYPES}
-    a, b = res["float32"], res["auto"]
+    a, b = res["float32"], res["bfloat16"]
     print(f"\n== 2. the demo in both dtypes (run folders under {runs}) ==")
-    print(f"  {'figure':<28} {'float32':>28} {'auto (' + b['dtype'] + ')':>28}")
+    print(f"  {'figure':<28} {'float32':>28} {'bfloat16':>28}")
     print("  owl share, 95% CI across questions:")
     for name, label in DEMO_ROWS.items():
         (x, cx), (y, cy) = a["shares"][name], b["shares"][name]
@@ -227,7 +250,10 @@ def demo_side_by_side(args) -> None:
     for d in DTYPES:
         cached = f", CACHED stages: {res[d]['cached']}" if res[d]["cached"] else ""
         print(f"  {d:>7}: wall {res[d]['wall']:.0f} s, CPU {res[d]['cpu']:.0f} s{cached}")
-    print(f"  auto / float32 wall time: {b['wall'] / a['wall']:.2f}")
+    print(
+        f"  bfloat16 / float32: {b['wall'] / a['wall']:.2f}x wall time, "
+        f"{b['cpu'] / a['cpu']:.2f}x CPU time"
+    )
 
 
 # ----------------------------------------------------------------------------- 3. planted fit
@@ -263,28 +289,28 @@ def planted_fits(models: dict[str, LoadedModel], args) -> None:
         data[d] = exs
         r = planted_experiment(lm, hook, v_star, [], cfg, examples=exs)
         fitted[d], secs[d] = r, time.perf_counter() - t0
-    cross = planted_experiment(models["auto"], hook, v_star, [], cfg, examples=data["float32"])
+    cross = planted_experiment(models["bfloat16"], hook, v_star, [], cfg, examples=data["float32"])
     same = sum(
         x.completion_ids == y.completion_ids
-        for x, y in zip(data["float32"], data["auto"], strict=True)
+        for x, y in zip(data["float32"], data["bfloat16"], strict=True)
     )
     print(f"\n== 3. planted vector at {hook}, |v*| = {norm}, distillation, {n} rows ==")
     print(f"{steps} Adam steps of batch {bs}; {same} of {n} teacher samples identical")
     for d in DTYPES:
         r = fitted[d]
         print(
-            f"  {d:>7} end to end (its own samples): cosine(fit, v*) {r.cosine:.4f}, "
+            f"  {d:>8} end to end (its own samples): cosine(fit, v*) {r.cosine:.4f}, "
             f"|fit|/|v*| {r.norm_ratio:.3f}, KL gap closed {fmt(r.fit.extra.get('kl_gap_closed'))}, "
             f"{secs[d]:.0f} s"
         )
     print(
-        f"  auto on float32's samples:          cosine(fit, v*) {cross.cosine:.4f}, "
+        f"  bfloat16 on float32's samples:       cosine(fit, v*) {cross.cosine:.4f}, "
         f"|fit|/|v*| {cross.norm_ratio:.3f}"
     )
-    va, vb = fitted["float32"].v_fitted, fitted["auto"].v_fitted
-    print(f"  cosine(float32 fit, auto fit), each on its own samples: {cosine(va, vb):.4f}")
+    va, vb = fitted["float32"].v_fitted, fitted["bfloat16"].v_fitted
+    print(f"  cosine(float32 fit, bfloat16 fit), each on its own samples: {cosine(va, vb):.4f}")
     print(
-        f"  cosine(float32 fit, auto fit), same samples:          {cosine(va, cross.v_fitted):.4f}"
+        f"  cosine(float32 fit, bfloat16 fit), on the same samples: {cosine(va, cross.v_fitted):.4f}"
     )
 
 
@@ -312,6 +338,7 @@ def main() -> None:
         f"bench_dtype: {cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"load average {os.getloadavg()[0]:.1f}; auto = {dtype_name(picked)} ({why})"
     )
+    matmul_peak(1 if args.quick else 3)
     t0 = time.perf_counter()
     models = {}
     if not (args.skip_kl and args.skip_planted):

@@ -140,6 +140,20 @@ def test_experiment_files_default_to_auto_and_refuse_a_bogus_dtype(tmp_path):
         load_config(exp, dtype="fp8")
 
 
+def test_run_and_demo_dtype_option_is_checked_before_anything_runs(tmp_path):
+    """Catches: `steerdiff run/demo --dtype` ignored (the file's dtype used: here the run
+    would go on to load the model and fail on it instead) or not validated (a bogus
+    dtype reaching the stages)."""
+    exp = tmp_path / "e.toml"
+    exp.write_text('name = "x"\nmodel = "./no/such/model"\n')
+    runs = tmp_path / "runs"
+    for cmd in (["run", str(exp)], ["demo"]):
+        res = runner.invoke(app, [*cmd, "--dtype", "bogus", "--runs-dir", str(runs)])
+        line = one_line_error(res)
+        assert "with --dtype bogus is not a valid experiment: dtype: Input should be" in line
+    assert not runs.exists()
+
+
 # ----------------------------------------------------------------------------- float32 stays
 
 

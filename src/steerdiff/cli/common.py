@@ -35,8 +35,7 @@ DtypeOpt = Annotated[
     str,
     typer.Option(
         "--dtype",
-        help="auto (bfloat16 on CUDA and on CPUs with AMX, else float32), "
-        "float32 or bfloat16",
+        help="auto (bfloat16 on CUDA and on CPUs with AMX, else float32), float32 or bfloat16",
     ),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu or cuda")]
