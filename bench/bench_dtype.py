@@ -19,8 +19,10 @@ run, with what dtype="auto" picks on this machine (dtypes.pick_dtype) printed fi
    and between the fitted vectors.
 
     python bench/bench_dtype.py [--quick] [--skip-kl] [--skip-demo] [--skip-planted]
-                                [--runs-dir DIR] [--threads N]
+                                [--runs-dir DIR] [--threads 1]
 
+--threads 1 (the default): on the shared 2-core machine two threads spin-wait for each
+other (the CPU-seconds then count waiting); one thread gives steadier figures.
 --quick: 40 texts, a demo at 32 prompts / 5 questions, a planted fit on 48 rows (minutes;
 figures not meaningful, for trying the script). Pipeline progress goes to stderr.
 """
@@ -327,7 +329,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--rows", type=int, default=300, help="planted fit: teacher rows")
     ap.add_argument("--steps", type=int, default=40, help="planted fit: optimizer steps")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch threads (0 = torch default; 1: steadier)"
+    )
     args = ap.parse_args()
     if args.quick:
         args.texts, args.rounds, args.rows, args.steps = 40, 1, 48, 8
