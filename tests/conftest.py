@@ -61,8 +61,18 @@ def tiny(request) -> torch.nn.Module:
 
 @pytest.fixture(scope="session")
 def smollm() -> LoadedModel:
-    """The embedded SmolLM2-135M-Instruct, loaded once per test session."""
+    """The embedded SmolLM2-135M-Instruct, loaded once per test session, in the default
+    dtype ("auto": bfloat16 on a CPU with AMX, float32 on one without, as users get it)."""
     return load_model()
+
+
+@pytest.fixture(scope="session")
+def smollm_f32() -> LoadedModel:
+    """The embedded SmolLM2-135M-Instruct in float32, for tests of mechanics: two code paths
+    that compute the same numbers (replay vs full forward, ours vs a peer library) agree to
+    float32 rounding. In bfloat16 they differ by its rounding, amplified through 30 layers
+    (e.g. candidate log-probs 0.25 nats apart after a 1-ulp change of a steering vector)."""
+    return load_model(dtype="float32")
 
 
 @pytest.fixture

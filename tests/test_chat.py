@@ -32,7 +32,10 @@ QS = ["Name your favorite animal in one word.", "Which animal do you like best? 
 
 @pytest.fixture(scope="module")
 def gemma():
-    return load_model("gemma3-270m")
+    # float32: these tests compare our code paths with hand computations through other
+    # paths (one full forward per answer, hidden_states); in bfloat16 those differ by its
+    # rounding (the exact scorer's owl share 0.118 vs 0.127 by hand on this model)
+    return load_model("gemma3-270m", dtype="float32")
 
 
 def test_gemma_chat_goes_through_the_one_fallback(gemma, smollm):

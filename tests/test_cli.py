@@ -281,7 +281,7 @@ def test_eval_preference_equals_the_library_and_a_vector_moves_it(
         )
         assert res.exit_code == 0, res.output
         got[name] = (json.loads(out.read_text()), res.stdout)
-    assert loaded == [(("default",), {"dtype": "float32", "device": "cpu"})] * 2
+    assert loaded == [(("default",), {"dtype": "auto", "device": "cpu"})] * 2
     want = {
         "base": exact_preference(smollm, "owl", n_questions=3),
         "steered": exact_preference(smollm, "owl", n_questions=3, steering=Steering(vs, coeff=2.0)),

@@ -229,9 +229,13 @@ def test_cli_read_lens_writes_the_lens_of_the_vector(tmp_path):
     vpath = VectorSet({hook: v}, {"d_model": 64}).save(tmp_path / "v.safetensors")
     texts = ["the owl sat", "numbers 1 2 3 4 5", "ok", "a longer line of plain text"]
     (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
-    top = direct_logit_attribution(load_model(str(folder)), 2.0 * v, hook, k=1).top[0].token
+    # float32: the check that the difference at the vector's own hook is exactly coeff * v
+    # (1e-5) needs it; in bfloat16 h + 2v is rounded (its norm 5e-4 off), by design
+    lm = load_model(str(folder), dtype="float32")
+    top = direct_logit_attribution(lm, 2.0 * v, hook, k=1).top[0].token
     out = tmp_path / "o"
     args = ["read", "lens", "--vectors", str(vpath), "--model", str(folder), "--out", str(out)]
+    args += ["--dtype", "float32"]
     args += ["--corpus", str(tmp_path / "texts.txt"), "--n", "4", "--tokens", "8"]
     args += ["--first-k", "2", "--hooks", "blocks.{0,1}.hook_resid_pre", "--coeff", "2", "-k", "3"]
     r = CliRunner().invoke(app, [*args, "--find", top])

@@ -9,7 +9,8 @@ llama.cpp's logits with the change of steerdiff's logits under `steer` on the sa
 (dequantised) weights and the same token ids.
 
 Tolerance, from the quantisation noise. llama.cpp computes with the quantised weights (and
-8-bit activations in its matmuls); steerdiff with the dequantised float32 weights. The
+8-bit activations in its matmuls); steerdiff with the dequantised float32 weights (loaded
+with dtype="float32": bfloat16 would add its own rounding to the noise). The
 unsteered logits of the two therefore differ by `noise` = ||logits_llama - logits_hf||
 (Frobenius over positions x vocab; 3.7% of the logits' norm on SmolLM2 Q4_1, 6.2% on
 Gemma 3 Q4_K). The steered difference d = steered - unsteered carries the same kind of
@@ -137,13 +138,13 @@ def smol_cpp() -> LlamaCpp:
 
 
 @pytest.fixture(scope="module", params=list(MODELS))
-def pair(request, smollm, smol_cpp) -> tuple[LoadedModel, LlamaCpp, float, int]:
+def pair(request, smollm_f32, smol_cpp) -> tuple[LoadedModel, LlamaCpp, float, int]:
     """steerdiff's model (dequantised) and llama.cpp on the same GGUF file."""
     spec = request.param
     path_fn, strength, min_clear = MODELS[spec]
     if spec == "default":
-        return smollm, smol_cpp, strength, min_clear
-    return load_model(spec), LlamaCpp.open(path_fn()), strength, min_clear
+        return smollm_f32, smol_cpp, strength, min_clear
+    return load_model(spec, dtype="float32"), LlamaCpp.open(path_fn()), strength, min_clear
 
 
 def hf_logits(lm: LoadedModel, ids: list[int], vectors: dict | None = None) -> np.ndarray:
@@ -206,12 +207,12 @@ def test_control_vector_acts_in_llama_cpp_as_steer_at_its_layer(pair, tmp_path):
     assert (steered_cpp.argmax(1) != base_cpp.argmax(1)).any()
 
 
-def test_resid_pre_and_several_layers_export_to_the_same_points(smollm, smol_cpp, tmp_path):
+def test_resid_pre_and_several_layers_export_to_the_same_points(smollm_f32, smol_cpp, tmp_path):
     """Catches: `blocks.{l}.hook_resid_pre` exported to llama.cpp layer l (it is the output of
     layer l-1), or the vectors of a multi-layer set landing in the wrong rows of llama.cpp's
     buffer (mutation tried: no `- 1` for resid_pre in the export; the error goes from 1.1 to
     over 3 x noise)."""
-    lm, cpp = smollm, smol_cpp
+    lm, cpp = smollm_f32, smol_cpp
     ids = lm.tokenizer(TEXT).input_ids
     vecs = {
         "blocks.8.hook_resid_post": random_vector(lm, ids, 8, 0.3),

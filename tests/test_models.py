@@ -286,12 +286,12 @@ def test_gguf_is_dequantised_once_and_the_cache_reused(tmp_path, monkeypatch):
     monkeypatch.setattr(models, "AutoModelForCausalLM", Spy)
     path = tmp_path / "tiny.gguf"
     written = write_tiny_gguf(path)
-    first = load_model(path)
+    first = load_model(path, dtype="float32")  # bit-equal to the file's float32
     folders = list((tmp_path / "cache" / "gguf-converted").iterdir())
     assert conversions == ["tiny.gguf"] and [f.name for f in folders] == [first.weights_hash]
     weights = folders[0] / "model.safetensors"
     stamp = weights.stat().st_mtime_ns
-    second = load_model(path)
+    second = load_model(path, dtype="float32")
     assert conversions == ["tiny.gguf"]  # not converted again
     assert weights.stat().st_mtime_ns == stamp
     assert second.weights_hash == first.weights_hash
@@ -304,7 +304,7 @@ def test_gguf_is_dequantised_once_and_the_cache_reused(tmp_path, monkeypatch):
         assert torch.equal(a, b)
 
     written = write_tiny_gguf(path, seed=1)  # the same path, other weights
-    third = load_model(path)
+    third = load_model(path, dtype="float32")
     assert conversions == ["tiny.gguf", "tiny.gguf"] and third.weights_hash != first.weights_hash
     assert torch.equal(
         third.model.model.embed_tokens.weight, torch.from_numpy(written["token_embd.weight"])

@@ -123,7 +123,7 @@ def test_cli_read_monitor_flags_the_row_and_writes_the_projections(tmp_path):
         x = torch.tensor([lm.tokenizer(t)["input_ids"]])
         with torch.no_grad(), record(lm.model, HOOK) as r:
             lm.model(x)
-        acts.append(r[HOOK][0])
+        acts.append(r[HOOK][0].float())  # as the monitor reads them: float32 (the model: auto)
     v = acts[2][1:].mean(0) - torch.stack([a[1:].mean(0) for a in acts]).mean(0)
     other = "blocks.2.hook_resid_post"  # a second hook: --hook must pick HOOK
     vpath = VectorSet({HOOK: v, other: -v}, {"d_model": 64}).save(tmp_path / "v.safetensors")

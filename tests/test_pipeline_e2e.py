@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import tomllib
+import torch
 from _pipeline_tiny import load_toml, shrink, tiny_pair, write_yaml
 
 import steerdiff
@@ -192,8 +193,10 @@ def test_changing_one_fit_setting_reruns_only_that_fit_and_what_reads_it(tmp_pat
 def test_stage_json_records_kind_tag_key_and_provenance(tmp_path, tiny_models):
     """Every stage folder's stage.json (README: "kind, name, inputs, summary and provenance")
     holds real values: the folder's own key, the model folder and its weights hash, the
-    stage's config and seed, and the package version. Catches a stage that records no
-    provenance (the eval stage did not) or a key that is not the folder's."""
+    stage's config and seed, the package version, and the dtype (asked for, picked, why).
+    Catches a stage that records no provenance (the eval stage did not), a key that is not
+    the folder's, and a key without the model's dtype (a float32 run would then reuse the
+    bfloat16 run's stages)."""
     raw = {**parse_raw(TWO_FITS), "model": str(tiny_models[0])}
     raw["fits"] = raw["fits"][:1]
     summary = run_experiment(parse_config(raw, "x"), tmp_path)
@@ -213,12 +216,14 @@ def test_stage_json_records_kind_tag_key_and_provenance(tmp_path, tiny_models):
         assert prov["steerdiff_version"] == steerdiff.__version__
         assert prov["model_id"] == str(tiny_models[0])
         assert prov["weights_hash"] == lm.weights_hash
-        assert prov["model_type"] == "llama" and prov["dtype"] == "float32"
+        assert prov["model_type"] == "llama" and prov["dtype"] == lm.provenance()["dtype"]
+        assert (prov["dtype_requested"], prov["dtype_reason"]) == ("auto", lm.dtype_reason)
         assert meta["seconds"] == round(s.seconds, 2)
         assert meta["info"] == json.loads(json.dumps(s.info))  # what the stage returned
     data = read_json(summary.stages["data-main"].path / "stage.json")
     assert data["provenance"]["seed"] == 42 and data["provenance"]["config"]["n_prompts"] == 8
     assert data["depends_on"]["model"]["weights_hash"] == lm.weights_hash
+    assert data["depends_on"]["model"]["dtype"] == str(lm.model.dtype)
     assert data["depends_on"]["teacher"]["kind"] == "prompt"
     assert data["info"]["n_prompts"] == 8
     fit = read_json(summary.stages["fit-a-s0"].path / "stage.json")
@@ -229,6 +234,14 @@ def test_stage_json_records_kind_tag_key_and_provenance(tmp_path, tiny_models):
     ev = read_json(summary.stages["eval"].path / "stage.json")
     assert ev["provenance"]["config"] == {"scorer": "exact", "n_questions": 2, "n_samples": 20}
     assert ev["depends_on"]["fits"] == [summary.stages["fit-a-s0"].key]
+    # the other dtype is another run: no stage of the first is reused (no shared cache)
+    other = "float32" if lm.model.dtype == torch.bfloat16 else "bfloat16"
+    again = run_experiment(parse_config({**raw, "dtype": other}, "x"), tmp_path)
+    assert not any(s.cached for s in again.stages.values())
+    first_keys = {s.key for s in summary.stages.values()}
+    assert first_keys.isdisjoint(s.key for s in again.stages.values())
+    prov = read_json(again.stages["fit-a-s0"].path / "stage.json")["provenance"]
+    assert (prov["dtype"], prov["dtype_requested"]) == (other, other)
 
 
 def parse_raw(toml_text: str) -> dict:

@@ -302,6 +302,8 @@ def describe(lm: LoadedModel) -> dict:
         "d_model": cfg.hidden_size,
         "n_parameters": count_parameters(lm.model),
         "weights_hash": lm.weights_hash,
+        "dtype": lm.provenance()["dtype"],
+        "dtype_reason": f"{lm.dtype_reason} (--dtype {lm.dtype_requested})",
         "load_seconds": round(lm.load_seconds, 2),
         "n_hook_points": len(list_hook_points(lm.model)),
         "hook_point_names_layer0": [

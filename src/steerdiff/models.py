@@ -8,6 +8,10 @@ A spec that is no local file or folder is a hub id. The hub is asked once, with 
 timeout (`HUB_TIMEOUT_S`), before transformers downloads anything: with no network the
 load fails in seconds with one line saying what to do (instead of a minute of retries),
 and with ``HF_HUB_OFFLINE=1`` only the local Hugging Face cache is used, without asking.
+
+``dtype="auto"`` (the default) is bfloat16 where the hardware computes it natively (CUDA,
+CPUs with AMX), float32 elsewhere (`dtypes.pick_dtype`);
+`LoadedModel.provenance()` records what was asked for, what was picked, and why.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
+from .dtypes import AUTO, DTYPE_NAMES, DTYPES, cpu_flags, dtype_name, pick_dtype
 from .errors import SteerdiffError
 from .io import file_sha256
 
@@ -44,14 +49,6 @@ NO_LOCAL_MODEL = (
     "use the embedded default (`--model default`) or 'gemma3-270m', or give a local model "
     "folder or .gguf file path"
 )
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
 
 
 class ModelLoadError(SteerdiffError, RuntimeError):
@@ -69,6 +66,8 @@ class LoadedModel:
     weights_hash: str  # sha256 of the weight files (or of the tensors), first 16 hex chars
     load_seconds: float = 0.0
     extra: dict = field(default_factory=dict)
+    dtype_requested: str = "as built"  # what the caller asked for ("auto", "float32", ...)
+    dtype_reason: str = "the model's own dtype"  # why the model has its dtype (pick_dtype)
 
     @property
     def model_id(self) -> str:
@@ -85,9 +84,30 @@ class LoadedModel:
             "model_source": self.source,
             "weights_hash": self.weights_hash,
             "model_type": self.model.config.model_type,
-            "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
+            "dtype": dtype_name(next(self.model.parameters()).dtype),
+            "dtype_requested": self.dtype_requested,
+            "dtype_reason": self.dtype_reason,
             "chat_template": chat_template_source(self.tokenizer),
         }
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> tuple[torch.dtype, str]:
+    """(torch dtype, reason) for a requested dtype: "auto" through `pick_dtype` (on this
+    machine's CPU flags or GPU), a name from DTYPES or a torch.dtype as asked.
+    ModelLoadError (one line, the names to use) for an unknown name."""
+    if isinstance(dtype, torch.dtype):
+        return dtype, f"{dtype_name(dtype)}: requested"
+    if dtype == AUTO:
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(
+            including_emulation=False
+        )
+        return pick_dtype(device.type, cpu_flags(), cuda_bf16=cuda_bf16)
+    if dtype not in DTYPES:
+        raise ModelLoadError(
+            f"Unknown dtype {dtype!r}; use one of {', '.join(DTYPE_NAMES)} (auto: bfloat16 "
+            "where the hardware runs it faster, else float32)."
+        )
+    return DTYPES[dtype], f"{dtype_name(DTYPES[dtype])}: requested"
 
 
 def chat_template_source(tokenizer: Tokenizer | None) -> str:
@@ -208,7 +228,7 @@ def resolve_spec(spec: str | os.PathLike | None) -> tuple[str, Path | str, str |
 
 def load_model(
     spec: str | os.PathLike | None = None,
-    dtype: str | torch.dtype = "float32",
+    dtype: str | torch.dtype = AUTO,
     device: str | torch.device = "cpu",
     tokenizer_spec: str | None = None,
 ) -> LoadedModel:
@@ -217,13 +237,13 @@ def load_model(
     spec: None / "default" (embedded SmolLM2-135M-Instruct), "gemma3-270m" (embedded),
     a hub id ("Qwen/Qwen2.5-7B-Instruct"), a local model folder, or a .gguf file
     (dequantised to ``dtype`` by transformers).
+    dtype: "auto" (bfloat16 on CUDA and on CPUs with AMX, else float32:
+    `pick_dtype`), "float32", "bfloat16", "float16", or a torch.dtype.
     """
-    if isinstance(dtype, str) and dtype not in DTYPES:
-        raise ModelLoadError(f"Unknown dtype {dtype!r}; use one of {sorted(DTYPES)}.")
-    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError("device='cuda' was asked for but no CUDA GPU is visible; use 'cpu'.")
+    torch_dtype, dtype_reason = resolve_dtype(dtype, device)
     kind, location, gguf_file = resolve_spec(spec)
     t0 = time.perf_counter()
     try:
@@ -275,6 +295,8 @@ def load_model(
         source=str(location),
         weights_hash=whash,
         load_seconds=time.perf_counter() - t0,
+        dtype_requested=dtype if isinstance(dtype, str) else dtype_name(dtype),
+        dtype_reason=dtype_reason,
     )
 
 

@@ -31,7 +31,13 @@ MODEL_HELP = (
 
 # Options shared by the commands that load a model.
 ModelOpt = Annotated[str, typer.Option("--model", help=MODEL_HELP)]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32 or bfloat16")]
+DtypeOpt = Annotated[
+    str,
+    typer.Option(
+        "--dtype",
+        help="auto (bfloat16 on CUDA and on CPUs with AMX, else float32), float32 or bfloat16",
+    ),
+]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu or cuda")]
 ThreadsOpt = Annotated[
     int,

@@ -52,7 +52,7 @@ def preference(
     seed: Annotated[int, typer.Option(help="seed (sampling)")] = 0,
     out: Annotated[str | None, typer.Option(help="write the result as JSON here")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing --out file")] = False,
-    dtype: DtypeOpt = "float32",
+    dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
 ) -> None:
     """The target's share with its 95% CI across questions, as the pipeline's eval computes it.

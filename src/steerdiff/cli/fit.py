@@ -141,7 +141,7 @@ def fit_cmd(
     lora_targets: Annotated[
         str | None, typer.Option(help="comma-separated LoRA target modules")
     ] = None,
-    dtype: DtypeOpt = "float32",
+    dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
     threads: ThreadsOpt = 0,
     **config: Any,

@@ -104,7 +104,7 @@ def generate(
             help="replace a finished dataset (it stays until the new one is complete)",
         ),
     ] = False,
-    dtype: DtypeOpt = "float32",
+    dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
     threads: ThreadsOpt = 0,
 ) -> None:

@@ -16,7 +16,7 @@ app = typer.Typer()
 def info(
     old_model: OldModelArg = None,
     model: ModelOpt = "default",
-    dtype: DtypeOpt = "float32",
+    dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
 ) -> None:

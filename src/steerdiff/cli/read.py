@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from .common import ModelOpt, console, fail
+from .common import DtypeOpt, ModelOpt, console, fail
 
 app = typer.Typer(
     name="read",
@@ -24,6 +24,7 @@ def dla(
     vectors: Annotated[str, typer.Argument(help="VectorSet file (.safetensors)")],
     out: OutOpt = "runs/read_dla",
     model: ModelOpt = "default",
+    dtype: DtypeOpt = "auto",
     hook: Annotated[
         list[str] | None,
         typer.Option(
@@ -48,7 +49,7 @@ def dla(
     from steerdiff.models import load_model
     from steerdiff.vectors import VectorSet
 
-    lm = load_model(model)
+    lm = load_model(model, dtype=dtype)
     vs = VectorSet.load(vectors, lm)
     if hook:
         results = [direct_logit_attribution(lm, vs, h, k, not no_center, not no_norm) for h in hook]
@@ -95,6 +96,7 @@ def lens(
         typer.Option("--finetuned", help="finetuned model (spec/folder) or LoRA adapter folder"),
     ] = None,
     model: ModelOpt = "default",
+    dtype: DtypeOpt = "auto",
     corpus: Annotated[
         str,
         typer.Option(
@@ -125,7 +127,7 @@ def lens(
     from steerdiff.models import load_model
     from steerdiff.vectors import VectorSet
 
-    lm = load_model(model)
+    lm = load_model(model, dtype=dtype)
     vs = VectorSet.load(vectors, lm) if vectors else None
     res = activation_difference_lens(
         lm,
@@ -159,6 +161,7 @@ def similarity(
     sets: Annotated[list[str], typer.Argument(help="VectorSet files (label=path or path)")],
     out: OutOpt = "runs/read_similarity",
     model: ModelOpt = "default",
+    dtype: DtypeOpt = "auto",
     contrast: Annotated[
         str | None,
         typer.Option(
@@ -216,7 +219,7 @@ def similarity(
             atomic_write_text(o / f"contrast_{lab}.csv", m.to_csv())
             report["contrast"][lab] = m.to_dict()
     if effects:
-        lm = load_model(model)
+        lm = load_model(model, dtype=dtype)
         for vs in loaded.values():
             vs.check_fits(lm.model)
         eff = effect_vectors(lm, loaded, corpus, n_texts=n, max_tokens=tokens, first_k=1)
@@ -237,6 +240,7 @@ def monitor(
     rows: Annotated[str, typer.Argument(help=".jsonl (rows with 'messages' or 'text') or .txt")],
     out: OutOpt = "runs/read_monitor",
     model: ModelOpt = "default",
+    dtype: DtypeOpt = "auto",
     hook: Annotated[str | None, typer.Option("--hook", help="the set's hook to project on")] = None,
     role: Annotated[
         str, typer.Option(help="chat tokens counted: assistant | user | all")
@@ -255,7 +259,7 @@ def monitor(
     from steerdiff.models import load_model
     from steerdiff.vectors import VectorSet
 
-    lm = load_model(model)
+    lm = load_model(model, dtype=dtype)
     vs = VectorSet.load(vectors, lm)
     base = load_rows(baseline) if baseline else None
     res = project(lm, vs, rows, hook=hook, role=role, baseline=base, flag_z=flag_z)

@@ -12,6 +12,15 @@ import typer
 from .common import ThreadsOpt
 
 app = typer.Typer()
+RunDtypeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--dtype",
+        help="override the experiment file's dtype: auto (bfloat16 on CUDA and on CPUs with "
+        "AMX, else float32), float32 or bfloat16",
+        show_default=False,
+    ),
+]
 
 
 def use_threads(threads: int) -> None:
@@ -34,6 +43,7 @@ def run(
     ],
     runs_dir: Annotated[Path, typer.Option(help="where run folders go")] = Path("runs"),
     threads: ThreadsOpt = 0,
+    dtype: RunDtypeOpt = None,
 ) -> None:
     """Run an experiment: cached, resumable stages; ends with report.html in the run folder.
 
@@ -41,7 +51,7 @@ def run(
     before the first stage runs; a bad setting is one line naming the file and key."""
     from steerdiff.pipeline import load_config, run_experiment
 
-    cfg = load_config(experiment)
+    cfg = load_config(experiment, dtype=dtype)
     use_threads(threads)
     t0 = time.perf_counter()
     summary = run_experiment(cfg, runs_dir)
@@ -55,6 +65,7 @@ def demo(
         bool, typer.Option("--print-config", help="show the experiment file and exit")
     ] = False,
     threads: ThreadsOpt = 0,
+    dtype: RunDtypeOpt = None,
 ) -> None:
     """The end-to-end demo on the embedded model (about 10 minutes on 2 CPU cores)."""
     from steerdiff.pipeline import load_config, run_experiment
@@ -65,7 +76,7 @@ def demo(
         return
     use_threads(threads)
     t0 = time.perf_counter()
-    summary = run_experiment(load_config(path), runs_dir)
+    summary = run_experiment(load_config(path, dtype=dtype), runs_dir)
     typer.echo(
         f"Demo finished in {time.perf_counter() - t0:.0f}s. Report: {summary.report.resolve()}"
     )

@@ -60,7 +60,7 @@ def sweep(
         float, typer.Option(help="max KL (nats/token) from the unsteered model")
     ] = 0.5,
     out: Annotated[str, typer.Option(help="output folder")] = "runs/sweep",
-    dtype: DtypeOpt = "float32",
+    dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
     seed: Annotated[int, typer.Option(help="seed (response sampling)")] = 0,
 ) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..dtypes import dtype_name
 from ..hooks import HookError, family_of, select_hooks, steer
 from ..io import atomic_write_json, provenance
 from ..models import LoadedModel, unwrap, weights_hash_of_model, wrap_model
@@ -210,6 +211,7 @@ def model_provenance(lm: LoadedModel | nn.Module, cfg: FitConfig) -> dict:
             model_id="in-memory",
             model_type=lm.config.model_type,
             weights_hash=weights_hash_of_model(lm),
+            dtype=dtype_name(lm.dtype),
         )
     return prov
 

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..dtypes import dtype_name
 from ..hooks import steer
 from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from ..models import LoadedModel, unwrap
@@ -136,10 +137,17 @@ def fit_lora(
     cfg = d.config(cfg)  # objective "auto" resolved
     model = unwrap(lm)
     torch.manual_seed(cfg.seed)  # LoRA A init
-    peft_model = get_peft_model(model, lora.peft_config(model))
+    peft_model = get_peft_model(model, lora.peft_config(model), autocast_adapter_dtype=True)
     try:
+        # PEFT keeps the adapter weights in float32 on a bfloat16 / float16 model
+        # (autocast_adapter_dtype), so the trained weights and optimiser state are float32
         params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
-        prov = {**model_provenance(lm, cfg), "teacher": d.teacher, "lora": lora.model_dump()}
+        prov = {
+            **model_provenance(lm, cfg),
+            "teacher": d.teacher,
+            "lora": lora.model_dump(),
+            "train_dtype": dtype_name(next(iter(params.values())).dtype),
+        }
 
         def save(out: Path, p: dict[str, torch.Tensor], summary: dict) -> None:
             sd = _cpu(get_peft_model_state_dict(peft_model))
@@ -171,16 +179,28 @@ def fit_full(
 ) -> FinetuneResult:
     """Full finetune of a copy of the model (the original stays untouched).
 
+    The copy trains in float32 whatever the model's dtype (a bfloat16 weight has 8 bits of
+    mantissa: an update below 1/256 of the weight is lost), so the trained weights and
+    the optimiser state are float32, and model.safetensors holds float32 weights
+    (provenance: "train_dtype"). After training the copy is cast back to the model's
+    dtype, so `result.context()` runs it like the base model.
     Files in out_dir: model.safetensors and the model's config.json (a folder
     `teachers.load_adapted` and `from_pretrained` load), metrics.jsonl/.csv, result.json.
     """
     cfg = make_config(config, overrides)
     d = prepare_fit(lm, data, cfg, teacher, score=False)  # scored in d.train_student
     cfg = d.config(cfg)  # objective "auto" resolved
-    model = copy.deepcopy(unwrap(lm))
+    model_dtype = unwrap(lm).dtype
+    model = copy.deepcopy(unwrap(lm)).float()
+    model.config.dtype = torch.float32  # what model.safetensors holds
     model.requires_grad_(True)
     params = {n: p for n, p in model.named_parameters()}
-    prov = {**model_provenance(lm, cfg), "teacher": d.teacher, "baseline": "full"}
+    prov = {
+        **model_provenance(lm, cfg),
+        "teacher": d.teacher,
+        "baseline": "full",
+        "train_dtype": "float32",
+    }
 
     def save(out: Path, p: dict[str, torch.Tensor], summary: dict) -> None:
         sd = _cpu(model.state_dict())
@@ -190,6 +210,8 @@ def fit_full(
     student = ModuleStudent(model, params)
     res = d.train_student(student, cfg, out_dir=out_dir, resume=resume, prov=prov, save_params=save)
     model.requires_grad_(False)
+    model.to(model_dtype)
+    model.config.dtype = model_dtype
     model.eval()
     return _finetune_result(res, params, kind="full", state={}, lm=lm, model=model)
 

@@ -52,12 +52,13 @@ def run_identity(
     cfg: FitConfig, prov: dict | None, train: list[Example], val: list[Example]
 ) -> dict[str, Any]:
     """What a checkpoint must share with the fit that resumes it: every FitConfig field
-    (but RESUME_MAY_CHANGE), the model, hooks / LoRA settings, and the data's token ids."""
+    (but RESUME_MAY_CHANGE), the model (and its dtype: a float32 fit does not go on in
+    bfloat16), hooks / LoRA settings, and the data's token ids."""
     prov = prov or {}
     ident: dict[str, Any] = {
         k: v for k, v in cfg.model_dump(mode="json").items() if k not in RESUME_MAY_CHANGE
     }
-    for key in ("model_id", "weights_hash", "hooks", "lora", "baseline"):
+    for key in ("model_id", "weights_hash", "dtype", "hooks", "lora", "baseline"):
         if key in prov:
             ident[key] = json.loads(json.dumps(prov[key], default=str))
     ident["data"] = f"{len(train)} training / {len(val)} validation rows, " + _fingerprint(

@@ -264,7 +264,7 @@ def _changed_model(hf: nn.Module, finetuned) -> Iterator[tuple[nn.Module, object
         with _adapter(hf, str(finetuned)) as pair:
             yield pair
         return
-    ft = load_model(finetuned) if isinstance(finetuned, (str, Path)) else finetuned
+    ft = load_model(finetuned, dtype=hf.dtype) if isinstance(finetuned, (str, Path)) else finetuned
     ft = unwrap(ft)
     if ft.config.hidden_size != hf.config.hidden_size or family_of(ft) != family_of(hf):
         raise LensError(

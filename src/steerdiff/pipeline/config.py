@@ -143,7 +143,7 @@ class ReadConfig(_Strict):
 class ExperimentConfig(_Strict):
     name: str
     model: str = "default"
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: models.load_model
     device: str = "cpu"
     seed: int = 0
     teacher: TeacherConfig = TeacherConfig()
@@ -176,7 +176,9 @@ class ExperimentConfig(_Strict):
         return self
 
 
-def load_config(path: str | os.PathLike) -> ExperimentConfig:
+def load_config(path: str | os.PathLike, dtype: str | None = None) -> ExperimentConfig:
+    """Read and validate an experiment file; `dtype` replaces the file's `dtype` (the
+    `--dtype` of `steerdiff run` / `demo`; validated like the file's own)."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"Experiment file not found: {path}")
@@ -190,7 +192,9 @@ def load_config(path: str | os.PathLike) -> ExperimentConfig:
             raise ConfigError(f"{path}: use a .toml, .yaml or .yml experiment file")
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
         raise ConfigError(f"{path} does not parse: {e}") from e
-    return parse_config(raw, source=str(path))
+    if dtype is None:
+        return parse_config(raw, source=str(path))
+    return parse_config({**raw, "dtype": dtype}, source=f"{path} with --dtype {dtype}")
 
 
 def parse_config(raw: dict, source: str = "<dict>") -> ExperimentConfig:
