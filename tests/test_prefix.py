@@ -203,3 +203,63 @@ def test_the_unembedding_gets_a_contiguous_input_and_the_hook_is_removed():
     assert [tuple(x.shape) for x in seen] == [(1, 1, 64), (4, 1, 64), (4, 1, 64), (4, 1, 64)]
     assert all(x.is_contiguous() for x in seen)
     assert not head._forward_pre_hooks and not head._forward_hooks
+
+
+# ----------------------------------------------------------------------------- teacher scoring
+
+TEACHERS = {
+    "plain": {"kind": "plain"},
+    "steered-all": {"kind": "steered", "coeff": 2.0, "positions": "all"},
+    "steered-first:8": {"kind": "steered", "coeff": 2.0, "positions": "first:8"},
+    "steered-response": {"kind": "steered", "coeff": 2.0, "positions": "response"},
+}
+
+
+@pytest.mark.parametrize("name", list(TEACHERS))
+def test_teacher_losses_and_topk_with_a_shared_prefix_equal_full_passes(tiny, name):
+    """fit.teacher runs the rows' shared prefix once ([1, P]) then each row's rest. Bugs
+    caught: rest positions that restart at 0, a prefix cache not repeated per row, the
+    prefix's states put at the wrong positions (top-k of a completion's first token),
+    sliding-window layers (gemma3's window of 4) broken by a cache that holds the prefix,
+    and a response- or first:k-steered teacher shared (it must not be: its mask covers
+    whole rows; first:k counts positions in the model's forward, which is skipped)."""
+    from steerdiff.fit import Example, annotate_topk
+    from steerdiff.fit.data import collate
+    from steerdiff.fit.losses import model_losses
+    from steerdiff.fit.teacher import as_teacher, teacher_losses
+
+    dim = tiny.config.hidden_size
+    spec = dict(TEACHERS[name])
+    if spec["kind"] == "steered":
+        spec["vectors"] = {"blocks.1.hook_resid_post": torch.randn(dim)}
+    teacher = as_teacher(spec, tiny)
+    exs = [
+        Example(HEAD + [13, 14], [40, 41, 42]),
+        Example(HEAD + [20, 21, 22, 23], [50]),
+        Example(HEAD + [30], [60, 61]),
+    ]
+    batch = collate(exs, 0, teacher=True)
+    passes = []
+    base = tiny.base_model
+    handle = base.register_forward_pre_hook(
+        lambda _m, _a, kw: passes.append(tuple(kw["input_ids"].shape)), with_kwargs=True
+    )
+    try:
+        ce, _ = teacher_losses(teacher, batch)
+        ours = annotate_topk(
+            tiny, [Example(e.prompt_ids, e.completion_ids) for e in exs], teacher, k=5
+        )
+    finally:
+        handle.remove()
+    with torch.no_grad(), teacher.scoring(batch.response_mask, batch.attention_mask) as model:
+        want, _ = model_losses(model, batch, "sft")  # one full pass over the padded rows
+        logp = torch.log_softmax(
+            model(batch.input_ids, attention_mask=batch.attention_mask).logits.float(), -1
+        )
+    assert torch.allclose(ce, want, atol=1e-4, rtol=1e-5)
+    top = logp[batch.loss_mask].topk(5, dim=-1)
+    assert [t for e in ours for t in e.topk_ids] == top.indices.tolist()
+    got = torch.tensor([t for e in ours for t in e.topk_logprobs])
+    assert torch.allclose(got, top.values, atol=1e-4)
+    shared = name in ("plain", "steered-all")
+    assert passes == ([(1, 6), (3, 5)] * 2 if shared else [(3, 11)] * 2)

@@ -25,6 +25,10 @@ HookError; pass share_prefix=False.
 Not shared (whole prompts per row, as before): a model with sliding-window layers whose
 window is shorter than the batch's longest sequence (prompt + new tokens), since the pads
 inside the sequence would take places in the window and change what the model sees.
+
+`shared_prefix_hidden` does the same for a teacher-forced pass over right-padded rows
+(the teacher's losses and top-k log-probs in a fit): the prefix once, then the rest of
+every row after it; there the pads are at the end, so sliding windows need no exception.
 """
 
 from __future__ import annotations
@@ -126,3 +130,31 @@ def continuing_prompt(on: bool = True) -> Iterator[None]:
     finally:
         if token is not None:
             PROMPT_CONTINUES.reset(token)
+
+
+def shared_prefix_hidden(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """Final-normed hidden states [b, s, d] of right-padded rows (as replay.full_hidden),
+    with the tokens every row starts with run once ([1, P]) and the rest of each row after
+    them from that KV cache. Positions < P hold the prefix's states (the same in every row).
+    Steering: only positions "all" with one coeff (the prefix pass has batch 1, and these
+    passes of the decoder stack skip the model's forward, where steer tracks positions);
+    exact then, up to float rounding."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    rows = [r[:n] for r, n in zip(input_ids.tolist(), attention_mask.sum(1).tolist(), strict=True)]
+    p = common_prefix_len(rows)
+    if p == 0:
+        out = base.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.last_hidden_state
+    cache = DynamicCache(config=base.config)
+    first = base.base_model(input_ids=input_ids[:1, :p], past_key_values=cache, use_cache=True)
+    cache.batch_repeat_interleave(input_ids.shape[0])
+    rest = base.base_model(
+        input_ids=input_ids[:, p:],
+        attention_mask=attention_mask,
+        past_key_values=cache,
+        use_cache=True,
+    ).last_hidden_state  # [b, s - P, d]
+    head = first.last_hidden_state.expand(input_ids.shape[0], -1, -1)  # [b, P, d]
+    return torch.cat([head, rest], dim=1)

@@ -55,7 +55,27 @@ class _SubsetHead(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach()[ids].clone(), False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.weight, self.bias)
+        return nn.functional.linear(x.contiguous(), self.weight, self.bias)
+
+
+@contextmanager
+def _contiguous_head_input(model: nn.Module) -> Iterator[None]:
+    """Make the unembedding's input contiguous while sampling (a pre-hook, removed on exit).
+
+    With logits_to_keep=1 HF unembeds hidden[:, -1:, :], a strided view of the prefill's
+    hidden states; for such a 3-D input torch's CPU linear expands the weight to
+    [batch, d_model, vocab] and copies it: 10 s instead of 0.06 s for a batch of 32 on
+    the embedded model in bfloat16 (0.5 s instead of 0.06 s in float32; torch 2.13).
+    """
+    head = model.get_output_embeddings()
+    if head is None:
+        yield
+        return
+    handle = head.register_forward_pre_hook(lambda _m, args: (args[0].contiguous(), *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @contextmanager
@@ -216,7 +236,7 @@ def sample(
     st = stats if stats is not None else SampleStats()
     kw: dict[str, Any] = {"logits_to_keep": 1} if _accepts(hf, "logits_to_keep") else {}
     t0 = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), _contiguous_head_input(hf):
         prefix = SharedPrefix(hf, prompts if share_prefix else [], **kw)
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
