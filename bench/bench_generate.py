@@ -110,11 +110,11 @@ def bench_dtype(dtype: str, prompts_of, args) -> dict:
     gen_kw = dict(max_new_tokens=N, min_new_tokens=N, pad_token_id=pad, eos_token_id=None)
     gcfg = GenerationConfig(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, **gen_kw)
 
-    def ours(share: bool) -> Callable[[], None]:
+    def ours(share: bool, new: int = N) -> Callable[[], None]:
         def run() -> None:
             st = SampleStats()
-            res = sample(lm, prompts, N, stop_ids=[], batch_size=B, stats=st, share_prefix=share)
-            assert all(len(s.token_ids) == N for s in res)
+            res = sample(lm, prompts, new, stop_ids=[], batch_size=B, stats=st, share_prefix=share)
+            assert all(len(s.token_ids) == new for s in res)
             assert (st.shared_tokens > 0) == share
 
         return run
@@ -132,6 +132,7 @@ def bench_dtype(dtype: str, prompts_of, args) -> dict:
     sample(lm, prompts[:2], max_new_tokens=2, stop_ids=[])  # warm-up
     runs = {"ours": ours(True), "ours, no sharing": ours(False), "generate": generate}
     runs["forward"] = forward
+    runs["ours, prefill only"] = ours(True, 1)  # 1 new token: the prefill and one draw
     best = dict.fromkeys(runs, float("inf"))
     peak = 0.0
     for _ in range(args.repeats):
@@ -164,6 +165,7 @@ def bench_dtype(dtype: str, prompts_of, args) -> dict:
         "ours, no sharing": fl.generation(B, plen, N),
         "generate": fl.generation(B, plen, N),
         "forward": fl.teacher_forced(B, plen + N),
+        "ours, prefill only": fl.generation(B, plen, 1, shared),
     }
     return dict(
         best=best, peak=peak, same=same, flops=flops, lengths=lengths, shared=shared, B=B, N=N
@@ -179,11 +181,21 @@ def report(dtype: str, r: dict) -> None:
     )
     for name, sec in best.items():
         rate = r["flops"][name] / sec
+        if name == "ours, prefill only":
+            print(f"  {name:17s} {sec:7.2f}s  {' ' * 43}  {rate / 1e9:6.1f} GFLOP/s = ", end="")
+            print(f"{rate / r['peak']:5.1%} of peak")
+            continue
         new = f"{B * N / sec:7.1f} new tok/s" if name != "forward" else " " * 17
         print(
             f"  {name:17s} {sec:7.2f}s  {new}  {seq_tokens / sec:7.1f} sequence tok/s  "
             f"{rate / 1e9:6.1f} GFLOP/s = {rate / r['peak']:5.1%} of peak"
         )
+    dec_s = best["ours"] - best["ours, prefill only"]
+    dec = (r["flops"]["ours"] - r["flops"]["ours, prefill only"]) / dec_s
+    print(
+        f"  ours, the {N - 1} decode steps (difference of the two): {dec_s:.2f}s  "
+        f"{dec / 1e9:6.1f} GFLOP/s = {dec / r['peak']:5.1%} of peak"
+    )
     gen, fwd = best["generate"], best["forward"]
     print(f"  ours / generate (new tok/s):        {gen / best['ours']:5.2f}x   (target >= 2x)")
     print(f"  ours, no sharing / generate:        {gen / best['ours, no sharing']:5.2f}x")
