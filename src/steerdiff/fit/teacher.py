@@ -5,9 +5,9 @@ The teacher scores its own prompt (`Example.teacher_prompt_ids`, e.g. with its s
 prompt) + the completion, under `Teacher.scoring(completion_mask, attention_mask)`, so a
 steered teacher steers exactly the positions it steered while generating. The tokens all
 rows of a batch start with (chat template, system prompt) run once per batch
-(`generate.prefix.shared_prefix_hidden`), except for a teacher steered at positions other
-than "all" ("prompt" / "response" steer through a mask over whole rows, and "first:k"
-counts positions in the model's forward, which these passes of the decoder stack skip).
+(`Teacher.hidden_states`), except for a teacher steered at positions other than "all"
+("prompt" / "response" steer through a mask over whole rows, and "first:k" counts
+positions in the model's forward, which these passes of the decoder stack skip).
 """
 
 from __future__ import annotations
@@ -15,10 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..generate.prefix import shared_prefix_hidden
-from ..hooks import parse_positions
 from ..models import LoadedModel, unwrap
-from ..replay import full_hidden, lm_head
+from ..replay import lm_head
 from ..teachers import Teacher, build_teacher
 from .data import Batch, Example, TeacherLike, collate, device_of, pad_id_of, teacher_spec
 from .losses import eval_losses, lm_of, token_losses
@@ -31,18 +29,11 @@ def as_teacher(teacher: TeacherLike, lm: LoadedModel | nn.Module) -> Teacher:
     return build_teacher({"kind": "plain", **teacher_spec(teacher)}, lm)
 
 
-def teacher_hidden(teacher: Teacher, model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Final-normed hidden [b, s, d] of the teacher's pass (inside `teacher.scoring`), with
-    the batch's shared prefix run once unless the teacher steers only some positions."""
-    kind = parse_positions(teacher.positions)[0] if teacher.kind == "steered" else "all"
-    run = shared_prefix_hidden if kind == "all" else full_hidden
-    return run(model, batch.input_ids, batch.attention_mask)
-
-
 def teacher_losses(teacher: Teacher, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (CE, KL) of the teacher on a teacher-prompted batch (`collate(teacher=True)`)."""
     with teacher.scoring(batch.response_mask, batch.attention_mask) as model:
-        return token_losses(lm_of(model), teacher_hidden(teacher, model, batch), batch, "sft")
+        hidden = teacher.hidden_states(model, batch.input_ids, batch.attention_mask)
+        return token_losses(lm_of(model), hidden, batch, "sft")
 
 
 def reference_losses(
@@ -91,7 +82,8 @@ def annotate_topk(
         chunk = examples[i : i + batch_size]
         batch = collate(chunk, pad, teacher=True).to(device_of(t.lm.model))
         with t.scoring(batch.response_mask, batch.attention_mask) as model:
-            h = teacher_hidden(t, model, batch)[batch.loss_mask]  # [n, d]
+            h = t.hidden_states(model, batch.input_ids, batch.attention_mask)  # [b, s, d]
+            h = h[batch.loss_mask]  # [n, d]
             logp = torch.log_softmax(lm_head(lm_of(model), h).float(), dim=-1)  # [n, vocab]
         top = logp.topk(min(k, logp.shape[-1]), dim=-1)
         j = 0
