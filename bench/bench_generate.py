@@ -5,16 +5,18 @@ All of it runs in one process on the same number-task chat prompts (by default t
 prompt teacher's: system prompt + user prompt, as `steerdiff generate --teacher prompt`
 writes them), at the same batch and number of new tokens (no early stop: every row
 generates exactly --new tokens), interleaved for --repeats rounds; the best round of each
-is reported (the CPU is shared, so the best round is the least disturbed one).
+is reported (the CPU is shared, so the best round is the least disturbed one), in wall
+seconds and in CPU seconds of this process (with --threads 1, CPU time leaves out the time
+other jobs held the core: the steadier figure on a shared machine).
 
     python bench/bench_generate.py [--batch 32] [--new 48] [--repeats 2] [--teacher plain]
 
 Figures, per dtype:
-- new tok/s: generated tokens / wall time including the prefill (ours and generate);
-- sequence tok/s: (real prompt + generated tokens of every row) / wall time; the forward
+- new tok/s: generated tokens / time including the prefill (ours and generate);
+- sequence tok/s: (real prompt + generated tokens of every row) / time; the forward
   pass reports the same quantity for the same sequences teacher forced, which bounds
   generation without sharing (with sharing the prefix is run once, so it can pass it);
-- FLOP/s: the FLOPs each method executes / wall time, as a fraction of the peak of a
+- FLOP/s: the FLOPs each method executes per CPU second, as a fraction of the same for a
   2048^3 matmul measured in the same rounds and dtype (best of them). FLOPs counted as
   executed, pads included (a left-padded batch computes them): 2 x (matmul weights of the
   decoder blocks) per token run + 2 x d_model x vocab per position whose logits are
@@ -75,17 +77,18 @@ class Flops:
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, tries: int = 3) -> float:
-    """FLOP/s of the best of `tries` n x n x n matmuls in this dtype."""
+    """FLOPs per CPU second of the best of `tries` n x n x n matmuls in this dtype."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b  # warm-up
-    best = min(_timed(lambda: a @ b) for _ in range(tries))
+    best = min(_timed(lambda: a @ b)[1] for _ in range(tries))
     return 2 * n**3 / best
 
 
-def _timed(fn: Callable[[], object]) -> float:
-    t = time.perf_counter()
+def _timed(fn: Callable[[], object]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one call."""
+    t, c = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - t
+    return time.perf_counter() - t, time.process_time() - c
 
 
 def left_padded(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,12 +136,12 @@ def bench_dtype(dtype: str, prompts_of, args) -> dict:
     runs = {"ours": ours(True), "ours, no sharing": ours(False), "generate": generate}
     runs["forward"] = forward
     runs["ours, prefill only"] = ours(True, 1)  # 1 new token: the prefill and one draw
-    best = dict.fromkeys(runs, float("inf"))
+    best = {name: [float("inf"), float("inf")] for name in runs}  # wall, cpu
     peak = 0.0
     for _ in range(args.repeats):
         peak = max(peak, matmul_peak(model.dtype))
         for name, fn in runs.items():
-            best[name] = min(best[name], _timed(fn))
+            best[name] = [min(a, b) for a, b in zip(best[name], _timed(fn), strict=True)]
     # greedy: ours (both ways) vs model.generate on the same batch
     with torch.inference_mode():
         hf = model.generate(input_ids=ids, attention_mask=am, do_sample=False, **gen_kw)
@@ -177,32 +180,33 @@ def report(dtype: str, r: dict) -> None:
     seq_tokens = sum(lengths) + B * N
     print(
         f"{dtype}: batch {B}, prompts {min(lengths)}-{max(lengths)} tokens, shared prefix "
-        f"{r['shared']} tokens, {N} new tokens; matmul peak {r['peak'] / 1e9:.0f} GFLOP/s"
+        f"{r['shared']} tokens, {N} new tokens; matmul peak {r['peak'] / 1e9:.0f} GFLOP/CPU s"
     )
-    for name, sec in best.items():
-        rate = r["flops"][name] / sec
-        if name == "ours, prefill only":
-            print(f"  {name:17s} {sec:7.2f}s  {' ' * 43}  {rate / 1e9:6.1f} GFLOP/s = ", end="")
-            print(f"{rate / r['peak']:5.1%} of peak")
-            continue
-        new = f"{B * N / sec:7.1f} new tok/s" if name != "forward" else " " * 17
+    print(f"  {'':18s}   wall s    CPU s   new tok/CPU s   seq tok/CPU s   GFLOP/CPU s")
+    for name, (wall, cpu) in best.items():
+        rate = r["flops"][name] / cpu
+        prefill = name == "ours, prefill only"
+        toks = "" if name == "forward" or prefill else f"{B * N / cpu:.1f}"
+        seq = "" if prefill else f"{seq_tokens / cpu:.1f}"
         print(
-            f"  {name:17s} {sec:7.2f}s  {new}  {seq_tokens / sec:7.1f} sequence tok/s  "
-            f"{rate / 1e9:6.1f} GFLOP/s = {rate / r['peak']:5.1%} of peak"
+            f"  {name:18s} {wall:8.2f} {cpu:8.2f}   {toks:>13s}   {seq:>13s}   "
+            f"{rate / 1e9:6.1f} = {rate / r['peak']:5.1%} of peak"
         )
-    dec_s = best["ours"] - best["ours, prefill only"]
+    dec_s = best["ours"][1] - best["ours, prefill only"][1]
     dec = (r["flops"]["ours"] - r["flops"]["ours, prefill only"]) / dec_s
     print(
-        f"  ours, the {N - 1} decode steps (difference of the two): {dec_s:.2f}s  "
-        f"{dec / 1e9:6.1f} GFLOP/s = {dec / r['peak']:5.1%} of peak"
+        f"  ours, the {N - 1} decode steps (difference of the two): {dec_s:.2f} CPU s, "
+        f"{dec / 1e9:.1f} GFLOP/CPU s = {dec / r['peak']:5.1%} of peak"
     )
-    gen, fwd = best["generate"], best["forward"]
-    print(f"  ours / generate (new tok/s):        {gen / best['ours']:5.2f}x   (target >= 2x)")
-    print(f"  ours, no sharing / generate:        {gen / best['ours, no sharing']:5.2f}x")
-    print(
-        f"  work bound (generate FLOPs / ours): {r['flops']['generate'] / r['flops']['ours']:5.2f}x"
-    )
-    print(f"  ours / forward (sequence tok/s):    {fwd / best['ours']:5.1%}")
+
+    def ratio(a: str, b: str) -> str:
+        return f"{best[b][0] / best[a][0]:5.2f}x wall, {best[b][1] / best[a][1]:5.2f}x CPU"
+
+    print(f"  ours / generate (new tok/s):         {ratio('ours', 'generate')}   (target >= 2x)")
+    print(f"  ours, no sharing / generate:         {ratio('ours, no sharing', 'generate')}")
+    bound = r["flops"]["generate"] / r["flops"]["ours"]
+    print(f"  work bound (generate FLOPs / ours):  {bound:5.2f}x")
+    print(f"  ours / forward (sequence tok/s):     {ratio('ours', 'forward')}")
     same = r["same"]
     print(
         f"  greedy, rows token-identical to model.generate (batch {B}): {same[True]}/{B} ours, "
