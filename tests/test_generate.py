@@ -26,6 +26,7 @@ from steerdiff.generate import (
     progress_path,
     sample,
 )
+from steerdiff.generate.prefix import common_prefix_len
 from steerdiff.hooks import steer
 from steerdiff.tasks.numbers import NumbersConfig
 
@@ -159,6 +160,8 @@ def test_topk_under_constraint_is_the_unconstrained_distribution():
 
 
 def test_greedy_matches_generate_on_embedded_model(smollm):
+    """Also with the chat template's common prefix shared (generate.prefix): bugs caught are
+    those of test_prefix.py on the real model (positions, pads, the cache of 30 layers)."""
     tok = smollm.tokenizer
     users = ["Name a bird.", "Count to three: 1, 2,", "Say hello in French, briefly please."]
     prompts = [
@@ -171,10 +174,13 @@ def test_greedy_matches_generate_on_embedded_model(smollm):
         for u in users
     ]
     eos = tok.convert_tokens_to_ids("<|im_end|>")
-    ours = sample(smollm, prompts, 12, temperature=0, batch_size=3)
+    st = SampleStats()
+    ours = sample(smollm, prompts, 12, temperature=0, batch_size=3, stats=st)
     assert [s.token_ids for s in ours] == _hf_greedy(
         smollm.model, prompts, 12, eos, tok.pad_token_id
     )
+    shared = common_prefix_len(prompts)  # the template and its default system prompt
+    assert shared > 20 and st.shared_tokens == 3 * shared
 
 
 def test_cli_errors_before_loading_anything(tmp_path):

@@ -230,6 +230,42 @@ def test_prompt_and_response_positions_under_kv_cache_match_a_hand_decoding(fami
     assert not torch.allclose(want_scores[1:], all_scores[1:], atol=1e-3)
 
 
+@pytest.mark.parametrize("positions", ["prompt", "response"])
+def test_a_prompt_fed_in_two_passes_inside_prompt_continues_is_one_prompt(positions):
+    """A prompt run as a cached prefix and then the rest (what the sampler does with a
+    shared prefix): inside hooks.PROMPT_CONTINUES the second pass is still the prompt, so
+    the scores equal those of one prefill, and the next one-token pass is the response.
+    Bug caught: the second pass (its cache is not empty) taken as response."""
+    from transformers import DynamicCache
+
+    from steerdiff.hooks import PROMPT_CONTINUES
+
+    model = make_tiny("llama")
+    ids, name = IDS[:, :6], "blocks.1.hook_resid_post"
+    vecs = {name: rand_vec(model, name, scale=5.0)}
+    nxt = torch.tensor([[7], [8]])
+
+    def two_passes(continues: bool) -> torch.Tensor:
+        cache = DynamicCache(config=model.config)
+        model(input_ids=ids[:, :2], past_key_values=cache, use_cache=True)
+        token = PROMPT_CONTINUES.set(continues)
+        try:
+            last = model(input_ids=ids[:, 2:], past_key_values=cache, use_cache=True).logits
+        finally:
+            PROMPT_CONTINUES.reset(token)
+        step = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits
+        return torch.stack([last[:, -1], step[:, -1]])  # [2 passes, batch, vocab]
+
+    with torch.no_grad(), steer(model, vecs, positions=positions):
+        one = model(input_ids=ids, use_cache=True)
+        step = model(input_ids=nxt, past_key_values=one.past_key_values).logits
+        want = torch.stack([one.logits[:, -1], step[:, -1]])
+        split, wrong = two_passes(True), two_passes(False)
+    torch.testing.assert_close(split, want, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(wrong[0], want[0], atol=1e-3)  # the flag is what makes it so
+    assert not PROMPT_CONTINUES.get()
+
+
 def test_prompt_positions_only_prompt(tiny_lm):
     """Bug caught: positions="prompt" adding the vector at generated positions too.
     Activations under greedy generation equal a teacher-forced pass over the same tokens

@@ -20,6 +20,7 @@ import math
 import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -58,6 +59,7 @@ __all__ = [
     "HookPoint",
     "NonFiniteError",
     "Op",
+    "PROMPT_CONTINUES",
     "Positions",
     "Recording",
     "VectorsLike",
@@ -81,6 +83,8 @@ __all__ = [
 # ----------------------------------------------------------------------------- positions
 
 Positions = str | torch.Tensor  # "all" | "prompt" | "response" | "first:k" | bool mask [batch, pos]
+# True around forwards that continue the prompt after a KV cache (generate.prefix's suffixes)
+PROMPT_CONTINUES: ContextVar[bool] = ContextVar("PROMPT_CONTINUES", default=False)
 
 
 @dataclass
@@ -90,7 +94,7 @@ class _ForwardState:
     past_len: int = 0  # tokens already in the KV cache
     cur_len: int = 0  # tokens in this forward
     attention_mask: torch.Tensor | None = None  # [batch, past_len + cur_len]
-    prompt_len: int | None = None  # length of the last prefill (forward with an empty cache)
+    prompt_len: int | None = None  # last forward with an empty cache (+ PROMPT_CONTINUES ones)
 
 
 def _input_len(args: tuple, kwargs: dict) -> int | None:
@@ -122,8 +126,8 @@ def _track_positions(model: nn.Module) -> Iterator[_ForwardState]:
         state.cur_len = cur
         state.past_len = _past_len(kwargs)
         state.attention_mask = kwargs.get("attention_mask")
-        if state.past_len == 0:
-            state.prompt_len = cur
+        if state.past_len == 0 or PROMPT_CONTINUES.get():
+            state.prompt_len = state.past_len + cur
 
     handle = model.register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=True)
     try:

@@ -37,9 +37,11 @@ from .chat import chat_prompt_ids
 from .errors import SteerdiffError
 from .extract import TRAIT_TEMPLATE, trait_system_prompt  # noqa: F401 (re-exported)
 from .generate import Sample, SampleStats, sample
+from .generate.prefix import shared_prefix_hidden
 from .hooks import parse_positions, steer
 from .io import file_sha256
 from .models import LoadedModel, ModelLoadError, weights_hash_of_files, wrap_model
+from .replay import full_hidden, lm_head
 from .vectors import VectorSet, VectorSetError
 
 KINDS = ("prompt", "steered", "adapter", "plain")
@@ -194,6 +196,17 @@ class Teacher:
         with steer(self.lm.model, self.vectors, coeff=self.coeff, positions=positions):
             yield self.lm.model
 
+    def hidden_states(
+        self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Final-normed hidden [b, s, d] of one teacher-forced pass over right-padded rows,
+        inside `scoring`. The tokens all rows start with run once
+        (`generate.prefix.shared_prefix_hidden`) unless this teacher steers only some
+        positions (a mask over whole rows, or first:k counted in the model's forward)."""
+        kind = parse_positions(self.positions)[0] if self.kind == "steered" else "all"
+        run = shared_prefix_hidden if kind == "all" else full_hidden
+        return run(model, input_ids, attention_mask)
+
     def completion_logprobs(
         self,
         users: Sequence[str],
@@ -222,7 +235,8 @@ class Teacher:
                 attn[r, : len(x)] = 1
                 cmask[r, len(p) : len(x)] = True
             with torch.inference_mode(), self.scoring(cmask, attn):
-                logits = model(input_ids=ids, attention_mask=attn).logits.float()  # [b, L, V]
+                hidden = self.hidden_states(model, ids, attn)  # [b, L, d]
+                logits = lm_head(model, hidden).float()  # [b, L, V]
             lp = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
             for r, (p, x) in enumerate(zip(prompts, seqs, strict=True)):
                 out.append(lp[r, len(p) - 1 : len(x) - 1].cpu())  # predictions of completion

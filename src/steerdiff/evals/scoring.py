@@ -27,6 +27,7 @@ from transformers import DynamicCache
 from ..chat import answer_lead, chat_texts, encode
 from ..errors import SteerdiffError
 from ..generate import sample
+from ..generate.prefix import common_prefix_len
 from ..models import LoadedModel
 from .steering import Steering, steered_phase
 
@@ -48,15 +49,6 @@ class PromptCache:
     last_logits: torch.Tensor  # [G*Q, vocab] logits for each prompt's next token
     row_coeff: torch.Tensor  # [G*Q] steering coefficient of each row (group-major)
     n_groups: int = 1  # G: one group of Q rows per steering coefficient
-
-
-def common_prefix_len(rows: Sequence[Sequence[int]]) -> int:
-    """Tokens shared by the start of every row, leaving at least one token per row."""
-    n = min(len(r) for r in rows) - 1  # keep >= 1 token per row for the second pass
-    for i in range(n):
-        if any(r[i] != rows[0][i] for r in rows):
-            return i
-    return max(n, 0)
 
 
 def left_pad_remainders(

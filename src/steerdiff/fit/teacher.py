@@ -3,7 +3,11 @@
 
 The teacher scores its own prompt (`Example.teacher_prompt_ids`, e.g. with its system
 prompt) + the completion, under `Teacher.scoring(completion_mask, attention_mask)`, so a
-steered teacher steers exactly the positions it steered while generating.
+steered teacher steers exactly the positions it steered while generating. The tokens all
+rows of a batch start with (chat template, system prompt) run once per batch
+(`Teacher.hidden_states`), except for a teacher steered at positions other than "all"
+("prompt" / "response" steer through a mask over whole rows, and "first:k" counts
+positions in the model's forward, which these passes of the decoder stack skip).
 """
 
 from __future__ import annotations
@@ -12,10 +16,10 @@ import torch
 from torch import nn
 
 from ..models import LoadedModel, unwrap
-from ..replay import full_hidden, lm_head
+from ..replay import lm_head
 from ..teachers import Teacher, build_teacher
 from .data import Batch, Example, TeacherLike, collate, device_of, pad_id_of, teacher_spec
-from .losses import eval_losses, lm_of, model_losses
+from .losses import eval_losses, lm_of, token_losses
 
 
 def as_teacher(teacher: TeacherLike, lm: LoadedModel | nn.Module) -> Teacher:
@@ -28,7 +32,8 @@ def as_teacher(teacher: TeacherLike, lm: LoadedModel | nn.Module) -> Teacher:
 def teacher_losses(teacher: Teacher, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (CE, KL) of the teacher on a teacher-prompted batch (`collate(teacher=True)`)."""
     with teacher.scoring(batch.response_mask, batch.attention_mask) as model:
-        return model_losses(model, batch, "sft")
+        hidden = teacher.hidden_states(model, batch.input_ids, batch.attention_mask)
+        return token_losses(lm_of(model), hidden, batch, "sft")
 
 
 def reference_losses(
@@ -77,7 +82,8 @@ def annotate_topk(
         chunk = examples[i : i + batch_size]
         batch = collate(chunk, pad, teacher=True).to(device_of(t.lm.model))
         with t.scoring(batch.response_mask, batch.attention_mask) as model:
-            h = full_hidden(model, batch.input_ids, batch.attention_mask)[batch.loss_mask]  # [n, d]
+            h = t.hidden_states(model, batch.input_ids, batch.attention_mask)  # [b, s, d]
+            h = h[batch.loss_mask]  # [n, d]
             logp = torch.log_softmax(lm_head(lm_of(model), h).float(), dim=-1)  # [n, vocab]
         top = logp.topk(min(k, logp.shape[-1]), dim=-1)
         j = 0

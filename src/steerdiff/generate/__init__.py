@@ -1,6 +1,7 @@
 """Text generation: the batched KV-cache sampler, dataset files, the optional vLLM backend.
 
 sampler.py   sample(), Sample, SampleStats, stop_token_ids: our decoding loop
+prefix.py    the prompts' shared prefix, run once into a KV cache (sampler, teacher scoring)
 dataset.py   write_dataset (resumable, filtered; --overwrite replaces only when complete)
 reader.py    load_dataset (the one reader), read_manifest, the file layout (paths)
 vllm.py      VllmSampler: the same sample() interface on vLLM (optional)
