@@ -184,12 +184,33 @@ def _pairs_factor(is_causal: bool, s_q: int, s_k: int) -> float:
     return (s_q * (s_q + 1) / 2) / (s_q * s_k) if is_causal and s_q == s_k else 1.0
 
 
-def _sdpa_fwd(q: Any, k: Any, v: Any, dropout_p: float = 0.0, is_causal: bool = False, *a: Any, out_shape: Any = None, **kw: Any) -> int:  # fmt: skip
+def _sdpa_fwd(
+    q: Any,
+    k: Any,
+    v: Any,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    *a: Any,
+    out_shape: Any = None,
+    **kw: Any,
+) -> int:
     b, h, s_q, d = q
     return int(4 * b * h * s_q * k[2] * d * _pairs_factor(is_causal, s_q, k[2]))
 
 
-def _sdpa_bwd(g: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, dropout_p: float = 0.0, is_causal: bool = False, *a: Any, out_shape: Any = None, **kw: Any) -> int:  # fmt: skip
+def _sdpa_bwd(
+    g: Any,
+    q: Any,
+    k: Any,
+    v: Any,
+    out: Any,
+    lse: Any,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    *a: Any,
+    out_shape: Any = None,
+    **kw: Any,
+) -> int:
     b, h, s_q, d = q
     return int(10 * b * h * s_q * k[2] * d * _pairs_factor(is_causal, s_q, k[2]))
 

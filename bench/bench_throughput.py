@@ -7,8 +7,9 @@ For each dtype (float32, bfloat16), in the same run, on the embedded SmolLM2-135
 - forward:  teacher-forced HF forward of [batch, ~100] number-task chat prompts (logits at
             every position);
 - prefill:  `sample(..., max_new_tokens=1)`: the sampler's prefill and one token;
-- sampler:  `steerdiff.generate.sample`, greedy, --new tokens per row, no early stop;
-- decode:   sampler minus prefill (time and FLOPs): the one-token steps;
+- sampler:  `steerdiff.generate.sample`, greedy, --new tokens per row, no early stop (its
+            time comes from the decode stage's runs, which time the whole call too);
+- decode:   the same sampler call, timed from its first one-token forward to its end;
 - generate: `model.generate`, greedy, the same prompts, batch and length;
 - fit:      `steerdiff.fit` steps (forward + backward, weights frozen), SFT, timed over the
             second epoch (the prefix cache is then filled): one vector at
@@ -46,8 +47,8 @@ from _flops import (
     sampler_flops,
     teacher_forced_flops,
 )
+from _profile import Mark, bandwidth_gbs, decode_roofline, diagnosis, profile_run
 from bench_fit import rows as fit_rows
-from torch.profiler import ProfilerActivity, profile
 from transformers import GenerationConfig
 
 from steerdiff.chat import chat_prompt_ids
@@ -60,11 +61,6 @@ FITS = {  # stage -> (hook patterns, first block run, how far the gradient goes 
     "fit resid_post 24": (["blocks.24.hook_resid_post"], 24, "none"),
     "fit q/k/v all layers": (["blocks.*.attn.hook_{q,k,v}"], 0, "attention"),
 }
-MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear"}
-COPIES = {"aten::cat", "aten::copy_", "aten::_to_copy", "aten::clone", "aten::contiguous"}
-
-
-Mark = Callable[[], None]  # a stage's run calls it where its timed (and profiled) part starts
 
 
 @dataclass
@@ -169,20 +165,41 @@ def model_stages(lm: LoadedModel, dtype: str, prompts: list[list[int]], new: int
         with torch.inference_mode():
             return model.generate(input_ids=ids, attention_mask=am, generation_config=gcfg)
 
-    def run_sample(n: int) -> Callable[[Mark], Any]:
-        return whole(lambda: sample(lm, prompts, max_new_tokens=n, temperature=0, stop_ids=[], batch_size=b))  # fmt: skip
+    def prefill() -> None:
+        sample(lm, prompts, max_new_tokens=1, temperature=0, stop_ids=[], batch_size=b)
 
     def counts(f: Callable[..., int], *a: int) -> tuple[int, int]:
         return f(shape, *a), f(mm, *a)
 
+    sampler = Stage("sampler", dtype, *counts(sampler_flops, b, plen, new), b * new)
+
+    def run_decode(mark: Mark) -> None:
+        """The sampler, marked at its first forward of one token per row (the first decode
+        step); the whole call's time goes to the sampler stage (it has no run of its own)."""
+        marked: list[bool] = []
+        t0 = time.perf_counter()
+
+        def pre_hook(_module: Any, _args: tuple, kwargs: dict) -> None:
+            ids = kwargs.get("input_ids")
+            if not marked and ids is not None and ids.shape[1] == 1:
+                marked.append(True)
+                mark()
+
+        handle = model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        try:
+            sample(lm, prompts, max_new_tokens=new, temperature=0, stop_ids=[], batch_size=b)
+        finally:
+            handle.remove()
+        sampler.seconds = min(sampler.seconds, time.perf_counter() - t0)
+
     return [
         Stage("forward", dtype, *counts(teacher_forced_flops, b, plen), b * plen, whole(forward)),
-        Stage("prefill", dtype, *counts(prefill_flops, b, plen), b * plen, run_sample(1)),
-        Stage("sampler", dtype, *counts(sampler_flops, b, plen, new), b * new, run_sample(new)),
-        Stage("decode", dtype, *counts(decode_flops, b, plen, new), b * (new - 1)),
+        Stage("prefill", dtype, *counts(prefill_flops, b, plen), b * plen, whole(prefill)),
+        sampler,
+        Stage("decode", dtype, *counts(decode_flops, b, plen, new), b * (new - 1), run_decode),
         Stage(
             "model.generate", dtype, *counts(sampler_flops, b, plen, new), b * new, whole(generate)
-        ),  # fmt: skip
+        ),
     ]
 
 
@@ -260,7 +277,7 @@ def flop_check(
             "forward, one length (causal kernel)",
             teacher_forced_flops(shape, b, short),
             fwd(ids_u, am_u),
-        ),  # fmt: skip
+        ),
         ("sampler", sampler_flops(shape, b, plen, new), run_sample),
     ]
     steps = epoch_batches(exs, batch)
@@ -280,85 +297,6 @@ def flop_check(
     print(
         "  (a masked attention kernel computes the whole s x s square; ours counts the causal "
         "half, the useful work)"
-    )
-
-
-# ----------------------------------------------------------------------------- profile
-
-
-def profile_run(run: Callable[[Mark], Any]) -> dict[str, float]:
-    """Seconds of the timed part per category (matmul, attention, copy/cat, other ops,
-    outside ops = wall minus time in ops: Python, HF glue, dispatch) and per op ("op:...")."""
-    prof = profile(activities=[ProfilerActivity.CPU])
-    t0: list[float] = []
-
-    def mark() -> None:
-        prof.start()
-        t0.append(time.perf_counter())
-
-    run(mark)
-    wall = time.perf_counter() - t0[0]
-    prof.stop()
-    cats: dict[str, float] = collections.defaultdict(float)
-    for ev in prof.key_averages():
-        sec = ev.self_cpu_time_total / 1e6
-        cats["op:" + ev.key] += sec
-        if ev.key in MATMULS or "mkldnn" in ev.key or "gemm" in ev.key:
-            cats["matmul"] += sec
-        elif "scaled_dot_product" in ev.key or "flash_attention" in ev.key:
-            cats["attention"] += sec
-        elif ev.key in COPIES:
-            cats["copy/cat"] += sec
-        else:
-            cats["other ops"] += sec
-    in_ops = sum(cats[k] for k in CATEGORIES[:-1])
-    cats["outside ops"] = max(wall - in_ops, 0.0)
-    cats["wall"] = wall
-    return cats
-
-
-CATEGORIES = ("matmul", "attention", "copy/cat", "other ops", "outside ops")
-
-
-def diagnosis(st: Stage, prof: dict[str, float], peak: float) -> str:
-    """One line: where the stage's time goes, and how fast its matmuls run."""
-    wall = prof["wall"]
-    parts = ", ".join(f"{k} {prof[k] / wall:.0%}" for k in CATEGORIES)
-    mm_rate = st.matmul_flops / max(prof["matmul"], 1e-9) / 1e9
-    ops = sorted(((v, k[3:]) for k, v in prof.items() if k.startswith("op:")), reverse=True)
-    top = ", ".join(f"{k.removeprefix('aten::')} {v / wall:.0%}" for v, k in ops[:4])
-    return (
-        f"  {st.name:20s} {st.dtype:8s} {wall:6.1f}s: {parts}; matmul kernels at "
-        f"{mm_rate:.0f} GFLOP/s = {mm_rate / peak:.0%} of peak; top ops: {top}"
-    )
-
-
-def bandwidth_gbs() -> float:
-    """Copy bandwidth (GB/s, read + write) of a 256 MB buffer, best of 5."""
-    src = torch.ones(64 * 2**20)
-    dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * src.numel() * 4 / best / 1e9
-
-
-def decode_roofline(
-    shape: ModelShape, dt: str, b: int, plen: int, new: int, bw: float, peak: float, st: Stage
-) -> str:
-    """What one decode step must read from memory, and the ceiling that puts on it."""
-    elt = torch.finfo(getattr(torch, dt)).bits // 8
-    weights = (shape.n_layers * shape.block_params + shape.head_params) * elt
-    kv = shape.n_layers * b * (plen + new // 2) * 2 * shape.d_kv * elt  # K and V, mean step
-    step = st.flops / max(new - 1, 1)
-    ceiling = step / ((weights + kv) / (bw * 1e9)) / 1e9
-    return (
-        f"  decode {dt}: a step ({b} rows x 1 token) reads {weights / 1e6:.0f} MB of weights + "
-        f"{kv / 1e6:.0f} MB of K/V for {step / 1e9:.1f} GFLOP ({step / (weights + kv):.0f} "
-        f"FLOP/byte); at {bw:.1f} GB/s that caps it at {ceiling:.0f} GFLOP/s "
-        f"= {ceiling / peak:.0%} of the matmul peak (if each byte is read once)"
     )
 
 
@@ -448,9 +386,7 @@ def main() -> None:
         print(f"  round {r + 1}/{args.rounds} done {time.strftime('%H:%M:%S')}", flush=True)
     peak = {}
     for dt in dtypes:
-        by = {s.name: s for s in stages[dt]}
-        by["decode"].seconds = by["sampler"].seconds - by["prefill"].seconds
-        peak[dt] = max(s.flops / s.seconds for s in stages[dt] if s.name.startswith("matmul")) / 1e9  # fmt: skip
+        peak[dt] = max(s.flops / s.seconds for s in stages[dt] if s.name.startswith("matmul")) / 1e9
     print_table(stages, peak)
     load1 = os.getloadavg()
     print(f"load average: {load0[0]:.1f} at start, {load1[0]:.1f} after timing (2 cores, shared)")
@@ -464,10 +400,11 @@ def main() -> None:
     for dt in dtypes:
         by = {s.name: s for s in stages[dt] if not s.name.startswith("matmul")}
         profs = {n: profile_run(s.run) for n, s in by.items() if s.run is not None}
-        profs["decode"] = {k: v - profs["prefill"].get(k, 0.0) for k, v in profs["sampler"].items()}  # fmt: skip
         for name, st in by.items():
-            print(diagnosis(st, profs[name], peak[dt]))
-        print(decode_roofline(shape, dt, args.batch, plen, args.new, bw, peak[dt], by["decode"]))
+            if name in profs:
+                print(diagnosis(f"{name} {dt}", profs[name], st.matmul_flops, peak[dt]))
+        step = by["decode"].flops / max(args.new - 1, 1)
+        print(decode_roofline(shape, dt, args.batch, plen + args.new // 2, step, bw, peak[dt]))
 
 
 if __name__ == "__main__":
