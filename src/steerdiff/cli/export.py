@@ -33,7 +33,7 @@ def export(
     overwrite: Annotated[
         bool, typer.Option(help="replace an existing output (kept until the new one is done)")
     ] = False,
-    dtype: DtypeOpt = "float32",
+    dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
 ) -> None:
     """Export a vector set: merged into a model's biases (--merged) or as a GGUF control vector.
