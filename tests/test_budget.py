@@ -1,0 +1,208 @@
+"""Memory budgets (steerdiff.budget) and the fit's prefix cache beyond its budget."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAMILIES, make_tiny
+from pydantic import ValidationError
+from transformers import AutoConfig
+
+from steerdiff.budget import (
+    ENV_VAR,
+    BudgetError,
+    SpillCache,
+    estimate_prefix_bytes,
+    memory_budget_bytes,
+    nbytes,
+    parse_budget,
+    physical_memory_bytes,
+)
+from steerdiff.fit import Example, FitConfig, fit, split_examples
+from steerdiff.fit.loop import cache_use, fixed_batches
+from steerdiff.fit.memory import CacheUse, plan_prefix_cache
+from steerdiff.replay import Prefix, compute_prefix, prefix_hidden
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+HOOK = "blocks.1.hook_resid_post"
+
+
+def test_budget_sizes_and_shares_of_ram_parse_to_bytes(monkeypatch):
+    """Bugs: GB read as GiB (or the reverse), '%' of RAM read as bytes, a default that is
+    not 25% of RAM, the environment variable ignored."""
+    assert parse_budget("4GB") == 4_000_000_000
+    assert parse_budget("1.5 GiB") == 3 * 2**29
+    assert parse_budget("512mb") == 512_000_000
+    assert parse_budget(0) == parse_budget("0") == 0
+    assert parse_budget("25%") == int(0.25 * physical_memory_bytes())
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    assert memory_budget_bytes() == int(0.25 * physical_memory_bytes())
+    monkeypatch.setenv(ENV_VAR, "3GB")
+    assert memory_budget_bytes() == 3_000_000_000
+    assert memory_budget_bytes("1GB") == 1_000_000_000  # the option wins over the variable
+
+
+@pytest.mark.parametrize("bad", ["lots", "4 parsecs", "-1GB", "150%", ""])
+def test_a_bad_budget_is_one_line_naming_the_option_and_the_fix(bad, monkeypatch):
+    """Bug: a bad budget read as 0 (everything spills, silently) or a traceback."""
+    with pytest.raises(BudgetError) as e:
+        parse_budget(bad, "cache_budget")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"cache_budget: cannot read {bad!r}")
+    assert "'4GB'" in msg and "'25%'" in msg
+    with pytest.raises(ValidationError, match="cache_budget: cannot read"):
+        FitConfig(cache_budget=bad)
+    monkeypatch.setenv(ENV_VAR, bad or "x")
+    with pytest.raises(BudgetError, match=f"^{ENV_VAR}: cannot read"):
+        memory_budget_bytes()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("start", [0, 2])
+def test_prefix_estimate_is_the_bytes_of_the_real_prefix(family, start):
+    """Bug: the estimate forgets the masks or the rotary cos/sin, counts a tensor every
+    layer shares once per layer, or uses 4 bytes for a bfloat16 model."""
+    model = make_tiny(family)
+    ids = torch.randint(2, 200, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 5:] = 0  # padding: a batch of the fit
+    for dtype in (torch.float32, torch.bfloat16):
+        model.to(dtype)
+        p = compute_prefix(model, ids, mask, start)
+        real = nbytes(p.state())
+        assert estimate_prefix_bytes(model.config, 2, 7, dtype, start) == real
+    # two batches of 2 rows: the per-row part doubles, the per-batch part too
+    assert estimate_prefix_bytes(model.config, 4, 7, dtype, start, batch_size=2) == 2 * real
+
+
+def test_a_spilled_prefix_replays_the_same_as_in_memory(tmp_path):
+    """Bug: a spilled entry loses a call argument (mask, rotary), or comes back as another
+    entry; the replay from disk must equal the one from RAM bit for bit."""
+    model = make_tiny("gemma2")
+    ids = torch.randint(2, 200, (3, 9))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[0, 6:] = 0
+    with SpillCache(0, "test", tmp_path) as cache:  # budget 0: every entry goes to disk
+        for key in range(2):
+            p = compute_prefix(model, ids.roll(key, 1), mask, 1)
+            cache.put(key, p.state())
+            assert cache.bytes_on_disk == (key + 1) * nbytes(p.state())
+        assert cache.bytes_in_memory == 0 and len(list(cache.folder.iterdir())) == 2
+        for key in range(2):
+            back = Prefix.from_state(cache.get(key))
+            ref = compute_prefix(model, ids.roll(key, 1), mask, 1)
+            assert torch.equal(prefix_hidden(model, back), prefix_hidden(model, ref))
+
+
+def rows(n: int = 24, seed: int = 0) -> list[Example]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        Example(
+            torch.randint(2, 256, (5 + i % 3,), generator=g).tolist(),
+            torch.randint(2, 256, (4 + i % 4,), generator=g).tolist(),
+        )
+        for i in range(n)
+    ]
+
+
+QUICK = dict(
+    hooks=[HOOK], objective="sft", batch_size=8, micro_batch_size=4, epochs=3, lr=0.05,
+    val_size=8, progress=False,
+)  # fmt: skip
+
+
+def test_a_prefix_cache_over_its_budget_spills_and_fits_the_same(tmp_path, monkeypatch, capsys):
+    """Bug: the spilled cache gives other vectors or losses than the in-memory one (a wrong
+    entry read back, a mask dropped), or the fit does not say what it chose."""
+    model = make_tiny("llama")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    mem = fit(model, rows(), FitConfig(**QUICK))
+    spill = fit(model, rows(), FitConfig(**{**QUICK, "cache_budget": "0", "progress": True}))
+    said = capsys.readouterr().err
+    assert "> budget 0 B (cache_budget):" in said and "spilled to" in said
+    assert str(tmp_path) in said and "memory-mapped" in said
+    for k in mem.vectors:
+        assert torch.equal(mem.vectors[k], spill.vectors[k])
+    assert [r["train_loss"] for r in mem.metrics] == [r["train_loss"] for r in spill.metrics]
+    assert mem.fitted_val_loss == spill.fitted_val_loss
+    assert list(tmp_path.iterdir()) == []  # the spill folder is gone after the fit
+
+
+def test_spill_files_are_removed_after_a_fit_that_fails(tmp_path, monkeypatch):
+    """Bug: an exception mid-fit leaves gigabytes of spilled activations in /tmp."""
+    model = make_tiny("llama")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    seen: list[Path] = []
+
+    def boom(step: int, row: dict) -> None:
+        seen.extend(tmp_path.glob("steerdiff-prefix-*/*.pt"))
+        if step == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(model, rows(), FitConfig(**QUICK, cache_budget="0"), on_step=boom)
+    assert seen  # it did spill ...
+    assert list(tmp_path.iterdir()) == []  # ... and cleaned up
+
+
+def test_the_fit_caches_only_what_it_reads_again(capsys):
+    """Bugs: a one-epoch fit holds every batch's prefix although none is read twice (the
+    demo's qkv fit); the plan's size is not the sum of the micro-batches' estimates."""
+    model = make_tiny("llama")
+    fit(model, rows(), FitConfig(**{**QUICK, "epochs": 1, "progress": True}))
+    assert "prefix cache: none (no batch is read twice)" in capsys.readouterr().err
+    cfg = FitConfig(**QUICK)
+    train, val = split_examples(rows(), cfg)
+    batches = fixed_batches(train, cfg)
+    use = cache_use(batches, val, cfg, total=6, eval_every=2)
+    assert use.train_reads == 3 and use.val_reads == 3
+    shapes = [(len(c), max(map(len, c))) for r in batches for c in (r[:4], r[4:])]
+    assert use.train_shapes == shapes and len(use.val_shapes) == 2
+    plan = plan_prefix_cache(model.config, torch.float32, 1, use, cfg)
+    want = sum(
+        estimate_prefix_bytes(model.config, b, s, torch.float32, 1)
+        for b, s in shapes + use.val_shapes
+    )
+    assert (plan.mode, plan.keep, plan.need) == ("memory", ("train", "val"), want)
+    assert f"24 rows x up to {max(s for _, s in shapes + use.val_shapes)} tokens" in plan.message
+
+
+def test_a_7b_fit_of_30000_rows_does_not_plan_to_hold_its_prefix_in_ram():
+    """Bug: the plan of a fit far beyond RAM says 'in memory' (the issue's 7B x 30,000 rows)."""
+    config = AutoConfig.for_model(
+        "llama", hidden_size=4096, num_attention_heads=32, num_hidden_layers=32
+    )
+    use = CacheUse([(16, 96)] * (30_000 // 16), 2, [], 0)
+    cfg = FitConfig(cache_budget="6GB")
+    plan = plan_prefix_cache(config, torch.bfloat16, 20, use, cfg)
+    per_batch = 16 * 96 * 4096 * 2 + 16 * 96 * 96 + 2 * 96 * 128 * 2 + 96 * 8
+    assert plan.need == (30_000 // 16) * per_batch  # 23.9 GB, hidden states above all
+    assert plan.mode in ("spill", "recompute") and "> budget 6.0 GB" in plan.message
+
+
+MIXED = [
+    "blocks.1.hook_resid_pre",
+    "blocks.1-2.attn.hook_{q,k,v}",
+    "blocks.2.ln2.hook_normalized",
+    "blocks.2.hook_resid_post",
+]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_recomputed_blocks_give_the_same_fit_bit_for_bit(family, capsys):
+    """Bugs: a recomputed block is replayed without its vectors in the backward pass (the
+    steering context has ended by then: wrong or missing gradients), a vector steered twice,
+    or a spilled prefix that differs from the one in RAM, in any family."""
+    model = make_tiny(family)
+    cfg = {**QUICK, "hooks": MIXED, "epochs": 2, "progress": True}
+    kept = fit(model, rows(16), FitConfig(**cfg, cache_budget="1GB"))
+    redone = fit(model, rows(16), FitConfig(**cfg, cache_budget="0"))
+    said = capsys.readouterr().err
+    assert "x 2 blocks = " in said and ", kept" in said  # the 1GB fit keeps them ...
+    assert "recomputing 2 of 2 blocks in the backward pass" in said  # ... budget 0 does not
+    for k in kept.vectors:
+        assert torch.equal(kept.vectors[k], redone.vectors[k]), k
+    assert [r["train_loss"] for r in kept.metrics] == [r["train_loss"] for r in redone.metrics]
