@@ -21,9 +21,10 @@ from steerdiff.budget import (
     parse_budget,
     physical_memory_bytes,
 )
-from steerdiff.fit import Example, FitConfig, fit, split_examples
+from steerdiff.fit import Example, FitConfig, collate, fit, split_examples
+from steerdiff.fit import memory as fit_memory
 from steerdiff.fit.loop import cache_use, fixed_batches
-from steerdiff.fit.memory import CacheUse, plan_prefix_cache
+from steerdiff.fit.memory import CacheUse, pack_topk, plan_prefix_cache
 from steerdiff.replay import Prefix, compute_prefix, prefix_hidden
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -192,17 +193,85 @@ MIXED = [
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_recomputed_blocks_give_the_same_fit_bit_for_bit(family, capsys):
+def test_recomputed_blocks_give_the_same_fit_bit_for_bit(family, capsys, monkeypatch):
     """Bugs: a recomputed block is replayed without its vectors in the backward pass (the
     steering context has ended by then: wrong or missing gradients), a vector steered twice,
     or a spilled prefix that differs from the one in RAM, in any family."""
     model = make_tiny(family)
     cfg = {**QUICK, "hooks": MIXED, "epochs": 2, "progress": True}
     kept = fit(model, rows(16), FitConfig(**cfg, cache_budget="1GB"))
+    monkeypatch.setattr(fit_memory, "activation_budget", lambda model: 0)
     redone = fit(model, rows(16), FitConfig(**cfg, cache_budget="0"))
     said = capsys.readouterr().err
-    assert "x 2 blocks = " in said and ", kept" in said  # the 1GB fit keeps them ...
-    assert "recomputing 2 of 2 blocks in the backward pass" in said  # ... budget 0 does not
+    assert "x 2 blocks = " in said and ", kept" in said  # the first fit keeps them ...
+    assert "recomputing 2 of 2 blocks in the backward pass" in said  # ... the second does not
     for k in kept.vectors:
         assert torch.equal(kept.vectors[k], redone.vectors[k]), k
     assert [r["train_loss"] for r in kept.metrics] == [r["train_loss"] for r in redone.metrics]
+
+
+def test_sweep_recordings_over_their_budget_spill_and_replay_the_same(tmp_path, monkeypatch):
+    """Bug: a recording spilled past the budget (every block's output of every prompt, the
+    sweep's cache) comes back as another pass, or loses its outputs; and its file stays
+    behind after close()."""
+    from _read_helpers import ByteTok
+
+    from steerdiff.evals import CachedPrompts
+    from steerdiff.models import wrap_model
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    lm = wrap_model(make_tiny("qwen2"), ByteTok(), spec="tiny")
+    prompts = [[1, 5, 6, 7, 8, 9], [1, 5, 6, 10, 11], [1, 5, 6, 12, 13, 14, 15, 16]]
+    row_prompt, row_tokens = [0, 1, 2, 0], [[20, 21], [22], [23, 24, 25], [26]]
+    ram = CachedPrompts(lm, prompts, row_prompt, row_tokens, budget=2**30)
+    disk = CachedPrompts(lm, prompts, row_prompt, row_tokens, budget=0)
+    assert ram.store.bytes_on_disk == 0 and disk.store.bytes_in_memory == 0
+    assert disk.store.bytes_on_disk == ram.store.bytes_in_memory
+    assert len(list(disk.store.folder.iterdir())) == 5  # first, second, lengths 1, 2, 3
+    v = torch.randn(64, generator=torch.Generator().manual_seed(2))
+    for layer in range(3):
+        a, b = ram.replay(layer, v, 3.0), disk.replay(layer, v, 3.0)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    disk.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def topk_rows(n: int = 16) -> list[Example]:
+    g = torch.Generator().manual_seed(5)
+    out = rows(n)
+    for ex in out:
+        m = len(ex.completion_ids)
+        ex.topk_ids = torch.randint(0, 256, (m, 4), generator=g).tolist()
+        ex.topk_logprobs = torch.randn(m, 4, generator=g).log_softmax(-1).double().tolist()
+    return out
+
+
+def test_top_k_log_probs_packed_or_mapped_collate_to_the_same_batches(tmp_path, monkeypatch):
+    """Bugs: packing the teacher's top-k into arrays shifts a row's slice (another token's
+    top-k), rounds the log-probs otherwise than collate did, or leaves its file behind."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    lists = topk_rows()
+    want = collate(lists, 0)
+    for budget, where in ((2**30, "in memory"), (0, "memory-mapped")):
+        packed = topk_rows()
+        said = pack_topk(packed, budget)
+        n_tok = sum(len(ex.completion_ids) for ex in packed)
+        assert said.startswith(f"top-k log-probs: {n_tok} tokens x 4 = ") and said.endswith(where)
+        got = collate(packed, 0)
+        assert torch.equal(got.topk_ids, want.topk_ids)
+        assert torch.equal(got.topk_logprobs, want.topk_logprobs)
+        assert list(tmp_path.iterdir()) == []  # the mapped file is unlinked at once
+    assert pack_topk(packed, 0) is None  # already packed
+
+
+def test_a_distillation_fit_with_every_cache_on_disk_fits_the_same(monkeypatch):
+    """Bug: a fit whose top-k log-probs are memory-mapped, whose prefix cache is spilled and
+    whose blocks are recomputed trains other vectors than one with all of them in RAM."""
+    model = make_tiny("llama")
+    cfg = {**QUICK, "objective": "distill"}
+    ram = fit(model, topk_rows(), FitConfig(**cfg, cache_budget="1GB"))
+    monkeypatch.setattr(fit_memory, "activation_budget", lambda model: 0)
+    disk = fit(model, topk_rows(), FitConfig(**cfg, cache_budget="0"))
+    for k in ram.vectors:
+        assert torch.equal(ram.vectors[k], disk.vectors[k])
+    assert [r["train_kl"] for r in ram.metrics] == [r["train_kl"] for r in disk.metrics]

@@ -12,6 +12,7 @@ import io
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..budget import freed_memory_returns
+from ..budget import freed_memory_returns, memory_budget_bytes
 from ..io import append_jsonl, atomic_write_json, atomic_write_text
 from ..progress import progress
 from .checkpoint import (
@@ -33,7 +34,7 @@ from .config import FitConfig, FitError, FitResult
 from .data import Batch, Example, collate, resolve_objective
 from .distributed import all_reduce_, rank_world
 from .losses import eval_losses, gap_closed, gap_figures, result_figures
-from .memory import CacheUse
+from .memory import CacheUse, pack_topk
 from .optim import lr_factor, make_optimizer, set_lr
 from .students import Student
 
@@ -80,9 +81,11 @@ def train_student(
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
     eval_every = cfg.eval_every or len(batches)
-    student.plan_memory(
-        cache_use(batches, val, cfg, total, eval_every), cfg, say=cfg.progress and rank == 0
-    )
+    say = cfg.progress and rank == 0
+    packed = pack_topk(train + val, memory_budget_bytes(cfg.cache_budget))
+    if packed and say:
+        print(packed, file=sys.stderr, flush=True)
+    student.plan_memory(cache_use(batches, val, cfg, total, eval_every), cfg, say=say)
 
     state, metrics = LoopState(), []
     ckpt_path = out / "checkpoint.pt" if out else None

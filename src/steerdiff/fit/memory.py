@@ -10,8 +10,7 @@ Two things grow with the data and the batch:
 - the activations one step keeps for its backward pass: every replayed block's
   internals, for every token of the micro-batch (3.2 GB for the demo's 16 rows x 160
   tokens x 30 blocks of a 135M model in float32). `plan_recompute` bounds them by the
-  model's own weights (and by cache_budget): the blocks beyond that are recomputed in the
-  backward pass (activation checkpointing: the same gradients, bit for bit, for an extra
+  model's own weights: the blocks beyond that are recomputed in the backward pass (activation checkpointing: the same gradients, bit for bit, for an extra
   forward of those blocks).
 
 Both plans print one line when the fit starts.
@@ -24,12 +23,14 @@ import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..budget import (
+    SpillCache,
     disk_free_bytes,
     estimate_prefix_bytes,
     format_bytes,
@@ -39,6 +40,7 @@ from ..budget import (
 from ..hooks import get_blocks
 from ..replay import call_block, compute_prefix
 from .config import FitConfig
+from .data import Example
 
 
 @dataclass
@@ -155,18 +157,22 @@ def saved_bytes_per_token(
     return sum(saved.values()) / (2 * seq_len)
 
 
+def activation_budget(model: nn.Module) -> int:
+    """Bytes of activations a training step may keep for its backward pass: as many as
+    the model's weights take (a fit then needs about twice the model, whatever the batch)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def plan_recompute(
     model: nn.Module,
     start: int,
     around: Callable[[int], AbstractContextManager],
     use: CacheUse,
-    cfg: FitConfig,
 ) -> RecomputePlan:
-    """Blocks start.. keep their activations for the backward pass up to the model's
-    weights' size (at most cfg.cache_budget); the rest (the first ones) are recomputed."""
+    """Blocks start.. keep their activations for the backward pass up to
+    `activation_budget(model)`; the rest (the first ones) are recomputed in it."""
     n = len(get_blocks(model))
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    budget = min(weights, memory_budget_bytes(cfg.cache_budget))
+    budget = activation_budget(model)
     rows, tokens = max(use.train_shapes, key=lambda bs: bs[0] * bs[1])
     per_block = rows * tokens * saved_bytes_per_token(model, start, around, tokens)
     need = int(per_block * (n - start))
@@ -182,7 +188,57 @@ def plan_recompute(
         recompute,
         need,
         budget,
-        f"{what} > {format_bytes(budget)} (the model's weights, at most cache_budget): "
-        f"recomputing {len(recompute)} of {n - start} blocks in the backward pass (the same "
-        "gradients, an extra forward of those blocks)",
+        f"{what} > {format_bytes(budget)} (the model's weights): recomputing "
+        f"{len(recompute)} of {n - start} blocks in the backward pass (the same gradients, "
+        "an extra forward of those blocks)",
+    )
+
+
+# ----------------------------------------------------------------------------- top-k
+
+
+def pack_topk(examples: list[Example], budget: int) -> str | None:
+    """The teacher's top-k ids and log-probs of `examples` as slices of two arrays instead
+    of Python lists (a list of k Python floats takes about 30 bytes a value, the array 4):
+    in RAM within `budget` bytes, else in a memory-mapped temporary file (unlinked at once:
+    the mapping keeps it until the examples go). The values are the float32 numbers
+    `collate` makes of the lists, so the losses do not change. Returns the line to print
+    (None when no example has top-k data or they are packed already)."""
+    todo = [ex for ex in examples if isinstance(ex.topk_ids, list)]
+    if not todo:
+        return None
+    ks = {len(row) for ex in todo for row in ex.topk_ids}  # type: ignore[union-attr]
+    if len(ks) != 1:
+        return None  # rows with different k stay lists
+    n, k = sum(len(ex.topk_ids) for ex in todo), ks.pop()  # type: ignore[arg-type]
+    need = n * k * (8 + 4)
+    what = f"top-k log-probs: {n:,} tokens x {k} = {format_bytes(need)}"
+    if need <= budget:
+        ids, lps = torch.empty(n, k, dtype=torch.long), torch.empty(n, k, dtype=torch.float32)
+        where = f"{what} <= budget {format_bytes(budget)}: in memory"
+    else:
+        with SpillCache(0, "topk") as spill:  # its folder, removed on leaving
+            ids = mapped(spill.spill_folder() / "ids", (n, k), torch.long)
+            lps = mapped(spill.spill_folder() / "logprobs", (n, k), torch.float32)
+        where = f"{what} > budget {format_bytes(budget)} (cache_budget): memory-mapped"
+    at = 0
+    for ex in todo:
+        m = len(ex.topk_ids)  # type: ignore[arg-type]
+        ids[at : at + m] = torch.tensor(ex.topk_ids, dtype=torch.long)
+        lps[at : at + m] = torch.tensor(ex.topk_logprobs, dtype=torch.float32)
+        ex.topk_ids, ex.topk_logprobs = ids[at : at + m], lps[at : at + m]  # type: ignore[assignment]
+        at += m
+    return where
+
+
+def mapped(path: Path, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zero-filled tensor backed by a new file at `path`, shared-mapped; the file is
+    unlinked at once (its pages stay until the tensor and its views are freed)."""
+    nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    storage = torch.UntypedStorage.from_file(str(path), shared=True, nbytes=nbytes)
+    path.unlink()
+    return (
+        torch.empty(0, dtype=dtype).set_(storage).view(shape)
+        if nbytes
+        else torch.empty(shape, dtype=dtype)
     )

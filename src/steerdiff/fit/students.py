@@ -79,7 +79,7 @@ class VectorStudent(Student):
         if self.plan.mode == "spill":
             folder = self.cache.spill_folder()
             self.plan.message += f" {folder} (memory-mapped; deleted after the fit)"
-        self.recompute = plan_recompute(self.model, self.start, self.steer_block, use, cfg)
+        self.recompute = plan_recompute(self.model, self.start, self.steer_block, use)
         if say:
             print(self.plan.message, file=sys.stderr, flush=True)
             print(self.recompute.message, file=sys.stderr, flush=True)
