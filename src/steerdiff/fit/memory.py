@@ -99,7 +99,7 @@ def plan_prefix_cache(
         return CachePlan(keep, "memory", total, budget, msg)
     over = f"{what} > budget {format_bytes(budget)} (cache_budget)"
     if disk_free_bytes() > (total - budget) * 1.1:
-        spill = f"{over}: {format_bytes(total - budget)} spilled to"  # + the folder
+        spill = f"{over}: spilling {format_bytes(total - budget)} to a memory-mapped temporary file"
         return CachePlan(keep, "spill", total, budget, spill)
     return CachePlan(
         keep,

@@ -78,7 +78,7 @@ class VectorStudent(Student):
         self.keep = self.plan.keep if self.plan.mode in ("memory", "spill") else ()
         if self.plan.mode == "spill":
             folder = self.cache.spill_folder()
-            self.plan.message += f" {folder} (memory-mapped; deleted after the fit)"
+            self.plan.message += f" in {folder} (deleted after the fit)"
         self.recompute = plan_recompute(self.model, self.start, self.steer_block, use)
         if say:
             print(self.plan.message, file=sys.stderr, flush=True)
