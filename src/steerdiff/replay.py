@@ -37,13 +37,14 @@ blocks by their place in the model, where a recorder stands while recording.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Container, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .errors import SteerdiffError
 from .hooks import final_norm, get_blocks
@@ -83,6 +84,21 @@ class Prefix:
     def output(self, layer: int) -> torch.Tensor:
         """blocks.{layer}.hook_resid_post of the recorded pass [b, s, d] (keep_outputs=True)."""
         return self.outputs[layer - self.start]
+
+    def state(self) -> dict[str, Any]:
+        """The recording as plain containers of tensors (what budget.SpillCache stores; the
+        tensors that every block's call shares, masks and rotary cos/sin, stay shared)."""
+        return {
+            "start": self.start,
+            "hidden": self.hidden,
+            "calls": self.calls,
+            "outputs": self.outputs,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Prefix:
+        """The Prefix whose `state()` this is."""
+        return cls(state["start"], state["hidden"], list(state["calls"]), list(state["outputs"]))
 
 
 class _Stop(SteerdiffError):
@@ -219,20 +235,50 @@ def replay_blocks(
     hidden: torch.Tensor | None = None,
     first: int | None = None,
     cache: ReplayCache | None = None,
+    around: Callable[[int], AbstractContextManager] | None = None,
+    recompute: Container[int] = (),
 ) -> torch.Tensor:
     """Run blocks first.. (default: prefix.start) with their recorded calls, from `hidden`
     (default: the recorded input of block start) -> the last block's output [b, s, d],
-    before the final norm. Hooks (steer, record) on those blocks fire as usual."""
+    before the final norm. Hooks (steer, record) on those blocks fire as usual.
+
+    around(j): a context entered around block j's call (e.g. `steer` with block j's
+    vectors), also when the backward pass recomputes it. recompute: blocks whose
+    activations are not kept for the backward pass but computed again in it (activation
+    checkpointing: the same gradients for far less memory; only while grad is enabled).
+    """
     first = prefix.start if first is None else first
     h = prefix.hidden if hidden is None else hidden
     blocks = get_blocks(model)
     for j in range(first, len(blocks)):
         call = prefix.calls[j - prefix.start]
-        out = blocks[j](h, **call, past_key_values=cache)
-        h = out[0] if isinstance(out, tuple) else out
+        if j in recompute and torch.is_grad_enabled():
+            h = checkpoint(call_block, blocks[j], j, h, call, cache, around, use_reentrant=False)
+        else:
+            h = call_block(blocks[j], j, h, call, cache, around)
     return h
 
 
-def prefix_hidden(model: nn.Module, prefix: Prefix) -> torch.Tensor:
-    """Run blocks start.. from the cached resid_pre (with grad) -> final-normed hidden [b, s, d]."""
-    return final_norm(model)(replay_blocks(model, prefix))
+def call_block(
+    block: nn.Module,
+    j: int,
+    h: torch.Tensor,
+    call: dict[str, Any],
+    cache: ReplayCache | None = None,
+    around: Callable[[int], AbstractContextManager] | None = None,
+) -> torch.Tensor:
+    """Block j's output [b, s, d] for input h with its recorded call (inside around(j))."""
+    with around(j) if around is not None else nullcontext():
+        out = block(h, **call, past_key_values=cache)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def prefix_hidden(
+    model: nn.Module,
+    prefix: Prefix,
+    around: Callable[[int], AbstractContextManager] | None = None,
+    recompute: Container[int] = (),
+) -> torch.Tensor:
+    """Run blocks start.. from the cached resid_pre (with grad) -> final-normed hidden
+    [b, s, d] (around, recompute: as in replay_blocks)."""
+    return final_norm(model)(replay_blocks(model, prefix, around=around, recompute=recompute))

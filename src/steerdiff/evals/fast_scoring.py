@@ -10,6 +10,12 @@ blocks, and the unembedding runs only where a log-prob is read.
 
 `FastScorer.logprobs` equals `candidate_logprobs` and `FastCoherence.kl` equals
 `CoherenceProbe.kl` for such a vector (tests/test_sweep.py checks both).
+
+Memory: the recordings hold every block's output for every prompt and continuation token
+(n_layers x tokens x d_model). They live in a `budget.SpillCache`: within `budget` bytes
+(default: $STEERDIFF_MEMORY_BUDGET, else 25% of RAM) in RAM, beyond it each recorded pass
+is written to a temporary file and read back memory-mapped: a sweep reads every
+recording once per (layer, strength) cell, so reading it back beats recomputing it.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from collections.abc import Sequence
 import torch
 from transformers import DynamicCache
 
+from ..budget import SpillCache, memory_budget_bytes
 from ..hooks import final_norm, get_blocks
 from ..models import LoadedModel
 from ..replay import Prefix, ReplayCache, lm_head, record_forward, replay_blocks
@@ -37,7 +44,9 @@ class CachedPrompts:
     continuation rows (row i continues prompt row_prompt[i]); replays blocks L+1.. for a
     vector added at blocks.{L}.hook_resid_post at every position.
 
-    Matches prefix_forward / continue_forward of the full model (see the tests)."""
+    Matches prefix_forward / continue_forward of the full model (see the tests). budget:
+    bytes of recordings kept in RAM (None: `budget.memory_budget_bytes()`); the rest is
+    spilled to a memory-mapped temporary file, deleted with this object or by `close()`."""
 
     def __init__(
         self,
@@ -45,29 +54,35 @@ class CachedPrompts:
         prompts: Sequence[Sequence[int]],
         row_prompt: Sequence[int],
         row_tokens: Sequence[Sequence[int]],
+        budget: int | None = None,
     ):
         model, dev = lm.model, lm.device
+        self.store = SpillCache(memory_budget_bytes() if budget is None else budget, "recorded")
         self.model, self.norm = model, final_norm(model)
         self.n_layers = len(get_blocks(model))
         self.q = q = len(prompts)
         pad = lm.tokenizer.pad_token_id or 0
         p = common_prefix_len(prompts)
 
-        def record(**kw) -> Prefix:
-            return record_forward(model, keep_outputs=True, use_cache=True, **kw)
+        def record(key: object, **kw) -> object:
+            """Record one pass into the store; its key."""
+            rec = record_forward(model, keep_outputs=True, use_cache=True, **kw)
+            self.store.put(key, rec.state())
+            return key
 
         with torch.inference_mode():
             # a cache that keeps every position (no sliding-window layers): the recorded
             # masks then fit the replay caches, which keep every position too
             cache = DynamicCache()
-            self.first: Prefix | None = None
+            self.first: object | None = None  # store keys of the recorded passes
             if p > 0:
                 ids = torch.tensor([list(prompts[0][:p])], device=dev)
-                self.first = record(input_ids=ids, past_key_values=cache, logits_to_keep=1)
+                self.first = record("first", input_ids=ids, past_key_values=cache, logits_to_keep=1)
                 cache.batch_repeat_interleave(q)
             ids, rest_mask, pos = left_pad_remainders(prompts, p, pad)
             mask = torch.cat([torch.ones(q, p, dtype=torch.long), rest_mask], dim=1)
             self.second = record(
+                "second",
                 input_ids=ids.to(dev),
                 attention_mask=mask.to(dev),
                 position_ids=pos.to(dev),
@@ -75,7 +90,7 @@ class CachedPrompts:
                 logits_to_keep=1,
             )
             # continuation rows grouped by length: one recorded pass per length, no padding
-            self.third: list[tuple[torch.Tensor, Prefix]] = []
+            self.third: list[tuple[torch.Tensor, object]] = []
             next_pos = torch.tensor([len(r) for r in prompts])
             lengths = sorted({len(t) for t in row_tokens})
             order = [i for n in lengths for i, t in enumerate(row_tokens) if len(t) == n]
@@ -96,6 +111,7 @@ class CachedPrompts:
                 cache = copy.deepcopy(base_cache)
                 cache.batch_select_indices(idx.to(dev))
                 rec = record(
+                    ("third", n),
                     input_ids=ids.to(dev),
                     attention_mask=torch.cat(
                         [mask[idx], torch.ones(len(rows), n, dtype=torch.long)], dim=1
@@ -105,10 +121,15 @@ class CachedPrompts:
                 )
                 self.third.append((idx, rec))
 
+    def close(self) -> None:
+        """Forget the recordings (and delete their spill folder)."""
+        self.store.close()
+
     def _run(
-        self, rec: Prefix, layer: int, add: torch.Tensor | None, kv: ReplayCache
+        self, key: object, layer: int, add: torch.Tensor | None, kv: ReplayCache
     ) -> torch.Tensor:
         """Blocks layer+1.. from the recorded resid_post of `layer` (+ add) -> last resid_post."""
+        rec = Prefix.from_state(self.store.get(key))
         h = rec.output(layer)
         if add is not None:
             h = h + add.to(dtype=h.dtype, device=h.device)

@@ -45,7 +45,7 @@ class LoopState:
 
 
 # settings a resumed fit may change: they do not change what is trained
-RESUME_MAY_CHANGE = ("progress", "checkpoint_every")
+RESUME_MAY_CHANGE = ("progress", "checkpoint_every", "cache_budget")
 
 
 def run_identity(

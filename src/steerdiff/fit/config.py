@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
+from ..budget import parse_budget
 from ..errors import SteerdiffError
 from ..vectors import VectorSet
 
@@ -67,6 +68,12 @@ class FitConfig(BaseModel):
         True, description="run the layers below the first trainable hook once per batch"
     )
     cache_across_epochs: bool = Field(True, description="keep that prefix cache across epochs")
+    cache_budget: str | None = Field(
+        None,
+        description="RAM for that cache, e.g. '4GB' or '25%' of RAM (default: "
+        "$STEERDIFF_MEMORY_BUDGET, else 25%); beyond it the cache spills to a "
+        "memory-mapped temporary file",
+    )
     max_len: int | None = Field(None, description="drop rows longer than this (tokens)")
     seed: int = Field(0, description="seed (split, order, init)")
     progress: bool = Field(True, description="show a progress bar")
@@ -76,6 +83,13 @@ class FitConfig(BaseModel):
     def _positive(cls, v: int) -> int:
         if v < 1:
             raise ValueError("must be >= 1")
+        return v
+
+    @field_validator("cache_budget")
+    @classmethod
+    def _budget(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_budget(v, "cache_budget")  # BudgetError (a ValueError) names the fix
         return v
 
     @property

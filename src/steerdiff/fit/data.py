@@ -402,8 +402,8 @@ def collate(examples: Sequence[Example], pad_id: int = 0, teacher: bool = False)
     targets = torch.cat([torch.tensor(ex.completion_ids) for ex in examples])  # [n]
     topk_ids = topk_lp = None
     if all(ex.topk_ids is not None for ex in examples):
-        topk_ids = torch.cat([torch.tensor(ex.topk_ids, dtype=torch.long) for ex in examples])
+        topk_ids = torch.cat([torch.as_tensor(ex.topk_ids, dtype=torch.long) for ex in examples])
         topk_lp = torch.cat(
-            [torch.tensor(ex.topk_logprobs, dtype=torch.float32) for ex in examples]
+            [torch.as_tensor(ex.topk_logprobs, dtype=torch.float32) for ex in examples]
         )
     return Batch(input_ids, attention_mask, loss_mask, targets, topk_ids, topk_lp, response_mask)

@@ -12,6 +12,7 @@ import io
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ..budget import freed_memory_returns, memory_budget_bytes
 from ..io import append_jsonl, atomic_write_json, atomic_write_text
 from ..progress import progress
 from .checkpoint import (
@@ -32,6 +34,7 @@ from .config import FitConfig, FitError, FitResult
 from .data import Batch, Example, collate, resolve_objective
 from .distributed import all_reduce_, rank_world
 from .losses import eval_losses, gap_closed, gap_figures, result_figures
+from .memory import CacheUse, pack_topk
 from .optim import lr_factor, make_optimizer, set_lr
 from .students import Student
 
@@ -78,6 +81,11 @@ def train_student(
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
     eval_every = cfg.eval_every or len(batches)
+    say = cfg.progress and rank == 0
+    packed = pack_topk(train + val, memory_budget_bytes(cfg.cache_budget))
+    if packed and say:
+        print(packed, file=sys.stderr, flush=True)
+    student.plan_memory(cache_use(batches, val, cfg, total, eval_every), cfg, say=say)
 
     state, metrics = LoopState(), []
     ckpt_path = out / "checkpoint.pt" if out else None
@@ -109,74 +117,81 @@ def train_student(
     bar = progress(total, "fit", initial=state.step, disable=not cfg.progress or rank != 0)
     stopped = "done"
     t_start, tokens_seen = time.perf_counter(), 0
-    try:
-        while state.step < total:
-            step = state.step
-            epoch, b = batch_of_step(step, len(batches), cfg.seed)
-            lr = set_lr(opt, cfg.lr * lr_factor(step, total, cfg))
-            opt.zero_grad(set_to_none=True)
-            train_ce, train_kl, n_tok, grad_norm = accumulate_gradients(
-                student, batches[b], b, cfg, pad_id
-            )
-            train_loss = train_ce if cfg.objective == "sft" else train_kl
-            if not math.isfinite(train_loss) or not math.isfinite(grad_norm):
-                raise _non_finite(step, train_loss, grad_norm, ckpt_path)
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
-            opt.step()
-            if cfg.max_norm is not None:
-                with torch.no_grad():
-                    for v in params.values():
-                        v.mul_(torch.clamp(cfg.max_norm / v.norm().clamp_min(1e-12), max=1.0))
-            state.step = step + 1
-            tokens_seen += n_tok
-
-            row: dict[str, Any] = {
-                "step": state.step,
-                "epoch": epoch,
-                "lr": lr,
-                "train_loss": train_loss,
-                "train_ce": train_ce,
-                "train_kl": train_kl if cfg.objective == "distill" else None,
-                "grad_norm": grad_norm,
-                "tokens": n_tok,
-                "tokens_per_s": tokens_seen / max(time.perf_counter() - t_start, 1e-9),
-                "base_val_loss": base_ce,
-                "teacher_val_loss": teacher_ce,
-            }
-            if len(params) <= 512:
-                norms = [float(v.detach().norm()) for v in params.values()]
-                row["mean_vector_norm"] = float(sum(norms) / len(params))
-            last_step = state.step == total
-            if val and (state.step % eval_every == 0 or last_step):
-                ev = evaluate()
-                row.update(val_row(ev, base_val, teacher_val))
-                crit = ev["ce"] if cfg.objective == "sft" else ev.get("kl", ev["ce"])
-                state.record_eval(crit, params, keep_best=cfg.early_stopping_patience is not None)
-            metrics.append(row)
-            if rank == 0 and out:
-                append_jsonl(out / "metrics.jsonl", [row])
-            bar.update(1)
-            val_loss = {"val": f"{row['val_loss']:.4f}"} if "val_loss" in row else {}
-            bar.set_postfix(loss=f"{train_loss:.4f}", **val_loss)
-            if on_step is not None:
-                on_step(state.step, row)
-            patience = cfg.early_stopping_patience
-            if patience is not None and state.bad_evals > patience:
-                stopped = "early_stopping"
-                break
-            if rank == 0 and ckpt_path and (state.step % cfg.checkpoint_every == 0 or last_step):
-                check_finite(params, state.step, ckpt_path)
-                save_checkpoint(
-                    ckpt_path, params, opt, state, metrics, base_val, teacher_val, identity
+    with freed_memory_returns():  # a step's freed activations go back to the OS
+        try:
+            while state.step < total:
+                step = state.step
+                epoch, b = batch_of_step(step, len(batches), cfg.seed)
+                lr = set_lr(opt, cfg.lr * lr_factor(step, total, cfg))
+                opt.zero_grad(set_to_none=True)
+                train_ce, train_kl, n_tok, grad_norm = accumulate_gradients(
+                    student, batches[b], b, cfg, pad_id
                 )
-        else:
-            stopped = (
-                "max_steps" if cfg.max_steps is not None and total == cfg.max_steps else "done"
-            )
-    finally:
-        bar.close()
-        student.release_cache()
+                train_loss = train_ce if cfg.objective == "sft" else train_kl
+                if not math.isfinite(train_loss) or not math.isfinite(grad_norm):
+                    raise _non_finite(step, train_loss, grad_norm, ckpt_path)
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
+                opt.step()
+                if cfg.max_norm is not None:
+                    with torch.no_grad():
+                        for v in params.values():
+                            v.mul_(torch.clamp(cfg.max_norm / v.norm().clamp_min(1e-12), max=1.0))
+                state.step = step + 1
+                tokens_seen += n_tok
+
+                row: dict[str, Any] = {
+                    "step": state.step,
+                    "epoch": epoch,
+                    "lr": lr,
+                    "train_loss": train_loss,
+                    "train_ce": train_ce,
+                    "train_kl": train_kl if cfg.objective == "distill" else None,
+                    "grad_norm": grad_norm,
+                    "tokens": n_tok,
+                    "tokens_per_s": tokens_seen / max(time.perf_counter() - t_start, 1e-9),
+                    "base_val_loss": base_ce,
+                    "teacher_val_loss": teacher_ce,
+                }
+                if len(params) <= 512:
+                    norms = [float(v.detach().norm()) for v in params.values()]
+                    row["mean_vector_norm"] = float(sum(norms) / len(params))
+                last_step = state.step == total
+                if val and (state.step % eval_every == 0 or last_step):
+                    ev = evaluate()
+                    row.update(val_row(ev, base_val, teacher_val))
+                    crit = ev["ce"] if cfg.objective == "sft" else ev.get("kl", ev["ce"])
+                    state.record_eval(
+                        crit, params, keep_best=cfg.early_stopping_patience is not None
+                    )
+                metrics.append(row)
+                if rank == 0 and out:
+                    append_jsonl(out / "metrics.jsonl", [row])
+                bar.update(1)
+                val_loss = {"val": f"{row['val_loss']:.4f}"} if "val_loss" in row else {}
+                bar.set_postfix(loss=f"{train_loss:.4f}", **val_loss)
+                if on_step is not None:
+                    on_step(state.step, row)
+                patience = cfg.early_stopping_patience
+                if patience is not None and state.bad_evals > patience:
+                    stopped = "early_stopping"
+                    break
+                if (
+                    rank == 0
+                    and ckpt_path
+                    and (state.step % cfg.checkpoint_every == 0 or last_step)
+                ):
+                    check_finite(params, state.step, ckpt_path)
+                    save_checkpoint(
+                        ckpt_path, params, opt, state, metrics, base_val, teacher_val, identity
+                    )
+            else:
+                stopped = (
+                    "max_steps" if cfg.max_steps is not None and total == cfg.max_steps else "done"
+                )
+        finally:
+            bar.close()
+            student.release_cache()
 
     # the parameters the fit returns, and their validation losses
     if stopped == "early_stopping" and state.best_params is not None:
@@ -221,6 +236,23 @@ def fixed_batches(train: list[Example], cfg: FitConfig) -> list[list[Example]]:
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed + 1))
     rows = [train[i] for i in order.tolist()]
     return [rows[i : i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)]
+
+
+def cache_use(
+    batches: list[list[Example]], val: list[Example], cfg: FitConfig, total: int, eval_every: int
+) -> CacheUse:
+    """This rank's micro-batch shapes and how often each is read (train: the epochs the
+    steps reach; val: the evaluations, one more when early stopping may restore the best)."""
+    rank, world = rank_world()
+
+    def shapes(rows: list[Example], every: int) -> list[tuple[int, int]]:
+        chunks = [rows[i : i + cfg.micro] for i in range(0, len(rows), cfg.micro)]
+        return [(len(c), max(len(ex) for ex in c)) for c in chunks[rank::every]]
+
+    train = [sh for rows in batches for sh in shapes(rows, world)]
+    evals = sum(1 for s in range(1, total + 1) if s % eval_every == 0 or s == total)
+    evals += cfg.early_stopping_patience is not None
+    return CacheUse(train, math.ceil(total / len(batches)), shapes(val, world), evals if val else 0)
 
 
 def batch_of_step(step: int, n_batches: int, seed: int) -> tuple[int, int]:

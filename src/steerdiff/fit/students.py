@@ -7,23 +7,28 @@ not depend on the vectors. VectorStudent runs layers 0..L-1 once without gradien
 keeps blocks.{L}.hook_resid_pre (and the exact arguments the HF model passes to each
 later decoder layer: causal masks, rotary cos/sin, position ids; see steerdiff.replay),
 and each step runs only blocks L.. with gradients. For a fixed dataset the cache is
-kept across epochs. (fit.baselines.ModuleStudent trains a whole module instead.)
+kept across epochs, within its memory budget; and a step whose activations would outgrow
+the model recomputes some blocks in its backward pass (fit.memory: the plans).
+(fit.baselines.ModuleStudent trains a whole module instead.)
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..budget import SpillCache, memory_budget_bytes
 from ..hooks import get_hook_point, steer
 from ..replay import Prefix, compute_prefix, full_hidden, prefix_hidden
 from .config import FitConfig
 from .data import Batch
 from .losses import token_losses
+from .memory import CachePlan, CacheUse, RecomputePlan, plan_prefix_cache, plan_recompute
 
 
 class Student:
@@ -41,6 +46,10 @@ class Student:
         raise NotImplementedError
         yield
 
+    def plan_memory(self, use: CacheUse, cfg: FitConfig, say: bool = True) -> None:
+        """Decide what to cache and recompute for a fit that reads batches as `use` says
+        (the loop calls it before the first step; say: print the plan on stderr)."""
+
     def release_cache(self) -> None:
         pass
 
@@ -51,27 +60,56 @@ class VectorStudent(Student):
     def __init__(self, model: nn.Module, params: dict[str, torch.Tensor], cfg: FitConfig):
         self.model = model
         self.params = params
-        layers = [get_hook_point(model, n).layer for n in params]
-        self.start = min(layers) if cfg.cache_prefix else None
-        self.keep_cache = cfg.cache_across_epochs
-        self.cache: dict[Any, Prefix] = {}
+        layers = {n: get_hook_point(model, n).layer for n in params}
+        self.by_layer: dict[int, dict[str, torch.Tensor]] = {}
+        for name, layer in layers.items():
+            self.by_layer.setdefault(layer, {})[name] = params[name]
+        self.start = min(layers.values()) if cfg.cache_prefix else None
+        self.keep: tuple[str, ...] = ("train", "val") if cfg.cache_across_epochs else ()
+        self.cache = SpillCache(memory_budget_bytes(cfg.cache_budget), "prefix")
+        self.plan: CachePlan | None = None
+        self.recompute: RecomputePlan | None = None
+
+    def plan_memory(self, use: CacheUse, cfg: FitConfig, say: bool = True) -> None:
+        if self.start is None:
+            return
+        dtype = next(self.model.parameters()).dtype
+        self.plan = plan_prefix_cache(self.model.config, dtype, self.start, use, cfg)
+        self.keep = self.plan.keep if self.plan.mode in ("memory", "spill") else ()
+        if self.plan.mode == "spill":
+            folder = self.cache.spill_folder()
+            self.plan.message += f" in {folder} (deleted after the fit)"
+        self.recompute = plan_recompute(self.model, self.start, self.steer_block, use)
+        if say:
+            print(self.plan.message, file=sys.stderr, flush=True)
+            print(self.recompute.message, file=sys.stderr, flush=True)
+
+    def steer_block(self, layer: int) -> AbstractContextManager:
+        """Steering by the vectors of block `layer` only (around its replayed call)."""
+        return steer(self.model, self.by_layer.get(layer, {}))
 
     def prefix(self, batch: Batch, key: Any) -> Prefix:
         assert self.start is not None
         if key is not None and key in self.cache:
-            return self.cache[key]
+            return Prefix.from_state(self.cache.get(key))
         p = compute_prefix(self.model, batch.input_ids, batch.attention_mask, self.start)
-        if key is not None and self.keep_cache:
-            self.cache[key] = p
+        part = "val" if isinstance(key, tuple) and key[0] == "val" else "train"
+        if key is not None and part in self.keep:
+            self.cache.put(key, p.state())
         return p
 
     def losses(self, batch: Batch, key: Any, objective: str) -> tuple[torch.Tensor, torch.Tensor]:
-        with steer(self.model, self.params):
-            if self.start is None:
+        if self.start is None:
+            with steer(self.model, self.params):
                 hidden = full_hidden(self.model, batch.input_ids, batch.attention_mask)
-            else:
+        elif self.recompute and self.recompute.blocks and torch.is_grad_enabled():
+            # each block steered by its own vectors, also when its backward pass reruns it
+            p = self.prefix(batch, key)
+            hidden = prefix_hidden(self.model, p, self.steer_block, self.recompute.blocks)
+        else:
+            with steer(self.model, self.params):
                 hidden = prefix_hidden(self.model, self.prefix(batch, key))  # [b, s, d]
-            return token_losses(self.model, hidden, batch, objective)
+        return token_losses(self.model, hidden, batch, objective)
 
     @contextmanager
     def active(self) -> Iterator[nn.Module]:
@@ -79,7 +117,7 @@ class VectorStudent(Student):
             yield self.model
 
     def release_cache(self) -> None:
-        self.cache.clear()
+        self.cache.close()
 
 
 def init_vectors(model: nn.Module, names: list[str], cfg: FitConfig) -> dict[str, torch.Tensor]:

@@ -210,7 +210,7 @@ def stage_fit(
     dep = {
         "data": data_stage.key,
         "model": model_key(lm),
-        "fit": cfg.model_dump(exclude={"progress"}),
+        "fit": cfg.model_dump(exclude={"progress", "cache_budget"}),
     }
     prov = provenance(lm, cfg, seed)
     tag = f"{spec.name}-s{seed}"
@@ -246,7 +246,7 @@ def stage_baseline(
     dep = {
         "data": data_stage.key,
         "model": model_key(lm),
-        "baseline": b.model_dump(exclude={"progress"}),
+        "baseline": b.model_dump(exclude={"progress", "cache_budget"}),
     }
     prov = provenance(lm, b)
     res = run_stage(
