@@ -38,6 +38,8 @@ def test_budget_sizes_and_shares_of_ram_parse_to_bytes(monkeypatch):
     assert parse_budget("1.5 GiB") == 3 * 2**29
     assert parse_budget("512mb") == 512_000_000
     assert parse_budget(0) == parse_budget("0") == 0
+    with pytest.raises(BudgetError, match="cannot read -1 as a memory budget"):
+        parse_budget(-1)
     assert parse_budget("25%") == int(0.25 * physical_memory_bytes())
     monkeypatch.delenv(ENV_VAR, raising=False)
     assert memory_budget_bytes() == int(0.25 * physical_memory_bytes())

@@ -200,8 +200,8 @@ def plan_recompute(
 def pack_topk(examples: list[Example], budget: int) -> str | None:
     """The teacher's top-k ids and log-probs of `examples` as slices of two arrays instead
     of Python lists (a list of k Python floats takes about 30 bytes a value, the array 4):
-    in RAM within `budget` bytes, else in a memory-mapped temporary file (unlinked at once:
-    the mapping keeps it until the examples go). The values are the float32 numbers
+    in RAM within `budget` bytes, else in a memory-mapped temporary file (deleted at once:
+    the mapping keeps its pages until the examples go). The values are the float32 numbers
     `collate` makes of the lists, so the losses do not change. Returns the line to print
     (None when no example has top-k data or they are packed already)."""
     todo = [ex for ex in examples if isinstance(ex.topk_ids, list)]
@@ -217,7 +217,8 @@ def pack_topk(examples: list[Example], budget: int) -> str | None:
         ids, lps = torch.empty(n, k, dtype=torch.long), torch.empty(n, k, dtype=torch.float32)
         where = f"{what} <= budget {format_bytes(budget)}: in memory"
     else:
-        with SpillCache(0, "topk") as spill:  # its folder, removed on leaving
+        with SpillCache(0, "topk") as spill:  # its folder is deleted on leaving: the
+            # mappings keep the pages, and nothing is left on disk after the fit
             ids = mapped(spill.spill_folder() / "ids", (n, k), torch.long)
             lps = mapped(spill.spill_folder() / "logprobs", (n, k), torch.float32)
         where = f"{what} > budget {format_bytes(budget)} (cache_budget): memory-mapped"
@@ -232,11 +233,10 @@ def pack_topk(examples: list[Example], budget: int) -> str | None:
 
 
 def mapped(path: Path, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A zero-filled tensor backed by a new file at `path`, shared-mapped; the file is
-    unlinked at once (its pages stay until the tensor and its views are freed)."""
+    """A zero-filled tensor backed by a new file at `path`, shared-mapped (deleting the
+    file leaves the mapping: its pages stay until the tensor and its views are freed)."""
     nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
     storage = torch.UntypedStorage.from_file(str(path), shared=True, nbytes=nbytes)
-    path.unlink()
     return (
         torch.empty(0, dtype=dtype).set_(storage).view(shape)
         if nbytes
