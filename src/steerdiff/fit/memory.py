@@ -202,8 +202,9 @@ def pack_topk(examples: list[Example], budget: int) -> str | None:
     of Python lists (a list of k Python floats takes about 30 bytes a value, the array 4):
     in RAM within `budget` bytes, else in a memory-mapped temporary file (deleted at once:
     the mapping keeps its pages until the examples go). The values are the float32 numbers
-    `collate` makes of the lists, so the losses do not change. Returns the line to print
-    (None when no example has top-k data or they are packed already)."""
+    `collate` makes of the lists, so the losses do not change. In place: each Example's
+    topk_ids / topk_logprobs become [n, k] tensor slices. Returns the line to print (None
+    when no example has top-k lists, or their k differ)."""
     todo = [ex for ex in examples if isinstance(ex.topk_ids, list)]
     if not todo:
         return None
