@@ -277,3 +277,22 @@ def test_a_distillation_fit_with_every_cache_on_disk_fits_the_same(monkeypatch):
     for k in ram.vectors:
         assert torch.equal(ram.vectors[k], disk.vectors[k])
     assert [r["train_kl"] for r in ram.metrics] == [r["train_kl"] for r in disk.metrics]
+
+
+def test_cli_fit_with_a_bad_budget_is_one_line_and_writes_nothing(tmp_path):
+    """Bug: `steerdiff fit --cache-budget lots` starts the fit (and fails late, or spills
+    everything) instead of one line naming the option and the forms it takes."""
+    from typer.testing import CliRunner
+
+    from steerdiff.cli import app
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("{}\n")
+    out = tmp_path / "out"
+    args = ["fit", "--data", str(data), "--out", str(out), "--cache-budget", "lots"]
+    r = CliRunner().invoke(app, args)
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == 2 and len(lines) == 1, r.output
+    assert lines[0].startswith("error: bad option --cache-budget: ")
+    assert "cannot read 'lots' as a memory budget" in lines[0] and "'4GB'" in lines[0]
+    assert not out.exists() and data.read_text() == "{}\n"

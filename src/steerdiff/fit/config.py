@@ -70,9 +70,9 @@ class FitConfig(BaseModel):
     cache_across_epochs: bool = Field(True, description="keep that prefix cache across epochs")
     cache_budget: str | None = Field(
         None,
-        description="RAM for that cache, e.g. '4GB' or '25%' of RAM (default: "
-        "$STEERDIFF_MEMORY_BUDGET, else 25%); beyond it the cache spills to a "
-        "memory-mapped temporary file",
+        description="RAM for each of the fit's caches (prefix activations, top-k log-probs), "
+        "e.g. '4GB' or '25%' (default: $STEERDIFF_MEMORY_BUDGET, else 25% of RAM); beyond "
+        "it a cache spills to a memory-mapped temporary file",
     )
     max_len: int | None = Field(None, description="drop rows longer than this (tokens)")
     seed: int = Field(0, description="seed (split, order, init)")
