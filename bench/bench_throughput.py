@@ -166,7 +166,15 @@ def model_stages(lm: LoadedModel, dtype: str, prompts: list[list[int]], new: int
             return model.generate(input_ids=ids, attention_mask=am, generation_config=gcfg)
 
     def prefill() -> None:
-        sample(lm, prompts, max_new_tokens=1, temperature=0, stop_ids=[], batch_size=b)
+        sample(
+            lm,
+            prompts,
+            max_new_tokens=1,
+            temperature=0,
+            stop_ids=[],
+            batch_size=b,
+            share_prefix=False,
+        )
 
     def counts(f: Callable[..., int], *a: int) -> tuple[int, int]:
         return f(shape, *a), f(mm, *a)
@@ -187,7 +195,15 @@ def model_stages(lm: LoadedModel, dtype: str, prompts: list[list[int]], new: int
 
         handle = model.register_forward_pre_hook(pre_hook, with_kwargs=True)
         try:
-            sample(lm, prompts, max_new_tokens=new, temperature=0, stop_ids=[], batch_size=b)
+            sample(
+                lm,
+                prompts,
+                max_new_tokens=new,
+                temperature=0,
+                stop_ids=[],
+                batch_size=b,
+                share_prefix=False,
+            )
         finally:
             handle.remove()
         sampler.seconds = min(sampler.seconds, time.perf_counter() - t0)
@@ -269,7 +285,15 @@ def flop_check(
         return go
 
     def run_sample() -> None:
-        sample(lm, prompts, max_new_tokens=new, temperature=0, stop_ids=[], batch_size=b)
+        sample(
+            lm,
+            prompts,
+            max_new_tokens=new,
+            temperature=0,
+            stop_ids=[],
+            batch_size=b,
+            share_prefix=False,
+        )
 
     cases: list[tuple[str, int, Callable[[], Any]]] = [
         ("forward, padded (masked kernel)", teacher_forced_flops(shape, b, plen), fwd(ids, am)),
