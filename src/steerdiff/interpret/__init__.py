@@ -1,4 +1,5 @@
-"""Read vectors: direct logit attribution, the activation-difference lens, similarity, monitoring."""
+"""Read vectors: direct logit attribution, the activation-difference lens, similarity, monitoring,
+token entanglement."""
 
 from .batching import padded_batches, tokenize_texts
 from .corpus import Corpus, CorpusError, load_corpus
@@ -11,6 +12,18 @@ from .dla import (
     dla_table,
     logit_basis,
     overlap,
+)
+from .entanglement import (
+    EntanglementError,
+    EntanglementReport,
+    EntanglementResult,
+    FrequencyShift,
+    SubliminalResult,
+    frequency_shift,
+    number_logprobs,
+    number_system_prompt,
+    subliminal_prompting,
+    token_entanglement,
 )
 from .lens import LensError, activation_difference_lens
 from .lens_readout import LensReadout, LensResult, LensRow, save_lens
@@ -31,6 +44,11 @@ __all__ = [
     "CorpusError",
     "DLAError",
     "DLAResult",
+    "EntanglementError",
+    "EntanglementReport",
+    "EntanglementResult",
+    "FrequencyShift",
+    "SubliminalResult",
     "LensError",
     "LensReadout",
     "LensResult",
@@ -51,12 +69,17 @@ __all__ = [
     "dla_table",
     "effect_correlation",
     "effect_vectors",
+    "frequency_shift",
     "load_corpus",
     "logit_basis",
+    "number_logprobs",
+    "number_system_prompt",
     "overlap",
     "padded_batches",
     "project",
     "save_lens",
     "save_monitor",
+    "subliminal_prompting",
+    "token_entanglement",
     "tokenize_texts",
 ]

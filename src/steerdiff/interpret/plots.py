@@ -107,3 +107,19 @@ def projection_strips_png(items, path: str | Path, hook: str = "", max_tokens: i
     ax.set_ylim(0, len(items) + 1)
     ax.set_title(f"projection per token at {hook} (red = toward the vector)", fontsize=9)
     return _save(fig, path)
+
+
+def entanglement_bars_png(result, path: str | Path) -> Path:
+    """Horizontal bars of an EntanglementResult's top numbers: mean log-ratio (teacher vs
+    base) with its 95% CI across prompts."""
+    top = result.top
+    fig, ax = plt.subplots(figsize=(6, 0.3 * max(len(top), 4) + 1.2))
+    vals = [e.log_ratio for e in top]
+    err = [[e.log_ratio - e.ci95[0] for e in top], [e.ci95[1] - e.log_ratio for e in top]]
+    ax.barh(range(len(top)), vals, xerr=err, color="tab:purple", capsize=2)
+    ax.set_yticks(range(len(top)), [e.number for e in top], fontsize=8)
+    ax.invert_yaxis()
+    ax.axvline(0.0, color="black", linewidth=0.6)
+    ax.set_xlabel("mean log P(n | trait prompt) - log P(n | no prompt)", fontsize=8)
+    ax.set_title(f"{result.trait}: top entangled numbers ({result.n_prompts} prompts)", fontsize=9)
+    return _save(fig, path)
