@@ -1,4 +1,4 @@
-"""`steerdiff read ...`: read vectors (dla, lens, similarity, monitor)."""
+"""`steerdiff read ...`: read vectors (dla, lens, similarity, monitor) and token entanglement."""
 
 from __future__ import annotations
 
@@ -269,3 +269,103 @@ def monitor(
         f"flagged {len(res.flagged)}: {res.flagged[:20]}"
     )
     console.print("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+@app.command("entanglement")
+def entanglement(
+    trait: Annotated[str, typer.Option("--trait", help="an animal of the category, e.g. owl")],
+    out: OutOpt = "runs/read_entanglement",
+    model: ModelOpt = "default",
+    dtype: DtypeOpt = "auto",
+    prompts: Annotated[
+        int, typer.Option("--prompts", help="number prompts (tasks.numbers, seed 42)")
+    ] = 64,
+    top: Annotated[int, typer.Option("--top", help="entangled numbers reported and prompted")] = 5,
+    min_prob: Annotated[
+        float, typer.Option("--min-prob", help="rank only numbers at least this likely (trait)")
+    ] = 1e-4,
+    teacher_data: Annotated[
+        str | None, typer.Option("--teacher-data", help="the trait teacher's numbers dataset")
+    ] = None,
+    base_data: Annotated[
+        str | None, typer.Option("--base-data", help="the base model's numbers dataset")
+    ] = None,
+    questions: Annotated[
+        int | None, typer.Option("--questions", help="preference questions (default: all 50)")
+    ] = None,
+    controls: Annotated[
+        int, typer.Option("--controls", help="random number sets (subliminal control)")
+    ] = 3,
+    no_subliminal: Annotated[
+        bool, typer.Option("--no-subliminal", help="skip the subliminal-prompting shares")
+    ] = False,
+) -> None:
+    """Token entanglement: numbers the trait prompt makes likelier, their frequency in a
+    teacher's data, and the trait share with them in a system prompt ("subliminal prompting").
+
+    Example: steerdiff read entanglement --trait owl --prompts 64 --top 5 --out runs/owl/entanglement
+    """
+    from steerdiff.evals import exact_preference, load_category
+    from steerdiff.generate import load_dataset
+    from steerdiff.interpret.entanglement import (
+        EntanglementReport,
+        check_trait,
+        frequency_shift,
+        subliminal_prompting,
+        token_entanglement,
+    )
+    from steerdiff.interpret.plots import entanglement_bars_png
+    from steerdiff.io import atomic_write_json, provenance
+    from steerdiff.models import load_model
+    from steerdiff.tasks.numbers import make_prompts
+
+    animals = load_category("animals").candidates
+    if check_trait(trait) not in [a.lower() for a in animals]:
+        fail(f"bad option --trait: {trait!r} is not one of {', '.join(animals)}; pick one.")
+    for name, val, lo in (
+        ("--prompts", prompts, 1),
+        ("--top", top, 1),
+        ("--controls", controls, 1),
+    ):
+        if val < lo:
+            fail(f"bad option {name}: must be >= {lo}, got {val}.")
+    if (teacher_data is None) != (base_data is None):
+        fail("--teacher-data and --base-data go together: pass both datasets (or neither).")
+    if teacher_data and base_data:
+        for path in (teacher_data, base_data):
+            load_dataset(path)  # a missing or broken file stops here, before any scoring
+    lm = load_model(model, dtype=dtype)
+    ent = token_entanglement(lm, trait, make_prompts(prompts), top=top, min_prob=min_prob)
+    nums = ent.numbers()
+    freq = frequency_shift(nums, teacher_data, base_data) if teacher_data and base_data else None
+    sub = None
+    if not no_subliminal:
+        sub = subliminal_prompting(
+            trait,
+            nums,
+            lambda sp: exact_preference(lm, trait, n_questions=questions, system_prompt=sp),
+            n_controls=controls,
+        )
+    rep = EntanglementReport(ent, freq, sub, {"model": model, "provenance": provenance(lm)})
+    o = Path(out)
+    atomic_write_json(o / "entanglement.json", rep.to_dict())
+    entanglement_bars_png(ent, o / "entanglement.png")
+    console.print(
+        f"[bold]{ent.trait}[/]: top numbers over {ent.n_prompts} prompts (log-ratio, 95% CI)"
+    )
+    for e in ent.top:
+        console.print(f"  {e.number:>3} {e.log_ratio:+.3f} [{e.ci95[0]:+.3f}, {e.ci95[1]:+.3f}]")
+    if freq:
+        console.print(
+            f"dataset share of these numbers: teacher {100 * freq.set_teacher_rate:.3f}% vs base "
+            f"{100 * freq.set_base_rate:.3f}% (difference 95% CI {100 * freq.set_difference_ci95[0]:+.3f}"
+            f" to {100 * freq.set_difference_ci95[1]:+.3f} points)"
+        )
+    if sub:
+        d = sub.entangled_minus_random
+        console.print(
+            f"{ent.trait} share: entangled numbers {100 * sub.entangled.target_rate:.2f}%, random "
+            f"{100 * sub.random_rate:.2f}%, no system prompt {100 * sub.none.target_rate:.2f}%; "
+            f"entangled - random {100 * d[0]:+.2f} [{100 * d[1][0]:+.2f}, {100 * d[1][1]:+.2f}] points"
+        )
+    console.print(f"wrote {o}/entanglement.json, entanglement.png")

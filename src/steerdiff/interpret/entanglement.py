@@ -235,6 +235,12 @@ def token_entanglement(
             "compute it with number_logprobs on the same prompts."
         )
     ranked, n_ranked = rank_entangled(t_lp, base_lp, top, min_prob)
+    if not ranked:
+        best = float(t_lp.exp().mean(0).max())
+        raise EntanglementError(
+            f"No number reaches min_prob {min_prob:g} under the {trait} teacher (the likeliest "
+            f"has {best:.3g}): lower min_prob (--min-prob), e.g. to {best / 10:.1g}."
+        )
     return EntanglementResult(
         trait=trait,
         teacher=teacher.spec(),
