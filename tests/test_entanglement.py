@@ -57,8 +57,8 @@ def test_log_ratio_equals_two_plain_forwards(chat):
     """Each number's log-ratio is the mean over prompts of log P(n | trait system prompt) -
     log P(n | none), each from a plain forward over prompt + digits, and every 1-3 digit
     number's probabilities sum to P(the answer starts with a digit). Bug caught: the wrong
-    row read for P(b | a) (mutation tried: d[:10, 1] for d[::10, 1] -> '42' and '123'
-    off by ~0.1-1 nats)."""
+    row read for P(b | a) (mutation tried: d[:10, 1] for d[::10, 1] -> a log-ratio of
+    0.090 where the forwards give 0.109)."""
     res = token_entanglement(chat, "owl", USERS, top=1000, min_prob=0.0)
     trait = build_teacher({"kind": "prompt", "animal": "owl"}, chat)
     plain = build_teacher({"kind": "plain"}, chat)
@@ -89,7 +89,7 @@ def test_planted_entanglement_is_ranked_first(chat):
     """A steered teacher that adds the unembedding row of digit '7' at the last block makes
     every 7 likelier: '777' (three 7s) must rank first and '7'-free numbers must not show up.
     Bug caught: base and teacher swapped, or the ranking ascending (mutation tried:
-    rank_entangled(base_lp, teacher_lp) -> '777' ranked last, top[0] = '800')."""
+    rank_entangled(base_lp, teacher_lp) -> top[0] = '222', not '777')."""
     seven = chat.tokenizer("7", add_special_tokens=False)["input_ids"][0]
     w = chat.model.get_output_embeddings().weight[seven].detach().clone()
     hook = "blocks.2.hook_resid_post"
@@ -103,17 +103,21 @@ def test_planted_entanglement_is_ranked_first(chat):
 
 
 def test_rank_leaves_out_unlikely_numbers():
-    """Numbers below min_prob under the teacher are not ranked, however large their ratio.
-    Bug caught: the filter on the base's probability instead of the teacher's (mutation
-    tried: p_b for p_t -> '5' (teacher 1e-6) ranked first)."""
+    """Numbers below min_prob under the teacher are not ranked, however large their ratio;
+    the base's probability does not matter. Bug caught: the filter on the base's
+    probability instead of the teacher's (mutation tried: p_b for p_t -> '300', likely
+    under the teacher and 20,000x its base probability, left out)."""
     base = torch.full((2, 1000), math.log(1e-3))
     teacher = base.clone()
     teacher[:, 5] = math.log(1e-6)  # unlikely under the teacher
     base[:, 5] = math.log(1e-9)  # ratio 1000x
+    teacher[:, 300] = math.log(2e-3)  # likely under the teacher ...
+    base[:, 300] = math.log(1e-7)  # ... and unlikely under the base: ratio 20,000x
     teacher[:, 250] = math.log(2e-3)  # ratio 2x, likely
     top, n_ranked = rank_entangled(teacher, base, top=3, min_prob=1e-4)
-    assert [e.number for e in top][0] == "250" and n_ranked == 999
-    assert top[0].log_ratio == pytest.approx(math.log(2), abs=1e-6)
+    assert [e.number for e in top][:2] == ["300", "250"] and n_ranked == 999
+    assert top[0].log_ratio == pytest.approx(math.log(2e4), abs=1e-5)
+    assert top[1].log_ratio == pytest.approx(math.log(2), abs=1e-6)
 
 
 class _Fake:
@@ -127,7 +131,7 @@ def test_subliminal_prompts_hold_exactly_the_chosen_numbers():
     """The entangled condition's system prompt holds exactly the chosen numbers; each random
     control has numbers of the same lengths, none entangled or excluded; no system prompt
     for 'none'; the paired differences are the per-question means. Bug caught: control
-    numbers drawn without the exclusion (mutation tried: banned = set() -> controls ['4',
+    numbers drawn without the exclusion (mutation tried: banned = set() -> controls ['2',
     '8'], not the only allowed '0'/'9')."""
     seen: list[str | None] = []
 
@@ -165,7 +169,7 @@ def _dataset(path, answers):
 def test_frequency_shift_counts_whole_numbers(tmp_path):
     """Counts are of whole numbers as written ('7' is not counted inside '17' or '700'),
     rates over all numbers of each dataset. Bug caught: digits counted instead of numbers
-    (mutation tried: r'\\d' for r'\\d+' -> teacher_count of '7' = 5, not 2)."""
+    (mutation tried: r'\\d' for r'\\d+' -> 8 + 3 numbers counted as 12 + 5)."""
     t = _dataset(tmp_path / "t.jsonl", ["7, 17, 700", "7;12", "3 4 5"])
     b = _dataset(tmp_path / "b.jsonl", ["12, 13", "7"])
     fs = frequency_shift(["7", "12"], t, b, n_boot=200)
@@ -188,7 +192,7 @@ def test_cli_bad_trait_and_missing_dataset_are_one_line(tmp_path, monkeypatch):
     """A trait outside the animals, a missing dataset, and one dataset without the other are
     one line naming the option or file and the fix (exit 2), before any model is loaded;
     an earlier result in --out is left as it was. Bug caught: the dataset checked only after
-    the scoring (mutation tried: no up-front load_dataset -> the command loads the model)."""
+    the scoring (mutation tried: no up-front load_dataset -> the model is loaded: exit 1)."""
     import steerdiff.models as models
 
     def no_model(*a, **k):
