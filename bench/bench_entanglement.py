@@ -23,14 +23,9 @@ from pathlib import Path
 import torch
 
 from steerdiff.evals import exact_preference
-from steerdiff.interpret.entanglement import (
-    EntanglementReport,
-    frequency_shift,
-    number_logprobs,
-    subliminal_prompting,
-    token_entanglement,
-)
+from steerdiff.interpret.entanglement import frequency_shift, number_logprobs, token_entanglement
 from steerdiff.interpret.plots import entanglement_bars_png
+from steerdiff.interpret.subliminal import EntanglementReport, subliminal_prompting
 from steerdiff.io import atomic_write_json, provenance
 from steerdiff.models import load_model
 from steerdiff.tasks.numbers import make_prompts

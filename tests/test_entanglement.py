@@ -15,13 +15,15 @@ from typer.testing import CliRunner
 from steerdiff.cli import app
 from steerdiff.interpret.entanglement import (
     EntanglementError,
-    control_numbers,
     frequency_shift,
     number_logprobs,
-    number_system_prompt,
     rank_entangled,
-    subliminal_prompting,
     token_entanglement,
+)
+from steerdiff.interpret.subliminal import (
+    control_numbers,
+    number_system_prompt,
+    subliminal_prompting,
 )
 from steerdiff.teachers import build_teacher
 

@@ -307,14 +307,9 @@ def entanglement(
     """
     from steerdiff.evals import exact_preference, load_category
     from steerdiff.generate import load_dataset
-    from steerdiff.interpret.entanglement import (
-        EntanglementReport,
-        check_trait,
-        frequency_shift,
-        subliminal_prompting,
-        token_entanglement,
-    )
+    from steerdiff.interpret.entanglement import check_trait, frequency_shift, token_entanglement
     from steerdiff.interpret.plots import entanglement_bars_png
+    from steerdiff.interpret.subliminal import EntanglementReport, subliminal_prompting
     from steerdiff.io import atomic_write_json, provenance
     from steerdiff.models import load_model
     from steerdiff.tasks.numbers import make_prompts

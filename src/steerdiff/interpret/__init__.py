@@ -15,14 +15,10 @@ from .dla import (
 )
 from .entanglement import (
     EntanglementError,
-    EntanglementReport,
     EntanglementResult,
     FrequencyShift,
-    SubliminalResult,
     frequency_shift,
     number_logprobs,
-    number_system_prompt,
-    subliminal_prompting,
     token_entanglement,
 )
 from .lens import LensError, activation_difference_lens
@@ -37,6 +33,12 @@ from .similarity import (
     effect_correlation,
     effect_vectors,
     pairwise_mean_cosine,
+)
+from .subliminal import (
+    EntanglementReport,
+    SubliminalResult,
+    number_system_prompt,
+    subliminal_prompting,
 )
 
 __all__ = [
