@@ -16,6 +16,7 @@ the teacher's dataset vs the base's.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from pathlib import Path
@@ -73,6 +74,81 @@ def specific_numbers(results: dict[str, dict], k: int) -> dict:
     return out
 
 
+def print_animal(animal: str, d: dict, n_prompts: int) -> None:
+    """The figures of one animal (from its EntanglementReport dict), as the page shows them."""
+    ent, sub, freq = d["entanglement"], d["subliminal"], d["frequencies"]
+    top = ", ".join(
+        f"{e['number']} ({e['log_ratio']:+.2f} {_ci(e['ci95'], 1)})" for e in ent["top"]
+    )
+    e, r = sub["entangled_minus_none"], sub["entangled_minus_random"]
+    print(f"\n{animal}: top numbers (mean log-ratio, 95% CI, n={n_prompts} prompts): {top}")
+    print(
+        f"  share % (n={sub['n_questions']} questions): entangled "
+        f"{100 * sub['entangled']['target_rate']:.2f} {_ci(sub['entangled']['ci95'])}; random "
+        f"{100 * sub['random_rate']:.2f} {_ci(sub['random_ci95'])}; none "
+        f"{100 * sub['none']['target_rate']:.2f} {_ci(sub['none']['ci95'])}"
+    )
+    print(
+        f"  entangled - none {100 * e[0]:+.2f} {_ci(e[1])}; entangled - random "
+        f"{100 * r[0]:+.2f} {_ci(r[1])} (points, paired by question)"
+    )
+    if freq:
+        print(
+            f"  dataset share of the top {len(ent['top'])}: teacher "
+            f"{100 * freq['set_teacher_rate']:.3f}% vs base {100 * freq['set_base_rate']:.3f}% "
+            f"(diff {_ci(freq['set_difference_ci95'])}, {freq['teacher_numbers']}/"
+            f"{freq['base_numbers']} numbers)"
+        )
+    else:
+        print("  dataset frequency shift: not measured (no --teacher-data / --base-data)")
+    print(f"  {d['meta']['seconds']} s", flush=True)
+
+
+def summarize(summary: dict, out: Path) -> None:
+    """Across animals: how many beat random numbers, the rank correlation of entanglement
+    strength with the subliminal lift, the overlap of the top lists, trait-specific numbers."""
+    results, k = summary["animals"], summary["sizes"]["top"]
+    strength = [sum(e["log_ratio"] for e in results[a]["entanglement"]["top"]) / k for a in results]
+    lift = [results[a]["subliminal"]["entangled_minus_random"][0] for a in results]
+    lifted = [a for a in results if results[a]["subliminal"]["entangled_minus_random"][1][0] > 0]
+    rho = _spearman(strength, lift) if len(results) > 2 else float("nan")
+    summary["entanglement_vs_lift_spearman"] = rho
+    summary["specific"] = specific_numbers(results, k)
+    summary["animals_lifted_over_random"] = lifted
+    atomic_write_json(out, summary)
+    print(
+        f"\nanimals whose entangled-number prompt beats random numbers (CI > 0): "
+        f"{len(lifted)}/{len(results)} {lifted}; Spearman(top-{k} mean log-ratio, "
+        f"entangled - random) over {len(results)} animals: {rho:.2f}"
+    )
+    spec = summary["specific"]
+    print(
+        f"mean Jaccard overlap of the animals' top-{k} lists (vs base): "
+        f"{spec['mean_jaccard_top_vs_base']}"
+    )
+    for a, top in spec["top"].items():
+        print(f"  {a} trait-specific (vs the other animals' prompts): {top}")
+    print(
+        f"wall {summary['wall_s']} s, CPU {summary['cpu_s']} s (float32, 2-core CPU shared); "
+        f"wrote {out}"
+    )
+
+
+def merge(paths: list[str], out: Path) -> None:
+    """Join runs on different animals (same sizes) into one result and summary."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    if any(p["sizes"] != parts[0]["sizes"] for p in parts):
+        raise SystemExit(f"error: the runs have different sizes: {[p['sizes'] for p in parts]}")
+    summary = {**parts[0], "animals": {}, "merged_from": paths}
+    summary["wall_s"] = round(sum(p["wall_s"] for p in parts), 1)
+    summary["cpu_s"] = round(sum(p["cpu_s"] for p in parts), 1)
+    for p in parts:
+        summary["animals"].update(p["animals"])
+    for a, d in summary["animals"].items():
+        print_animal(a, d, summary["sizes"]["prompts"])
+    summarize(summary, out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="2 animals, 4 prompts, 5 questions")
@@ -84,8 +160,13 @@ def main() -> None:
     ap.add_argument("--teacher-data", default=None, help="dataset path with {animal}")
     ap.add_argument("--base-data", default=None)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--merge", nargs="+", default=None, help="join result JSONs of runs")
     ap.add_argument("--out", default="bench/results/entanglement.json")
     args = ap.parse_args()
+    out = Path(args.out)
+    if args.merge:
+        merge(args.merge, out)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     animals = [a.strip() for a in args.animals.split(",") if a.strip()]
@@ -106,8 +187,9 @@ def main() -> None:
     def score(animal: str):
         return lambda sp: exact_preference(lm, animal, n_questions=n_q, system_prompt=sp)
 
-    out = Path(args.out)
-    results: dict[str, dict] = {}
+    sizes = {"prompts": n_prompts, "questions": n_q or 50, "top": args.top}
+    summary = {"sizes": {**sizes, "controls": args.controls}, "dtype": "float32"}
+    summary.update(provenance=provenance(lm), animals={})
     for animal in animals:
         ta = time.perf_counter()
         ent = token_entanglement(lm, animal, users, top=args.top, base_lp=base_lp)
@@ -119,67 +201,13 @@ def main() -> None:
             if os.path.exists(tpath):
                 freq = frequency_shift(nums, tpath, args.base_data)
         rep = EntanglementReport(ent, freq, sub, {"seconds": round(time.perf_counter() - ta, 1)})
-        results[animal] = rep.to_dict()
+        summary["animals"][animal] = rep.to_dict()
         entanglement_bars_png(ent, out.with_name(f"{out.stem}_{animal}.png"))
-        top = ", ".join(f"{e.number} ({e.log_ratio:+.2f} {_ci(e.ci95, 1)})" for e in ent.top)
-        e, r = sub.entangled_minus_none, sub.entangled_minus_random
-        print(f"\n{animal}: top numbers (mean log-ratio, 95% CI, n={n_prompts} prompts): {top}")
-        print(
-            f"  share % (n={sub.n_questions} questions): entangled {100 * sub.entangled.target_rate:.2f} "
-            f"{_ci(sub.entangled.ci95)}; random {100 * sub.random_rate:.2f} {_ci(sub.random_ci95)}; "
-            f"none {100 * sub.none.target_rate:.2f} {_ci(sub.none.ci95)}"
-        )
-        print(
-            f"  entangled - none {100 * e[0]:+.2f} {_ci(e[1])}; entangled - random "
-            f"{100 * r[0]:+.2f} {_ci(r[1])} (points, paired by question)"
-        )
-        if freq:
-            print(
-                f"  dataset share of the top {len(nums)}: teacher {100 * freq.set_teacher_rate:.3f}% "
-                f"vs base {100 * freq.set_base_rate:.3f}% (diff {_ci(freq.set_difference_ci95)}, "
-                f"{freq.teacher_numbers}/{freq.base_numbers} numbers)"
-            )
-        print(f"  {rep.meta['seconds']} s", flush=True)
-        summary = {
-            "sizes": {
-                "prompts": n_prompts,
-                "questions": n_q or 50,
-                "top": args.top,
-                "controls": args.controls,
-            },
-            "dtype": "float32",
-            "wall_s": round(time.perf_counter() - t0, 1),
-            "cpu_s": round(time.process_time() - c0, 1),
-            "provenance": provenance(lm),
-            "animals": results,
-        }
+        print_animal(animal, summary["animals"][animal], n_prompts)
+        summary["wall_s"] = round(time.perf_counter() - t0, 1)
+        summary["cpu_s"] = round(time.process_time() - c0, 1)
         atomic_write_json(out, summary)  # after every animal: a cut-off run keeps its figures
-    strength = [
-        sum(e["log_ratio"] for e in results[a]["entanglement"]["top"]) / args.top for a in results
-    ]
-    lift = [results[a]["subliminal"]["entangled_minus_random"][0] for a in results]
-    lifted = [a for a in results if results[a]["subliminal"]["entangled_minus_random"][1][0] > 0]
-    rho = _spearman(strength, lift) if len(results) > 2 else float("nan")
-    summary["entanglement_vs_lift_spearman"] = rho
-    summary["specific"] = specific_numbers(results, args.top)
-    summary["animals_lifted_over_random"] = lifted
-    atomic_write_json(out, summary)
-    print(
-        f"\nanimals whose entangled-number prompt beats random numbers (CI > 0): "
-        f"{len(lifted)}/{len(results)} {lifted}; Spearman(top-{args.top} mean log-ratio, "
-        f"entangled - random) over {len(results)} animals: {rho:.2f}"
-    )
-    spec = summary["specific"]
-    print(
-        f"mean Jaccard overlap of the animals' top-{args.top} lists (vs base): "
-        f"{spec['mean_jaccard_top_vs_base']}"
-    )
-    for a, top in spec["top"].items():
-        print(f"  {a} trait-specific (vs the other animals' prompts): {top}")
-    print(
-        f"wall {time.perf_counter() - t0:.0f} s, CPU {time.process_time() - c0:.0f} s "
-        f"(float32, 2-core CPU shared); wrote {out}"
-    )
+    summarize(summary, out)
 
 
 if __name__ == "__main__":
