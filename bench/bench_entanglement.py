@@ -134,8 +134,20 @@ def summarize(summary: dict, out: Path) -> None:
     )
 
 
-def merge(paths: list[str], out: Path) -> None:
-    """Join runs on different animals (same sizes) into one result and summary."""
+def add_frequencies(summary: dict, teacher_data: str | None, base_data: str | None) -> None:
+    """The frequency shift of each animal's top numbers where its teacher dataset exists."""
+    if not (teacher_data and base_data):
+        return
+    for animal, d in summary["animals"].items():
+        tpath = teacher_data.format(animal=animal)
+        if os.path.exists(tpath) and not d.get("frequencies"):
+            nums = [e["number"] for e in d["entanglement"]["top"]]
+            d["frequencies"] = frequency_shift(nums, tpath, base_data).to_dict()
+
+
+def merge(paths: list[str], out: Path, teacher_data: str | None, base_data: str | None) -> None:
+    """Join runs on different animals (same sizes) into one result and summary (and add
+    frequency shifts where datasets are given: counting only, no model)."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
     if any(p["sizes"] != parts[0]["sizes"] for p in parts):
         raise SystemExit(f"error: the runs have different sizes: {[p['sizes'] for p in parts]}")
@@ -144,6 +156,7 @@ def merge(paths: list[str], out: Path) -> None:
     summary["cpu_s"] = round(sum(p["cpu_s"] for p in parts), 1)
     for p in parts:
         summary["animals"].update(p["animals"])
+    add_frequencies(summary, teacher_data, base_data)
     for a, d in summary["animals"].items():
         print_animal(a, d, summary["sizes"]["prompts"])
     summarize(summary, out)
@@ -160,12 +173,12 @@ def main() -> None:
     ap.add_argument("--teacher-data", default=None, help="dataset path with {animal}")
     ap.add_argument("--base-data", default=None)
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--merge", nargs="+", default=None, help="join result JSONs of runs")
+    ap.add_argument("--merge", nargs="+", default=None, help="join result JSONs of runs (no model)")
     ap.add_argument("--out", default="bench/results/entanglement.json")
     args = ap.parse_args()
     out = Path(args.out)
     if args.merge:
-        merge(args.merge, out)
+        merge(args.merge, out, args.teacher_data, args.base_data)
         return
     if args.threads:
         torch.set_num_threads(args.threads)
