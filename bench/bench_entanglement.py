@@ -154,6 +154,7 @@ def merge(paths: list[str], out: Path, teacher_data: str | None, base_data: str 
     summary = {**parts[0], "animals": {}, "merged_from": paths}
     summary["wall_s"] = round(sum(p["wall_s"] for p in parts), 1)
     summary["cpu_s"] = round(sum(p["cpu_s"] for p in parts), 1)
+    summary["wall_note"] = "wall_s and cpu_s are sums over the joined runs (they may overlap)"
     for p in parts:
         summary["animals"].update(p["animals"])
     add_frequencies(summary, teacher_data, base_data)
