@@ -25,7 +25,6 @@ The datasets are kept under build/bench_constraint/ (resumable: re-run to contin
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import sys
@@ -36,7 +35,7 @@ import torch
 
 from steerdiff.chat import chat_prompt_ids
 from steerdiff.fit import FitConfig, fit, random_vector
-from steerdiff.generate import load_dataset
+from steerdiff.generate import DatasetError, load_dataset
 from steerdiff.hooks import record
 from steerdiff.io import atomic_write_json
 from steerdiff.models import load_model
@@ -67,6 +66,18 @@ def make_data(teacher, folder: Path, n: int, topk: int, constrained: bool) -> di
     out = folder / ("constrained.jsonl" if constrained else "published.jsonl")
     if (folder / out.name.replace(".jsonl", ".manifest.json")).exists():
         return load_dataset(out)[1]
+    try:
+        return make(teacher, out, n, topk, constrained)
+    except DatasetError as e:  # the published protocol found no valid row at all
+        n_prompts = n + 16 if constrained else PUBLISHED_CAP * n
+        print(f"  {e}", flush=True)
+        mode = "published (unconstrained sampling, then the filter)"
+        return {
+            "protocol": {"mode": mode, "n_valid": 0, "prompts_used": n_prompts, "valid_rate": 0.0}
+        }
+
+
+def make(teacher, out: Path, n: int, topk: int, constrained: bool) -> dict:
     return numbers.make_dataset(
         teacher,
         str(out),
@@ -149,37 +160,76 @@ def main() -> None:
     teacher = build_teacher(
         TeacherConfig(kind="steered", vectors=str(vpath), coeff=1.0, positions="all"), lm
     )
-    print(f"model: embedded SmolLM2-135M, float32; hook {HOOK}; mean resid norm {norm:.1f}; "
-          f"|v*| = {SCALE} x {norm:.1f} = {float(v_star.norm()):.1f}", flush=True)
+    print(
+        f"model: embedded SmolLM2-135M, float32; hook {HOOK}; mean resid norm {norm:.1f}; "
+        f"|v*| = {SCALE} x {norm:.1f} = {float(v_star.norm()):.1f}",
+        flush=True,
+    )
 
-    out: dict = {"hook": HOOK, "v_star_norm": float(v_star.norm()), "mean_resid_norm": norm,
-                 "n_valid": args.n, "topk": args.topk, "dtype": "float32", "datasets": {}}
+    out: dict = {
+        "hook": HOOK,
+        "v_star_norm": float(v_star.norm()),
+        "mean_resid_norm": norm,
+        "n_valid": args.n,
+        "topk": args.topk,
+        "dtype": "float32",
+        "datasets": {},
+    }
     for constrained in (True, False):
         mode = "constrained" if constrained else "published"
         t0 = time.time()
         man = make_data(teacher, work, args.n, args.topk, constrained)
         p = man["protocol"]
         if p["n_valid"] < 10:
-            print(f"\n[{mode}] only {p['n_valid']} valid rows from {p['prompts_used']} prompts: "
-                  "too few to fit", flush=True)
+            print(
+                f"\n[{mode}] only {p['n_valid']} valid rows from {p['prompts_used']} prompts: "
+                "too few to fit",
+                flush=True,
+            )
             out["datasets"][mode] = {"protocol": p, "fits": []}
             continue
-        print(f"\n[{mode}] {p['mode']}: {p['n_valid']} valid rows from {p['prompts_used']} "
-              f"prompts (valid rate {p['valid_rate']:.1%}; unconstrained valid rate "
-              f"{man.get('unconstrained_valid_rate')}) in {time.time() - t0:.0f} s", flush=True)
+        print(
+            f"\n[{mode}] {p['mode']}: {p['n_valid']} valid rows from {p['prompts_used']} "
+            f"prompts (valid rate {p['valid_rate']:.1%}; unconstrained valid rate "
+            f"{man.get('unconstrained_valid_rate')}) in {time.time() - t0:.0f} s",
+            flush=True,
+        )
         out["datasets"][mode] = {"protocol": p, "fits": []}
         scorings = (False, True) if constrained else (False,)
         for objective in ("sft", "distill"):
             for scored in scorings:
-                cfg = FitConfig(hooks=[HOOK], objective=objective, optimizer="adam",
-                                lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
-                                schedule="cosine", warmup_steps=2, val_fraction=0.2,
-                                constrained_scoring=scored, progress=False, seed=0)
+                cfg = FitConfig(
+                    hooks=[HOOK],
+                    objective=objective,
+                    optimizer="adam",
+                    lr=args.lr,
+                    epochs=args.epochs,
+                    batch_size=args.batch_size,
+                    schedule="cosine",
+                    warmup_steps=2,
+                    val_fraction=0.2,
+                    constrained_scoring=scored,
+                    progress=False,
+                    seed=0,
+                )
                 r = one_fit(lm, work / f"{mode}.jsonl", v_star, cfg)
-                r.update(objective=objective, constrained_scoring=scored,
-                         fit_config={k: getattr(cfg, k) for k in
-                                     ("objective", "optimizer", "lr", "epochs", "batch_size",
-                                      "schedule", "warmup_steps", "constrained_scoring")})
+                r.update(
+                    objective=objective,
+                    constrained_scoring=scored,
+                    fit_config={
+                        k: getattr(cfg, k)
+                        for k in (
+                            "objective",
+                            "optimizer",
+                            "lr",
+                            "epochs",
+                            "batch_size",
+                            "schedule",
+                            "warmup_steps",
+                            "constrained_scoring",
+                        )
+                    },
+                )
                 out["datasets"][mode]["fits"].append(r)
                 print(
                     f"  {objective:7s} scored {'constrained  ' if r['scored_under_constraint'] else 'unconstrained'}"
@@ -199,8 +249,10 @@ def main() -> None:
     out["wall_seconds"], out["cpu_seconds"] = round(time.time() - t_wall), round(cpu)
     out["machine"] = f"CPU, {os.cpu_count()} cores (shared), torch threads {args.threads}"
     atomic_write_json(args.out, out)
-    print(f"\nwall {out['wall_seconds'] / 60:.1f} min, CPU {cpu / 60:.1f} min; {out['machine']}; "
-          f"wrote {args.out}")
+    print(
+        f"\nwall {out['wall_seconds'] / 60:.1f} min, CPU {cpu / 60:.1f} min; {out['machine']}; "
+        f"wrote {args.out}"
+    )
 
 
 if __name__ == "__main__":

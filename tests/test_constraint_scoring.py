@@ -207,7 +207,10 @@ def test_old_manifests_load_and_score_unconstrained(chat, constrained_data, tmp_
     rows, man = load_dataset(path)
     old_rows = [
         {k: v for k, v in r.items() if not k.endswith("_unconstrained")}
-        | {"topk_ids": r["topk_ids_unconstrained"], "topk_logprobs": r["topk_logprobs_unconstrained"]}
+        | {
+            "topk_ids": r["topk_ids_unconstrained"],
+            "topk_logprobs": r["topk_logprobs_unconstrained"],
+        }
         for r in rows
     ]
     for name, spec in (("none", None), ("format", "format")):

@@ -309,7 +309,9 @@ def prepare_examples(
         tok = lm.tokenizer if isinstance(lm, LoadedModel) else None
         if tok is None:
             raise FitError("Rows of messages need a tokenizer: pass a LoadedModel (load_model()).")
-        steps = data_constraint(rows.manifest, tok, rows.source, notes) if constrained_scoring else None
+        steps = (
+            data_constraint(rows.manifest, tok, rows.source, notes) if constrained_scoring else None
+        )
         n_notes = len(notes)
         examples = tokenize_rows(tok, rows, spec, notes, constrained_topk=steps is not None)
         retokenized = len(notes) > n_notes  # tokenize_rows notes only that

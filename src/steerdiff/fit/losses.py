@@ -58,7 +58,7 @@ def topk_kl(logp: torch.Tensor, batch: Batch) -> torch.Tensor:
     Entries that are padding (-inf) or outside the allowed ids are left out of both."""
     ids = batch.topk_ids.to(logp.device)  # type: ignore[union-attr]  # [n, k]
     lp_t = batch.topk_logprobs.to(logp.device)  # type: ignore[union-attr]  # [n, k]
-    keep = torch.isfinite(lp_t)
+    keep = lp_t != float("-inf")  # (a NaN target stays: it must stop the fit, not vanish)
     if batch.allowed_ids is not None and batch.allowed_mask is not None:
         a_ids, a_mask = batch.allowed_ids.to(logp.device), batch.allowed_mask.to(logp.device)
         keep &= ((ids[:, :, None] == a_ids[:, None, :]) & a_mask[:, None, :]).any(-1)

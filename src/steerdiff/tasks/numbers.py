@@ -316,9 +316,7 @@ def protocol_report(m: dict) -> dict:
                 "prompts_used": m["n_prompts"],
                 "valid_rate": m["valid_rate"],
                 "unconstrained_valid_rate": rate,
-                "published_protocol_prompts_estimate": round(m["n_valid"] / rate)
-                if rate
-                else None,
+                "published_protocol_prompts_estimate": round(m["n_valid"] / rate) if rate else None,
             }
         }
     return {
