@@ -17,7 +17,7 @@ from steerdiff.generate import load_dataset, manifest_path, sample
 from steerdiff.generate.constraint import DecodingConstraint
 from steerdiff.io import append_jsonl, atomic_write_json, read_json
 from steerdiff.replay import full_hidden
-from steerdiff.tasks.numbers import make_dataset
+from steerdiff.tasks.numbers import make_dataset, protocol_line, protocol_report
 from steerdiff.teachers import TeacherConfig, build_teacher
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -226,3 +226,24 @@ def test_old_manifests_load_and_score_unconstrained(chat, constrained_data, tmp_
         assert [ex.topk_ids for ex in p.examples] == [r["topk_ids"] for r in old_rows]
         assert any("older steerdiff" in n for n in p.notes) == (spec is not None)
         assert read_json(manifest_path(old)) == old_man  # read, never rewritten
+
+
+def test_protocol_report_says_how_many_prompts_the_valid_rows_took():
+    """Bugs caught: the published protocol's cost not reported (prompts used for N valid
+    rows), a short run not saying it fell short and by how much to raise --n-prompts, and
+    constrained decoding's estimate of the published cost off its probe's rate."""
+    base = {"n_valid": 30, "n_prompts": 400, "valid_rate": 0.075, "target_valid": 50}
+    m = {**base, "constrained": False}
+    p = protocol_report(m)["protocol"]
+    assert (p["prompts_used"], p["target_reached"]) == (400, False)
+    line = protocol_line({**m, **protocol_report(m)})
+    assert "30 valid rows from 400 prompts (valid rate 7.5%)" in line
+    assert "only 30 of the 50 asked for (--n-valid): raise --n-prompts to about 667" in line
+    c = {"n_valid": 100, "n_prompts": 100, "valid_rate": 1.0, "constrained": True,
+         "constraint": {"grammar": True}, "unconstrained_valid_rate": 0.04,
+         "unconstrained_probe_n": 50}  # fmt: skip
+    c = {**c, **protocol_report(c)}
+    assert c["protocol"]["published_protocol_prompts_estimate"] == 2500
+    assert "would need about 2,500 prompts at the unconstrained valid rate 4.0% (probe of 50)" in (
+        protocol_line(c)
+    )
