@@ -140,6 +140,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--quick", action="store_true", help="a tiny run (smoke check)")
+    ap.add_argument(
+        "--modes", default="constrained,published", help="which datasets (comma-separated)"
+    )
     ap.add_argument("--threads", type=int, default=1, help="1 is fastest on a shared CPU")
     ap.add_argument("--work", default="build/bench_constraint")
     ap.add_argument("--out", default="bench/results/constraint.json")
@@ -175,8 +178,8 @@ def main() -> None:
         "dtype": "float32",
         "datasets": {},
     }
-    for constrained in (True, False):
-        mode = "constrained" if constrained else "published"
+    for mode in args.modes.split(","):
+        constrained = mode == "constrained"
         t0 = time.time()
         man = make_data(teacher, work, args.n, args.topk, constrained)
         p = man["protocol"]
