@@ -126,10 +126,14 @@ def one_fit(lm, data: Path, v_star: torch.Tensor, cfg: FitConfig) -> dict:
 
 
 def fmt(x, ci=None, pct=False) -> str:
+    """x (and its interval), as a number or a percentage; "n/a" for None."""
     if x is None:
         return "n/a"
-    f = (lambda y: f"{100 * y:.0f}%") if pct else (lambda y: f"{y:.3f}")
-    return f + "" if False else (f(x) + (f" [{f(ci[0])}, {f(ci[1])}]" if ci else ""))
+
+    def f(y: float) -> str:
+        return f"{100 * y:.0f}%" if pct else f"{y:.3f}"
+
+    return f(x) + (f" [{f(ci[0])}, {f(ci[1])}]" if ci else "")
 
 
 def main() -> None:
