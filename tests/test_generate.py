@@ -139,8 +139,9 @@ def test_constrained_sampling_follows_the_renormalised_distribution():
 
 
 def test_topk_under_constraint_is_the_unconstrained_distribution():
-    """What docs/generate.md promises for `--constrained --topk K` (the setup distillation
-    needs): the stored top-k are the model's full-vocabulary log-probs at temperature 1,
+    """What docs/generate.md promises for `--constrained --topk K`: the unconstrained top-k
+    (topk_*_unconstrained; topk_* now hold the constrained distribution's, see
+    test_constraint_scoring.py) are the model's full-vocabulary log-probs at temperature 1,
     before the constraint and the temperature. Bugs caught: top-k taken after the
     constraint (ids from the allowed set only) or after the temperature."""
     m = make_tiny("llama")
@@ -152,8 +153,8 @@ def test_topk_under_constraint_is_the_unconstrained_distribution():
             logits = m(torch.tensor([p + s.token_ids])).logits[0].float()  # [len, V]
         lp = logits.log_softmax(-1)[len(p) - 1 : len(p) + 5]  # the 6 generating positions
         v, i = lp.topk(5, dim=-1)  # [6, 5]
-        assert s.topk_ids == i.tolist()
-        assert torch.allclose(torch.tensor(s.topk_logprobs), v, atol=1e-4)
+        assert s.topk_ids_unconstrained == i.tolist()
+        assert torch.allclose(torch.tensor(s.topk_logprobs_unconstrained), v, atol=1e-4)
     # greedy unconstrained: the chosen token is the top-1 of the stored distribution
     g = sample(m, PROMPTS, 6, temperature=0, stop_ids=[], topk=2)
     assert all(s.token_ids == [r[0] for r in s.topk_ids] for s in g)

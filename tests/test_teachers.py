@@ -229,7 +229,10 @@ def test_numbers_dataset_from_the_embedded_owl_prompt_teacher(smollm, tmp_path):
         assert r["completion_ids"][-1] == eot
         assert smollm.tokenizer.decode(r["completion_ids"][:-1]) == r["messages"][1]["content"]
         assert len(r["topk_ids"]) == len(r["topk_logprobs"]) == len(r["completion_ids"])
-        assert all(len(k) == 3 for k in r["topk_ids"])
+        assert all(len(k) == 3 for k in r["topk_ids_unconstrained"])
+        # constrained top-k: only tokens the grammar allowed at that step (1 when only
+        # end-of-turn is, after the 10th number)
+        assert all(1 <= len(k) <= 3 for k in r["topk_ids"])
 
 
 def test_zero_valid_rows_from_a_real_teacher(chat, tmp_path):

@@ -64,12 +64,19 @@ def generate(
     coeff: CoeffOpt = 1.0,
     positions: PositionsOpt = "all",
     adapter: AdapterOpt = None,
-    n_prompts: Annotated[int, typer.Option(help="number of prompts")] = 1000,
+    n_prompts: Annotated[
+        int, typer.Option(help="number of prompts (with --n-valid: the most to use)")
+    ] = 1000,
     n_valid: Annotated[
         int | None, typer.Option(help="stop once this many rows passed the filter")
     ] = None,
     constrained: Annotated[
-        bool, typer.Option("--constrained/--no-constrained", help="digits/separators only")
+        bool,
+        typer.Option(
+            "--constrained/--no-constrained",
+            help="constrained decoding (digits/separators only; every prompt gives a row) or "
+            "the published protocol (sample freely, keep what the filter accepts)",
+        ),
     ] = True,
     grammar: Annotated[
         bool,
@@ -163,3 +170,4 @@ def generate(
             indent=2,
         )
     )
+    console.print(task.protocol_line(man), markup=False, highlight=False)

@@ -125,7 +125,7 @@ def prepare_fit(
     rank, _ = maybe_init_distributed()
     if isinstance(teacher, Teacher):
         check_same_model(teacher, lm)
-    p = prepare_examples(lm, data, teacher, cfg.max_len)
+    p = prepare_examples(lm, data, teacher, cfg.max_len, cfg.constrained_scoring)
     objective, why = resolve_objective(cfg, p.examples, p.retokenized)
     scorer: TeacherLike = teacher if isinstance(teacher, Teacher) else p.teacher
     if teacher is None and p.teacher and (p.retokenized or made_by_other_model(p.manifest, lm)):

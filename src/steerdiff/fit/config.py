@@ -75,6 +75,11 @@ class FitConfig(BaseModel):
         "it a cache spills to a memory-mapped temporary file",
     )
     max_len: int | None = Field(None, description="drop rows longer than this (tokens)")
+    constrained_scoring: bool = Field(
+        True,
+        description="score base, teacher and student under the dataset's decoding constraint "
+        "(renormalised over the tokens it allowed at each step)",
+    )
     seed: int = Field(0, description="seed (split, order, init)")
     progress: bool = Field(True, description="show a progress bar")
 

@@ -2,6 +2,7 @@
 
 rows (dataset JSONL, messages)  --tokenize_rows-->  Example (prompt ids, completion ids)
 Examples                        --collate------->   Batch [batch, pos] + loss positions
+(+ the ids a dataset's decoding constraint allowed at each loss position: fit.constrained)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ..generate import DatasetError, load_dataset
 from ..models import LoadedModel
 from ..teachers import Teacher, TeacherConfig, build_teacher
 from .config import FitConfig, FitError
+from .constrained import add_allowed, collate_allowed, data_constraint, pad_topk
 
 # what a fit accepts as its teacher: a built Teacher, its config, or a spec dict (manifests)
 TeacherLike = Teacher | TeacherConfig | Mapping[str, Any] | None
@@ -33,7 +35,10 @@ class Example:
     prompt_ids: what the student sees before the completion (chat template, no system prompt).
     completion_ids: the assistant tokens (loss is taken on these), incl. end-of-turn.
     teacher_prompt_ids: the teacher's prompt (e.g. with its system prompt); None = same.
-    topk_ids / topk_logprobs: [len(completion_ids)][k] teacher top-k at each completion token.
+    topk_ids / topk_logprobs: [len(completion_ids)][k] teacher top-k at each completion token
+      (a log-prob of -inf marks padding: a step whose distribution had fewer than k tokens).
+    allowed: [len(completion_ids)] the token ids the data's decoding constraint allowed at
+      each completion token (None: unconstrained scoring).
     """
 
     prompt_ids: list[int]
@@ -42,6 +47,7 @@ class Example:
     topk_ids: list[list[int]] | None = None
     topk_logprobs: list[list[float]] | None = None
     id: int | str | None = None
+    allowed: list[list[int]] | None = None
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.completion_ids)
@@ -187,6 +193,7 @@ def tokenize_rows(
     rows: Sequence[dict] | Rows,
     teacher: TeacherLike = None,
     notes: list[str] | None = None,
+    constrained_topk: bool = False,
 ) -> list[Example]:
     """Rows (dataset format) -> Examples.
 
@@ -201,6 +208,9 @@ def tokenize_rows(
     not decode to the text under `tokenizer`: a student of another family), the text is
     tokenized instead and the top-k log-probs (over the other vocabulary) dropped; a line
     saying so is added to `notes`. Bad rows raise FitError naming the file and line.
+    constrained_topk: take the rows' topk_ids / topk_logprobs (under constrained decoding:
+    the distribution sampled from) as they are; False: their topk_*_unconstrained when
+    present (the full distribution's). Top-k lists of unequal length are padded (`pad_topk`).
     """
     data = rows if isinstance(rows, Rows) else Rows(list(rows))
     if not data.rows:
@@ -245,7 +255,10 @@ def tokenize_rows(
             # writes it; nothing after a chat template's assistant header
             text = answer_lead(tokenizer) + content
             comp = tokenizer(text, add_special_tokens=False).input_ids + eot
-        topk_ids, topk_lp = row.get("topk_ids"), row.get("topk_logprobs")
+        which = "" if constrained_topk or "topk_ids_unconstrained" not in row else "_unconstrained"
+        topk_ids, topk_lp = row.get("topk_ids" + which), row.get("topk_logprobs" + which)
+        if topk_ids is not None and topk_lp is not None:
+            topk_ids, topk_lp = pad_topk(topk_ids, topk_lp)
         if retokenize:
             topk_ids = topk_lp = None
         if topk_ids is not None and len(topk_ids) != len(comp):
@@ -266,6 +279,7 @@ class Prepared:
     source: str = "the rows given"
     notes: list[str] = field(default_factory=list)  # one line each; printed and recorded
     retokenized: bool = False  # completion_ids were another tokenizer's (see tokenize_rows)
+    constrained: bool = False  # Examples carry `allowed`: scored under the data's constraint
 
 
 def prepare_examples(
@@ -273,9 +287,14 @@ def prepare_examples(
     data: str | os.PathLike | Sequence[dict] | Sequence[Example],
     teacher: TeacherLike = None,
     max_len: int | None = None,
+    constrained_scoring: bool = True,
 ) -> Prepared:
     """Path / rows / Examples -> Prepared (Examples, teacher spec: `teacher`'s, else the
-    manifest's, and notes such as re-tokenized completions)."""
+    manifest's, and notes such as re-tokenized completions).
+
+    constrained_scoring: when the manifest records a decoding constraint, give each Example
+    the ids it allowed at each completion token and the top-k of the distribution sampled
+    from (see fit.losses.constrain); False: the full distribution's top-k and no `allowed`."""
     rows = read_rows(data) if isinstance(data, (str, os.PathLike)) else Rows(list(data))
     if not rows.rows:
         raise FitError("The dataset is empty: nothing to fit.")
@@ -283,13 +302,21 @@ def prepare_examples(
     if spec.get("kind") == "prompt" and not spec.get("system_prompt"):
         spec = build_teacher(spec, lm).spec()  # {"animal": "owl"} -> its system prompt
     notes: list[str] = []
+    retokenized = False
     if isinstance(rows.rows[0], Example):
         examples = list(rows.rows)
     else:
         tok = lm.tokenizer if isinstance(lm, LoadedModel) else None
         if tok is None:
             raise FitError("Rows of messages need a tokenizer: pass a LoadedModel (load_model()).")
-        examples = tokenize_rows(tok, rows, spec, notes)
+        steps = (
+            data_constraint(rows.manifest, tok, rows.source, notes) if constrained_scoring else None
+        )
+        n_notes = len(notes)
+        examples = tokenize_rows(tok, rows, spec, notes, constrained_topk=steps is not None)
+        retokenized = len(notes) > n_notes  # tokenize_rows notes only that
+        if steps is not None and not retokenized:  # (another tokenizer's constraint)
+            add_allowed(examples, steps, rows.where)
     for i, ex in enumerate(examples):
         if not ex.completion_ids:
             raise FitError(f"{rows.where(i)} has an empty completion: nothing to train on.")
@@ -299,8 +326,8 @@ def prepare_examples(
         examples = [ex for ex in examples if len(ex) <= max_len]
         if not examples:
             raise FitError(f"No row of {rows.source} is at most max_len={max_len} tokens long.")
-    # tokenize_rows adds a note only when it re-tokenized another model's ids
-    return Prepared(examples, spec, rows.manifest, rows.source, notes, retokenized=bool(notes))
+    constrained = all(ex.allowed is not None for ex in examples)
+    return Prepared(examples, spec, rows.manifest, rows.source, notes, retokenized, constrained)
 
 
 def resolve_objective(
@@ -369,6 +396,10 @@ class Batch:
     topk_ids: torch.Tensor | None = None  # [n, k]
     topk_logprobs: torch.Tensor | None = None  # [n, k]
     response_mask: torch.Tensor | None = None  # [b, s] bool: completion tokens as inputs
+    allowed_ids: torch.Tensor | None = None  # [n, m] ids the constraint allowed (padded)
+    allowed_mask: torch.Tensor | None = None  # [n, m] bool: a real entry, not padding
+    # [b] CE under the full distribution, set by token_losses when it scores constrained
+    ce_unconstrained: torch.Tensor | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -406,4 +437,5 @@ def collate(examples: Sequence[Example], pad_id: int = 0, teacher: bool = False)
         topk_lp = torch.cat(
             [torch.as_tensor(ex.topk_logprobs, dtype=torch.float32) for ex in examples]
         )
-    return Batch(input_ids, attention_mask, loss_mask, targets, topk_ids, topk_lp, response_mask)
+    return Batch(input_ids, attention_mask, loss_mask, targets, topk_ids, topk_lp,
+                 response_mask, *collate_allowed(examples))  # fmt: skip

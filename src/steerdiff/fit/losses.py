@@ -9,6 +9,11 @@ Two objectives, both on the assistant (completion) tokens only:
 
 gap closed = (base - fitted) / (base - teacher): 1.0 = as good as the teacher on its data.
 
+Data decoded under a constraint (a Batch with allowed_ids) is scored under it: every
+model's log-probs are renormalised over the ids the constraint allowed at each position
+(`constrain`), for CE and KL alike, since that is the distribution the teacher sampled from.
+A top-k target entry with log-prob -inf (padding), or outside the allowed ids, is no candidate.
+
 A fraction is only as good as its gap: when base and teacher differ by less than
 NOISE_GAP_NATS per token (`gap_within_noise`), the CE fraction is dominated by noise.
 """
@@ -34,20 +39,54 @@ def lm_of(module: nn.Module) -> nn.Module:
     return module.get_base_model() if hasattr(module, "get_base_model") else module
 
 
+def constrain(logp: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """logp [n, V] (log-probs at the batch's loss positions) renormalised over the ids the
+    data's decoding constraint allowed at each position, -inf elsewhere; `logp` itself when
+    the batch carries no constraint."""
+    if batch.allowed_ids is None or batch.allowed_mask is None:
+        return logp
+    ids, mask = batch.allowed_ids.to(logp.device), batch.allowed_mask.to(logp.device)
+    ids = torch.where(mask, ids, ids[:, :1])  # padding -> the position's first allowed id
+    allowed = torch.zeros(logp.shape, dtype=torch.bool, device=logp.device).scatter_(1, ids, True)
+    masked = logp.masked_fill(~allowed, float("-inf"))
+    return masked - masked.logsumexp(-1, keepdim=True)
+
+
+def topk_kl(logp: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """[n] KL(p_T || q_S) per loss token over the teacher's top-k ids: p_T = softmax of the
+    stored top-k log-probs, q_S = the student's `logp` renormalised over the same ids.
+    Entries that are padding (-inf) or outside the allowed ids are left out of both."""
+    ids = batch.topk_ids.to(logp.device)  # type: ignore[union-attr]  # [n, k]
+    lp_t = batch.topk_logprobs.to(logp.device)  # type: ignore[union-attr]  # [n, k]
+    keep = lp_t != float("-inf")  # (a NaN target stays: it must stop the fit, not vanish)
+    if batch.allowed_ids is not None and batch.allowed_mask is not None:
+        a_ids, a_mask = batch.allowed_ids.to(logp.device), batch.allowed_mask.to(logp.device)
+        keep &= ((ids[:, :, None] == a_ids[:, None, :]) & a_mask[:, None, :]).any(-1)
+    lost = -1e30  # finite: p_T = 0 exactly there, and 0 * finite keeps gradients finite
+    log_pt = torch.log_softmax(lp_t.masked_fill(~keep, lost), dim=-1)  # [n, k]
+    log_qs = torch.log_softmax(logp.gather(1, ids).masked_fill(~keep, lost), dim=-1)
+    return (log_pt.exp() * (log_pt - log_qs)).sum(-1) * keep.any(-1)
+
+
 def token_losses(
     model: nn.Module, hidden: torch.Tensor, batch: Batch, objective: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row sums over loss tokens of CE and of top-k KL (zeros without top-k data).
+    """Per-row sums over loss tokens of CE and of top-k KL (zeros without top-k data),
+    under the batch's decoding constraint when it has one (`constrain`; the unconstrained
+    CE is then left in batch.ce_unconstrained, detached).
 
     hidden: [b, s, d]. Returns two [b] tensors; training sums them over the batch,
     evaluation keeps them per row (for bootstrap intervals over validation rows).
     """
     h = hidden[batch.loss_mask]  # [n, d] (row-major, matches batch.targets)
     row = batch.loss_mask.nonzero()[:, 0].to(h.device)  # [n] which row each token is in
-    logp = torch.log_softmax(lm_head(model, h).float(), dim=-1)  # [n, vocab]
-    ce_tok = -logp.gather(1, batch.targets[:, None].to(h.device))[:, 0]  # [n]
+    full = torch.log_softmax(lm_head(model, h).float(), dim=-1)  # [n, vocab]
+    targets = batch.targets[:, None].to(h.device)
     zeros = torch.zeros(hidden.shape[0], device=h.device)
-    ce = zeros.index_add(0, row, ce_tok)
+    logp = constrain(full, batch)
+    if logp is not full:
+        batch.ce_unconstrained = zeros.index_add(0, row, -full.gather(1, targets)[:, 0]).detach()
+    ce = zeros.index_add(0, row, -logp.gather(1, targets)[:, 0])
     kl = zeros
     if objective == "distill" or batch.topk_ids is not None:
         if batch.topk_ids is None:
@@ -55,10 +94,7 @@ def token_losses(
                 "objective='distill' needs top-k teacher log-probs (topk_ids, topk_logprobs) "
                 "in every row; regenerate the data with top-k, or use annotate_topk()."
             )
-        ids = batch.topk_ids.to(h.device)  # [n, k]
-        log_pt = torch.log_softmax(batch.topk_logprobs.to(h.device), dim=-1)  # [n, k]
-        log_qs = torch.log_softmax(logp.gather(1, ids), dim=-1)  # [n, k] renormalised
-        kl = zeros.index_add(0, row, (log_pt.exp() * (log_pt - log_qs)).sum(-1))
+        kl = zeros.index_add(0, row, topk_kl(logp, batch))
     return ce, kl
 
 
@@ -113,6 +149,7 @@ def eval_losses(
     """
     rank, world = rank_world()
     rows = torch.zeros(len(examples), 3, dtype=torch.float64)  # ce, kl, n per example
+    unc = torch.zeros(len(examples), dtype=torch.float64)  # CE under the full distribution
     bar = progress(len(examples), desc or "", disable=desc is None or rank != 0)
     for start in range(0, len(examples), batch_size):
         bar.update(min(batch_size, len(examples) - start))
@@ -128,12 +165,18 @@ def eval_losses(
             ce, kl = model_losses(module, batch)
         n = batch.loss_mask.sum(1)
         rows[start : start + len(chunk)] = torch.stack([ce.cpu(), kl.cpu(), n.cpu()], 1).double()
+        if batch.ce_unconstrained is not None:
+            unc[start : start + len(chunk)] = batch.ce_unconstrained.cpu().double()
     bar.close()
     if world > 1:
         dist.all_reduce(rows)  # each row is filled on exactly one rank, zeros elsewhere
+        dist.all_reduce(unc)
     sums = rows.sum(0)
     n = max(float(sums[2]), 1.0)
     out: dict[str, Any] = {"ce": float(sums[0]) / n, "n_tokens": int(sums[2]), "rows": rows}
+    out["constrained"] = bool(examples) and all(ex.allowed is not None for ex in examples)
+    if out["constrained"]:
+        out["ce_unconstrained"] = float(unc.sum()) / n
     if all(ex.topk_ids is not None for ex in examples):
         out["kl"] = float(sums[1]) / n
     return out
@@ -206,4 +249,9 @@ def result_figures(base: dict, fitted: dict, teacher: dict | None) -> dict[str, 
     out["ce_gap"] = base["ce"] - teacher["ce"] if teacher else None
     out["ce_gap_within_noise"] = gap_within_noise(base["ce"], teacher["ce"] if teacher else None)
     out["kl_gap"] = base.get("kl") if "kl" in fitted else None
+    out["scored_under_constraint"] = bool(fitted.get("constrained"))
+    if fitted.get("constrained"):  # the same rows' CE under the full distribution too
+        for name, ev in (("base", base), ("teacher", teacher), ("fitted", fitted)):
+            if ev is not None and "ce_unconstrained" in ev:
+                out[f"{name}_val_loss_unconstrained"] = ev["ce_unconstrained"]
     return out

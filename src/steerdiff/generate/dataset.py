@@ -1,7 +1,8 @@
 """Writing a dataset: resumable, filtered writing of generated rows (the reader: reader.py).
 
 A dataset `<name>.jsonl` (one row per line: id, messages, completion_ids, optional
-top-k log-probs) comes with `<name>.progress.jsonl` (what was processed, for resuming)
+top-k log-probs: of the distribution sampled from, and under constrained decoding also the
+unconstrained ones as topk_*_unconstrained) comes with `<name>.progress.jsonl` (what was processed, for resuming)
 and `<name>.manifest.json`, written last: a dataset without a manifest is incomplete.
 `--overwrite` writes `<name>.partial.*` beside a finished dataset and replaces it only
 once the new one is complete. See docs/dataset-format.md.
@@ -320,6 +321,9 @@ def _row(i: int, prompt: str, text: str, s: Sample) -> dict[str, Any]:
     if s.topk_ids:
         row["topk_ids"] = s.topk_ids
         row["topk_logprobs"] = s.topk_logprobs
+    if s.topk_ids_unconstrained:  # constrained decoding: the full distribution's top-k too
+        row["topk_ids_unconstrained"] = s.topk_ids_unconstrained
+        row["topk_logprobs_unconstrained"] = s.topk_logprobs_unconstrained
     return row
 
 

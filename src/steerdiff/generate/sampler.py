@@ -14,8 +14,10 @@
 * optional constrained decoding: only `allowed_ids` (plus the stop tokens) can
   be sampled; the distribution is renormalised over them. Without top-k
   log-probs the unembedding is computed for those tokens only;
-* optional top-k log-probabilities of the model's own distribution (full
-  vocabulary, temperature 1, before any constraint) for every generated token.
+* optional top-k log-probabilities for every generated token, of the distribution it
+  was drawn from at temperature 1 (before top-p): the model's full distribution, or
+  under constrained decoding that distribution renormalised over what the token set and
+  the grammar allowed at that step (then the full one is kept too, as `*_unconstrained`).
 
 It calls the model's ordinary forward, so `hooks.steer(...)` works around it,
 including positions="response" (the prefill is the prompt, shared prefix included)
@@ -40,6 +42,7 @@ from transformers.cache_utils import DynamicCache
 
 from ..errors import SteerdiffError
 from ..models import LoadedModel, unwrap
+from .constraint import grammar_mask
 from .prefix import SharedPrefix, continuing_prompt, suffix_batch
 
 # ----------------------------------------------------------------------------- restricted head
@@ -113,7 +116,12 @@ class Sample:
     """One generated completion.
 
     token_ids: generated ids, including the stop token if one was produced.
-    topk_ids / topk_logprobs: [n_generated, k] (empty lists when k = 0).
+    topk_ids / topk_logprobs: per generated token, the top-k of the distribution it was
+      sampled from at temperature 1 (empty lists when k = 0). Under constrained decoding
+      that is the model's distribution renormalised over the tokens allowed at that step,
+      and a step that allowed fewer than k tokens has fewer entries (only allowed ones).
+    topk_ids_unconstrained / topk_logprobs_unconstrained: [n_generated, k] the model's
+      full-vocabulary top-k (constrained decoding with k > 0 only; else empty).
     """
 
     index: int  # position in the `prompts` list given to sample()
@@ -121,6 +129,8 @@ class Sample:
     stopped: bool  # True if a stop token ended it (False: hit max_new_tokens)
     topk_ids: list[list[int]] = field(default_factory=list)
     topk_logprobs: list[list[float]] = field(default_factory=list)
+    topk_ids_unconstrained: list[list[int]] = field(default_factory=list)
+    topk_logprobs_unconstrained: list[list[float]] = field(default_factory=list)
 
 
 @dataclass
@@ -201,7 +211,9 @@ def sample(
     temperature: 0 for greedy decoding (= model.generate(do_sample=False)).
     stop_ids: tokens that end a row (default: `stop_token_ids(model)`); kept in token_ids.
     allowed_ids: constrained decoding; only these and the stop ids can be sampled.
-    topk: store the top-k log-probs of the full, unconstrained distribution per token.
+    topk: store per token the top-k log-probs of the distribution sampled from, at
+      temperature 1 and before top-p (with allowed_ids: renormalised over the allowed
+      tokens; the full distribution's top-k then goes to topk_*_unconstrained).
     grammar: with allowed_ids, an object with mask(tokens so far, candidate ids) -> [bool]
       that narrows the allowed tokens per row and step (e.g. tasks.numbers.NumberListGrammar).
     progress: called with the number of prompts finished after each batch.
@@ -271,6 +283,33 @@ def sample(
     return out  # type: ignore[return-value]
 
 
+TOPK_FIELDS = (
+    "topk_ids",
+    "topk_logprobs",
+    "topk_ids_unconstrained",
+    "topk_logprobs_unconstrained",
+)
+
+
+def top_logprobs(
+    logits: torch.Tensor, k: int, ids: torch.Tensor | None = None
+) -> tuple[list[list[int]], list[list[float]]]:
+    """Per row, the top-k (token ids, log-probs rounded to 5 decimals) of softmax(logits)
+    at temperature 1. logits [b, n]: over the vocabulary, or over the token ids `ids` [n]
+    (then -inf marks a token not allowed at that step: it is left out, so a row that allows
+    fewer than k tokens has fewer entries)."""
+    lp = logits.log_softmax(-1)
+    v, i = lp.topk(min(k, lp.shape[-1]), dim=-1)  # [b, k]
+    if ids is not None:
+        i = ids[i]
+    out_ids, out_lp = [], []
+    for vr, ir in zip(v.tolist(), i.tolist(), strict=True):
+        keep = [j for j, x in enumerate(vr) if x != float("-inf")]
+        out_ids.append([ir[j] for j in keep])
+        out_lp.append([round(vr[j], 5) for j in keep])
+    return out_ids, out_lp
+
+
 def _sample_batch(
     hf: nn.Module,
     batch: list[list[int]],
@@ -300,8 +339,7 @@ def _sample_batch(
 
     rows = torch.arange(b, device=device)  # original row of each live batch row
     tokens: list[list[int]] = [[] for _ in range(b)]
-    tk_ids: list[list[list[int]]] = [[] for _ in range(b)]
-    tk_lp: list[list[list[float]]] = [[] for _ in range(b)]
+    tk: list[dict[str, list]] = [{k: [] for k in TOPK_FIELDS} for _ in range(b)]
     done = torch.zeros(b, dtype=torch.bool, device=device)
     n_done_in_batch = 0
     cur = skip + ids.shape[1]
@@ -318,16 +356,15 @@ def _sample_batch(
                 )
             logits = out.logits[:, -1, :].float()  # [b_live, V] or [b_live, n_allowed]
             if topk > 0:
-                lp = logits.log_softmax(-1)
-                v, i = lp.topk(topk, dim=-1)  # [b_live, k]
-                v_list, i_list = v.tolist(), i.tolist()
+                full = top_logprobs(logits, topk)  # the full distribution's top-k
             if allowed is not None and not swapped:
                 logits = logits[:, allowed]  # [b_live, n_allowed]
             if grammar is not None and allowed is not None:
                 cand = allowed.tolist()
-                ok = torch.tensor([grammar.mask(tokens[r], cand) for r in rows.tolist()])
-                ok |= ~ok.any(-1, keepdim=True)  # nothing allowed: fall back to the token set
+                ok = torch.tensor([grammar_mask(grammar, tokens[r], cand) for r in rows.tolist()])
                 logits = logits.masked_fill(~ok.to(logits.device), float("-inf"))
+            if topk > 0 and allowed is not None:  # the constrained distribution's top-k
+                con = top_logprobs(logits, topk, ids=allowed)
             if temperature <= 0:
                 nxt = logits.argmax(-1)  # [b_live]
             else:
@@ -342,9 +379,14 @@ def _sample_batch(
             for r, (row, t) in enumerate(zip(rows.tolist(), nxt_list, strict=True)):
                 if live[r]:
                     tokens[row].append(t)
-                    if topk > 0:
-                        tk_ids[row].append(i_list[r])
-                        tk_lp[row].append([round(x, 5) for x in v_list[r]])
+                    if topk > 0 and allowed is None:
+                        tk[row]["topk_ids"].append(full[0][r])
+                        tk[row]["topk_logprobs"].append(full[1][r])
+                    elif topk > 0:
+                        tk[row]["topk_ids"].append(con[0][r])
+                        tk[row]["topk_logprobs"].append(con[1][r])
+                        tk[row]["topk_ids_unconstrained"].append(full[0][r])
+                        tk[row]["topk_logprobs_unconstrained"].append(full[1][r])
             done |= torch.isin(nxt, stop)
             if bool(done.all()) or step == max_new_tokens - 1:
                 break
@@ -367,8 +409,7 @@ def _sample_batch(
         {
             "token_ids": tokens[r],
             "stopped": bool(tokens[r]) and tokens[r][-1] in stop_set,
-            "topk_ids": tk_ids[r],
-            "topk_logprobs": tk_lp[r],
+            **tk[r],
         }
         for r in range(b)
     ]

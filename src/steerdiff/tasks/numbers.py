@@ -25,7 +25,13 @@ from ..generate import (
     write_dataset,
 )
 from ..io import provenance
-from .constraints import ALLOWED_CHARS, SEPARATORS, NumberListGrammar, allowed_token_ids
+from .constraints import (
+    ALLOWED_CHARS,
+    SEPARATORS,
+    DecodingConstraint,
+    NumberListGrammar,
+    allowed_token_ids,
+)
 from .numbers_filter import (
     BANNED_LISTS,
     REASONS,
@@ -150,17 +156,29 @@ def make_dataset(
     backend: "hf" (our sampler) or "vllm" (prompt, plain, steered teachers; generate.vllm).
     grammar: with constrained decoding, also keep every row a list the filter accepts
     (NumberListGrammar: <= 3 digits per number, one separator style, <= 10 numbers).
+
+    Two protocols. constrained=True: every prompt gives a row, the manifest records the
+    `constraint` (DecodingConstraint spec), and with topk the rows' topk_* are the
+    teacher's distribution renormalised over what the constraint allowed at each step
+    (the unconstrained ones as topk_*_unconstrained). constrained=False, the published
+    one: sample freely at temperature 1, keep what the filter accepts (target_valid: the
+    first N valid rows); the manifest's `protocol` says how many prompts that took.
     """
     check_writable(out)
     cfg = cfg or NumbersConfig()
     tok = teacher.lm.tokenizer
     prompts = make_prompts(n_prompts, cfg)
-    allowed = allowed_token_ids(tok) if constrained else None
-    rules = None
-    if constrained and grammar:
-        rules = NumberListGrammar(
-            tok, stop_token_ids(teacher.lm), cfg.max_new_numbers, cfg.max_digits
+    constraint = (
+        DecodingConstraint(
+            stop_ids=tuple(stop_token_ids(teacher.lm)),
+            grammar=grammar,
+            max_numbers=cfg.max_new_numbers,
+            max_digits=cfg.max_digits,
         )
+        if constrained
+        else None
+    )
+    allowed, rules = constraint.build(tok) if constraint else (None, None)
     gen_kw = dict(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
@@ -227,7 +245,7 @@ def make_dataset(
         "n_prompts_requested": n_prompts,
         "target_valid": target_valid,
         "constrained": constrained,
-        "constraint": ("format" if grammar else "tokens") if constrained else None,
+        "constraint": constraint.spec() if constraint else None,
         "topk": topk,
         "max_new_tokens": max_new_tokens,
         "temperature": temperature,
@@ -244,9 +262,7 @@ def make_dataset(
         run_info["chat_template_kwargs"] = teacher.chat_template_kwargs
     extra = {
         "provenance": provenance(teacher.lm, seed=seed),
-        "topk_logprobs_of": "teacher, full vocabulary, temperature 1, before constraint/top-p"
-        if topk
-        else None,
+        "topk_logprobs_of": topk_logprobs_of(topk, constrained, backend),
         "batch_size": batch_size,
     }
     manifest = write_dataset(
@@ -262,14 +278,91 @@ def make_dataset(
         overwrite=overwrite,
         progress=progress,
         before=probe_unconstrained,
-        finalize=lambda m: m if constrained else {**m, "unconstrained_valid_rate": m["valid_rate"]},
+        finalize=lambda m: {**m, **protocol_report(m)},
     )
     return manifest
+
+
+FULL = "teacher, full vocabulary, temperature 1, before top-p"
+CONSTRAINED = (
+    "teacher, temperature 1, renormalised over the tokens the constraint (token set and "
+    "grammar) allowed at that step, before top-p: the distribution the row was sampled from"
+)
+
+
+def topk_logprobs_of(topk: int, constrained: bool, backend: str) -> dict | None:
+    """The manifest's `topk_logprobs_of`: which distribution each row field's top-k is of."""
+    if not topk:
+        return None
+    if not constrained:
+        return {"topk_logprobs": FULL}
+    if backend == "vllm":  # vLLM reports the model's log-probs, not the renormalised ones
+        return {"topk_logprobs": FULL + " (vLLM: the constraint is not applied to them)"}
+    return {"topk_logprobs": CONSTRAINED, "topk_logprobs_unconstrained": FULL}
+
+
+def protocol_report(m: dict) -> dict:
+    """The manifest's `protocol`: the mode, and how many prompts it took for its valid rows
+    (for constrained decoding, also what the published protocol would need at the
+    unconstrained probe's valid rate)."""
+    if m.get("constrained"):
+        rate = m.get("unconstrained_valid_rate")
+        return {
+            "protocol": {
+                "mode": "constrained decoding (token set + grammar)"
+                if (m.get("constraint") or {}).get("grammar")
+                else "constrained decoding (token set)",
+                "n_valid": m["n_valid"],
+                "prompts_used": m["n_prompts"],
+                "valid_rate": m["valid_rate"],
+                "unconstrained_valid_rate": rate,
+                "published_protocol_prompts_estimate": round(m["n_valid"] / rate) if rate else None,
+            }
+        }
+    return {
+        "unconstrained_valid_rate": m["valid_rate"],
+        "protocol": {
+            "mode": "published (unconstrained sampling at the given temperature, then the filter)",
+            "n_valid": m["n_valid"],
+            "prompts_used": m["n_prompts"],
+            "valid_rate": m["valid_rate"],
+            "target_valid": m.get("target_valid"),
+            "target_reached": m.get("target_valid") is None or m["n_valid"] >= m["target_valid"],
+        },
+    }
+
+
+def protocol_line(m: dict) -> str:
+    """One sentence for the CLI: how many prompts the valid rows took, in which mode."""
+    p = m.get("protocol") or {}
+    if not p:
+        return ""
+    line = (
+        f"{p['mode']}: {p['n_valid']:,} valid rows from {p['prompts_used']:,} prompts "
+        f"(valid rate {p['valid_rate']:.1%})"
+    )
+    if "published_protocol_prompts_estimate" in p:
+        est = p["published_protocol_prompts_estimate"]
+        rate = p["unconstrained_valid_rate"]
+        line += (
+            f"; the published protocol (--no-constrained) would need about {est:,} prompts "
+            f"at the unconstrained valid rate {rate:.1%} (probe of {m.get('unconstrained_probe_n')})"
+            if est
+            else "; the unconstrained probe gave no valid row (the published protocol would "
+            "need many more prompts)"
+        )
+    elif not p.get("target_reached", True):
+        line += (
+            f"; only {p['n_valid']:,} of the {p['target_valid']:,} asked for (--n-valid): "
+            f"raise --n-prompts to about {round(p['target_valid'] / max(p['valid_rate'], 1e-9)):,}"
+        )
+    return line
 
 
 __all__ = [
     "ALLOWED_CHARS",
     "BANNED_LISTS",
+    "DecodingConstraint",
     "EXAMPLES",
     "FORMATS",
     "FilterError",
@@ -290,5 +383,8 @@ __all__ = [
     "make_prompt",
     "make_prompts",
     "parse_numbers",
+    "protocol_line",
+    "protocol_report",
+    "topk_logprobs_of",
     "trait_words_for",
 ]
