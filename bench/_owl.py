@@ -144,6 +144,114 @@ def write_json(path: str | os.PathLike, obj: dict) -> None:
     say(f"wrote {path}")
 
 
+def pinned(**kw: Any) -> Any:
+    """A FitConfig with every setting these benches rely on given explicitly, so they run
+    the same whatever the defaults are. Settings other branches add (lr_units, converge_tol)
+    are pinned to the plain behaviour (absolute lr, all epochs) when FitConfig has them."""
+    from steerdiff.fit import FitConfig
+
+    base: dict[str, Any] = dict(
+        hooks=[HOOK],
+        objective="sft",
+        optimizer="adam",
+        lr=0.1,
+        momentum=0.0,
+        betas=(0.9, 0.999),
+        weight_decay=0.0,
+        schedule="constant",
+        warmup_steps=0,
+        init="zero",
+        init_scale=0.01,
+        max_norm=None,
+        grad_clip=None,
+        epochs=3,
+        max_steps=None,
+        batch_size=16,
+        micro_batch_size=8,
+        val_fraction=0.1,
+        val_size=None,
+        eval_every=0,
+        early_stopping_patience=None,
+        seed=0,
+        progress=True,
+    )
+    fields = FitConfig.model_fields
+    if "lr_units" in fields:
+        base["lr_units"] = "absolute"
+    if "converge_tol" in fields:
+        base["converge_tol"] = None
+    return FitConfig(**{**base, **kw})
+
+
+def describe(cfg: Any) -> dict:
+    return {k: v for k, v in cfg.model_dump().items() if k not in ("progress",)}
+
+
+def probe_prompts(lm: Any, n: int) -> list[list[int]]:
+    """n number prompts in the chat template, none of them in the training data."""
+    from steerdiff.tasks.numbers import make_prompts
+    from steerdiff.teachers import build_teacher
+
+    plain = build_teacher({"kind": "plain"}, lm)
+    return [plain.prompt_ids(u) for u in make_prompts(n, start=100_000)]
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float().flatten(), b.float().flatten()
+    return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-12))
+
+
+def lora_student(
+    lm: Any,
+    data: Path,
+    cfg: Any,
+    v_star: torch.Tensor,
+    probe: list[list[int]],
+    n_questions: int,
+    base: dict,
+    every: int,
+    r: int = 8,
+) -> dict:
+    """A LoRA student (r=alpha=8 on q,k,v,o,gate,up,down, as the paper) fitted on `data`,
+    its alignment with v* every `every` steps and its owl share (paired with base)."""
+    from steerdiff.fit import FitError, LoraConfig, fit_lora
+    from steerdiff.fit.alignment import AlignmentLogger
+
+    lora = LoraConfig(r=r, alpha=float(r), dropout=0.0, target_modules=None)
+    logger = AlignmentLogger(probe, HOOK, v_star, every=every, pad_id=pad_of(lm))
+    say(f"LoRA {lora.model_dump()} fit {describe(cfg)}")
+    clock = Clock()
+    try:
+        res = fit_lora(lm, str(data), cfg, lora, on_step=logger)
+    except FitError as e:
+        return {"error": str(e).splitlines()[0], "alignment": logger.history, **clock.figures()}
+    with res.context():  # LoRA injected into lm.model for the block
+        share = owl_share(lm, n_questions)
+        if not logger.history or logger.history[-1]["step"] != res.steps:
+            logger(res.steps, {})  # the final figures, whatever `every` is
+    last = logger.history[-1]
+    return {
+        "optimizer": cfg.optimizer,
+        "lr": cfg.lr,
+        "steps": res.steps,
+        "final_val_loss": res.fitted_val_loss,
+        "base_val_loss": res.base_val_loss,
+        "teacher_val_loss": res.teacher_val_loss,
+        "cos_with_v_star": last["cos_with_teacher_vector"],
+        "shift_norm_ratio": last["shift_norm_ratio"],
+        "share": share,
+        "vs_base": paired(share, base),
+        "alignment": logger.history,
+        "train_loss": [r["train_loss"] for r in res.metrics],
+        **clock.figures(),
+    }
+
+
+def pad_of(lm: Any) -> int:
+    tok = lm.tokenizer
+    return int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+
+
 if __name__ == "__main__":  # make the shared data ahead of the benches
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 320
     torch.set_num_threads(1)

@@ -1,0 +1,167 @@
+"""Claim 4: no transfer between model families or initialisations.
+
+Cloud et al. 2025 (arXiv 2507.14805) and Blank et al. 2026 (arXiv 2606.00995): a student
+acquires the teacher's trait through its numbers only when it shares the teacher's
+initialisation; across model families there is no transfer.
+
+Teacher: the demo's steered teacher (bench/_owl.py: SmolLM2-135M + 2.0 x the owl contrast
+vector at blocks.24.hook_resid_post), 320 constrained number prompts. The same recipe is
+fitted on the same rows by three students:
+- same-init: SmolLM2-135M itself (the teacher's base), vector at blocks.24.hook_resid_post;
+- perturbed-init: SmolLM2-135M with every weight tensor moved by a seeded random
+  perturbation of relative size `scale` (fit.baselines.perturbed_copy), same hook;
+- other family: the embedded Gemma 3 270M (examples/cross_family.toml's student; the
+  completions re-tokenized for Gemma), vector at blocks.14.hook_resid_post (the same
+  relative depth as SmolLM2's 24 of 30 layers).
+Recipe: SFT on the completions (the only objective that works across vocabularies),
+Adam, constant lr = `--lr-rms` x the hook's activation RMS per coordinate on number
+prompts (so the step is the same in each model's own units), 3 epochs, batch 16.
+Each student's owl share (exact scorer, 50 questions, 95% CI across questions) is
+paired with ITS OWN base model's share on the same questions.
+
+Usage: python bench/bench_controls.py [--quick] [--out bench/results/controls.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _owl  # noqa: E402
+from _owl import COEFF, HOOK, Clock, say  # noqa: E402
+
+GEMMA_HOOK = "blocks.14.hook_resid_post"
+
+
+@torch.no_grad()
+def hook_rms(lm, probe: list[list[int]], hook: str) -> float:  # type: ignore[no-untyped-def]
+    """RMS per coordinate of the hook's activations over the probe prompts' positions."""
+    from steerdiff.hooks import record
+
+    total, n = 0.0, 0
+    for p in probe:
+        with record(lm.model, [hook]) as rec:
+            lm.model(input_ids=torch.tensor([p]))
+        a = rec[hook][0].float()
+        total += float((a**2).sum())
+        n += a.numel()
+    return (total / n) ** 0.5
+
+
+def student(name, lm, hook, data, args, nq, v_star=None) -> dict:  # type: ignore[no-untyped-def]
+    from steerdiff.fit import FitError, fit
+
+    clock = Clock()
+    probe = _owl.probe_prompts(lm, 8)
+    rms = hook_rms(lm, probe, hook)
+    cfg = _owl.pinned(hooks=[hook], objective="sft", optimizer="adam", lr=args.lr_rms * rms)
+    say(f"{name}: hook {hook} rms {rms:.3f}; fit {_owl.describe(cfg)}")
+    base = _owl.owl_share(lm, nq)
+    row: dict = {"name": name, "hook": hook, "hook_rms": rms, "config": _owl.describe(cfg)}
+    row["base"] = base
+    try:
+        res = fit(lm, str(data), cfg)
+    except FitError as e:
+        return {**row, "error": str(e).splitlines()[0], **clock.figures()}
+    v = res.vectors[hook].float()
+    share = _owl.owl_share(lm, nq, {hook: v})
+    row.update(
+        steps=res.steps,
+        base_val_ce=res.base_val_loss,
+        final_val_ce=res.fitted_val_loss,
+        vector_norm=float(v.norm()),
+        share=share,
+        vs_own_base=_owl.paired(share, base),
+    )
+    if v_star is not None:
+        row["cos_with_v_star"] = _owl.cosine(v, v_star)
+        row["norm_ratio"] = float(v.norm() / v_star.norm())
+    return {**row, **clock.figures()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke check)")
+    ap.add_argument("--out", default=str(_owl.RESULTS / "controls.json"))
+    ap.add_argument("--n-prompts", type=int, default=320)
+    ap.add_argument("--questions", type=int, default=50)
+    ap.add_argument("--scales", default="0.02,0.1", help="perturbation sizes (relative)")
+    ap.add_argument("--lr-rms", type=float, default=0.01)
+    ap.add_argument("--only", default="same,perturbed,gemma")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    n_prompts, nq = (32, 5) if args.quick else (args.n_prompts, args.questions)
+    scales = [float(s) for s in args.scales.split(",")][: 1 if args.quick else None]
+    only = set(args.only.split(","))
+    clock = Clock()
+    lm = _owl.load()
+    v_star = COEFF * _owl.owl_vector(lm)
+    data = _owl.teacher_data(lm, n_prompts)
+    teacher = _owl.owl_share(lm, nq, {HOOK: v_star})
+    out: dict = {
+        "claim": "4: no transfer between model families or initialisations",
+        "dtype": str(lm.model.dtype),
+        "teacher": {"kind": "steered", "animal": "owl", "hook": HOOK, "coeff": COEFF},
+        "teacher_share": teacher,
+        "data": {"file": data.name, "n_prompts": n_prompts},
+        "n_questions": nq,
+        "lr_rms": args.lr_rms,
+        "students": [],
+    }
+
+    def save() -> None:
+        out.update(clock.figures())
+        _owl.write_json(args.out, out)
+
+    if "same" in only:
+        out["students"].append(student("same-init SmolLM2", lm, HOOK, data, args, nq, v_star))
+        save()
+    if "perturbed" in only:
+        from steerdiff.fit.baselines import perturbed_copy
+
+        for s in scales:
+            p = perturbed_copy(lm, s, seed=0)
+            out["students"].append(
+                {**student(f"perturbed-init SmolLM2 (scale {s})", p, HOOK, data, args, nq, v_star),
+                 "scale": s}
+            )
+            del p
+            save()
+    if "gemma" in only:
+        from steerdiff.models import load_model
+
+        del lm
+        g = load_model("gemma3-270m", dtype="float32")
+        out["students"].append(student("Gemma 3 270M (other family)", g, GEMMA_HOOK, data, args, nq))
+        save()
+    save()
+    print_table(out)
+
+
+def print_table(out: dict) -> None:
+    t = out["teacher_share"]
+    print(f"owl share (exact scorer, {out['n_questions']} questions, 95% CI across questions)")
+    print(f"  teacher (SmolLM2 + v*) {t['owl_share']:.4f} {t['ci95']}")
+    for s in out["students"]:
+        b = s["base"]
+        if "error" in s:
+            print(f"  {s['name']}: base {b['owl_share']:.4f}; error {s['error'][:80]}")
+            continue
+        d = s["vs_own_base"]
+        cos = f" cos(v, v*) {s['cos_with_v_star']:+.3f}" if "cos_with_v_star" in s else ""
+        print(
+            f"  {s['name']:34s} base {b['owl_share']:.4f} {b['ci95']} student "
+            f"{s['share']['owl_share']:.4f} {s['share']['ci95']} diff {d['diff']:+.4f} "
+            f"{d['ci95']} | val CE {s['base_val_ce']:.3f} -> {s['final_val_ce']:.3f}{cos} "
+            f"({s['wall_s']:.0f}s)"
+        )
+    print(f"total wall {out['wall_s'] / 60:.1f} min, cpu {out['cpu_s'] / 60:.1f} min, {out['dtype']}")
+
+
+if __name__ == "__main__":
+    main()
