@@ -102,6 +102,32 @@ def teacher_data(lm: Any, n_prompts: int, max_new_tokens: int = 48) -> Path:
     return out
 
 
+def rows(data: Path, n_train: int, n_val: int) -> list[dict]:
+    """The first n_train + n_val rows of the dataset (the fit splits off val_size=n_val).
+
+    Given as rows, not as the file, the fit has no manifest teacher to score, which
+    saves a teacher pass over the validation rows (its loss is not needed here)."""
+    out = []
+    with open(data) as f:
+        for line in f:
+            if line.strip():
+                out.append(json.loads(line))
+            if len(out) == n_train + n_val:
+                break
+    return out
+
+
+def cached_share(lm: Any, name: str, n_questions: int, vectors: dict | None = None) -> dict:
+    """owl_share of the base model / the teacher, cached on disk (same model, same vector)."""
+    path = CACHE / f"share_{name}_q{n_questions}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    fig = owl_share(lm, n_questions, vectors)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(fig))
+    return fig
+
+
 def owl_share(lm: Any, n_questions: int, vectors: dict | None = None, coeff: float = 1.0) -> dict:
     """Exact-scorer owl share of `lm` (optionally + vectors at all positions) with its CI."""
     from steerdiff.evals.preference import exact_preference
@@ -169,7 +195,7 @@ def pinned(**kw: Any) -> Any:
         batch_size=16,
         micro_batch_size=8,
         val_fraction=0.1,
-        val_size=None,
+        val_size=16,
         eval_every=0,
         early_stopping_patience=None,
         seed=0,
@@ -203,7 +229,7 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def lora_student(
     lm: Any,
-    data: Path,
+    data: list[dict],
     cfg: Any,
     v_star: torch.Tensor,
     probe: list[list[int]],
@@ -222,7 +248,7 @@ def lora_student(
     say(f"LoRA {lora.model_dump()} fit {describe(cfg)}")
     clock = Clock()
     try:
-        res = fit_lora(lm, str(data), cfg, lora, on_step=logger)
+        res = fit_lora(lm, data, cfg, lora, on_step=logger)
     except FitError as e:
         return {"error": str(e).splitlines()[0], "alignment": logger.history, **clock.figures()}
     with res.context():  # LoRA injected into lm.model for the block
@@ -236,7 +262,6 @@ def lora_student(
         "steps": res.steps,
         "final_val_loss": res.fitted_val_loss,
         "base_val_loss": res.base_val_loss,
-        "teacher_val_loss": res.teacher_val_loss,
         "cos_with_v_star": last["cos_with_teacher_vector"],
         "shift_norm_ratio": last["shift_norm_ratio"],
         "share": share,

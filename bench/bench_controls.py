@@ -5,8 +5,9 @@ acquires the teacher's trait through its numbers only when it shares the teacher
 initialisation; across model families there is no transfer.
 
 Teacher: the demo's steered teacher (bench/_owl.py: SmolLM2-135M + 2.0 x the owl contrast
-vector at blocks.24.hook_resid_post), 320 constrained number prompts. The same recipe is
-fitted on the same rows by three students:
+vector at blocks.24.hook_resid_post), 320 constrained number prompts, of which the first
+`--n-train` + 16 (validation) rows are used. The same recipe is fitted on the same rows
+by three students:
 - same-init: SmolLM2-135M itself (the teacher's base), vector at blocks.24.hook_resid_post;
 - perturbed-init: SmolLM2-135M with every weight tensor moved by a seeded random
   perturbation of relative size `scale` (fit.baselines.perturbed_copy), same hook;
@@ -15,8 +16,8 @@ fitted on the same rows by three students:
   relative depth as SmolLM2's 24 of 30 layers).
 Recipe: SFT on the completions (the only objective that works across vocabularies),
 Adam, constant lr = `--lr-rms` x the hook's activation RMS per coordinate on number
-prompts (so the step is the same in each model's own units), 3 epochs, batch 16.
-Each student's owl share (exact scorer, 50 questions, 95% CI across questions) is
+prompts (so the step is the same in each model's own units), 3 epochs, batch 8.
+Each student's owl share (exact scorer, 30 questions, 95% CI across questions) is
 paired with ITS OWN base model's share on the same questions.
 
 Usage: python bench/bench_controls.py [--quick] [--out bench/results/controls.json]
@@ -52,19 +53,27 @@ def hook_rms(lm, probe: list[list[int]], hook: str) -> float:  # type: ignore[no
     return (total / n) ** 0.5
 
 
-def student(name, lm, hook, data, args, nq, v_star=None) -> dict:  # type: ignore[no-untyped-def]
+def student(name, lm, hook, data, args, nq, v_star=None, base=None) -> dict:  # type: ignore[no-untyped-def]
     from steerdiff.fit import FitError, fit
 
     clock = Clock()
     probe = _owl.probe_prompts(lm, 8)
     rms = hook_rms(lm, probe, hook)
-    cfg = _owl.pinned(hooks=[hook], objective="sft", optimizer="adam", lr=args.lr_rms * rms)
+    cfg = _owl.pinned(
+        hooks=[hook],
+        objective="sft",
+        optimizer="adam",
+        lr=args.lr_rms * rms,
+        epochs=3,
+        batch_size=args.batch_size,
+        micro_batch_size=args.batch_size,
+    )
     say(f"{name}: hook {hook} rms {rms:.3f}; fit {_owl.describe(cfg)}")
-    base = _owl.owl_share(lm, nq)
+    base = base or _owl.owl_share(lm, nq)  # the student's own base model
     row: dict = {"name": name, "hook": hook, "hook_rms": rms, "config": _owl.describe(cfg)}
     row["base"] = base
     try:
-        res = fit(lm, str(data), cfg)
+        res = fit(lm, data, cfg)
     except FitError as e:
         return {**row, "error": str(e).splitlines()[0], **clock.figures()}
     v = res.vectors[hook].float()
@@ -88,27 +97,32 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke check)")
     ap.add_argument("--out", default=str(_owl.RESULTS / "controls.json"))
     ap.add_argument("--n-prompts", type=int, default=320)
-    ap.add_argument("--questions", type=int, default=50)
-    ap.add_argument("--scales", default="0.02,0.1", help="perturbation sizes (relative)")
+    ap.add_argument("--n-train", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--questions", type=int, default=30)
+    ap.add_argument("--scales", default="0.05", help="perturbation sizes (relative, per tensor)")
     ap.add_argument("--lr-rms", type=float, default=0.01)
     ap.add_argument("--only", default="same,perturbed,gemma")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    n_prompts, nq = (32, 5) if args.quick else (args.n_prompts, args.questions)
+    if args.quick:
+        args.n_prompts, args.n_train, args.questions = 32, 8, 5
+    n_prompts, nq = args.n_prompts, args.questions
     scales = [float(s) for s in args.scales.split(",")][: 1 if args.quick else None]
     only = set(args.only.split(","))
     clock = Clock()
     lm = _owl.load()
     v_star = COEFF * _owl.owl_vector(lm)
     data = _owl.teacher_data(lm, n_prompts)
-    teacher = _owl.owl_share(lm, nq, {HOOK: v_star})
+    rows = _owl.rows(data, args.n_train, 16)
+    teacher = _owl.cached_share(lm, "teacher", nq, {HOOK: v_star})
     out: dict = {
         "claim": "4: no transfer between model families or initialisations",
         "dtype": str(lm.model.dtype),
         "teacher": {"kind": "steered", "animal": "owl", "hook": HOOK, "coeff": COEFF},
         "teacher_share": teacher,
-        "data": {"file": data.name, "n_prompts": n_prompts},
+        "data": {"file": data.name, "n_prompts": n_prompts, "n_train": args.n_train, "n_val": 16},
         "n_questions": nq,
         "lr_rms": args.lr_rms,
         "students": [],
@@ -119,7 +133,18 @@ def main() -> None:
         _owl.write_json(args.out, out)
 
     if "same" in only:
-        out["students"].append(student("same-init SmolLM2", lm, HOOK, data, args, nq, v_star))
+        out["students"].append(
+            student(
+                "same-init SmolLM2",
+                lm,
+                HOOK,
+                rows,
+                args,
+                nq,
+                v_star,
+                _owl.cached_share(lm, "base", nq),
+            )
+        )
         save()
     if "perturbed" in only:
         from steerdiff.fit.baselines import perturbed_copy
@@ -127,8 +152,12 @@ def main() -> None:
         for s in scales:
             p = perturbed_copy(lm, s, seed=0)
             out["students"].append(
-                {**student(f"perturbed-init SmolLM2 (scale {s})", p, HOOK, data, args, nq, v_star),
-                 "scale": s}
+                {
+                    **student(
+                        f"perturbed-init SmolLM2 (scale {s})", p, HOOK, rows, args, nq, v_star
+                    ),
+                    "scale": s,
+                }
             )
             del p
             save()
@@ -137,7 +166,9 @@ def main() -> None:
 
         del lm
         g = load_model("gemma3-270m", dtype="float32")
-        out["students"].append(student("Gemma 3 270M (other family)", g, GEMMA_HOOK, data, args, nq))
+        out["students"].append(
+            student("Gemma 3 270M (other family)", g, GEMMA_HOOK, rows, args, nq)
+        )
         save()
     save()
     print_table(out)
@@ -160,7 +191,9 @@ def print_table(out: dict) -> None:
             f"{d['ci95']} | val CE {s['base_val_ce']:.3f} -> {s['final_val_ce']:.3f}{cos} "
             f"({s['wall_s']:.0f}s)"
         )
-    print(f"total wall {out['wall_s'] / 60:.1f} min, cpu {out['cpu_s'] / 60:.1f} min, {out['dtype']}")
+    print(
+        f"total wall {out['wall_s'] / 60:.1f} min, cpu {out['cpu_s'] / 60:.1f} min, {out['dtype']}"
+    )
 
 
 if __name__ == "__main__":

@@ -80,7 +80,12 @@ def test_logger_writes_the_columns_every_n_steps(steered_data, tmp_path):  # noq
     logger = AlignmentLogger(PROBE, HOOK, v, every=2)
     cfg = FitConfig(objective="distill", **{**QUICK, "lr": 0.01, "epochs": 2})
     res = fit_lora(
-        m, exs, cfg, LoraConfig(r=4, alpha=8), teacher=teacher(v), out_dir=tmp_path,
+        m,
+        exs,
+        cfg,
+        LoraConfig(r=4, alpha=8),
+        teacher=teacher(v),
+        out_dir=tmp_path,
         on_step=logger,
     )
     steps = [r["step"] for r in res.metrics]
@@ -123,5 +128,7 @@ def test_perturbed_copy_changes_each_tensor_by_scale():
     pa, pb, pc = (dict(x.model.named_parameters()) for x in (a, b, c))
     for n in pa:
         torch.testing.assert_close(pa[n], pb[n], rtol=0, atol=0)
-    assert not torch.equal(pa["model.layers.0.mlp.up_proj.weight"], pc["model.layers.0.mlp.up_proj.weight"])
+    assert not torch.equal(
+        pa["model.layers.0.mlp.up_proj.weight"], pc["model.layers.0.mlp.up_proj.weight"]
+    )
     assert a.weights_hash != lm.weights_hash

@@ -161,7 +161,12 @@ def fit_lora(
         student = ModuleStudent(peft_model, params)
         watch_module(on_step, peft_model)
         res = d.train_student(
-            student, cfg, out_dir=out_dir, resume=resume, prov=prov, save_params=save,
+            student,
+            cfg,
+            out_dir=out_dir,
+            resume=resume,
+            prov=prov,
+            save_params=save,
             on_step=on_step,
         )
         state = {k: v.clone() for k, v in _cpu(get_peft_model_state_dict(peft_model)).items()}
