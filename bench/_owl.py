@@ -74,19 +74,21 @@ def owl_vector(lm: Any) -> torch.Tensor:
     return vs[HOOK].float()
 
 
-def teacher_data(lm: Any, n_prompts: int, max_new_tokens: int = 48) -> Path:
-    """The steered teacher's constrained numbers (top-20 log-probs), made once per size."""
+def teacher_data(lm: Any, n_prompts: int, max_new_tokens: int = 48, kind: str = "steered") -> Path:
+    """The steered teacher's constrained numbers (top-20 log-probs), made once per size;
+    kind "plain": the base model's own numbers (the control), same prompts and settings."""
     from steerdiff.tasks.numbers import make_dataset
     from steerdiff.teachers import TeacherConfig, build_teacher
 
-    out = CACHE / f"owl_steered_n{n_prompts}_t{max_new_tokens}.jsonl"
+    name = "owl_steered" if kind == "steered" else kind
+    out = CACHE / f"{name}_n{n_prompts}_t{max_new_tokens}.jsonl"
     done = out.with_suffix(".done")
     if done.exists():
         return out
     CACHE.mkdir(parents=True, exist_ok=True)
     vec_file = CACHE / "owl_vector.safetensors"  # written by owl_vector
     t = TeacherConfig(kind="steered", animal=ANIMAL, hook=HOOK, coeff=COEFF, vectors=str(vec_file))
-    teacher = build_teacher(t, lm)
+    teacher = build_teacher(t if kind == "steered" else TeacherConfig(kind="plain"), lm)
     manifest = make_dataset(
         teacher,
         str(out),

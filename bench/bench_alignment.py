@@ -43,6 +43,12 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--every", type=int, default=2)
     ap.add_argument("--probe", type=int, default=16)
+    ap.add_argument(
+        "--data-teacher",
+        default="steered",
+        choices=["steered", "plain"],
+        help="plain: the control, students of the base model's own numbers (same prompts)",
+    )
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -51,7 +57,9 @@ def main() -> None:
     clock = Clock()
     lm = _owl.load()
     v_star = COEFF * _owl.owl_vector(lm)
-    data = _owl.teacher_data(lm, args.n_prompts)
+    if args.data_teacher == "plain":  # only the rows used are written
+        args.n_prompts = args.n_train + 16
+    data = _owl.teacher_data(lm, args.n_prompts, kind=args.data_teacher)
     rows = _owl.rows(data, args.n_train, 16)
     base = _owl.cached_share(lm, "base", args.questions)
     teacher = _owl.cached_share(lm, "teacher", args.questions, {HOOK: v_star})
@@ -62,6 +70,7 @@ def main() -> None:
         "model": "embedded SmolLM2-135M-Instruct",
         "dtype": str(lm.model.dtype),
         "teacher": {"kind": "steered", "animal": "owl", "hook": HOOK, "coeff": COEFF},
+        "data_teacher": args.data_teacher,
         "v_star_norm": float(v_star.norm()),
         "data": {
             "file": data.name,
