@@ -17,6 +17,12 @@ by three students:
 Recipe: SFT on the completions (the only objective that works across vocabularies),
 Adam, constant lr = `--lr-rms` x the hook's activation RMS per coordinate on number
 prompts (so the step is the same in each model's own units), 3 epochs, batch 8.
+The same-init SFT student at that lr LOWERS the owl share (SFT on constrained numbers learns
+the constraint, see issue 18), so the perturbed-init control is also run with the recipe
+that does transfer at this scale: distillation on the stored top-20 log-probs, Adam lr 0.3
+(`--distill-lr`; the same fit as bench_optimizers.py's Adam 0.3 vector student, whose
+figure is the same-init row for it; `--only same-distill` re-measures it here). Gemma
+cannot be distilled (another vocabulary): its row is compared with the same-init SFT row.
 Each student's owl share (exact scorer, 30 questions, 95% CI across questions) is
 paired with ITS OWN base model's share on the same questions.
 
@@ -26,6 +32,7 @@ Usage: python bench/bench_controls.py [--quick] [--out bench/results/controls.js
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -53,7 +60,7 @@ def hook_rms(lm, probe: list[list[int]], hook: str) -> float:  # type: ignore[no
     return (total / n) ** 0.5
 
 
-def student(name, lm, hook, data, args, nq, v_star=None, base=None) -> dict:  # type: ignore[no-untyped-def]
+def student(name, lm, hook, data, args, nq, v_star=None, base=None, distill=False) -> dict:  # type: ignore[no-untyped-def]
     from steerdiff.fit import FitError, fit
 
     clock = Clock()
@@ -61,9 +68,9 @@ def student(name, lm, hook, data, args, nq, v_star=None, base=None) -> dict:  # 
     rms = hook_rms(lm, probe, hook)
     cfg = _owl.pinned(
         hooks=[hook],
-        objective="sft",
+        objective="distill" if distill else "sft",
         optimizer="adam",
-        lr=args.lr_rms * rms,
+        lr=args.distill_lr if distill else args.lr_rms * rms,
         epochs=3,
         batch_size=args.batch_size,
         micro_batch_size=args.batch_size,
@@ -102,7 +109,14 @@ def main() -> None:
     ap.add_argument("--questions", type=int, default=30)
     ap.add_argument("--scales", default="0.05", help="perturbation sizes (relative, per tensor)")
     ap.add_argument("--lr-rms", type=float, default=0.01)
-    ap.add_argument("--only", default="same,perturbed,gemma")
+    ap.add_argument("--distill-lr", type=float, default=0.3, help="Adam lr of distill students")
+    ap.add_argument(
+        "--only",
+        default="same,perturbed,gemma,same-distill,perturbed-distill",
+        help="which students (sft: same, perturbed, gemma; distill: same-distill, "
+        "perturbed-distill)",
+    )
+    ap.add_argument("--resume", action="store_true", help="keep the students already in --out")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -132,44 +146,63 @@ def main() -> None:
         out.update(clock.figures())
         _owl.write_json(args.out, out)
 
-    if "same" in only:
-        out["students"].append(
-            student(
-                "same-init SmolLM2",
-                lm,
+    if args.resume and Path(args.out).exists():
+        out["students"] = json.loads(Path(args.out).read_text())["students"]
+    have = {s["name"] for s in out["students"]}
+
+    def add(name, *a, **kw) -> None:  # type: ignore[no-untyped-def]
+        if name not in have:
+            out["students"].append({**student(name, *a, **kw), "recipe": recipe(kw)})
+            save()
+
+    def recipe(kw: dict) -> str:
+        return "distill" if kw.get("distill") else "sft"
+
+    if "same-distill" in only:
+        add(
+            "same-init SmolLM2, distill",
+            lm,
+            HOOK,
+            rows,
+            args,
+            nq,
+            v_star,
+            _owl.cached_share(lm, "base", nq),
+            distill=True,
+        )
+    if "perturbed-distill" in only:
+        from steerdiff.fit.baselines import perturbed_copy
+
+        for s in scales:
+            p = perturbed_copy(lm, s, seed=0)
+            add(
+                f"perturbed-init SmolLM2 (scale {s}), distill",
+                p,
                 HOOK,
                 rows,
                 args,
                 nq,
                 v_star,
-                _owl.cached_share(lm, "base", nq),
+                distill=True,
             )
-        )
-        save()
+            del p
     if "perturbed" in only:
         from steerdiff.fit.baselines import perturbed_copy
 
         for s in scales:
             p = perturbed_copy(lm, s, seed=0)
-            out["students"].append(
-                {
-                    **student(
-                        f"perturbed-init SmolLM2 (scale {s})", p, HOOK, rows, args, nq, v_star
-                    ),
-                    "scale": s,
-                }
-            )
+            add(f"perturbed-init SmolLM2 (scale {s})", p, HOOK, rows, args, nq, v_star)
             del p
-            save()
+    if "same" in only:
+        add(
+            "same-init SmolLM2", lm, HOOK, rows, args, nq, v_star, _owl.cached_share(lm, "base", nq)
+        )
     if "gemma" in only:
         from steerdiff.models import load_model
 
         del lm
         g = load_model("gemma3-270m", dtype="float32")
-        out["students"].append(
-            student("Gemma 3 270M (other family)", g, GEMMA_HOOK, rows, args, nq)
-        )
-        save()
+        add("Gemma 3 270M (other family)", g, GEMMA_HOOK, rows, args, nq)
     save()
     print_table(out)
 
@@ -186,7 +219,7 @@ def print_table(out: dict) -> None:
         d = s["vs_own_base"]
         cos = f" cos(v, v*) {s['cos_with_v_star']:+.3f}" if "cos_with_v_star" in s else ""
         print(
-            f"  {s['name']:34s} base {b['owl_share']:.4f} {b['ci95']} student "
+            f"  {s['name']:44s} [{s.get('recipe', 'sft')}, lr {s['config']['lr']:.3g}] base {b['owl_share']:.4f} {b['ci95']} student "
             f"{s['share']['owl_share']:.4f} {s['share']['ci95']} diff {d['diff']:+.4f} "
             f"{d['ci95']} | val CE {s['base_val_ce']:.3f} -> {s['final_val_ce']:.3f}{cos} "
             f"({s['wall_s']:.0f}s)"
