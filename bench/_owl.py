@@ -256,7 +256,7 @@ def lora_student(
     with res.context():  # LoRA injected into lm.model for the block
         share = owl_share(lm, n_questions)
         if not logger.history or logger.history[-1]["step"] != res.steps:
-            logger(res.steps, {})  # the final figures, whatever `every` is
+            logger.history.append({"step": res.steps, **logger.measure()})  # the final figures
     last = logger.history[-1]
     return {
         "optimizer": cfg.optimizer,

@@ -10,7 +10,7 @@ import torch
 from conftest import make_tiny
 from test_train import HOOK, QUICK, steered_data, teacher  # noqa: F401  (fixture)
 
-from steerdiff.fit import FitConfig, LoraConfig, fit_lora
+from steerdiff.fit import FitConfig, LoraConfig, fit_full, fit_lora
 from steerdiff.fit.alignment import (
     AlignmentLogger,
     activation_shift,
@@ -132,3 +132,20 @@ def test_perturbed_copy_changes_each_tensor_by_scale():
         pa["model.layers.0.mlp.up_proj.weight"], pc["model.layers.0.mlp.up_proj.weight"]
     )
     assert a.weights_hash != lm.weights_hash
+
+
+def test_logger_follows_the_full_finetune_copy(steered_data):  # noqa: F811
+    """Bug caught: fit_full not handing its trained copy to the logger (it would measure
+    nothing, or the untouched original: shift 0), so the logged alignment of a full
+    finetune disagrees with the finetuned model's own shift."""
+    m, v, exs = steered_data
+    logger = AlignmentLogger(PROBE, HOOK, v, every=3)
+    cfg = FitConfig(objective="sft", optimizer="adamw", **{**QUICK, "lr": 1e-3})
+    res = fit_full(m, exs, cfg, teacher=teacher(v), on_step=logger)
+    assert [h["step"] for h in logger.history] == [s for s in range(1, res.steps + 1) if s % 3 == 0]
+    final = logger.measure()  # the finished copy, measured by the logger
+    shift = hand_mean(res.model, PROBE, HOOK) - hand_mean(m, PROBE, HOOK)
+    assert float(shift.norm()) > 0.01  # the finetune moved the activations
+    want = float(shift @ v) / float(shift.norm() * v.norm())
+    assert final["cos_with_teacher_vector"] == pytest.approx(want, abs=1e-4)
+    assert final["shift_norm"] == pytest.approx(float(shift.norm()), rel=1e-3)
