@@ -167,7 +167,7 @@ def main() -> None:
             save()
     lora = Path(args.lora_from)
     if lora.exists():
-        out["lora_from"] = str(lora)
+        out["lora_from"] = lora.name
         out["lora"] = {
             k: {"runs": [s], "best": s} for k, s in json.loads(lora.read_text())["students"].items()
         }
