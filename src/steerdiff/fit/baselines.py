@@ -28,7 +28,7 @@ from torch import nn
 from ..dtypes import dtype_name
 from ..hooks import steer
 from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from ..models import LoadedModel, unwrap
+from ..models import LoadedModel, unwrap, wrap_model
 from .api import Data, model_provenance, prepare_fit, resumes
 from .config import FitConfig, FitResult, LoraConfig, make_config
 from .data import Batch, TeacherLike
@@ -119,6 +119,7 @@ def fit_lora(
     teacher: TeacherLike = None,
     out_dir: str | os.PathLike | None = None,
     resume: bool = False,
+    on_step: Callable[[int, dict], None] | None = None,
     **overrides: Any,
 ) -> FinetuneResult:
     """LoRA finetune (PEFT) with the same objective, loop, metrics and files as `fit`.
@@ -127,6 +128,7 @@ def fit_lora(
     Files in out_dir: adapter.safetensors (+ lora.json), metrics.jsonl/.csv, result.json,
     and the PEFT adapter files (adapter_config.json, adapter_model.safetensors), so out_dir
     is a folder `teachers.load_adapted` (and PEFT) load: `--teacher adapter --adapter OUT`.
+    on_step(step, row): called after each optimizer step (see `watch_module`).
     """
     from peft import get_peft_model, get_peft_model_state_dict
 
@@ -157,8 +159,15 @@ def fit_lora(
             _save_peft_adapter(peft_model, out)
 
         student = ModuleStudent(peft_model, params)
+        watch_module(on_step, peft_model)
         res = d.train_student(
-            student, cfg, out_dir=out_dir, resume=resume, prov=prov, save_params=save
+            student,
+            cfg,
+            out_dir=out_dir,
+            resume=resume,
+            prov=prov,
+            save_params=save,
+            on_step=on_step,
         )
         state = {k: v.clone() for k, v in _cpu(get_peft_model_state_dict(peft_model)).items()}
     finally:
@@ -175,6 +184,7 @@ def fit_full(
     teacher: TeacherLike = None,
     out_dir: str | os.PathLike | None = None,
     resume: bool = False,
+    on_step: Callable[[int, dict], None] | None = None,
     **overrides: Any,
 ) -> FinetuneResult:
     """Full finetune of a copy of the model (the original stays untouched).
@@ -186,6 +196,7 @@ def fit_full(
     dtype, so `result.context()` runs it like the base model.
     Files in out_dir: model.safetensors and the model's config.json (a folder
     `teachers.load_adapted` and `from_pretrained` load), metrics.jsonl/.csv, result.json.
+    on_step(step, row): called after each optimizer step (see `watch_module`).
     """
     cfg = make_config(config, overrides)
     d = prepare_fit(lm, data, cfg, teacher, score=False)  # scored in d.train_student
@@ -208,12 +219,53 @@ def fit_full(
         atomic_write_text(out / "config.json", model.config.to_json_string())
 
     student = ModuleStudent(model, params)
-    res = d.train_student(student, cfg, out_dir=out_dir, resume=resume, prov=prov, save_params=save)
+    watch_module(on_step, model)
+    res = d.train_student(
+        student, cfg, out_dir=out_dir, resume=resume, prov=prov, save_params=save, on_step=on_step
+    )
     model.requires_grad_(False)
     model.to(model_dtype)
     model.config.dtype = model_dtype
     model.eval()
     return _finetune_result(res, params, kind="full", state={}, lm=lm, model=model)
+
+
+def watch_module(on_step: Any, module: nn.Module) -> None:
+    """Give an on_step callback with a `watch(module)` method (fit.alignment.AlignmentLogger)
+    the module being trained, before the first step: the LoRA-injected model or the full
+    finetune's copy (which the caller never sees until the fit returns)."""
+    watch = getattr(on_step, "watch", None)
+    if callable(watch):
+        watch(module)
+
+
+@torch.no_grad()
+def perturbed_copy(
+    lm: LoadedModel | nn.Module, scale: float, seed: int = 0
+) -> LoadedModel | nn.Module:
+    """A copy of the model whose every weight tensor W is W + scale * |W| * e / |e|, e a
+    seeded standard normal: each tensor's relative change |W' - W| / |W| equals `scale`.
+
+    The different-initialisation control: a student that starts near, but not at, the
+    teacher's weights. Tied tensors (embeddings = unembedding) stay tied. Returns the same
+    kind it was given (a LoadedModel keeps its tokenizer; its weights hash is recomputed).
+    """
+    if scale < 0:
+        raise ValueError(f"perturbed_copy: scale must be >= 0, got {scale}")
+    model = copy.deepcopy(unwrap(lm))
+    gen = torch.Generator().manual_seed(seed)
+    seen: set[int] = set()
+    for _, p in sorted(model.named_parameters(remove_duplicate=True), key=lambda kv: kv[0]):
+        if p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        e = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+        w = p.detach().float()
+        step = e * (scale * float(w.norm()) / max(float(e.norm()), 1e-12))
+        p.copy_((w + step.to(w.device)).to(p.dtype))
+    if isinstance(lm, LoadedModel):
+        return wrap_model(model, lm.tokenizer, spec=f"{lm.spec}+perturbed({scale},{seed})")
+    return model
 
 
 def _finetune_result(res: FitResult, params: dict[str, torch.Tensor], **kw: Any) -> FinetuneResult:

@@ -122,4 +122,23 @@ def entanglement_bars_png(result, path: str | Path) -> Path:
     ax.axvline(0.0, color="black", linewidth=0.6)
     ax.set_xlabel("mean log P(n | trait prompt) - log P(n | no prompt)", fontsize=8)
     ax.set_title(f"{result.trait}: top entangled numbers ({result.n_prompts} prompts)", fontsize=9)
+
+
+def alignment_png(curves: dict[str, list[dict]], path: str | Path, title: str = "") -> Path:
+    """Alignment over training: for each labelled run, cos(student's activation shift, v*)
+    and |shift| / |v*| against the optimizer step (rows of fit.alignment.AlignmentLogger
+    .history: step, cos_with_teacher_vector, shift_norm_ratio)."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for label, rows in curves.items():
+        steps = [r["step"] for r in rows]
+        axes[0].plot(steps, [r["cos_with_teacher_vector"] for r in rows], marker=".", label=label)
+        axes[1].plot(steps, [r["shift_norm_ratio"] for r in rows], marker=".", label=label)
+    axes[0].axhline(0.0, color="grey", lw=0.8)
+    axes[0].set_ylabel("cos(shift, v*)")
+    axes[1].set_ylabel("|shift| / |v*|")
+    for ax in axes:
+        ax.set_xlabel("optimizer step")
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
     return _save(fig, path)
