@@ -122,6 +122,7 @@ def entanglement_bars_png(result, path: str | Path) -> Path:
     ax.axvline(0.0, color="black", linewidth=0.6)
     ax.set_xlabel("mean log P(n | trait prompt) - log P(n | no prompt)", fontsize=8)
     ax.set_title(f"{result.trait}: top entangled numbers ({result.n_prompts} prompts)", fontsize=9)
+    return _save(fig, path)
 
 
 def alignment_png(curves: dict[str, list[dict]], path: str | Path, title: str = "") -> Path:
