@@ -122,8 +122,13 @@ def test_prompt_positions_need_the_same_prompt(planted):
     other = [Example(ex.prompt_ids, ex.completion_ids, [1, *ex.prompt_ids]) for ex in exs]
     with pytest.raises(FitError, match="online_prompt_positions.*another prompt"):
         fit(
-            m, other, objective="online", teacher=steered(v), online_prompt_positions=True,
-            max_steps=1, **QUICK,
+            m,
+            other,
+            objective="online",
+            teacher=steered(v),
+            online_prompt_positions=True,
+            max_steps=1,
+            **QUICK,
         )
 
 

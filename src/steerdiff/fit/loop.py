@@ -45,7 +45,7 @@ from .optim import lr_factor, make_optimizer, set_lr
 from .students import Student
 
 # rows at the fit's start on which each hook's activation scale is measured (lr_units)
-SCALE_ROWS = 32
+SCALE_ROWS = 8
 
 
 def train_student(
@@ -329,8 +329,10 @@ def accumulate_gradients(
     for mi in range(rank, math.ceil(len(rows) / cfg.micro), world):
         chunk = rows[mi * cfg.micro : (mi + 1) * cfg.micro]
         batch = collate(chunk, pad_id).to(device)
-        target = teacher.target(chunk, device) if cfg.objective == "online" and teacher else None
-        ce, kl = (x.sum() for x in student.losses(batch, (key, mi), cfg.objective, target))
+        args: tuple = (batch, (key, mi), cfg.objective)
+        if cfg.objective == "online" and teacher is not None:  # (a Student of objectives
+            args += (teacher.target(chunk, device),)  # without a teacher takes 3 arguments)
+        ce, kl = (x.sum() for x in student.losses(*args))
         loss = (ce if cfg.objective == "sft" else kl) / n_global
         loss.backward()
         sums += torch.tensor([float(ce.detach()), float(kl.detach())], dtype=torch.float64)
