@@ -51,7 +51,7 @@ class LoopState:
         less than the fraction `tol` of the best before them? Needs patience + 1
         evaluations. (Relative: a loss falling geometrically, as a KL to a teacher the
         student can match does, keeps going; a plateau stops.)"""
-        if tol is None or len(self.evals) <= patience:
+        if not tol or len(self.evals) <= patience:  # None or 0: no convergence stop
             return False
         before, recent = min(self.evals[:-patience]), min(self.evals[-patience:])
         return before - recent < tol * abs(before)

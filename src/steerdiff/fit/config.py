@@ -93,7 +93,7 @@ class FitConfig(BaseModel):
     converge_tol: float | None = Field(
         CONVERGE_TOL_DEFAULT,
         description="stop ('converged') when the last converge_patience evaluations improved "
-        "the best validation loss by less than this fraction of it (None: run all epochs)",
+        "the best validation loss by less than this fraction of it (0 or None: run all epochs)",
     )
     converge_patience: int = Field(2, description="evaluations the converge_tol rule looks back")
     checkpoint_every: int = Field(50, description="checkpoint every N steps")
