@@ -212,3 +212,18 @@ def test_vector_vs_teacher_figures(planted, tmp_path):
     assert got["teacher_norm"] == pytest.approx(2.0 * float(v.norm()), rel=1e-5)
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert json.loads(lines[-1])["teacher_cosine"] == pytest.approx(cos, abs=1e-5)
+
+
+def test_evaluate_vectors_gives_the_online_fits_figures(planted):
+    """Bug caught: evaluate_vectors scoring the fitted vectors with another KL than the
+    base's (top-k or none, while the base's is the online KL): its kl_gap_closed must be
+    the fit's own, on the same held-out rows."""
+    from steerdiff.fit import evaluate_vectors
+
+    m, v, exs = planted
+    cfg = FitConfig(objective="online", max_steps=6, **QUICK)
+    res = fit(m, exs, cfg, teacher=steered(v))
+    again = evaluate_vectors(m, exs, res.vectors, cfg, teacher=steered(v))
+    assert again["kl_gap_closed"] == pytest.approx(res.extra["kl_gap_closed"], abs=1e-4)
+    assert again["val_kl"] == pytest.approx(res.extra["val_kl"], rel=1e-4)
+    assert 0.2 < res.extra["kl_gap_closed"] < 0.999  # part of the gap: a real comparison

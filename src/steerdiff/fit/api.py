@@ -110,17 +110,22 @@ class FitData:
 
     def base_online(self, base_val: dict) -> dict:
         """The base model's validation losses with its online KL to the teacher."""
+        ev = self.online_val(None, "base model's online KL to the teacher")
+        return {**base_val, "kl": ev["kl"], "rows": ev["rows"]}
+
+    def online_val(self, vectors: Any, desc: str) -> dict:
+        """`eval_losses` of the base model + `vectors` on val, its KL the online KL."""
         model, t = unwrap(self.lm), self.built_teacher()
         assert t is not None
         online = OnlineTeacher(t, self.pad_id)
 
         def losses(batch: Any, _bi: Any, target: Any) -> tuple[torch.Tensor, torch.Tensor]:
-            hidden = full_hidden(model, batch.input_ids, batch.attention_mask)
+            with steer(model, vectors or {}):
+                hidden = full_hidden(model, batch.input_ids, batch.attention_mask)
             return online_losses(model, hidden, batch, target)
 
-        desc = "base model's online KL to the teacher" if self.show_progress else None
-        ev = online_eval(model, self.val, online, losses, self.batch_size, self.pad_id, desc)
-        return {**base_val, "kl": ev["kl"], "rows": ev["rows"]}
+        desc = desc if self.show_progress else None  # type: ignore[assignment]
+        return online_eval(model, self.val, online, losses, self.batch_size, self.pad_id, desc)
 
     def config(self, cfg: FitConfig) -> FitConfig:
         """`cfg` with objective "auto" resolved for this data."""
@@ -380,9 +385,12 @@ def evaluate_vectors(
     model = unwrap(lm)
     if isinstance(vectors, VectorSet):
         vectors.check_fits(model)  # a VectorSetError names the hook or shape that differs
-    with steer(model, vectors):
-        desc = "fitted model on validation rows" if cfg.progress else None
-        ev = eval_losses(model, d.val, cfg.micro, d.pad_id, desc=desc)
+    if d.objective == "online":  # the same KL as the base's (online, not top-k)
+        ev = d.online_val(vectors, "fitted model's online KL to the teacher")
+    else:
+        with steer(model, vectors):
+            desc = "fitted model on validation rows" if cfg.progress else None
+            ev = eval_losses(model, d.val, cfg.micro, d.pad_id, desc=desc)
     return {
         "base_val_loss": d.base_val["ce"],
         "teacher_val_loss": d.teacher_val["ce"] if d.teacher_val else None,
