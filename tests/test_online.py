@@ -158,15 +158,18 @@ def test_lr_units_scale_each_hooks_step(optimizer, power):
 def test_activation_scales_are_the_hooks_rms(planted):
     """Bug caught: the scale measured on the wrong hook, with the steering on, or as the
     norm instead of the RMS per coordinate: result.json's lr_scale must be mean |a|/sqrt(d)
-    of the base model's activations (first token of each row left out)."""
+    of the base model's activations on the first SCALE_ROWS training rows in the fit's
+    order (first token of each row left out)."""
     m, v, exs = planted
     res = fit(m, exs, objective="sft", max_steps=1, **QUICK)
-    first = exs  # 24 rows < SCALE_ROWS: every training row measured
     from steerdiff.fit.data import split_examples
+    from steerdiff.fit.loop import SCALE_ROWS, fixed_batches
     from steerdiff.hooks import record
 
-    train, _ = split_examples(first, FitConfig(**QUICK))
-    b = collate(train, 0)
+    cfg = FitConfig(**QUICK)
+    train, _ = split_examples(exs, cfg)
+    first = [ex for rows in fixed_batches(train, cfg) for ex in rows][:SCALE_ROWS]
+    b = collate(first, 0)
     with record(m, [HOOK]) as rec:
         m(input_ids=b.input_ids, attention_mask=b.attention_mask)
     real = b.attention_mask.bool()
