@@ -114,6 +114,8 @@ def main() -> None:
                     objective=objective,
                     schedule="constant",  # the figures in docs/fit.md were taken with these
                     warmup_steps=0,
+                    lr_units="absolute",  # (issue 18 defaults: activation units, and a
+                    converge_tol=None,  # convergence stop: pinned off for those figures)
                     epochs=epochs,
                     max_steps=args.steps,
                     batch_size=args.batch_size,

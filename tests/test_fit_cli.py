@@ -26,7 +26,9 @@ torch.set_num_threads(1)
 runner = CliRunner()
 HOOK = "blocks.1.hook_resid_post"
 # the fit every test runs: 24 rows -> 20 train / 4 validation, 5 steps of 4 per epoch
-FIT = ["--hooks", HOOK, "--batch-size", "4", "--val-size", "4", "--lr", "0.05"]
+# (lr in absolute units, 1 epoch, no convergence stop: the defaults before issue 18, pinned)
+FIT = ["--hooks", HOOK, "--batch-size", "4", "--val-size", "4", "--lr", "0.05",
+       "--lr-units", "absolute", "--epochs", "1", "--converge-tol", "0"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +68,8 @@ def test_an_earlier_fit_in_out_is_never_replaced_silently(cli, tmp_path):
     (exit 2) and every file stays byte for byte; --overwrite replaces them. The summary
     names the objective, the validation rows and tokens, and flags a CE gap within noise."""
     out = tmp_path / "o"
-    r = cli(*FIT, "--steps", "3", "--out", str(out))
+    FIT_D = [*FIT, "--objective", "distill"]  # auto is online with this prompt teacher now
+    r = cli(*FIT_D, "--steps", "3", "--out", str(out))
     assert r.exit_code == 0, r.output
     assert "objective: distill" in r.output
     result = json.loads((out / "result.json").read_text())
@@ -76,14 +79,14 @@ def test_an_earlier_fit_in_out_is_never_replaced_silently(cli, tmp_path):
     before = files_of(out)
     assert {"vectors.safetensors", "result.json", "metrics.jsonl", "checkpoint.pt"} <= set(before)
 
-    r = cli(*FIT, "--steps", "3", "--out", str(out))
+    r = cli(*FIT_D, "--steps", "3", "--out", str(out))
     assert r.exit_code == 2
     assert one_error_line(r.stdout) == (
         f"error: {out} already holds a fit (vectors.safetensors, result.json, metrics.jsonl, "
         "metrics.csv, checkpoint.pt, config.json); use --overwrite to replace it, --resume to "
         "continue it from its checkpoint, or another --out."
     )
-    r = cli(*FIT, "--steps", "3", "--out", str(out), "--hooks", "blocks.2.hook_resid_post",
+    r = cli(*FIT_D, "--steps", "3", "--out", str(out), "--hooks", "blocks.2.hook_resid_post",
             "--resume")  # fmt: skip
     assert r.exit_code == 2
     line = one_error_line(r.stdout)
@@ -92,11 +95,11 @@ def test_an_earlier_fit_in_out_is_never_replaced_silently(cli, tmp_path):
         'hooks: ["blocks.1.hook_resid_post"] -> ["blocks.1.hook_resid_post", '
         '"blocks.2.hook_resid_post"]' in line
     )
-    r = cli(*FIT, "--steps", "3", "--out", str(out), "--lr", "0.5", "--resume")
+    r = cli(*FIT_D, "--steps", "3", "--out", str(out), "--lr", "0.5", "--resume")
     assert r.exit_code == 2 and "lr: 0.05 -> 0.5" in one_error_line(r.stdout)
     assert files_of(out) == before
 
-    r = cli(*FIT, "--steps", "3", "--out", str(out), "--lr", "0.5", "--overwrite")
+    r = cli(*FIT_D, "--steps", "3", "--out", str(out), "--lr", "0.5", "--overwrite")
     assert r.exit_code == 0, r.output
     new = VectorSet.load(out / "vectors.safetensors")[HOOK]
     old_path = tmp_path / "old.safetensors"
@@ -156,6 +159,7 @@ def test_a_nan_loss_stops_in_one_line_and_keeps_the_last_good_checkpoint(cli, ch
     bad = tmp_path / "nan.jsonl"
     write_dataset(bad, rows)
     args = [*FIT, "--schedule", "constant", "--warmup-steps", "0", "--no-progress"]
+    args += ["--objective", "distill"]  # trains on the top-k (auto: online, prompt teacher)
     out = tmp_path / "o"
     r = cli(*args, "--checkpoint-every", "2", "--out", str(out), data_path=bad)
     assert r.exit_code == 2

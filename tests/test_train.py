@@ -107,7 +107,8 @@ QUICK = dict(
     progress=False,
     val_size=16,
     lr=0.05,
-    schedule="constant",
+    lr_units="absolute",  # these tests' steps are in absolute units (issue 18 made the
+    schedule="constant",  # default "activation"; test_online.py checks those units)
     warmup_steps=0,
 )
 
@@ -254,6 +255,7 @@ def test_early_stopping_keeps_best(steered_data):
         objective="sft",
         eval_every=1,
         early_stopping_patience=1,
+        converge_tol=None,  # early stopping alone (the convergence rule would stop first)
         **{**QUICK, "lr": 2.0, "epochs": 5},
     )
     res = fit(m, exs, cfg)

@@ -149,8 +149,10 @@ def fit_cmd(
     """Fit vectors at hook points (weights frozen) to a dataset, or a LoRA/full baseline.
 
     Example: steerdiff fit --data owl.jsonl --hooks 'blocks.*.attn.hook_{q,k,v}'
-    --epochs 3 --out runs/owl_qkv  (objective auto: distillation when the data carries
-    top-k log-probs; cosine schedule, 2 warmup steps, 20% validation rows)
+    --out runs/owl_qkv  (objective auto: online distillation when the data's manifest
+    names a teacher that runs on this model, else top-k distillation when the rows carry
+    top-k log-probs, else SFT; lr in activation units; at most 20 epochs, stopping when
+    the validation loss converges; cosine schedule, 2 warmup steps, 20% validation rows)
     """
     from steerdiff.fit import (
         FitConfig,
@@ -214,7 +216,8 @@ def gap_lines(summary: dict) -> list[str]:
         out.append(f"objective: {summary['objective']}")
     rows, tokens = summary.get("n_val_rows"), summary.get("n_val_tokens")
     behind = f" on {rows} validation rows ({tokens:,} tokens)" if rows and tokens else ""
-    for key, what in (("gap_closed", "cross-entropy"), ("kl_gap_closed", "top-k KL")):
+    kl_name = "online KL" if summary.get("objective") == "online" else "top-k KL"
+    for key, what in (("gap_closed", "cross-entropy"), ("kl_gap_closed", kl_name)):
         value, ci = summary.get(key), summary.get(f"{key}_ci")
         if value is None:
             continue
@@ -234,6 +237,13 @@ def gap_lines(summary: dict) -> list[str]:
         if ci and ci[0] <= 0.0 <= ci[1]:
             line += "; the interval contains 0: not distinguishable from no change"
         out.append(line)
+    for hook, f in (summary.get("vector_vs_teacher") or {}).items():
+        out.append(
+            f"{hook}: cosine with the teacher's vector {f['cosine']:.3f}, norm "
+            f"{f['fitted_norm']:.2f} (teacher's {f['teacher_norm']:.2f})"
+        )
+    if summary.get("stopped") == "converged":
+        out.append(f"stopped: converged after {summary.get('steps')} steps")
     if summary.get("gap_closed") is None and summary.get("fitted_val_loss") is not None:
         out.append(
             f"validation cross-entropy{behind}: base {summary['base_val_loss']:.4f}, fitted "

@@ -22,6 +22,7 @@ from ..dtypes import dtype_name
 from ..hooks import HookError, family_of, select_hooks, steer
 from ..io import atomic_write_json, provenance
 from ..models import LoadedModel, unwrap, weights_hash_of_model, wrap_model
+from ..replay import full_hidden
 from ..teachers import Teacher
 from ..vectors import VectorSet
 from .config import FitConfig, FitError, FitResult, make_config
@@ -34,11 +35,15 @@ from .data import (
     split_examples,
     wants_validation,
 )
+from .data import (
+    teacher_spec as teacher_spec_of,
+)
 from .distributed import maybe_init_distributed, rank_world
 from .loop import train_student
 from .losses import eval_losses, result_figures
+from .online import OnlineTeacher, online_eval, online_losses
 from .students import Student, VectorStudent, init_vectors
-from .teacher import reference_losses
+from .teacher import as_teacher, online_problem, reference_losses
 
 Data = str | os.PathLike | Sequence[dict] | Sequence[Example]
 
@@ -61,12 +66,66 @@ class FitData:
     batch_size: int = 16
     show_progress: bool = False
 
+    _teacher: Teacher | None = None
+
+    def built_teacher(self) -> Teacher | None:
+        """The scoring teacher as a Teacher, built once (None for a plain one)."""
+        kind = self.scorer.kind if isinstance(self.scorer, Teacher) else None
+        if kind is None:
+            kind = dict(teacher_spec_of(self.scorer)).get("kind", "plain")
+        if kind == "plain":
+            return None
+        if self._teacher is None:
+            self._teacher = as_teacher(self.scorer, self.lm)
+        return self._teacher
+
+    def online_teacher(self, cfg: FitConfig) -> OnlineTeacher | None:
+        """What objective "online" distils from (None for other objectives)."""
+        if self.config(cfg).objective != "online":
+            return None
+        t = self.built_teacher()
+        assert t is not None  # prepare_fit checked that there is one (online_problem)
+        return OnlineTeacher(t, self.pad_id, cfg.online_prompt_positions)
+
+    def teacher_vectors(self) -> dict[str, torch.Tensor] | None:
+        """A steered teacher's vectors, coeff x v per hook (what a fit can be compared to)."""
+        spec = teacher_spec_of(self.scorer)
+        if spec.get("kind") != "steered":
+            return None
+        t = self.built_teacher()
+        if t is None or t.vectors is None:
+            return None
+        return {h: t.coeff * t.vectors[h].detach().float().cpu() for h in t.vectors}
+
     def score(self) -> None:
-        """Fill base_val / teacher_val (the slow part: a pass of each model over val)."""
+        """Fill base_val / teacher_val (the slow part: a pass of each model over val);
+        objective "online": the base model's online KL to the teacher too."""
         if self.val and self.base_val is None:
+            scorer = self.built_teacher() or self.scorer
             self.base_val, self.teacher_val = reference_losses(
-                self.lm, self.val, self.scorer, self.batch_size, self.show_progress
+                self.lm, self.val, scorer, self.batch_size, self.show_progress
             )
+            if self.objective == "online":
+                self.base_val = self.base_online(self.base_val)
+
+    def base_online(self, base_val: dict) -> dict:
+        """The base model's validation losses with its online KL to the teacher."""
+        ev = self.online_val(None, "base model's online KL to the teacher")
+        return {**base_val, "kl": ev["kl"], "rows": ev["rows"]}
+
+    def online_val(self, vectors: Any, desc: str) -> dict:
+        """`eval_losses` of the base model + `vectors` on val, its KL the online KL."""
+        model, t = unwrap(self.lm), self.built_teacher()
+        assert t is not None
+        online = OnlineTeacher(t, self.pad_id)
+
+        def losses(batch: Any, _bi: Any, target: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            with steer(model, vectors or {}):
+                hidden = full_hidden(model, batch.input_ids, batch.attention_mask)
+            return online_losses(model, hidden, batch, target)
+
+        desc = desc if self.show_progress else None  # type: ignore[assignment]
+        return online_eval(model, self.val, online, losses, self.batch_size, self.pad_id, desc)
 
     def config(self, cfg: FitConfig) -> FitConfig:
         """`cfg` with objective "auto" resolved for this data."""
@@ -96,6 +155,8 @@ class FitData:
             base_val=self.base_val,
             teacher_val=self.teacher_val,
             extra=extra,
+            teacher=self.online_teacher(cfg),
+            teacher_vectors=self.teacher_vectors(),
             **kwargs,
         )
 
@@ -126,7 +187,6 @@ def prepare_fit(
     if isinstance(teacher, Teacher):
         check_same_model(teacher, lm)
     p = prepare_examples(lm, data, teacher, cfg.max_len, cfg.constrained_scoring)
-    objective, why = resolve_objective(cfg, p.examples, p.retokenized)
     scorer: TeacherLike = teacher if isinstance(teacher, Teacher) else p.teacher
     if teacher is None and p.teacher and (p.retokenized or made_by_other_model(p.manifest, lm)):
         made_by = (p.manifest.get("provenance") or {}).get("model_id", "another model")
@@ -136,6 +196,7 @@ def prepare_fit(
             "only (no teacher loss, no gap closed); pass teacher=... to score one"
         )
         scorer = {"kind": "plain"}
+    objective, why = choose_objective(cfg, p.examples, p.retokenized, scorer)
     if wants_validation(cfg) and len(p.examples) < 2:
         raise FitError(
             f"{p.source} has {len(p.examples)} usable row: a fit with validation needs at "
@@ -158,6 +219,30 @@ def prepare_fit(
     if score:
         d.score()
     return d
+
+
+def choose_objective(
+    cfg: FitConfig, examples: list[Example], retokenized: bool, scorer: TeacherLike
+) -> tuple[str, str]:
+    """(the objective, why): "online" when asked, or for "auto" when the teacher can run
+    on the student's model (`online_problem` is None); else `resolve_objective` (distill
+    on stored top-k, else sft). FitError naming the fix for "online" without a teacher."""
+    if cfg.objective not in ("auto", "online"):
+        return resolve_objective(cfg, examples, retokenized)
+    problem = online_problem(scorer, examples)
+    if cfg.objective == "online":
+        if problem:
+            raise FitError(
+                f"objective 'online' needs a teacher that runs on the student's model, but "
+                f"{problem}. Pass teacher=... to fit() (a steered, prompt or adapter teacher "
+                "spec), make the data with `steerdiff generate` (its manifest names the "
+                "teacher), or use --objective distill / sft."
+            )
+        return "online", ""
+    if problem is None:
+        kind = teacher_spec_of(scorer).get("kind")
+        return "online", f" (auto: the {kind} teacher runs here: its full distribution)"
+    return resolve_objective(cfg, examples, retokenized)
 
 
 def _describe(lm: LoadedModel) -> str:
@@ -300,9 +385,12 @@ def evaluate_vectors(
     model = unwrap(lm)
     if isinstance(vectors, VectorSet):
         vectors.check_fits(model)  # a VectorSetError names the hook or shape that differs
-    with steer(model, vectors):
-        desc = "fitted model on validation rows" if cfg.progress else None
-        ev = eval_losses(model, d.val, cfg.micro, d.pad_id, desc=desc)
+    if d.objective == "online":  # the same KL as the base's (online, not top-k)
+        ev = d.online_val(vectors, "fitted model's online KL to the teacher")
+    else:
+        with steer(model, vectors):
+            desc = "fitted model on validation rows" if cfg.progress else None
+            ev = eval_losses(model, d.val, cfg.micro, d.pad_id, desc=desc)
     return {
         "base_val_loss": d.base_val["ce"],
         "teacher_val_loss": d.teacher_val["ce"] if d.teacher_val else None,

@@ -29,10 +29,12 @@ from ..dtypes import dtype_name
 from ..hooks import steer
 from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from ..models import LoadedModel, unwrap, wrap_model
+from ..replay import full_hidden
 from .api import Data, model_provenance, prepare_fit, resumes
 from .config import FitConfig, FitResult, LoraConfig, make_config
 from .data import Batch, TeacherLike
-from .losses import model_losses
+from .losses import lm_of, model_losses
+from .online import Target, online_losses
 from .students import Student
 
 ModelContext = Callable[[], AbstractContextManager[nn.Module]]
@@ -102,7 +104,12 @@ class ModuleStudent(Student):
         self.model = module
         self.params = params
 
-    def losses(self, batch: Batch, key: Any, objective: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def losses(
+        self, batch: Batch, key: Any, objective: str, target: Target | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if objective == "online" and target is not None:  # fit.online
+            hidden = full_hidden(self.module, batch.input_ids, batch.attention_mask)
+            return online_losses(lm_of(self.module), hidden, batch, target)
         return model_losses(self.module, batch, objective)
 
     @contextmanager

@@ -14,7 +14,7 @@ import io
 import json
 import math
 from array import array
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +33,28 @@ class LoopState:
     best: float = math.inf  # best validation criterion so far
     bad_evals: int = 0  # evaluations since the best one
     best_params: dict[str, torch.Tensor] | None = None  # kept for early stopping
+    evals: list[float] = field(default_factory=list)  # validation criterion per evaluation
+    stopped: str | None = None  # why the fit stopped before its last step (a resume ends)
 
     def record_eval(self, crit: float, params: dict[str, torch.Tensor], keep_best: bool) -> None:
         """Track the best validation criterion (and with keep_best, its parameters)."""
+        self.evals.append(crit)
         if crit < self.best - 1e-6:
             self.best, self.bad_evals = crit, 0
             if keep_best:
                 self.best_params = {k: v.detach().clone() for k, v in params.items()}
         else:
             self.bad_evals += 1
+
+    def converged(self, tol: float | None, patience: int) -> bool:
+        """Did the last `patience` evaluations improve the best validation criterion by
+        less than the fraction `tol` of the best before them? Needs patience + 1
+        evaluations. (Relative: a loss falling geometrically, as a KL to a teacher the
+        student can match does, keeps going; a plateau stops.)"""
+        if not tol or len(self.evals) <= patience:  # None or 0: no convergence stop
+            return False
+        before, recent = min(self.evals[:-patience]), min(self.evals[-patience:])
+        return before - recent < tol * abs(before)
 
 
 # settings a resumed fit may change: they do not change what is trained

@@ -13,6 +13,12 @@ from ..budget import parse_budget
 from ..errors import SteerdiffError
 from ..vectors import VectorSet
 
+# defaults chosen by measurement (docs/fit.md "Which objective"; bench/bench_online.py)
+LR_DEFAULT = 0.05  # in activation units: a vector can grow by ~5% of its hook's norm a step
+EPOCHS_DEFAULT = 20  # an upper bound: the convergence rule usually stops a fit before
+CONVERGE_TOL_DEFAULT = 0.01
+LR_ABSOLUTE_BEFORE = 0.01  # the default before activation units (and for module baselines)
+
 # the modules the subliminal-learning paper puts LoRA on (llama-style names)
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -30,12 +36,29 @@ class FitConfig(BaseModel):
         ["blocks.*.attn.hook_{q,k,v}"],
         description="hook pattern(s), repeatable, e.g. 'blocks.*.attn.hook_{q,k,v}'",
     )
-    objective: Literal["auto", "sft", "distill"] = Field(
+    objective: Literal["auto", "sft", "distill", "online"] = Field(
         "auto",
-        description="auto = distill when every row carries top-k log-probs, else sft",
+        description="auto = online when the data's manifest (or teacher=) names a teacher "
+        "that can run here (steered, prompt, adapter), else distill when every row carries "
+        "top-k log-probs, else sft; online = KL to the teacher's full next-token "
+        "distribution, computed during the fit (docs/fit.md: Which objective)",
+    )
+    online_prompt_positions: bool = Field(
+        False,
+        description="online: also take the KL at prompt positions (teacher and student "
+        "prompts must be the same tokens)",
     )
     optimizer: Literal["adam", "adamw", "sgd", "signsgd"] = "adam"
-    lr: float = Field(1e-2, description="learning rate")
+    lr: float = Field(
+        LR_DEFAULT,
+        description="learning rate (lr_units activation: a vector's step is about lr x its "
+        "hook's activation RMS per coordinate)",
+    )
+    lr_units: Literal["activation", "absolute"] = Field(
+        "activation",
+        description="activation: each hook's vector is trained as v = s x u, s = its hook's "
+        "activation RMS measured at the fit's start (lr in units of s); absolute: plain lr",
+    )
     momentum: float = Field(0.0, description="sgd / signsgd momentum")
     betas: tuple[float, float] = Field((0.9, 0.999), description="adam / adamw betas (two numbers)")
     weight_decay: float = Field(0.0, description="weight decay")
@@ -49,7 +72,11 @@ class FitConfig(BaseModel):
         None, description="cap each vector's norm (L2, after every step)"
     )
     grad_clip: float | None = Field(None, description="clip the gradient norm")
-    epochs: int = Field(1, description="passes over the training rows")
+    epochs: int = Field(
+        EPOCHS_DEFAULT,
+        description="at most this many passes over the training rows (the fit stops "
+        "earlier when it converges: see converge_tol)",
+    )
     max_steps: int | None = Field(
         None, description="stop after this many optimizer steps (before epochs end)"
     )
@@ -63,6 +90,12 @@ class FitConfig(BaseModel):
     early_stopping_patience: int | None = Field(
         None, description="early stopping patience (evaluations without improvement)"
     )
+    converge_tol: float | None = Field(
+        CONVERGE_TOL_DEFAULT,
+        description="stop ('converged') when the last converge_patience evaluations improved "
+        "the best validation loss by less than this fraction of it (0 or None: run all epochs)",
+    )
+    converge_patience: int = Field(2, description="evaluations the converge_tol rule looks back")
     checkpoint_every: int = Field(50, description="checkpoint every N steps")
     cache_prefix: bool = Field(
         True, description="run the layers below the first trainable hook once per batch"
@@ -147,7 +180,7 @@ class FitResult:
     fitted_val_loss: float | None
     gap_closed: float | None
     steps: int
-    stopped: str  # "done" | "max_steps" | "early_stopping"
+    stopped: str  # "done" | "max_steps" | "early_stopping" | "converged"
     out_dir: Path | None = None
     extra: dict = field(default_factory=dict)
 

@@ -3,6 +3,11 @@
 Each optimizer step takes one fixed global batch (batch_size rows, split into
 micro-batches over ranks, see fit.distributed), evaluates every `eval_every` steps,
 checkpoints every `checkpoint_every` steps, and can stop early or resume.
+
+When it stops: after `epochs` passes at most (or `max_steps`), earlier when the validation
+loss has converged (`converge_tol`: the last `converge_patience` evaluations improved its
+best by less than that fraction; recorded as stopped "converged") or, with
+`early_stopping_patience`, when it got worse (the best parameters are kept).
 """
 
 from __future__ import annotations
@@ -35,8 +40,12 @@ from .data import Batch, Example, collate, resolve_objective
 from .distributed import all_reduce_, rank_world
 from .losses import eval_losses, gap_closed, gap_figures, result_figures
 from .memory import CacheUse, pack_topk
+from .online import OnlineTeacher, online_eval
 from .optim import lr_factor, make_optimizer, set_lr
 from .students import Student
+
+# rows at the fit's start on which each hook's activation scale is measured (lr_units)
+SCALE_ROWS = 8
 
 
 def train_student(
@@ -54,12 +63,18 @@ def train_student(
     on_step: Callable[[int, dict], None] | None = None,
     save_params: Callable[[Path, dict[str, torch.Tensor], dict], None] | None = None,
     extra: dict[str, Any] | None = None,
+    teacher: OnlineTeacher | None = None,
+    teacher_vectors: dict[str, torch.Tensor] | None = None,
 ) -> FitResult:
     """Train `student.params` on `train`, evaluating on `val`; files go to out_dir.
 
     base_val / teacher_val: `eval_losses` of the base model and the teacher on `val`
     (for the gap closed). save_params(out_dir, params, summary) writes what was trained.
     extra: more for the summary and result.json (e.g. the resolved objective, notes).
+    teacher: the teacher objective "online" distils from (fit.online). teacher_vectors:
+    the teacher's own vectors where known (a steered teacher: coeff x its vectors): each
+    metrics row then has the mean cosine of the trained vectors with them, and the result
+    `vector_vs_teacher` {hook: cosine, fitted_norm, teacher_norm}.
     resume: continue from out_dir's checkpoint; FitError listing the settings that differ
     from the checkpoint's. A non-finite loss, gradient or parameter stops the fit with a
     FitError before anything non-finite is saved: the checkpoint on disk stays the last
@@ -68,15 +83,25 @@ def train_student(
     rank, _ = rank_world()
     if cfg.objective == "auto":
         cfg = cfg.model_copy(update={"objective": resolve_objective(cfg, train + val, False)[0]})
+    if cfg.objective == "online" and teacher is None:
+        raise FitError(
+            "objective 'online' needs a teacher to run during the fit: pass teacher=... "
+            "(a steered, prompt or adapter teacher on the student's model)."
+        )
     out = Path(out_dir) if out_dir is not None else None
     params = student.params
-    opt = make_optimizer(list(params.values()), cfg)
     if cfg.batch_size % cfg.micro:
         raise FitError(
             f"batch_size {cfg.batch_size} is not a multiple of micro_batch_size {cfg.micro}"
         )
 
     batches = fixed_batches(train, cfg)
+    scales = None
+    if cfg.lr_units == "activation":
+        first = [ex for rows in batches for ex in rows][:SCALE_ROWS]
+        scales = student.activation_scales(first, pad_id)
+    opt = make_optimizer(params if scales is not None else list(params.values()), cfg, scales)
+    extra = {**(extra or {}), **lr_units_figures(cfg, scales)}
     total = len(batches) * cfg.epochs
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
@@ -104,28 +129,41 @@ def train_student(
 
     def evaluate() -> dict[str, Any]:
         nonlocal last_eval
-        ev = eval_losses(
-            getattr(student, "model", None),  # type: ignore[arg-type]
-            val,
-            cfg.micro,
-            pad_id,
-            loss_fn=lambda b, bi: _no_grad_losses(student, b, ("val", bi)),
-        )
+        module = getattr(student, "model", None)
+        if cfg.objective == "online" and teacher is not None:
+            ev = online_eval(
+                module,  # type: ignore[arg-type]
+                val,
+                teacher,
+                lambda b, bi, t: _no_grad_losses(student, b, ("val", bi), t),
+                cfg.micro,
+                pad_id,
+            )
+        else:
+            ev = eval_losses(
+                module,  # type: ignore[arg-type]
+                val,
+                cfg.micro,
+                pad_id,
+                loss_fn=lambda b, bi: _no_grad_losses(student, b, ("val", bi)),
+            )
         last_eval = (state.step, ev)
         return ev
 
+    crit_key = "ce" if cfg.objective == "sft" else "kl"
+    shared = sorted(set(teacher_vectors or {}) & set(params))
+
     bar = progress(total, "fit", initial=state.step, disable=not cfg.progress or rank != 0)
-    stopped = "done"
     t_start, tokens_seen = time.perf_counter(), 0
     with freed_memory_returns():  # a step's freed activations go back to the OS
         try:
-            while state.step < total:
+            while state.step < total and state.stopped is None:
                 step = state.step
                 epoch, b = batch_of_step(step, len(batches), cfg.seed)
                 lr = set_lr(opt, cfg.lr * lr_factor(step, total, cfg))
                 opt.zero_grad(set_to_none=True)
                 train_ce, train_kl, n_tok, grad_norm = accumulate_gradients(
-                    student, batches[b], b, cfg, pad_id
+                    student, batches[b], b, cfg, pad_id, teacher
                 )
                 train_loss = train_ce if cfg.objective == "sft" else train_kl
                 if not math.isfinite(train_loss) or not math.isfinite(grad_norm):
@@ -146,7 +184,7 @@ def train_student(
                     "lr": lr,
                     "train_loss": train_loss,
                     "train_ce": train_ce,
-                    "train_kl": train_kl if cfg.objective == "distill" else None,
+                    "train_kl": train_kl if cfg.objective in ("distill", "online") else None,
                     "grad_norm": grad_norm,
                     "tokens": n_tok,
                     "tokens_per_s": tokens_seen / max(time.perf_counter() - t_start, 1e-9),
@@ -156,14 +194,18 @@ def train_student(
                 if len(params) <= 512:
                     norms = [float(v.detach().norm()) for v in params.values()]
                     row["mean_vector_norm"] = float(sum(norms) / len(params))
+                if shared:
+                    row["teacher_cosine"] = mean_cosine(params, teacher_vectors or {}, shared)
                 last_step = state.step == total
                 if val and (state.step % eval_every == 0 or last_step):
                     ev = evaluate()
                     row.update(val_row(ev, base_val, teacher_val))
-                    crit = ev["ce"] if cfg.objective == "sft" else ev.get("kl", ev["ce"])
+                    crit = ev.get(crit_key, ev["ce"])
                     state.record_eval(
                         crit, params, keep_best=cfg.early_stopping_patience is not None
                     )
+                    if not last_step and state.converged(cfg.converge_tol, cfg.converge_patience):
+                        state.stopped = "converged"
                 metrics.append(row)
                 if rank == 0 and out:
                     append_jsonl(out / "metrics.jsonl", [row])
@@ -174,25 +216,23 @@ def train_student(
                     on_step(state.step, row)
                 patience = cfg.early_stopping_patience
                 if patience is not None and state.bad_evals > patience:
-                    stopped = "early_stopping"
-                    break
+                    state.stopped = "early_stopping"
                 if (
                     rank == 0
                     and ckpt_path
-                    and (state.step % cfg.checkpoint_every == 0 or last_step)
+                    and (state.step % cfg.checkpoint_every == 0 or last_step or state.stopped)
                 ):
                     check_finite(params, state.step, ckpt_path)
                     save_checkpoint(
                         ckpt_path, params, opt, state, metrics, base_val, teacher_val, identity
                     )
-            else:
-                stopped = (
-                    "max_steps" if cfg.max_steps is not None and total == cfg.max_steps else "done"
-                )
         finally:
             bar.close()
             student.release_cache()
 
+    stopped = state.stopped or (
+        "max_steps" if cfg.max_steps is not None and total == cfg.max_steps else "done"
+    )
     # the parameters the fit returns, and their validation losses
     if stopped == "early_stopping" and state.best_params is not None:
         with torch.no_grad():
@@ -209,6 +249,8 @@ def train_student(
     if final and base_val:
         figures = result_figures(base_val, final, teacher_val)
         figures.pop("gap_closed")  # a FitResult field of its own
+    if shared:
+        figures["vector_vs_teacher"] = vector_vs_teacher(params, teacher_vectors or {}, shared)
     res = FitResult(
         extra={**figures, **(extra or {})},
         vectors=None,
@@ -263,13 +305,20 @@ def batch_of_step(step: int, n_batches: int, seed: int) -> tuple[int, int]:
 
 
 def accumulate_gradients(
-    student: Student, rows: list[Example], key: int, cfg: FitConfig, pad_id: int
+    student: Student,
+    rows: list[Example],
+    key: int,
+    cfg: FitConfig,
+    pad_id: int,
+    teacher: OnlineTeacher | None = None,
 ) -> tuple[float, float, int, float]:
     """Backward of one global batch; leaves the gradients (summed over ranks) in p.grad.
 
     This rank takes every world_size-th micro-batch. The loss is normalised by the
-    completion tokens of the whole global batch. Returns (mean CE, mean top-k KL per
-    completion token, tokens seen, gradient norm before clipping).
+    completion tokens of the whole global batch. Returns (mean CE, mean KL per completion
+    token: top-k for "distill", full-vocabulary online for "online", tokens seen,
+    gradient norm before clipping). Objective "online": the teacher's target for each
+    micro-batch is computed here, under no_grad (fit.online).
     """
     rank, world = rank_world()
     params = list(student.params.values())
@@ -280,7 +329,10 @@ def accumulate_gradients(
     for mi in range(rank, math.ceil(len(rows) / cfg.micro), world):
         chunk = rows[mi * cfg.micro : (mi + 1) * cfg.micro]
         batch = collate(chunk, pad_id).to(device)
-        ce, kl = (x.sum() for x in student.losses(batch, (key, mi), cfg.objective))
+        args: tuple = (batch, (key, mi), cfg.objective)
+        if cfg.objective == "online" and teacher is not None:  # (a Student of objectives
+            args += (teacher.target(chunk, device),)  # without a teacher takes 3 arguments)
+        ce, kl = (x.sum() for x in student.losses(*args))
         loss = (ce if cfg.objective == "sft" else kl) / n_global
         loss.backward()
         sums += torch.tensor([float(ce.detach()), float(kl.detach())], dtype=torch.float64)
@@ -305,8 +357,46 @@ def val_row(ev: dict, base_val: dict | None, teacher_val: dict | None) -> dict[s
 
 
 @torch.no_grad()
-def _no_grad_losses(student: Student, batch: Batch, key: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def _no_grad_losses(
+    student: Student, batch: Batch, key: Any, target: Any = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if target is not None:
+        return student.losses(batch, key, "online", target)
     return student.losses(batch, key, "distill" if batch.topk_ids is not None else "sft")
+
+
+def lr_units_figures(cfg: FitConfig, scales: dict[str, float] | None) -> dict[str, Any]:
+    """What result.json records of the learning rate's units: lr_units and, in activation
+    units, each trained tensor's measured scale (activation RMS per coordinate)."""
+    if scales is None:
+        return {"lr_units": "absolute"}
+    return {"lr_units": cfg.lr_units, "lr_scale": {k: round(v, 6) for k, v in scales.items()}}
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().float().flatten(), b.detach().float().flatten().to(a.device)
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+
+
+def mean_cosine(
+    params: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], hooks: list[str]
+) -> float:
+    """Mean over `hooks` of cosine(trained vector, teacher's vector)."""
+    return sum(_cos(params[h], teacher[h]) for h in hooks) / len(hooks)
+
+
+def vector_vs_teacher(
+    params: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], hooks: list[str]
+) -> dict[str, dict[str, float]]:
+    """{hook: {cosine, fitted_norm, teacher_norm}}: the fitted vectors next to the teacher's."""
+    return {
+        h: {
+            "cosine": _cos(params[h], teacher[h]),
+            "fitted_norm": float(params[h].detach().float().norm()),
+            "teacher_norm": float(teacher[h].detach().float().norm()),
+        }
+        for h in hooks
+    }
 
 
 def _non_finite(step: int, loss: float, grad_norm: float, ckpt_path: Path | None) -> FitError:

@@ -1,4 +1,23 @@
-"""Optimizers and the learning-rate schedule of a fit."""
+"""Optimizers and the learning-rate schedule of a fit.
+
+Learning rate in activation units (FitConfig.lr_units = "activation", vector fits): each
+hook's vector v is trained as if it were v = s * u with u the parameter, where s is the
+hook's activation RMS per coordinate (measured on the first training rows at the fit's
+start, `Student.activation_scales`). Training u with lr is the same as training v with a
+per-hook parameter group whose lr and weight decay are rescaled (UNIT_POWERS):
+
+    optimizer  v's lr   v's weight_decay   why
+    adam       lr*s     wd/s^2             Adam's step ignores the gradient's scale: dv = s*du;
+                                           L2 decay wd*u is wd*v/s in u's gradient
+    adamw      lr*s     wd/s               decoupled decay: v *= 1 - lr*wd, as u does
+    signsgd    lr*s     wd/s               sign steps, decoupled decay as adamw
+    sgd        lr*s^2   wd/s^2             grad_u = s*grad_v and dv = s*du
+
+(Adam's eps is the one difference: it acts as eps/s on v.) So a step moves a vector by
+about lr times its hook's typical activation size whatever the hook (q/k/v outputs, the
+residual stream, MLP inputs differ by orders of magnitude), and one lr serves every hook.
+The vectors stay the parameters (checkpoints, max_norm, steering: unchanged).
+"""
 
 from __future__ import annotations
 
@@ -33,16 +52,48 @@ class SignSGD(torch.optim.Optimizer):
                 p.add_(torch.sign(g), alpha=-group["lr"])
 
 
-def make_optimizer(params: list[torch.Tensor], cfg: FitConfig) -> torch.optim.Optimizer:
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+# (power of s in the lr, power of s in the weight decay) of a vector trained as v = s * u
+UNIT_POWERS = {"adam": (1, -2), "adamw": (1, -1), "signsgd": (1, -1), "sgd": (2, -2)}
+
+
+def param_groups(
+    params: list[torch.Tensor] | dict[str, torch.Tensor],
+    cfg: FitConfig,
+    scales: dict[str, float] | None = None,
+) -> list[dict[str, Any]]:
+    """One group (all parameters, lr_scale 1) without scales; else one group per named
+    tensor with lr_scale = s^p and weight_decay = wd * s^q (UNIT_POWERS[cfg.optimizer])."""
+    if scales is None or not isinstance(params, dict):
+        tensors = list(params.values()) if isinstance(params, dict) else list(params)
+        return [dict(params=tensors, lr_scale=1.0, weight_decay=cfg.weight_decay)]
+    p_lr, p_wd = UNIT_POWERS[cfg.optimizer]
+    return [
+        dict(
+            params=[v],
+            lr_scale=scales[name] ** p_lr,
+            weight_decay=cfg.weight_decay * scales[name] ** p_wd,
         )
-    return SignSGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        for name, v in params.items()
+    ]
+
+
+def make_optimizer(
+    params: list[torch.Tensor] | dict[str, torch.Tensor],
+    cfg: FitConfig,
+    scales: dict[str, float] | None = None,
+) -> torch.optim.Optimizer:
+    """cfg.optimizer over `params`; scales ({name: s}, with params a dict): learning rate
+    in activation units (see the module docstring). `set_lr` sets each group's lr."""
+    groups = param_groups(params, cfg, scales)
+    for g in groups:
+        g["lr"] = cfg.lr * g["lr_scale"]
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    return SignSGD(groups, lr=cfg.lr, momentum=cfg.momentum)
 
 
 def lr_factor(step: int, total: int, cfg: FitConfig) -> float:
@@ -59,7 +110,7 @@ def lr_factor(step: int, total: int, cfg: FitConfig) -> float:
 
 
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> float:
-    """Set every parameter group's learning rate; returns it."""
+    """Set every parameter group's learning rate to lr x its lr_scale; returns lr."""
     for g in opt.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_scale", 1.0)
     return lr

@@ -129,7 +129,7 @@ def planted_experiment(
             eos_id=eos_id,
             pad_id=pad_id,
         )
-        if config.objective in ("distill", "auto"):  # auto: distill on the top-k written here
+        if config.objective == "distill":  # (auto: online, the teacher runs during the fit)
             annotate_topk(lm, examples, teacher, k=topk)
     cfg = config.model_copy(update={"hooks": [hook]})
     res = fit(lm, examples, cfg, teacher=teacher)

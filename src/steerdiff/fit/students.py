@@ -14,8 +14,9 @@ the model recomputes some blocks in its backward pass (fit.memory: the plans).
 
 from __future__ import annotations
 
+import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
@@ -23,12 +24,13 @@ import torch
 from torch import nn
 
 from ..budget import SpillCache, memory_budget_bytes
-from ..hooks import get_hook_point, steer
+from ..hooks import get_hook_point, record, steer
 from ..replay import Prefix, compute_prefix, full_hidden, prefix_hidden
 from .config import FitConfig
-from .data import Batch
+from .data import Batch, Example, collate
 from .losses import token_losses
 from .memory import CachePlan, CacheUse, RecomputePlan, plan_prefix_cache, plan_recompute
+from .online import Target, online_losses
 
 
 class Student:
@@ -37,9 +39,17 @@ class Student:
     params: dict[str, torch.Tensor]
     model: nn.Module  # what a validation batch is moved to
 
-    def losses(self, batch: Batch, key: Any, objective: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-row (CE, KL) sums [b]; key names the batch (for caches), None = no caching."""
+    def losses(
+        self, batch: Batch, key: Any, objective: str, target: Target | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row (CE, KL) sums [b]; key names the batch (for caches), None = no caching.
+        objective "online": KL to `target` (the teacher's log-probs, fit.online)."""
         raise NotImplementedError
+
+    def activation_scales(self, rows: Sequence[Example], pad_id: int) -> dict[str, float] | None:
+        """Per trained tensor, the scale its learning rate is in units of (lr_units
+        "activation"); None: absolute units (module students: weights have no such scale)."""
+        return None
 
     @contextmanager
     def active(self) -> Iterator[nn.Module]:
@@ -98,7 +108,9 @@ class VectorStudent(Student):
             self.cache.put(key, p.state())
         return p
 
-    def losses(self, batch: Batch, key: Any, objective: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def losses(
+        self, batch: Batch, key: Any, objective: str, target: Target | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.start is None:
             with steer(self.model, self.params):
                 hidden = full_hidden(self.model, batch.input_ids, batch.attention_mask)
@@ -109,7 +121,28 @@ class VectorStudent(Student):
         else:
             with steer(self.model, self.params):
                 hidden = prefix_hidden(self.model, self.prefix(batch, key))  # [b, s, d]
+        if objective == "online":
+            assert target is not None, "objective 'online' needs the teacher's target"
+            return online_losses(self.model, hidden, batch, target)
         return token_losses(self.model, hidden, batch, objective)
+
+    @torch.no_grad()
+    def activation_scales(self, rows: Sequence[Example], pad_id: int) -> dict[str, float]:
+        """Each hook's activation RMS per coordinate, s = mean_t |a_t| / sqrt(dim), over the
+        real tokens of `rows` under the base model (no steering), the first token of each
+        row left out (its norm is often many times the others': an attention sink)."""
+        batch = collate(list(rows), pad_id).to(next(self.model.parameters()).device)
+        with record(self.model, list(self.params)) as rec:
+            full_hidden(self.model, batch.input_ids, batch.attention_mask)
+        real = batch.attention_mask.bool().clone()
+        real[:, 0] = False
+        if not bool(real.any()):
+            real = batch.attention_mask.bool()
+        out = {}
+        for name in self.params:
+            a = rec[name].float()  # [b, s, dim]
+            out[name] = float(a[real].norm(dim=-1).mean()) / math.sqrt(a.shape[-1])
+        return out
 
     @contextmanager
     def active(self) -> Iterator[nn.Module]:

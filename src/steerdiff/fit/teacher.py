@@ -29,6 +29,22 @@ def as_teacher(teacher: TeacherLike, lm: LoadedModel | nn.Module) -> Teacher:
     return build_teacher({"kind": "plain", **teacher_spec(teacher)}, lm)
 
 
+def online_problem(teacher: TeacherLike, examples: list[Example]) -> str | None:
+    """Why objective "online" cannot run with this teacher on these rows (None: it can).
+
+    It needs a teacher on the student's model that differs from it: steered, adapter, or a
+    prompt teacher whose rows carry its prompt (`Example.teacher_prompt_ids`)."""
+    kind = teacher.kind if isinstance(teacher, Teacher) else teacher_spec(teacher).get("kind")
+    if kind in (None, "plain"):
+        return (
+            "there is none (the data's manifest names no teacher, a plain one, or one on "
+            "another model)"
+        )
+    if kind == "prompt" and not any(ex.teacher_prompt_ids for ex in examples):
+        return "the prompt teacher's rows carry no teacher prompt (its system prompt)"
+    return None
+
+
 def teacher_losses(teacher: Teacher, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (CE, KL) of the teacher on a teacher-prompted batch (`collate(teacher=True)`)."""
     with teacher.scoring(batch.response_mask, batch.attention_mask) as model:
