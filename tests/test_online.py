@@ -230,3 +230,36 @@ def test_evaluate_vectors_gives_the_online_fits_figures(planted):
     assert again["kl_gap_closed"] == pytest.approx(res.extra["kl_gap_closed"], abs=1e-4)
     assert again["val_kl"] == pytest.approx(res.extra["val_kl"], rel=1e-4)
     assert 0.2 < res.extra["kl_gap_closed"] < 0.999  # part of the gap: a real comparison
+
+
+def test_online_kl_under_a_decoding_constraint(planted):
+    """Bug caught (found at merge): under a constraint both distributions are -inf outside
+    the allowed ids, and the KL written out as p * (log p - log q) gave 0 * (-inf + inf) =
+    NaN there; also a constraint applied to one side only. The loss must equal the KL of
+    the two distributions renormalised over each step's allowed ids, and its gradient must
+    be finite."""
+    m, v, exs = planted
+    rows = [Example(ex.prompt_ids, ex.completion_ids) for ex in exs[:3]]
+    for ex in rows:  # each step allows its own token and a few others
+        ex.allowed = [sorted({t, 5, 6, 7 + i}) for i, t in enumerate(ex.completion_ids)]
+    u = random_vector(m, HOOK, 5.0, seed=9).requires_grad_(True)
+    teacher = OnlineTeacher(build_teacher(steered(v), m), 0)
+    batch = collate(rows, 0)
+    with steer(m, {HOOK: u}):
+        hidden = full_hidden(m, batch.input_ids, batch.attention_mask)
+    _, kl = online_losses(m, hidden, batch, teacher.target(rows, torch.device("cpu")))
+    kl.sum().backward()
+    assert bool(torch.isfinite(u.grad).all()) and float(u.grad.norm()) > 0
+    with torch.no_grad():
+        for r, ex in enumerate(rows):
+            ids = torch.tensor([ex.prompt_ids + ex.completion_ids])
+            with steer(m, {HOOK: v}):
+                lp = m(input_ids=ids).logits[0].float().log_softmax(-1)
+            with steer(m, {HOOK: u.detach()}):
+                lq = m(input_ids=ids).logits[0].float().log_softmax(-1)
+            want = 0.0
+            for t, allowed in enumerate(ex.allowed):
+                pos = len(ex.prompt_ids) - 1 + t
+                p, q = lp[pos, allowed].log_softmax(-1), lq[pos, allowed].log_softmax(-1)
+                want += float((p.exp() * (p - q)).sum())
+            assert float(kl[r]) == pytest.approx(want, rel=1e-4, abs=1e-6)

@@ -206,14 +206,14 @@ def train_student(
                     )
                     if not last_step and state.converged(cfg.converge_tol, cfg.converge_patience):
                         state.stopped = "converged"
+                if on_step is not None:  # before the row is written: it may add columns
+                    on_step(state.step, row)
                 metrics.append(row)
                 if rank == 0 and out:
                     append_jsonl(out / "metrics.jsonl", [row])
                 bar.update(1)
                 val_loss = {"val": f"{row['val_loss']:.4f}"} if "val_loss" in row else {}
                 bar.set_postfix(loss=f"{train_loss:.4f}", **val_loss)
-                if on_step is not None:
-                    on_step(state.step, row)
                 patience = cfg.early_stopping_patience
                 if patience is not None and state.bad_evals > patience:
                     state.stopped = "early_stopping"

@@ -31,14 +31,8 @@ from ..replay import lm_head
 from ..teachers import Teacher
 from .config import FitError
 from .data import Batch, Example, collate
+from .losses import constrain as _constrain
 from .losses import eval_losses, lm_of
-
-try:  # the decoding constraint (renormalise over the allowed tokens; identity without one)
-    from .losses import constrain as _constrain  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - until fit.losses has it
-
-    def _constrain(logp: torch.Tensor, batch: Batch) -> torch.Tensor:
-        return logp
 
 
 @dataclass
@@ -50,8 +44,12 @@ class Target:
 
 
 def kl_full(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) per position over the full vocabulary: [n, vocab] x 2 -> [n]."""
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
+    """KL(p || q) per position over the full vocabulary: [n, vocab] x 2 -> [n].
+
+    Tokens a decoding constraint ruled out have log p = -inf (and log q = -inf): p = 0
+    there, so they add nothing (written out, 0 * (-inf - -inf) would be NaN)."""
+    diff = torch.where(torch.isfinite(log_p), log_p - log_q, 0.0)
+    return (log_p.exp() * diff).sum(-1)
 
 
 def kl_positions(batch: Batch, prompt_positions: bool) -> torch.Tensor:
