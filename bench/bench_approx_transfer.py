@@ -287,8 +287,10 @@ def summarise(animals: dict[str, dict]) -> dict:
 
 def print_tables(animals: dict[str, dict], summary: dict) -> None:
     print("\nclaim 1: per animal (exact scorer, float32, shares with 95% CI over questions)")
-    print(f"{'animal':9} {'base':>6} {'prompted':>18} {'steered(best)':>18} {'cell':>10} "
-          f"{'approx':>18}")
+    print(
+        f"{'animal':9} {'base':>6} {'prompted':>18} {'steered(best)':>18} {'cell':>10} "
+        f"{'approx':>18}"
+    )
     for a in animals.values():
         b = a["sweep"]["best"]
         cell = f"L{b['layer']}x{b['strength']:g}" if b else "none"
@@ -310,8 +312,10 @@ def print_tables(animals: dict[str, dict], summary: dict) -> None:
     print("\nSpearman(approximability, transfer) per student kind, bootstrap 95% CI over animals")
     for kind, c in summary["spearman_approximability_vs_transfer"].items():
         if "rho" in c:
-            print(f"  {kind:7} rho {c['rho']:+.2f} [{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}] "
-                  f"n={c['n']}")
+            print(
+                f"  {kind:7} rho {c['rho']:+.2f} [{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}] "
+                f"n={c['n']}"
+            )
         else:
             print(f"  {kind:7} {c['note']} (n={c['n']})")
 

@@ -137,8 +137,10 @@ def main() -> None:
             "reads": rows,
         }
         results.append(entry)
-        print(f"\n{animal} / {kind}: {res.n_texts} texts, {res.n_tokens} tokens "
-              f"({entry['seconds']:.0f}s); trait-token rank (top {TOP}: *), others' median rank")
+        print(
+            f"\n{animal} / {kind}: {res.n_texts} texts, {res.n_tokens} tokens "
+            f"({entry['seconds']:.0f}s); trait-token rank (top {TOP}: *), others' median rank"
+        )
         for hook in dict.fromkeys(r["hook"] for r in rows):
             cells = [
                 f"{r['position']}:{r['trait_rank']}{'*' if r['in_top20'] else ''}"

@@ -10,7 +10,15 @@ from steerdiff.sweep import Cell, SweepConfig, SweepError, best_cell, off_target
 
 def _cell(strength: float, target: float, off_rate: float, off_gain: float) -> Cell:
     return Cell(
-        "last", 9, "blocks.9.hook_resid_post", strength, target, "lion", off_rate, off_gain, 0.1,
+        "last",
+        9,
+        "blocks.9.hook_resid_post",
+        strength,
+        target,
+        "lion",
+        off_rate,
+        off_gain,
+        0.1,
         5.0,
     )
 

@@ -129,8 +129,9 @@ def scatter_ci_png(
             xe = _err(p["x"], p.get("x_ci"))
             ye = _err(p["y"], p.get("y_ci"))
             ax.errorbar(p["x"], p["y"], xerr=xe, yerr=ye, fmt="o", color=color, ms=4, lw=0.8)
-            ax.annotate(p["label"], (p["x"], p["y"]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
+            ax.annotate(
+                p["label"], (p["x"], p["y"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+            )
         ax.plot([], [], "o", color=color, label=g or None)
     if hline is not None:
         ax.axhline(hline, color="0.6", lw=0.8, ls="--")
