@@ -248,7 +248,32 @@ def collect(runs: Path) -> dict:
     return animals
 
 
+def kl_bounded(a: dict, kl_bound: float = 0.5) -> dict | None:
+    """Sensitivity: the best cell with off-target gain <= 0.10 AND KL <= kl_bound (the
+    sweep's own default), from the saved cells (5-question rates), over the prompted share."""
+    from steerdiff.sweep import Cell, best_cell
+
+    cell = best_cell([Cell(**c) for c in a["sweep"]["cells"]], 0.10, kl_bound, "gain")
+    if cell is None:
+        return None
+    return {
+        "cell": f"L{cell.layer}x{cell.strength:g}",
+        "steered_share_5q": cell.target_rate,
+        "kl": cell.kl,
+        "approximability_5q": cell.target_rate / a["prompted"]["share"],
+    }
+
+
 def summarise(animals: dict[str, dict]) -> dict:
+    for a in animals.values():
+        a["approximability_kl_bounded"] = kl_bounded(a)
+        # the brief's ratio counts the unsteered share in both; this one is the fraction of
+        # the prompt's rise over base that the vector reproduces (paired over questions)
+        b = a["base"]["per_question"]
+        num = [s - x for s, x in zip(a["steered"]["per_question"], b, strict=True)]
+        den = [p - x for p, x in zip(a["prompted"]["per_question"], b, strict=True)]
+        v, c = ratio_ci(num, den)
+        a["approximability_effect"] = {"value": v, "ci95": list(c)}
     corr = {}
     for kind in KINDS:
         pts = [
@@ -297,7 +322,22 @@ def print_tables(animals: dict[str, dict], summary: dict) -> None:
         print(
             f"{a['animal']:9} {a['base']['share']:6.3f} {fmt(a['prompted'])} {fmt(a['steered'])} "
             f"{cell:>10} {a['approximability']['value']:6.2f} "
-            f"[{a['approximability']['ci95'][0]:.2f},{a['approximability']['ci95'][1]:.2f}]"
+            f"[{a['approximability']['ci95'][0]:.2f},{a['approximability']['ci95'][1]:.2f}] "
+            f"KL {b['kl'] if b else float('nan'):.2f} effect-ratio "
+            f"{a['approximability_effect']['value']:.2f} [{a['approximability_effect']['ci95'][0]:.2f},"
+            f"{a['approximability_effect']['ci95'][1]:.2f}]"
+        )
+    print("\nsensitivity: best cell with off-target gain <= 0.10 and KL <= 0.5 (5 questions)")
+    for a in animals.values():
+        k = a["approximability_kl_bounded"]
+        print(
+            f"{a['animal']:9} "
+            + (
+                f"{k['cell']:>8} steered {k['steered_share_5q']:.3f} KL {k['kl']:.2f} "
+                f"approx {k['approximability_5q']:.2f}"
+                if k
+                else "no cell"
+            )
         )
     print("\nstudents: share, transfer (student - base, paired CI), CE / KL gap closed")
     for a in animals.values():
