@@ -11,7 +11,12 @@ every (readout, layer, strength) cell add strength x vector at all positions and
   greedy unsteered responses to neutral prompts (data/neutral_prompts.txt), mean over
   response tokens, in nats.
 
-The best cell is the highest target rate whose off_target_gain and kl stay within bounds.
+The best cell is the highest target rate whose off-target figure and kl stay within bounds.
+The off-target figure is chosen by `off_target_rule`: "gain" (default) bounds the largest
+rise of any other candidate over the unsteered model; "rate" bounds the share of the most
+chosen other candidate itself (the published protocol's wording, "off-target rates <=
+0.10"; on a model whose unsteered favourite already takes more than the bound, no cell
+passes it, which is why "gain" is the default).
 Inside sweeps the exact scorer uses the first `n_questions` (default 5) of the 50
 questions and the KL uses 4 neutral prompts x 12 tokens: a documented subset that keeps
 360 cells within minutes on 2 CPU cores. The chosen cell is then re-scored on all 50
@@ -31,6 +36,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -55,6 +61,7 @@ from .progress import progress as progress_bar
 from .vectors import VectorSet
 
 HOOK_TEMPLATE = "blocks.{layer}.hook_resid_post"
+OFF_TARGET_RULES = ("gain", "rate")
 
 
 class SweepError(SteerdiffError, ValueError):
@@ -73,7 +80,9 @@ class SweepConfig:
     n_contrast: int = 30  # contrast questions (first n of data/contrast_questions.txt)
     n_neutral: int = 4  # neutral prompts for the KL coherence measure
     kl_tokens: int = 12  # greedy unsteered response tokens per neutral prompt
-    off_target_bound: float = 0.10  # max rise of any other candidate over unsteered
+    off_target_bound: float = 0.10  # max off-target figure (see off_target_rule)
+    # "gain": rise of any other candidate over unsteered; "rate": share of the top other one
+    off_target_rule: Literal["gain", "rate"] = "gain"
     kl_bound: float = 0.5  # max KL (nats per token) from the unsteered model
     positions: str = "all"
     exclude_first_n: int = 1
@@ -86,6 +95,11 @@ class SweepConfig:
         if not self.readouts:
             raise SweepError(
                 "readouts is empty; use e.g. --readouts last,prompt_mean,response_mean."
+            )
+        if self.off_target_rule not in OFF_TARGET_RULES:
+            raise SweepError(
+                f"off_target_rule {self.off_target_rule!r} is not one of {OFF_TARGET_RULES}; "
+                "use 'gain' (rise over unsteered) or 'rate' (share of the top other candidate)."
             )
         bad = [la for la in (self.layers or []) if not 0 <= la < n_model_layers]
         if bad or self.layers == []:
@@ -163,13 +177,28 @@ class SweepResult:
         return paths
 
 
+def off_target_figure(cell: Cell, rule: str = "gain") -> float:
+    """The figure an off-target bound applies to: "gain" (the largest rise of any other
+    candidate over the unsteered model) or "rate" (the top other candidate's share)."""
+    if rule == "gain":
+        return cell.off_target_gain
+    if rule == "rate":
+        return cell.off_target_rate
+    raise SweepError(f"Unknown off-target rule {rule!r}; use one of {OFF_TARGET_RULES}.")
+
+
 def best_cell(
-    cells: Sequence[Cell], off_target_bound: float | None, kl_bound: float | None
+    cells: Sequence[Cell],
+    off_target_bound: float | None,
+    kl_bound: float | None,
+    rule: str = "gain",
 ) -> Cell | None:
+    """The highest target rate among cells whose off-target figure (see off_target_figure)
+    is <= off_target_bound and whose KL is <= kl_bound (None: no bound); None if none."""
     ok = [
         c
         for c in cells
-        if (off_target_bound is None or c.off_target_gain <= off_target_bound)
+        if (off_target_bound is None or off_target_figure(c, rule) <= off_target_bound)
         and (kl_bound is None or c.kl <= kl_bound)
     ]
     return max(ok, key=lambda c: c.target_rate) if ok else None
@@ -332,7 +361,7 @@ def run_sweep(
         r: {k: v for k, v in vs.metadata.items() if k not in ("hooks", "pca_explained")}
         for r, vs in sets.items()
     }
-    best = best_cell(cells, cfg.off_target_bound, cfg.kl_bound)
+    best = best_cell(cells, cfg.off_target_bound, cfg.kl_bound, cfg.off_target_rule)
     t0, c0 = time.perf_counter(), time.process_time()
     confirm = _confirm(lm, cfg, cat, best or best_cell(cells, None, None), sets)
     timings["confirm_s"] = time.perf_counter() - t0

@@ -24,6 +24,7 @@ from .scoring import (
     prefix_forward,
     question_prompts,
 )
+from .stats import SpearmanResult, StatsError, bootstrap_ci, ratio_ci, spearman, spearman_ci
 from .steering import Steering, SteeringError
 
 __all__ = [
@@ -36,10 +37,13 @@ __all__ = [
     "PreferenceResult",
     "PromptCache",
     "ScoringError",
+    "SpearmanResult",
+    "StatsError",
     "Steering",
     "SteeringError",
     "answer_hits",
     "answer_variants",
+    "bootstrap_ci",
     "candidate_logprobs",
     "continue_forward",
     "evaluate_preference",
@@ -48,6 +52,9 @@ __all__ = [
     "paired_difference",
     "prefix_forward",
     "question_prompts",
+    "ratio_ci",
     "sample_answers",
     "sample_preference",
+    "spearman",
+    "spearman_ci",
 ]

@@ -143,3 +143,45 @@ def alignment_png(curves: dict[str, list[dict]], path: str | Path, title: str = 
     if title:
         fig.suptitle(title, fontsize=10)
     return _save(fig, path)
+
+
+def scatter_ci_png(
+    points: list[dict],
+    path: str | Path,
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+    hline: float | None = 0.0,
+) -> Path:
+    """Labelled points with 95% intervals on both axes (e.g. approximability vs transfer per
+    animal). points: dicts with x, y, label and optional x_ci, y_ci (lo, hi) and group (one
+    colour and legend entry per group)."""
+    fig, ax = plt.subplots(figsize=(6.0, 4.4))
+    groups = list(dict.fromkeys(p.get("group", "") for p in points))
+    for i, g in enumerate(groups):
+        pts = [p for p in points if p.get("group", "") == g]
+        color = f"C{i}"
+        for p in pts:
+            xe = _err(p["x"], p.get("x_ci"))
+            ye = _err(p["y"], p.get("y_ci"))
+            ax.errorbar(p["x"], p["y"], xerr=xe, yerr=ye, fmt="o", color=color, ms=4, lw=0.8)
+            ax.annotate(
+                p["label"], (p["x"], p["y"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+            )
+        ax.plot([], [], "o", color=color, label=g or None)
+    if hline is not None:
+        ax.axhline(hline, color="0.6", lw=0.8, ls="--")
+    ax.set_xlabel(xlabel, fontsize=9)
+    ax.set_ylabel(ylabel, fontsize=9)
+    if title:
+        ax.set_title(title, fontsize=9)
+    if any(groups):
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _err(v: float, ci) -> list[list[float]] | None:
+    """matplotlib's asymmetric error bar from a (lo, hi) interval around v."""
+    if ci is None:
+        return None
+    return [[max(v - ci[0], 0.0)], [max(ci[1] - v, 0.0)]]
