@@ -76,6 +76,8 @@ def fit_settings(args) -> dict:
         batch_size=16,
         val_size=max(8, args.rows // 4),
         eval_every=0,
+        lr_units="absolute",  # the lrs here are absolute (the default is activation units)
+        converge_tol=None,  # a fixed epoch budget (the default stops on convergence)
         seed=0,
         progress=False,
     )

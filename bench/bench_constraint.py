@@ -215,6 +215,8 @@ def main() -> None:
                     schedule="cosine",
                     warmup_steps=2,
                     val_fraction=0.2,
+                    lr_units="absolute",  # the lr here is absolute (default: activation units)
+                    converge_tol=None,  # a fixed epoch budget (default: stop on convergence)
                     constrained_scoring=scored,
                     progress=False,
                     seed=0,

@@ -56,6 +56,8 @@ def run(lm, exs, cache: bool, args) -> dict:
         epochs=args.epochs,
         batch_size=args.batch_size,
         val_size=0,
+        lr_units="absolute",  # the lr here is absolute (default: activation units)
+        converge_tol=None,  # a fixed epoch budget (default: stop on convergence)
         cache_prefix=cache,
         progress=False,
         checkpoint_every=10**9,

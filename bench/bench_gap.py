@@ -145,6 +145,8 @@ def main() -> None:
         schedule="cosine",
         warmup_steps=2,
         eval_every=args.eval_every,
+        lr_units="absolute",  # the lrs here are absolute (the default is activation units)
+        converge_tol=None,  # a fixed epoch budget (the default stops on convergence)
         seed=args.seed,
     )
     results = out / "results.jsonl"
