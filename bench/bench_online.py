@@ -3,9 +3,11 @@ vs online distillation, by number of rows, with the default fit and the old defa
 
 Teacher = SmolLM2 + v* at blocks.12.hook_resid_post (a hook the tests do not use), all
 positions; |v*| = 0.5 x the mean residual norm there (first token of each row left out);
-its direction is a seeded random unit vector. Data: `tasks.numbers.make_dataset` with
-that steered teacher, constrained decoding (digits and separators, list grammar), the
-teacher's top-k 20 log-probs stored; the last args.held_out rows are kept out of every fit.
+its direction is a seeded random unit vector. Data: one completion per short raw number
+prompt ("Continue the list: ...", ~15 tokens) sampled from that steered teacher with
+`planted.sample_examples` (temperature 1, 16 new tokens, unconstrained), the teacher's
+top-k 20 log-probs added by `annotate_topk`; the last args.held_out rows are kept out of
+every fit. (Constrained chat-template rows cost ~4x more per row on this CPU.)
 
 For each row count n (the first n rows; each fit splits off its own 20% validation rows):
   - default fit per objective (FitConfig defaults: lr in activation units, epochs an upper
@@ -129,6 +131,7 @@ def main() -> None:
     ap.add_argument("--held-out", type=int, default=100, help="rows kept out of every fit")
     ap.add_argument("--model", choices=["embedded", "tiny"], default="embedded")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--progress", action="store_true", help="each fit's progress on stderr")
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument(
         "--lrs",
@@ -174,7 +177,7 @@ def main() -> None:
         plan += [(min(sizes), o, f"lr {lr}", {"lr": float(lr)}) for o in args.objectives.split(",")]
     for n, objective, label, kw in plan:
         if True:
-            cfg = FitConfig(hooks=[hook], objective=objective, progress=False, **kw)
+            cfg = FitConfig(hooks=[hook], objective=objective, progress=args.progress, **kw)
             cap = 2 if args.quick else args.max_epochs
             if cap and label == "default":
                 cfg = cfg.model_copy(update={"epochs": min(cfg.epochs, cap)})
