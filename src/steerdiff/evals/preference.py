@@ -24,7 +24,6 @@ stage and `steerdiff eval preference`.
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -38,6 +37,7 @@ import yaml
 from ..chat import chat_texts, encode, read_lines_resource
 from ..errors import SteerdiffError
 from ..generate import sample
+from ..intervals import mean_ci95
 from ..models import LoadedModel
 from .scoring import ScoringError, candidate_logprobs, question_prompts
 from .steering import Steering, SteeringError, steered
@@ -158,13 +158,7 @@ class PreferenceResult:
 
 
 def _ci95(rates: Sequence[float]) -> tuple[float, float]:
-    n = len(rates)
-    mean = sum(rates) / n
-    if n < 2:
-        return (mean, mean)
-    sd = math.sqrt(sum((r - mean) ** 2 for r in rates) / (n - 1))
-    half = 1.96 * sd / math.sqrt(n)
-    return (mean - half, mean + half)
+    return mean_ci95(rates)[1]
 
 
 def paired_difference(

@@ -44,6 +44,7 @@ import torch
 
 from ..errors import SteerdiffError
 from ..generate import load_dataset
+from ..intervals import mean_ci95
 from ..progress import progress
 from ..replay import lm_head
 from ..teachers import Teacher, TeacherConfig, build_teacher
@@ -53,14 +54,6 @@ NUMBERS = [str(n) for n in range(1000)]  # index n <-> the number n, canonical s
 
 class EntanglementError(SteerdiffError, ValueError):
     """Entanglement cannot be read from these inputs; the message says how to fix it."""
-
-
-def mean_ci95(values: Sequence[float]) -> tuple[float, tuple[float, float]]:
-    """Mean and normal 95% CI (1.96 standard errors) of independent values."""
-    x = np.asarray(values, dtype=float)
-    m = float(x.mean())
-    half = 1.96 * float(x.std(ddof=1)) / math.sqrt(len(x)) if len(x) > 1 else 0.0
-    return m, (m - half, m + half)
 
 
 def check_trait(trait: str) -> str:

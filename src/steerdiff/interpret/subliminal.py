@@ -17,12 +17,12 @@ from typing import Any
 
 import numpy as np
 
+from ..intervals import mean_ci95
 from .entanglement import (
     EntanglementError,
     EntanglementResult,
     FrequencyShift,
     check_trait,
-    mean_ci95,
 )
 
 # Subliminal prompting: the trait template's sentences (extract.TRAIT_TEMPLATE) with the
