@@ -210,14 +210,14 @@ def candidate_logprobs(
     owner, forms = answer_forms(lm.tokenizer, candidates)
     feeds, which = continuation_feeds(forms)
     prefix = prefix_forward(lm, prompts, steering)
-    first = torch.log_softmax(prefix.last_logits, dim=-1)  # [G*Q, vocab]
+    first = torch.log_softmax(prefix.last_logits.float(), dim=-1)  # [G*Q, vocab]
     n_rows, n_f = first.shape[0], len(feeds)
-    form_lp = first[:, [f[0] for f in forms]]  # [G*Q, n_forms]
+    form_lp = first[:, [f[0] for f in forms]].cpu()  # [G*Q, n_forms], on the CPU as `out`
     if n_f:
         served = [[(fi, f) for fi, f in enumerate(forms) if which[fi] == k] for k in range(n_f)]
 
         def reduce(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
-            lp = torch.log_softmax(logits, dim=-1)  # [r, L, vocab]
+            lp = torch.log_softmax(logits.float(), dim=-1)  # [r, L, vocab]
             out = torch.zeros(len(rows), len(forms))
             for j, i in enumerate(rows):
                 for fi, f in served[i % n_f]:
