@@ -183,7 +183,10 @@ def tokenize_rows(
             except FitError as e:
                 raise FitError(f"{data.where(i)}: {e}") from None
             prompt_ids, comp, mask, teacher_ids = (
-                t.prompt_ids, t.completion_ids, t.loss_mask, t.teacher_prompt_ids
+                t.prompt_ids,
+                t.completion_ids,
+                t.loss_mask,
+                t.teacher_prompt_ids,
             )
         which = "" if constrained_topk or "topk_ids_unconstrained" not in row else "_unconstrained"
         topk_ids, topk_lp = row.get("topk_ids" + which), row.get("topk_logprobs" + which)
@@ -233,9 +236,16 @@ class Prepared:
     data: dict = field(default_factory=dict)  # data_provenance: format, sha256, counts, source
 
 
+def as_rows(data: str | os.PathLike | Rows | Sequence[Any]) -> Rows:
+    """A path or "hf:..." (read), Rows (as they are) or a list of rows / Examples."""
+    if isinstance(data, (str, os.PathLike)):
+        return read_rows(data)
+    return data if isinstance(data, Rows) else Rows(list(data))
+
+
 def prepare_examples(
     lm: LoadedModel | nn.Module,
-    data: str | os.PathLike | Sequence[dict] | Sequence[Example],
+    data: str | os.PathLike | Rows | Sequence[dict] | Sequence[Example],
     teacher: TeacherLike = None,
     max_len: int | None = None,
     constrained_scoring: bool = True,
@@ -251,7 +261,7 @@ def prepare_examples(
     constrained_scoring: when the manifest records a decoding constraint, give each Example
     the ids it allowed at each completion token and the top-k of the distribution sampled
     from (see fit.losses.constrain); False: the full distribution's top-k and no `allowed`."""
-    rows = read_rows(data) if isinstance(data, (str, os.PathLike)) else Rows(list(data))
+    rows = as_rows(data)
     if not rows.rows:
         raise FitError("The dataset is empty: nothing to fit.")
     spec = teacher_spec(teacher if teacher is not None else rows.manifest.get("teacher"))
@@ -305,7 +315,7 @@ def prepare_examples(
 
 
 def data_provenance(
-    data: str | os.PathLike | Sequence[dict] | Sequence[Example],
+    data: str | os.PathLike | Rows | Sequence[dict] | Sequence[Example],
     lm: LoadedModel | None = None,
     max_len: int | None = None,
 ) -> dict:
@@ -318,7 +328,7 @@ def data_provenance(
     Without `lm` the data is not tokenized: "examples" and "chunks" are None."""
     if lm is not None:
         return prepare_examples(lm, data, max_len=max_len).data
-    rows = read_rows(data) if isinstance(data, (str, os.PathLike)) else Rows(list(data))
+    rows = as_rows(data)
     if rows.rows and isinstance(rows.rows[0], Example):
         return provenance_of(rows, "examples", len(rows.rows), 0)
     fmt = detect_format(rows.rows, rows.where) if rows.rows else None
@@ -427,6 +437,7 @@ def collate(examples: Sequence[Example], pad_id: int = 0, teacher: bool = False)
         if ex.loss_mask is not None:  # only the trained completion tokens
             loss_mask[r, p - 1 : len(seq) - 1] = torch.tensor(ex.loss_mask, dtype=torch.bool)
         response_mask[r, p : len(seq)] = True
+
     def trained(values: Any, ex: Example, dtype: torch.dtype) -> torch.Tensor:
         t = torch.as_tensor(values, dtype=dtype)  # [completion tokens, ...] -> the trained
         return t if ex.loss_mask is None else t[torch.tensor(ex.loss_mask, dtype=torch.bool)]
