@@ -228,5 +228,4 @@ def test_a_fit_on_documents_lowers_their_held_out_loss(smollm, tmp_path):
     res = fit(chat, train, cfg)
     with steer(model, res.vectors):
         after = eval_losses(model, held_ex, 8, 0)["ce"]
-    print(before, after)
     assert after < before - 1.0, (before, after)

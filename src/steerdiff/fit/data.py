@@ -23,7 +23,6 @@ from .config import FitConfig, FitError
 from .constrained import add_allowed, collate_allowed, data_constraint, pad_topk
 from .formats import (
     MESSAGES,
-    ROW_FORMAT,
     TEXT,
     check_document,
     check_row,
@@ -33,9 +32,7 @@ from .formats import (
     prompt_tokens,
     tokenize_conversation,
 )
-from .rows import Rows, provenance_of, read_rows
-
-__all__ = ["ROW_FORMAT", "Rows", "check_row", "read_rows"]  # (re-exported)
+from .rows import Rows, provenance_of, read_rows  # (Rows, read_rows: fit API)
 
 # what a fit accepts as its teacher: a built Teacher, its config, or a spec dict (manifests)
 TeacherLike = Teacher | TeacherConfig | Mapping[str, Any] | None
@@ -238,9 +235,9 @@ class Prepared:
 
 def as_rows(data: str | os.PathLike | Rows | Sequence[Any]) -> Rows:
     """A path or "hf:..." (read), Rows (as they are) or a list of rows / Examples."""
-    if isinstance(data, (str, os.PathLike)):
-        return read_rows(data)
-    return data if isinstance(data, Rows) else Rows(list(data))
+    if isinstance(data, Rows):
+        return data
+    return read_rows(data) if isinstance(data, (str, os.PathLike)) else Rows(list(data))
 
 
 def prepare_examples(
