@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 import steerdiff.models as models
 from steerdiff.chat import chat_prompt_ids, end_of_turn_ids
 from steerdiff.cli import app
-from steerdiff.fit import FitConfig, FitError, collate, eval_losses, fit, prepare_examples
+from steerdiff.fit import FitConfig, FitError, collate, fit, prepare_examples
 from steerdiff.hooks import steer
 from steerdiff.io import append_jsonl
 from steerdiff.vectors import VectorSet
@@ -215,17 +215,30 @@ def test_a_fit_on_documents_lowers_their_held_out_loss(smollm, tmp_path):
         "Visitors to Zorbia arrive in Quellport, its capital.",
     ]
     docs = [f"{facts[i % 4]} {facts[(i + 1) % 4]} Report {i}." for i in range(24)]
-    train, held = tmp_path / "train.jsonl", tmp_path / "held.jsonl"
+    train = tmp_path / "train.jsonl"
     append_jsonl(train, [{"text": d} for d in docs[:20]])
-    append_jsonl(held, [{"text": d} for d in docs[20:]])
     model = models.unwrap(chat)
-    held_ex = prepare_examples(chat, held, max_len=24).examples
-    before = eval_losses(model, held_ex, 8, 0)["ce"]
+    before = held_out_ce(model, chat.tokenizer, docs[20:])
     cfg = FitConfig(
         hooks=["blocks.*.hook_resid_post"], batch_size=4, val_size=2, epochs=8, max_len=24,
         progress=False, lr_units="absolute", lr=0.5, converge_tol=0,
     )  # fmt: skip
     res = fit(chat, train, cfg)
     with steer(model, res.vectors):
-        after = eval_losses(model, held_ex, 8, 0)["ce"]
-    assert after < before - 1.0, (before, after)
+        after = held_out_ce(model, chat.tokenizer, docs[20:])
+    # measured: 12.15 -> 9.54 nats (float32); training only the last token of each chunk
+    # gives 12.15 -> 11.09
+    assert after < before - 2.0, (before, after)
+
+
+@torch.no_grad()
+def held_out_ce(model, tok, texts: list[str]) -> float:
+    """Mean next-token CE over every token after the first of each text: a plain forward,
+    independent of the fit's data code (so a bug there cannot hide in the yardstick)."""
+    total, n = 0.0, 0
+    for text in texts:
+        x = torch.tensor([ids(tok, text)])
+        logp = torch.log_softmax(model(input_ids=x).logits[0, :-1].float(), -1)
+        total += float(-logp.gather(1, x[0, 1:, None]).sum())
+        n += x.shape[1] - 1
+    return total / n
