@@ -242,3 +242,81 @@ def held_out_ce(model, tok, texts: list[str]) -> float:
         total += float(-logp.gather(1, x[0, 1:, None]).sum())
         n += x.shape[1] - 1
     return total / n
+
+
+def test_teacher_topk_lines_up_with_the_trained_tokens_of_a_multi_turn_row(chat):
+    """Bug caught: top-k lists (one per completion token) not cut to the trained tokens
+    by the loss mask, so a distillation target belongs to another token: a teacher equal
+    to the student would then have a non-zero KL to it."""
+    from steerdiff.fit import annotate_topk, model_losses
+
+    msgs = [
+        {"role": "user", "content": "Count."},
+        {"role": "assistant", "content": "1 2 3"},
+        {"role": "user", "content": "More."},
+        {"role": "assistant", "content": "4 5 6 7"},
+    ]
+    (ex,) = prepare_examples(chat, [{"messages": msgs}]).examples
+    annotate_topk(chat, [ex], {"kind": "plain"}, k=5)
+    assert len(ex.topk_ids) == len(ex.completion_ids)  # over every completion token
+    b = collate([ex])
+    assert b.topk_ids.shape == (ex.n_loss, 5)
+    ce, kl = model_losses(models.unwrap(chat), b, "distill")
+    assert float(kl.sum()) == pytest.approx(0.0, abs=1e-5)
+    assert float(ce.sum()) > 1.0  # (a real CE over the trained tokens: ~ln(vocab) each)
+
+
+class CharTokenizer:
+    """A character tokenizer that starts every text with a BOS (id 1), as Llama's does."""
+
+    bos_token_id = 1
+
+    def __call__(self, text: str, add_special_tokens: bool = True):
+        ids = [ord(c) for c in text]
+        return types.SimpleNamespace(input_ids=([1] if add_special_tokens else []) + ids)
+
+
+def test_documents_with_a_bos_tokenizer_predict_every_token_after_the_bos():
+    """Bug caught: with a BOS, a chunk's first document token left unpredicted (a token of
+    each chunk never trained), or chunks of max_len document tokens + BOS (too long)."""
+    from steerdiff.fit.formats import document_chunks
+
+    text = "abcdefghijklmnopqrstuvwxyz"
+    chunks = document_chunks(CharTokenizer(), text, max_len=8)
+    assert all(prompt == [1] and 1 + len(comp) <= 8 for prompt, comp in chunks)
+    assert "".join(chr(t) for _, comp in chunks for t in comp) == text
+    assert len(chunks) == 4  # 7 + 7 + 7 + 5 characters
+
+
+def test_cli_fit_on_a_mixed_file_is_one_line_naming_the_line(chat, monkeypatch, tmp_path):
+    """Bug caught: a traceback, or the model loaded before a bad file is noticed."""
+    loads = []
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: loads.append(1) or chat)
+    path = tmp_path / "mixed.jsonl"
+    append_jsonl(path, [{"prompt": "a", "completion": "b"}] * 3 + [{"text": "c"}])
+    before = path.read_bytes()
+    r = runner.invoke(app, ["fit", "--data", str(path), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f'error: {path} line 4: a {{"text": "..."}} row in a file of {{"prompt": ..., '
+        '"completion": ...} rows'
+    )
+    assert "split it into one file per format" in lines[0]
+    assert path.read_bytes() == before and not (tmp_path / "o").exists()
+    assert loads == []  # the data is checked before the model loads
+
+
+def test_lora_baseline_records_the_data_provenance(chat, tmp_path):
+    """Bug caught: the LoRA result (what the vectors are compared with) without the
+    provenance of its data."""
+    from steerdiff.fit import LoraConfig, fit_lora
+
+    path = tmp_path / "docs.jsonl"
+    append_jsonl(path, [{"text": f"Document {i} says the sky is green."} for i in range(6)])
+    cfg = FitConfig(batch_size=4, val_size=2, max_steps=1, progress=False, max_len=8)
+    res = fit_lora(chat, path, cfg, LoraConfig(r=2, alpha=2), out_dir=tmp_path / "lora")
+    data = json.loads((tmp_path / "lora" / "result.json").read_text())["data"]
+    assert data["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert data["format"] == "text" and data["rows"] == 6 and data["chunks"] == 6
+    assert res.summary()["data"] == data

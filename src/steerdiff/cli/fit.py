@@ -163,6 +163,7 @@ def fit_cmd(
         FitConfig,
         LoraConfig,
         check_out_dir,
+        data_provenance,
         fit,
         fit_full,
         fit_lora,
@@ -184,7 +185,8 @@ def fit_cmd(
         import torch
 
         torch.set_num_threads(threads)
-    rows = read_rows(data)  # a missing / broken file, a hub error: said before the model loads
+    rows = read_rows(data)  # a missing / broken file, a hub error, mixed formats: said
+    data_provenance(rows)  # before the model loads
     rank, _ = maybe_init_distributed()
     lm = load_model(model, dtype=dtype, device=device)
     if baseline == "lora":

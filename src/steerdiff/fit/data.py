@@ -328,8 +328,10 @@ def data_provenance(
     rows = as_rows(data)
     if rows.rows and isinstance(rows.rows[0], Example):
         return provenance_of(rows, "examples", len(rows.rows), 0)
-    fmt = detect_format(rows.rows, rows.where) if rows.rows else None
-    return provenance_of(rows, fmt or "empty", None, None)
+    fmt = detect_format(rows.rows, rows.where) if rows.rows else "empty"
+    if fmt not in (MESSAGES, "empty"):
+        check_same_format(rows.rows, fmt, rows.where)
+    return provenance_of(rows, fmt, None, None)
 
 
 def resolve_objective(
