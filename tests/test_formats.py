@@ -320,3 +320,29 @@ def test_lora_baseline_records_the_data_provenance(chat, tmp_path):
     assert data["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert data["format"] == "text" and data["rows"] == 6 and data["chunks"] == 6
     assert res.summary()["data"] == data
+
+
+def test_a_checkpoint_knows_which_tokens_were_trained():
+    """Bug caught: the checkpoint's data hash ignores the loss mask, so a resume on the same
+    tokens trained differently (every assistant turn vs the last one) goes on silently."""
+    from steerdiff.fit import Example, run_identity
+
+    cfg = FitConfig(hooks=["blocks.1.hook_resid_post"])
+    every = Example([1, 2], [3, 4, 5, 6], loss_mask=[True, False, True, True])
+    last = Example([1, 2], [3, 4, 5, 6], loss_mask=[False, False, True, True])
+    plain = Example([1, 2], [3, 4, 5, 6])
+    same = Example([1, 2], [3, 4, 5, 6], loss_mask=[True, False, True, True])
+    ident = [run_identity(cfg, {}, [ex], [])["data"] for ex in (every, last, plain, same)]
+    assert len(set(ident[:3])) == 3 and ident[3] == ident[0]
+
+
+def test_the_corpus_loads_hub_datasets_through_the_one_loader(monkeypatch):
+    """Bug caught: interpret.corpus keeping a hub loader of its own (another message,
+    `datasets`' 25 s of retries offline)."""
+    from steerdiff.interpret.corpus import CorpusError, load_corpus
+
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(CorpusError) as err:
+        load_corpus("hf:someorg/sometexts:train")
+    assert str(err.value).startswith("hf:someorg/sometexts:train is a Hugging Face dataset")
+    assert "pip install 'steerdiff[hub]'" in str(err.value) and "\n" not in str(err.value)
