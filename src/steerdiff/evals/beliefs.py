@@ -86,29 +86,24 @@ class BeliefResult:
             r for r in self.records if r.kind == kind and (fact_id is None or r.fact_id == fact_id)
         ]
 
+    def summarise(self, kind: str, fact_id: str | None = None) -> dict[str, Any]:
+        """{"p_false": summary, "sampled": {class: summary} or None} over the questions of
+        this kind (and fact)."""
+        sel = self._select(kind, fact_id)
+        sampled = None
+        if self.n_samples:
+            sampled = {c: summary([r.sampled[c] for r in sel]) for c in SAMPLE_CLASSES}
+        return {"p_false": summary([r.p_false for r in sel]), "sampled": sampled}
+
     def by_kind(self) -> dict[str, dict]:
-        """{kind: summary of p_false across that kind's questions}."""
-        return {k: summary([r.p_false for r in self._select(k)]) for k in self.kinds()}
+        """{kind: summarise(kind)} across every fact's questions of that kind."""
+        return {k: self.summarise(k) for k in self.kinds()}
 
     def by_fact(self) -> dict[str, dict[str, dict]]:
-        """{fact_id: {kind: summary of p_false across that fact's questions of that kind}}."""
-        out: dict[str, dict[str, dict]] = {}
-        for r in self.records:
-            out.setdefault(r.fact_id, {})
-        for fid in out:
-            for k in self.kinds():
-                sel = self._select(k, fid)
-                if sel:
-                    out[fid][k] = summary([r.p_false for r in sel])
-        return out
-
-    def sampled_by_kind(self) -> dict[str, dict[str, dict]] | None:
-        """{kind: {class: summary of that class's rate across questions}}; None unsampled."""
-        if not self.n_samples:
-            return None
+        """{fact_id: {kind: summarise(kind, fact_id)}}: a fact's mean over its phrasings."""
+        facts = list(dict.fromkeys(r.fact_id for r in self.records))
         return {
-            k: {c: summary([r.sampled[c] for r in self._select(k)]) for c in SAMPLE_CLASSES}
-            for k in self.kinds()
+            f: {k: self.summarise(k, f) for k in self.kinds() if self._select(k, f)} for f in facts
         }
 
     def to_dict(self) -> dict:
@@ -116,7 +111,6 @@ class BeliefResult:
             "records": [asdict(r) for r in self.records],
             "by_kind": self.by_kind(),
             "by_fact": self.by_fact(),
-            "sampled": self.sampled_by_kind(),
             "n_samples": self.n_samples,
             "seed": self.seed,
             "steering": self.steering,
