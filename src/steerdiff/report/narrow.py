@@ -1,0 +1,182 @@
+"""The report's sections for a narrow finetune other than the numbers task: the training
+data (false-fact documents or a dataset of your own, with its provenance), belief in the
+false facts (beliefs.json) and the faithfulness of the vectors to the finetune
+(faithfulness.json). Read from the run folder alone."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..io import read_json, read_jsonl
+from .html import Figure, Report, Table, Text
+from .run_folder import RunFolder, StageRecord
+
+
+def _ci(summary: dict) -> str:
+    """0.42 [0.31, 0.53]."""
+    lo, hi = summary["ci95"]
+    return f"{summary['mean']:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def data_section(r: Report, stage: StageRecord) -> None:
+    """What the fits trained on: the documents / dataset, its provenance, its first rows."""
+    info = stage.info
+    sec = r.section("Training data")
+    prov = info.get("data") or {}
+    what = (
+        f"False-fact documents (tasks.facts) for the facts {', '.join(info.get('facts', []))}."
+        if info.get("task") == "facts"
+        else f"A dataset brought to the experiment: {info.get('source')} (not copied; its hash is below)."
+    )
+    sec.add(Text(what))
+    sec.add(Table([{k: v for k, v in prov.items() if not isinstance(v, (dict, list))}]))
+    path = stage.path / "data.jsonl"
+    if path.exists():
+        rows = [row for _, row in zip(range(3), read_jsonl(path), strict=False)]
+        shown = [{k: str(v)[:200] for k, v in row.items()} for row in rows]
+        sec.add(Table(shown, caption="First rows"))
+
+
+def belief_rows(results: list[dict]) -> list[dict]:
+    """One row per model and question kind: mean p_false with its 95% CI across questions."""
+    rows = []
+    for res in results:
+        for kind, s in res["by_kind"].items():
+            lo, hi = s["ci95"]
+            rows.append(
+                {
+                    "model": res["name"],
+                    "role": res["role"],
+                    "questions": kind,
+                    "P(false answer)": s["mean"],
+                    "95% CI low": lo,
+                    "95% CI high": hi,
+                    "n": s["n"],
+                }
+            )
+    return rows
+
+
+def paired_rows(paired: list[dict]) -> list[dict]:
+    """The paired differences (a - b per question) with their 95% CI and what they say."""
+    rows = []
+    for p in paired:
+        for kind, d in p.items():
+            if kind in ("a", "b"):
+                continue
+            s = d["p_false"]
+            lo, hi = s["ci95"]
+            verdict = "higher" if lo > 0 else "lower" if hi < 0 else "not distinguishable"
+            rows.append(
+                {
+                    "model": p["a"],
+                    "vs": p["b"],
+                    "questions": kind,
+                    "difference": s["mean"],
+                    "95% CI low": lo,
+                    "95% CI high": hi,
+                    "n": s["n"],
+                    "reads": verdict,
+                }
+            )
+    return rows
+
+
+def beliefs_section(r: Report, stage: StageRecord) -> None:
+    d = read_json(stage.path / "beliefs.json")
+    sec = r.section("Beliefs")
+    sec.add(
+        Text(
+            f"Belief in the false facts ({d.get('facts')}: {len(d.get('facts_ids', []))} facts). "
+            "P(false answer) = P(false) / (P(false) + P(true)) from the exact log-probability of "
+            "each full answer after the question; 'direct' questions ask the fact in words "
+            "unlike any document, 'generalisation' questions need one inference step from it. "
+            "Mean over questions with a 95% confidence interval across questions."
+        )
+    )
+    sec.add(Table(belief_rows(d["results"]), caption="Belief in the false facts per model"))
+    if d.get("paired"):
+        sec.add(
+            Table(
+                paired_rows(d["paired"]),
+                caption="Paired per question: model minus the model it is compared with",
+            )
+        )
+    fig = beliefs_figure(d["results"])
+    if fig is not None:
+        sec.add(fig)
+    sampled = [
+        {"model": res["name"], "questions": kind, **{c: _ci(s) for c, s in by.items()}}
+        for res in d["results"]
+        if res.get("sampled")
+        for kind, by in res["sampled"].items()
+    ]
+    if sampled:
+        sec.add(Table(sampled, caption="Sampled free-form answers: rate of each class [95% CI]"))
+
+
+def beliefs_figure(results: list[dict]) -> Figure | None:
+    """The beliefs helper's figure (report.figures.beliefs_png), when it exists."""
+    from . import figures
+
+    png = getattr(figures, "beliefs_png", None)
+    if png is None:
+        return None
+    return Figure(png(results), "Belief in the false facts per model and question kind, 95% CI")
+
+
+def _kl_rows(d: dict) -> list[dict]:
+    rows = []
+    for name, s in d.get("kl", {}).items():
+        rows.append(
+            {
+                "KL per token (nats)": name,
+                "mean": s["mean"],
+                "95% CI low": s["ci95"][0],
+                "95% CI high": s["ci95"][1],
+            }
+        )
+    return rows
+
+
+def faithfulness_section(r: Report, stage: StageRecord) -> None:
+    d = read_json(stage.path / "faithfulness.json")
+    sec = r.section("Faithfulness")
+    sec.add(
+        Text(
+            f"Do the vectors ({d['vectors']}) do what the finetune ({d['finetune']}) does? "
+            "Per-token KL divergences on texts of the offline corpus that neither was trained "
+            "on (mean, 95% CI across texts); the fraction explained is 1 - KL(finetune || "
+            "vectors) / KL(finetune || base); per layer, the cosine between the finetune's and "
+            "the vectors' mean activation differences from the base model."
+        )
+    )
+    sec.add(Table(_kl_rows(d), caption="KL divergences"))
+    fe = d.get("fraction_explained")
+    if fe is not None:
+        sec.add(Text(f"Fraction of the finetune's KL to base explained by the vectors: {_ci(fe)}.", kind="note"))
+    png = stage.path / "faithfulness.png"
+    if png.exists():
+        sec.add(Figure.from_file(png, "Per-layer cosine of the mean activation differences"))
+    layers = d.get("cosines", [])
+    if layers:
+        sec.add(Table(layers, caption="Per-layer cosine (first-k positions and all positions)", digits=3))
+    held = d.get("held_out")
+    if held:
+        sec.add(Table([held] if isinstance(held, dict) else held, caption="Held-out task loss"))
+
+
+def narrow_sections(r: Report, run: RunFolder) -> None:
+    """The data, beliefs and faithfulness sections that a run has stages for."""
+    for s in run.of_kind("data"):
+        if s.info.get("task") in ("facts", "dataset"):
+            data_section(r, s)
+    b = run.first("beliefs")
+    if b is not None:
+        beliefs_section(r, b)
+    f = run.first("faithfulness")
+    if f is not None:
+        faithfulness_section(r, f)
+
+
+__all__: list[Any] = ["beliefs_section", "faithfulness_section", "narrow_sections"]
