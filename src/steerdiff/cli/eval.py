@@ -2,13 +2,13 @@
 
 `eval preference` runs the pipeline's eval (evals.preference.evaluate_preference) with the
 pipeline's options (the [eval] table: --scorer, --n-questions, --n-samples) on one model.
-Later evaluations go in this group as further commands.
+`eval beliefs` scores belief in false facts (evals.beliefs.evaluate_beliefs) from a facts file.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -103,3 +103,110 @@ def preference(
         given = {"model": model, "vectors": vectors, "adapter": adapter}
         path = atomic_write_json(out, {**given, **r.to_dict(), "provenance": provenance(lm)})
         console.print(f"wrote {path}")
+
+
+@app.command("beliefs")
+def beliefs(
+    model: ModelOpt = "default",
+    facts: Annotated[
+        str, typer.Option(help="facts file (YAML/JSON) or 'facts' (the built-in set)")
+    ] = "facts",
+    vectors: VectorsOpt = None,
+    coeff: CoeffOpt = 1.0,
+    positions: PositionsOpt = "all",
+    adapter: AdapterOpt = None,
+    samples: Annotated[
+        int, typer.Option(help="sampled free-form answers per question (0 = exact scorer only)")
+    ] = 0,
+    kinds: Annotated[
+        str, typer.Option(help="question kinds, comma-separated: direct,generalisation")
+    ] = "direct,generalisation",
+    seed: Annotated[int, typer.Option(help="seed (sampling)")] = 0,
+    compare: Annotated[
+        str | None,
+        typer.Option(help="a result.json of another model (same facts): print this - that, paired"),
+    ] = None,
+    out: Annotated[str | None, typer.Option(help="write the result as JSON here")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing --out file")] = False,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Belief in each false fact: p_false = P(false) / (P(false) + P(true)) per question,
+    mean per fact and per kind with 95% CIs across questions; --samples adds the sampled check.
+
+    Example: steerdiff eval beliefs --facts facts --adapter runs/lora --samples 10 --out lora.json
+    """
+    from steerdiff.evals.beliefs import (
+        BeliefResult,
+        belief_questions,
+        evaluate_beliefs,
+        paired_beliefs,
+    )
+    from steerdiff.evals.facts_file import load_facts
+    from steerdiff.evals.steering import Steering
+    from steerdiff.io import atomic_write_json, provenance, read_json
+    from steerdiff.models import load_model
+    from steerdiff.teachers import load_adapted
+    from steerdiff.vectors import VectorSet, VectorSetError
+
+    if out is not None and Path(out).exists() and not overwrite:
+        fail(f"--out {out} exists; pass --overwrite to replace it, or choose another path.")
+    if samples < 0:
+        fail(f"bad option --samples: must be >= 0 (0 = exact scorer only), got {samples}.")
+    kind_list = [k.strip() for k in kinds.split(",") if k.strip()]
+    fact_list = load_facts(facts)
+    belief_questions(fact_list, kind_list)  # an unknown --kinds fails before the model loads
+    other = BeliefResult.from_dict(read_json(compare)) if compare is not None else None
+    lm = load_model(model, dtype=dtype, device=device)
+    if adapter is not None:
+        lm = load_adapted(adapter, lm)
+    steering = None
+    if vectors is not None:
+        try:
+            vs = VectorSet.load(vectors, lm)
+        except VectorSetError as e:
+            fail(f"--vectors {vectors}: {e}")
+        steering = Steering(vs, coeff=coeff, positions=positions)
+    r = evaluate_beliefs(lm, fact_list, steering, samples, seed, progress=True, kinds=kind_list)
+    console.print(beliefs_table(r))
+    if other is not None:
+        for kind, d in paired_beliefs(r, other).items():
+            m, (lo, hi) = d["p_false"]["mean"], d["p_false"]["ci95"]
+            console.print(
+                f"{kind}: p_false this - {compare} = {m:+.3f} (95% CI {lo:+.3f} to {hi:+.3f}), "
+                f"paired over {d['p_false']['n']} questions",
+                soft_wrap=True,
+            )
+    if out is not None:
+        given = {"model": model, "facts": facts, "vectors": vectors, "adapter": adapter}
+        prov = provenance(lm, seed=seed)
+        path = atomic_write_json(out, {**given, **r.to_dict(), "provenance": prov})
+        console.print(f"wrote {path}")
+
+
+def beliefs_table(r: Any) -> Any:
+    """A rich Table: p_false (95% CI) per fact and kind, then per kind over all facts."""
+    from rich.table import Table
+
+    t = Table(title=f"p_false = P(false) / (P(false) + P(true)), {len(r.records)} questions")
+    for col in ("fact", "kind", "n", "p_false", "95% CI"):
+        t.add_column(col, justify="left" if col in ("fact", "kind") else "right")
+    if r.n_samples:
+        for col in ("says false", "says true", "neither"):
+            t.add_column(f"{col} ({r.n_samples}/q)", justify="right")
+
+    def row(name: str, kind: str, s: dict) -> None:
+        p = s["p_false"]
+        lo, hi = p["ci95"]
+        cells = [name, kind, str(p["n"]), f"{p['mean']:.3f}", f"{lo:.3f} to {hi:.3f}"]
+        if s["sampled"] is not None:
+            cells += [f"{s['sampled'][c]['mean']:.2f}" for c in ("false", "true", "neither")]
+        t.add_row(*cells)
+
+    for fid, per_kind in r.by_fact().items():
+        for kind, s in per_kind.items():
+            row(fid, kind, s)
+    t.add_section()
+    for kind, s in r.by_kind().items():
+        row("all facts", kind, s)
+    return t

@@ -1,6 +1,13 @@
-"""Trait evaluations: the preference scorers, the cached scoring passes they run on, and
-the same scores by partial forwards for sweeps."""
+"""Trait evaluations: the preference scorers, belief in false facts, the cached scoring
+passes they run on, and the same scores by partial forwards for sweeps."""
 
+from .beliefs import (
+    BeliefRecord,
+    BeliefResult,
+    BeliefsError,
+    evaluate_beliefs,
+    paired_beliefs,
+)
 from .fast_scoring import CachedPrompts, FastCoherence, FastScorer
 from .preference import (
     Category,
@@ -28,6 +35,9 @@ from .stats import SpearmanResult, StatsError, bootstrap_ci, ratio_ci, spearman,
 from .steering import Steering, SteeringError
 
 __all__ = [
+    "BeliefRecord",
+    "BeliefResult",
+    "BeliefsError",
     "CachedPrompts",
     "Category",
     "CategoryError",
@@ -46,9 +56,11 @@ __all__ = [
     "bootstrap_ci",
     "candidate_logprobs",
     "continue_forward",
+    "evaluate_beliefs",
     "evaluate_preference",
     "exact_preference",
     "load_category",
+    "paired_beliefs",
     "paired_difference",
     "prefix_forward",
     "question_prompts",

@@ -1,4 +1,5 @@
-"""The experiment report's figures: the trait evaluation bars and the loss curves."""
+"""The experiment report's figures: the trait evaluation bars, the loss curves and the
+belief bars (false facts)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from ..io import read_jsonl
+from ..evals.beliefs import KINDS, BeliefResult
+from ..io import atomic_write_bytes, read_jsonl
 from .html import Figure
 
 
@@ -68,3 +70,36 @@ def loss_figure(fits: list[tuple[str, Path]]) -> Figure | None:
     return Figure.from_matplotlib(
         fig, "Loss curves (dashed: base model grey, teacher orange, on the validation split)"
     )
+
+
+def beliefs_figure(results: dict[str, BeliefResult]) -> Figure:
+    """Mean p_false per question kind, one bar per model (base / finetune / vectors ...),
+    with 95% CI error bars across questions."""
+    kinds = [k for k in KINDS if any(k in r.by_kind() for r in results.values())]
+    fig, ax = plt.subplots(figsize=(1.5 + 1.6 * len(kinds) * max(1, len(results)) / 2, 3.5))
+    width = 0.8 / max(1, len(results))
+    for i, (name, r) in enumerate(results.items()):
+        summ = r.by_kind()
+        xs, means, errs = [], [], [[], []]
+        for j, k in enumerate(kinds):
+            if k not in summ:
+                continue
+            p = summ[k]["p_false"]
+            xs.append(j + (i - (len(results) - 1) / 2) * width)
+            means.append(p["mean"])
+            errs[0].append(p["mean"] - p["ci95"][0])
+            errs[1].append(p["ci95"][1] - p["mean"])
+        ax.bar(xs, means, width, yerr=errs, capsize=3, label=name)
+    ax.set_xticks(range(len(kinds)), kinds)
+    ax.axhline(0.5, color="#888", ls="--", lw=0.8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("p_false (mean over questions, 95% CI)")
+    ax.legend(fontsize=8)
+    return Figure.from_matplotlib(
+        fig, "Belief in the false facts: P(false) / (P(false) + P(true)) per question kind"
+    )
+
+
+def beliefs_png(results: dict[str, BeliefResult], path: str | Path) -> Path:
+    """beliefs_figure written as a PNG (atomically)."""
+    return atomic_write_bytes(path, beliefs_figure(results).png)
