@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..evals.beliefs import BeliefResult
 from ..io import read_json, read_jsonl
+from .figures import beliefs_figure
 from .html import Figure, Report, Table, Text
 from .run_folder import RunFolder, StageRecord
 
@@ -41,7 +43,8 @@ def belief_rows(results: list[dict]) -> list[dict]:
     """One row per model and question kind: mean p_false with its 95% CI across questions."""
     rows = []
     for res in results:
-        for kind, s in res["by_kind"].items():
+        for kind, by in res["by_kind"].items():
+            s = by["p_false"]
             lo, hi = s["ci95"]
             rows.append(
                 {
@@ -102,27 +105,15 @@ def beliefs_section(r: Report, stage: StageRecord) -> None:
                 caption="Paired per question: model minus the model it is compared with",
             )
         )
-    fig = beliefs_figure(d["results"])
-    if fig is not None:
-        sec.add(fig)
+    sec.add(beliefs_figure({res["name"]: BeliefResult.from_dict(res) for res in d["results"]}))
     sampled = [
-        {"model": res["name"], "questions": kind, **{c: _ci(s) for c, s in by.items()}}
+        {"model": res["name"], "questions": kind, **{c: _ci(s) for c, s in by["sampled"].items()}}
         for res in d["results"]
-        if res.get("sampled")
-        for kind, by in res["sampled"].items()
+        for kind, by in res["by_kind"].items()
+        if by.get("sampled")
     ]
     if sampled:
         sec.add(Table(sampled, caption="Sampled free-form answers: rate of each class [95% CI]"))
-
-
-def beliefs_figure(results: list[dict]) -> Figure | None:
-    """The beliefs helper's figure (report.figures.beliefs_png), when it exists."""
-    from . import figures
-
-    png = getattr(figures, "beliefs_png", None)
-    if png is None:
-        return None
-    return Figure(png(results), "Belief in the false facts per model and question kind, 95% CI")
 
 
 def _kl_rows(d: dict) -> list[dict]:
