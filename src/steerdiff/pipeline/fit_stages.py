@@ -164,9 +164,7 @@ def same_model(a: LoadedModel, b: LoadedModel) -> bool:
 NO_TEACHER = {"kind": "plain"}
 
 
-def fit_teacher(
-    data_stage: StageResult, vec_stage: StageResult | None, cross: bool
-) -> dict | None:
+def fit_teacher(data_stage: StageResult, vec_stage: StageResult | None, cross: bool) -> dict | None:
     """The teacher a fit is scored against: the one that wrote the data (its manifest's
     spec, with the steered teacher's vector file), or NO_TEACHER for a student of another
     model, whose losses are then its own fitted vs base losses."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from ..fit import FitConfig
 from ..io import atomic_write_json, provenance, read_json
 from ..models import LoadedModel
 from .eval_stages import Subject, fitted_vectors
@@ -63,7 +64,9 @@ def stage_facts_data(state: RunState) -> StageResult:
         "facts_sha256": file_sha256(facts_path(task.facts)),
     }
     prov = provenance(None, task, task.seed)
-    return state.add(run_stage(state.run_dir, "data", dep, fn, prov, tag="facts", has_progress=never))
+    return state.add(
+        run_stage(state.run_dir, "data", dep, fn, prov, tag="facts", has_progress=never)
+    )
 
 
 def stage_dataset(state: RunState) -> StageResult:
@@ -170,9 +173,20 @@ def faithful_pair(
 ) -> tuple[StageResult, StageResult]:
     """The fit (its first seed) and the baseline the [faithfulness] section names (default:
     the first of each; the schema checked they exist)."""
-    fit = next(f for f in fit_stages if cfg_vectors is None or f.tag.rsplit("-s", 1)[0] == cfg_vectors)  # type: ignore[union-attr]
+    fit = next(
+        f for f in fit_stages if cfg_vectors is None or f.tag.rsplit("-s", 1)[0] == cfg_vectors
+    )  # type: ignore[union-attr]
     ft = next(b for b in base_stages if cfg_finetune is None or b.tag == cfg_finetune)
     return fit, ft
+
+
+def heldout_rows(lm: LoadedModel, data: str | Path, cfg: FitConfig) -> list:
+    """The rows a fit with `cfg` held out (its validation split; the same for the LoRA
+    baseline when it has the same seed and val_fraction, as the examples do)."""
+    from ..fit import prepare_examples, split_examples
+
+    prepared = prepare_examples(lm, data, max_len=cfg.max_len)
+    return split_examples(prepared.examples, cfg)[1]
 
 
 def stage_faithfulness(
@@ -184,38 +198,44 @@ def stage_faithfulness(
 ) -> StageResult:
     """Do the vectors do what the finetune does? KLs (finetune || base, vectors || base,
     finetune || vectors) with CIs and the fraction explained, per-layer cosines of the mean
-    activation differences on the offline corpus (interpret.faithfulness), and each one's
-    loss on the held-out task data (fit.faithful)."""
-    from ..fit.faithful import held_out_losses
-    from ..interpret.corpus import load_corpus
+    activation differences on the offline corpus (interpret.faithfulness), and the loss of
+    base, finetune and vectors on the fit's held-out task rows (fit.faithful)."""
+    from ..fit.faithful import heldout_losses
     from ..interpret.faithfulness import faithfulness
-    from ..interpret.plots import faithfulness_figure
-    from ..teachers import load_adapted
+    from ..interpret.plots import faithfulness_png
     from ..vectors import VectorSet
 
     cfg = state.cfg
     f = cfg.faithfulness
     assert f is not None
     fit, ft = faithful_pair(f.vectors, f.finetune, fit_stages, base_stages)
+    spec = next(s for s in cfg.fits if fit.tag and fit.tag.rsplit("-s", 1)[0] == s.name)
+    fit_cfg = spec.fit_config(int(fit.tag.rsplit("-s", 1)[1]))  # type: ignore[union-attr]
 
     def fn(work: Path) -> dict:
         vs = VectorSet.load(fit.path / "vectors.safetensors")
-        finetuned = load_adapted(ft.path, lm)
-        texts = load_corpus(None, n=f.texts, seed=cfg.seed)
         res = faithfulness(
             lm,
-            finetuned=finetuned,
+            finetuned=ft.path,  # the baseline's folder: a PEFT adapter or a full model
             vectors=vs,
-            texts=texts,
+            texts=None,  # the offline default corpus
+            n_texts=f.texts,
             max_tokens=f.seq_len,
             first_k=f.first_k,
+            seed=cfg.seed,
+            labels=(ft.name, fit.name),
         )
-        d = res.to_dict()
-        faithfulness_figure(res).savefig(work / "faithfulness.png", dpi=110, bbox_inches="tight")
-        held = held_out_losses(lm, data_source(data_stage), finetuned=finetuned, vectors=vs)
-        out = {"vectors": fit.name, "finetune": ft.name, **d, "held_out": held}
+        rows = heldout_rows(lm, data_source(data_stage), fit_cfg)
+        res.heldout = heldout_losses(lm, rows, finetuned=ft.path, vectors=vs)
+        faithfulness_png(res, work / "faithfulness.png")
+        out = {"vectors": fit.name, "finetune": ft.name, **res.to_dict()}
         atomic_write_json(work / FAITHFULNESS_FILE, out)
-        return {"vectors": fit.name, "finetune": ft.name}
+        return {
+            "vectors": fit.name,
+            "finetune": ft.name,
+            "fraction_explained": res.fraction_explained,
+            "heldout_gap_closed": res.heldout["gap_closed"],
+        }
 
     dep = {
         "fit": fit.key,

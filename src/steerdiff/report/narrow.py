@@ -5,8 +5,6 @@ false facts (beliefs.json) and the faithfulness of the vectors to the finetune
 
 from __future__ import annotations
 
-from typing import Any
-
 from ..evals.beliefs import BeliefResult
 from ..io import read_json, read_jsonl
 from .figures import beliefs_figure
@@ -116,18 +114,61 @@ def beliefs_section(r: Report, stage: StageRecord) -> None:
         sec.add(Table(sampled, caption="Sampled free-form answers: rate of each class [95% CI]"))
 
 
-def _kl_rows(d: dict) -> list[dict]:
-    rows = []
-    for name, s in d.get("kl", {}).items():
-        rows.append(
-            {
-                "KL per token (nats)": name,
-                "mean": s["mean"],
-                "95% CI low": s["ci95"][0],
-                "95% CI high": s["ci95"][1],
-            }
+KLS = (
+    ("KL(finetune || base)", "kl_finetune_base"),
+    ("KL(vectors || base)", "kl_vectors_base"),
+    ("KL(finetune || vectors)", "kl_finetune_vectors"),
+)
+
+
+def kl_rows(d: dict) -> list[dict]:
+    """The three per-token KLs with their 95% intervals across texts."""
+    return [
+        {
+            "KL per token (nats)": name,
+            "mean": d[key]["mean"],
+            "95% CI low": d[key]["ci95"][0],
+            "95% CI high": d[key]["ci95"][1],
+        }
+        for name, key in KLS
+    ]
+
+
+def cosine_rows(d: dict) -> list[dict]:
+    """Per layer: the cosine of the finetune's and the vectors' mean activation differences."""
+    return [
+        {
+            "layer": layer,
+            "hook": hook,
+            f"cosine, first {d['first_k']} positions": a,
+            "cosine, all positions": b,
+            "|vectors diff| / |finetune diff|": r,
+        }
+        for layer, hook, a, b, r in zip(
+            d["layers"],
+            d["hooks"],
+            d["cos_first_k"],
+            d["cos_all"],
+            d["norm_ratio_all"],
+            strict=True,
         )
-    return rows
+    ]
+
+
+def heldout_rows(h: dict) -> list[dict]:
+    lo, hi = h.get("gap_closed_ci") or (None, None)
+    return [
+        {
+            "held-out rows": h["n_rows"],
+            "tokens": h["n_tokens"],
+            "CE base": h["ce_base"],
+            "CE finetune": h["ce_finetune"],
+            "CE vectors": h["ce_vectors"],
+            "gap closed": h["gap_closed"],
+            "95% CI low": lo,
+            "95% CI high": hi,
+        }
+    ]
 
 
 def faithfulness_section(r: Report, stage: StageRecord) -> None:
@@ -136,25 +177,39 @@ def faithfulness_section(r: Report, stage: StageRecord) -> None:
     sec.add(
         Text(
             f"Do the vectors ({d['vectors']}) do what the finetune ({d['finetune']}) does? "
-            "Per-token KL divergences on texts of the offline corpus that neither was trained "
-            "on (mean, 95% CI across texts); the fraction explained is 1 - KL(finetune || "
-            "vectors) / KL(finetune || base); per layer, the cosine between the finetune's and "
-            "the vectors' mean activation differences from the base model."
+            f"Per-token KL divergences on {d['n_texts']} texts ({d['n_tokens']} tokens) of "
+            f"{d['corpus']}, which neither was trained on: the mean over tokens and a 95% "
+            f"interval across texts ({d['ci_method']}). Per layer, the cosine between the "
+            "finetune's and the vectors' mean activation differences from the base model."
         )
     )
-    sec.add(Table(_kl_rows(d), caption="KL divergences"))
-    fe = d.get("fraction_explained")
-    if fe is not None:
-        sec.add(Text(f"Fraction of the finetune's KL to base explained by the vectors: {_ci(fe)}.", kind="note"))
+    sec.add(Table(kl_rows(d), caption="KL divergences"))
+    fe, ci = d.get("fraction_explained"), d.get("fraction_explained_ci")
+    if fe is None:
+        what = "undefined (the finetune does not differ from the base model)"
+    else:
+        what = f"{fe:.3f}" + (f" [95% CI {ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+    sec.add(
+        Text(
+            "Fraction of the finetune's KL to base that the vectors explain, "
+            f"1 - KL(finetune || vectors) / KL(finetune || base): {what}.",
+            kind="note",
+        )
+    )
     png = stage.path / "faithfulness.png"
     if png.exists():
         sec.add(Figure.from_file(png, "Per-layer cosine of the mean activation differences"))
-    layers = d.get("cosines", [])
-    if layers:
-        sec.add(Table(layers, caption="Per-layer cosine (first-k positions and all positions)", digits=3))
-    held = d.get("held_out")
-    if held:
-        sec.add(Table([held] if isinstance(held, dict) else held, caption="Held-out task loss"))
+    sec.add(Table(cosine_rows(d), caption="Per-layer cosine", digits=3))
+    h = d.get("heldout")
+    if h:
+        sec.add(
+            Text(
+                "Held-out task data (the fit's validation split): cross-entropy per token of "
+                "the base model, the finetune and the vectors; gap closed = (base - vectors) / "
+                "(base - finetune), 95% bootstrap interval over rows."
+            )
+        )
+        sec.add(Table(heldout_rows(h), caption="Held-out task loss"))
 
 
 def narrow_sections(r: Report, run: RunFolder) -> None:
@@ -170,4 +225,4 @@ def narrow_sections(r: Report, run: RunFolder) -> None:
         faithfulness_section(r, f)
 
 
-__all__: list[Any] = ["beliefs_section", "faithfulness_section", "narrow_sections"]
+__all__ = ["beliefs_section", "data_section", "faithfulness_section", "narrow_sections"]

@@ -1,0 +1,174 @@
+"""The false-fact organism on the embedded SmolLM2-135M (issue 13's acceptance bench).
+
+Runs examples/false_facts.toml through the pipeline (`steerdiff run`'s stages): documents
+asserting the built-in false facts (tasks.facts, from templates), a LoRA r=8 finetune and
+q/k/v biases at every layer fitted to them (loss on every token); then, measured in the
+same run, belief in the false facts (P(false) / (P(false) + P(true)) per held-out
+question, direct and generalisation, mean and 95% CI across questions) for the base model,
+the LoRA and the vectors, paired per question; the faithfulness of the vectors to the LoRA
+on the offline corpus (KLs with CIs, fraction explained, per-layer cosines); and the
+held-out document loss of each (the fits' validation split).
+
+    python bench/bench_facts.py [--quick] [--per-fact 24] [--epochs 3] [--threads 2]
+        [--runs-dir runs/bench] [--out bench/results/bench_facts.json]
+
+Stages are cached in --runs-dir: a second run with the same settings re-reads them (the
+stage times in the JSON are those of the run that computed them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from steerdiff.evals.beliefs import BeliefResult
+from steerdiff.io import atomic_write_json, provenance, read_json
+from steerdiff.pipeline import parse_config, run_experiment
+from steerdiff.report.figures import beliefs_png
+from steerdiff.report.run_folder import read_run
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "false_facts.toml"
+
+
+def experiment(args: argparse.Namespace) -> dict:
+    """examples/false_facts.toml with this run's sizes (float32 on this CPU)."""
+    import tomllib
+
+    raw = tomllib.loads(EXAMPLE.read_text())
+    raw["name"] = "bench-facts-quick" if args.quick else "bench-facts"
+    raw["dtype"] = args.dtype
+    raw["task"] = {**raw["task"], "per_fact": args.per_fact}
+    for section in (*raw["fits"], *raw["baselines"]):
+        section["epochs"] = args.epochs
+        if args.quick:
+            section["max_steps"] = 4
+    raw["faithfulness"] = {**raw["faithfulness"], "texts": args.texts}
+    raw["read"] = {"lens_texts": 0}  # the lens is not part of this bench
+    return raw
+
+
+def ci(s: dict, scale: float = 1.0) -> str:
+    lo, hi = s["ci95"]
+    return f"{scale * s['mean']:.3f} [{scale * lo:.3f}, {scale * hi:.3f}]"
+
+
+def belief_table(beliefs: dict) -> dict:
+    """{model: {kind: summary}} and the paired differences, from the beliefs stage."""
+    table = {
+        r["name"]: {k: v["p_false"] for k, v in r["by_kind"].items()} for r in beliefs["results"]
+    }
+    paired = [
+        {"a": p["a"], "b": p["b"], **{k: v["p_false"] for k, v in p.items() if k not in ("a", "b")}}
+        for p in beliefs["paired"]
+    ]
+    return {"p_false": table, "paired": paired}
+
+
+def held_out(run_dir: Path) -> dict:
+    """Held-out document loss (the validation split of each fit) and the gap closed."""
+    out = {}
+    for s in read_run(run_dir).of_kind("fit", "baseline"):
+        i = s.info
+        out[s.name] = {
+            k: i.get(k)
+            for k in ("base_val_loss", "fitted_val_loss", "steps", "n_train", "n_val", "epochs")
+        }
+        out[s.name]["seconds"] = s.meta.get("seconds")
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smoke run: 3 documents per fact, 4 steps")
+    p.add_argument("--per-fact", type=int, default=None, help="documents per fact (default 24)")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--texts", type=int, default=None, help="corpus texts for faithfulness")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--runs-dir", default=str(ROOT / "runs" / "bench"))
+    p.add_argument("--fresh", action="store_true", help="delete the run folder first")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    args.per_fact = args.per_fact or (3 if args.quick else 24)
+    args.texts = args.texts or (8 if args.quick else 64)
+    args.epochs = 1 if args.quick else args.epochs
+    suffix = "_quick" if args.quick else ""
+    out = Path(args.out or ROOT / "bench" / "results" / f"bench_facts{suffix}.json")
+    torch.set_num_threads(args.threads)
+
+    raw = experiment(args)
+    cfg = parse_config(raw, source=f"{EXAMPLE} (bench sizes)")
+    run_dir = Path(args.runs_dir) / cfg.name
+    if args.fresh and run_dir.exists():
+        shutil.rmtree(run_dir)
+    t0, c0 = time.perf_counter(), time.process_time()
+    summary = run_experiment(cfg, args.runs_dir)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+
+    run = read_run(summary.run_dir)
+    data = run.first("data")
+    beliefs = read_json(run.first("beliefs").path / "beliefs.json")  # type: ignore[union-attr]
+    faith = read_json(run.first("faithfulness").path / "faithfulness.json")  # type: ignore[union-attr]
+    result = {
+        "quick": args.quick,
+        "dtype": args.dtype,
+        "threads": args.threads,
+        "data": data.info if data else None,
+        "per_fact": args.per_fact,
+        "epochs": args.epochs,
+        "beliefs": belief_table(beliefs),
+        "faithfulness": {k: v for k, v in faith.items() if k != "per_text"},
+        "held_out": held_out(summary.run_dir),
+        "stage_seconds": {s.name: s.meta.get("seconds") for s in run.stages},
+        "wall_seconds": round(wall, 1),
+        "cpu_seconds": round(cpu, 1),
+        "all_cached": all(s.cached for s in summary.stages.values()),
+        "report": str(summary.report),
+        "config": raw,
+        "provenance": provenance(None, None, cfg.seed),
+    }
+    atomic_write_json(out, result)
+    png = beliefs_png(
+        {r["name"]: BeliefResult.from_dict(r) for r in beliefs["results"]}, out.with_suffix(".png")
+    )
+    report(result, out, png)
+
+
+def report(r: dict, out: Path, png: Path) -> None:
+    label = "QUICK (smoke sizes; not the figures)" if r["quick"] else "full"
+    d = r["data"]["data"] if r["data"] else {}
+    print(f"\nbench_facts ({label}), {r['dtype']}, {r['threads']} threads")
+    print(
+        f"data: {d.get('rows')} documents ({r['per_fact']} per fact), {d.get('examples')} "
+        f"training chunks; {r['epochs']} epochs"
+    )
+    print("\nbelief in the false facts, P(false) mean [95% CI] across questions:")
+    for name, kinds in r["beliefs"]["p_false"].items():
+        print(f"  {name:24s} " + "  ".join(f"{k}: {ci(s)}" for k, s in kinds.items()))
+    print("paired per question (a - b):")
+    for p in r["beliefs"]["paired"]:
+        kinds = {k: v for k, v in p.items() if k not in ("a", "b")}
+        print(f"  {p['a']} - {p['b']}: " + "  ".join(f"{k}: {ci(s)}" for k, s in kinds.items()))
+    f = r["faithfulness"]
+    print(f"\nfaithfulness of {f.get('vectors')} to {f.get('finetune')}:")
+    for k, v in f.items():
+        if isinstance(v, dict) and "mean" in v:
+            print(f"  {k}: {ci(v)}")
+    print("\nheld-out document loss (validation split):")
+    for name, h in r["held_out"].items():
+        print(
+            f"  {name}: base {h['base_val_loss']}, fitted {h['fitted_val_loss']} ({h['steps']} steps)"
+        )
+    print(f"\nwall {r['wall_seconds']} s, CPU {r['cpu_seconds']} s; cached: {r['all_cached']}")
+    print(f"wrote {out} and {png}; report {r['report']}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
