@@ -185,20 +185,27 @@ def beliefs(
 
 
 def beliefs_table(r: Any) -> Any:
-    """A rich Table: p_false (95% CI) per fact and kind, then per kind over all facts."""
+    """A rich Table: p_false (mean +- 95% CI half-width across questions) per fact and kind,
+    then per kind over all facts; with samples, the share of answers naming each answer."""
+    from rich import box
     from rich.table import Table
 
-    t = Table(title=f"p_false = P(false) / (P(false) + P(true)), {len(r.records)} questions")
-    for col in ("fact", "kind", "n", "p_false", "95% CI"):
-        t.add_column(col, justify="left" if col in ("fact", "kind") else "right")
+    title = f"p_false = P(false) / (P(false) + P(true)), {len(r.records)} questions"
     if r.n_samples:
-        for col in ("says false", "says true", "neither"):
-            t.add_column(f"{col} ({r.n_samples}/q)", justify="right")
+        title += f"; sampled: share of {r.n_samples} answers/question naming the false / true answer"
+    t = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
+    t.add_column("fact")
+    t.add_column("kind")
+    t.add_column("n", justify="right")
+    t.add_column("p_false (95% CI)", justify="right", no_wrap=True)
+    if r.n_samples:
+        for col in ("false", "true", "neither"):
+            t.add_column(col, justify="right")
 
     def row(name: str, kind: str, s: dict) -> None:
         p = s["p_false"]
-        lo, hi = p["ci95"]
-        cells = [name, kind, str(p["n"]), f"{p['mean']:.3f}", f"{lo:.3f} to {hi:.3f}"]
+        half = (p["ci95"][1] - p["ci95"][0]) / 2
+        cells = [name, kind, str(p["n"]), f"{p['mean']:.3f} ± {half:.3f}"]
         if s["sampled"] is not None:
             cells += [f"{s['sampled'][c]['mean']:.2f}" for c in ("false", "true", "neither")]
         t.add_row(*cells)
