@@ -56,7 +56,8 @@ def same_tokenizer(a: LoadedModel, b: LoadedModel) -> bool:
 def check_experiment(cfg: ExperimentConfig, lm: LoadedModel, student_lm: LoadedModel) -> None:
     """Raise ConfigError (one line: file, key, value, fix) for the first problem found."""
     src = cfg.source
-    _check_teacher(src, "teacher", cfg.teacher, lm)
+    if cfg.trait_eval:  # documents / your own dataset: no teacher
+        _check_teacher(src, "teacher", cfg.teacher, lm)
     if cfg.prompt_teacher is not None:
         _check_teacher(src, "prompt_teacher", cfg.prompt_teacher, lm)
     if cfg.task.backend == "vllm" and importlib.util.find_spec("vllm") is None:

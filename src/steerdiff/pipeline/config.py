@@ -37,7 +37,6 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-TASKS = ("numbers", "facts", "dataset")
 # the numbers task's fields (the teacher writes number sequences); the others' below
 NUMBERS_FIELDS = (
     "n_prompts",
@@ -242,6 +241,8 @@ class ExperimentConfig(_Strict):
             )
         if t.name != "dataset" and t.data is not None:
             raise ValueError(f"task.data: a field of name = 'dataset', not {t.name!r}: remove one")
+        if t.name != "numbers" and "teacher" in self.model_fields_set:
+            raise ValueError(f"teacher: no teacher writes the data of task {t.name!r}: remove it")
         own = {"numbers": NUMBERS_FIELDS, "facts": FACTS_FIELDS, "dataset": ()}
         for task, fields in own.items():
             wrong = [f for f in fields if f in t.model_fields_set and task != t.name]

@@ -223,15 +223,15 @@ def stage_faithfulness(
             max_tokens=f.seq_len,
             first_k=f.first_k,
             seed=cfg.seed,
-            labels=(ft.name, fit.name),
+            labels=(ft.name, fit.tag),
         )
         rows = heldout_rows(lm, data_source(data_stage), fit_cfg)
         res.heldout = heldout_losses(lm, rows, finetuned=ft.path, vectors=vs)
         faithfulness_png(res, work / "faithfulness.png")
-        out = {"vectors": fit.name, "finetune": ft.name, **res.to_dict()}
+        out = {**res.to_dict(), "vectors": fit.tag, "finetune": ft.name}
         atomic_write_json(work / FAITHFULNESS_FILE, out)
         return {
-            "vectors": fit.name,
+            "vectors": fit.tag,
             "finetune": ft.name,
             "fraction_explained": res.fraction_explained,
             "heldout_gap_closed": res.heldout["gap_closed"],

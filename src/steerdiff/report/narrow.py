@@ -67,7 +67,10 @@ def paired_rows(paired: list[dict]) -> list[dict]:
                 continue
             s = d["p_false"]
             lo, hi = s["ci95"]
-            verdict = "higher" if lo > 0 else "lower" if hi < 0 else "not distinguishable"
+            if s["n"] < 2:
+                verdict = "one question: no interval"
+            else:
+                verdict = "higher" if lo > 0 else "lower" if hi < 0 else "not distinguishable"
             rows.append(
                 {
                     "model": p["a"],
