@@ -178,13 +178,17 @@ class BeliefsConfig(_Strict):
 class FaithfulnessConfig(_Strict):
     """`[faithfulness]`: do the vectors do what the finetune does (interpret.faithfulness)?
     vectors: the fit's name (default: the first fit); finetune: the baseline's kind
-    (default: the first baseline); on `texts` texts of the offline corpus."""
+    (default: the first baseline); on `texts` texts of the offline corpus; compare_fits:
+    the other fits' vector sets against `vectors` too."""
 
     vectors: str | None = None
     finetune: Literal["lora", "full"] | None = None
     texts: int = Field(64, gt=0)
     seq_len: int = Field(64, gt=0)
     first_k: int = Field(5, gt=0)
+    # also compare every other fit (other seeds, other hooks) with `vectors`: do vector sets
+    # fitted to the same data have the same effects?
+    compare_fits: bool = True
 
 
 class ReadConfig(_Strict):

@@ -228,7 +228,21 @@ def stage_faithfulness(
         rows = heldout_rows(lm, data_source(data_stage), fit_cfg)
         res.heldout = heldout_losses(lm, rows, finetuned=ft.path, vectors=vs)
         faithfulness_png(res, work / "faithfulness.png")
-        out = {**res.to_dict(), "vectors": fit.tag, "finetune": ft.name}
+        out = {**res.to_dict(), "vectors": fit.tag, "finetune": ft.name, "vector_pairs": []}
+        for other in (o for o in fit_stages if f.compare_fits and o is not fit):
+            pair = faithfulness(
+                lm,
+                vectors=VectorSet.load(other.path / "vectors.safetensors"),
+                vectors_b=vs,  # the reference: what the other set is compared with
+                n_texts=f.texts,
+                max_tokens=f.seq_len,
+                first_k=f.first_k,
+                seed=cfg.seed,
+                labels=(fit.tag, other.tag),
+            )
+            out["vector_pairs"].append(
+                {**pair.to_dict(), "vectors": other.tag, "reference": fit.tag}
+            )
         atomic_write_json(work / FAITHFULNESS_FILE, out)
         return {
             "vectors": fit.tag,
@@ -239,6 +253,7 @@ def stage_faithfulness(
 
     dep = {
         "fit": fit.key,
+        "fits": [o.key for o in fit_stages] if f.compare_fits else [],
         "baseline": ft.key,
         "data": data_stage.key,
         "faithfulness": f.model_dump(),

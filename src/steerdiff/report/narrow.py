@@ -174,6 +174,29 @@ def heldout_rows(h: dict) -> list[dict]:
     ]
 
 
+def pair_rows(pairs: list[dict]) -> list[dict]:
+    """Two vector sets fitted to the same data (other seeds, other hooks): KLs, fraction
+    explained and the mean per-layer cosine (all positions) of A against reference B."""
+    rows = []
+    for p in pairs:
+        cos = [c for c in p["cos_all"] if c is not None]
+        ci = p.get("fraction_explained_ci") or (None, None)
+        rows.append(
+            {
+                "vectors A": p["vectors"],
+                "reference B": p["reference"],
+                "KL(B || base)": p["kl_finetune_base"]["mean"],
+                "KL(A || base)": p["kl_vectors_base"]["mean"],
+                "KL(B || A)": p["kl_finetune_vectors"]["mean"],
+                "fraction explained": p["fraction_explained"],
+                "95% CI low": ci[0],
+                "95% CI high": ci[1],
+                "mean cosine over layers": sum(cos) / len(cos) if cos else None,
+            }
+        )
+    return rows
+
+
 def faithfulness_section(r: Report, stage: StageRecord) -> None:
     d = read_json(stage.path / "faithfulness.json")
     sec = r.section("Faithfulness")
@@ -213,6 +236,14 @@ def faithfulness_section(r: Report, stage: StageRecord) -> None:
             )
         )
         sec.add(Table(heldout_rows(h), caption="Held-out task loss"))
+    if d.get("vector_pairs"):
+        sec.add(
+            Text(
+                "Vector sets fitted to the same data (other seeds or other hooks) compared "
+                "with the same measures: does A do what B does?"
+            )
+        )
+        sec.add(Table(pair_rows(d["vector_pairs"]), caption="Vector set vs vector set"))
 
 
 def narrow_sections(r: Report, run: RunFolder) -> None:
