@@ -60,6 +60,7 @@ class FitData:
     pad_id: int
     objective: str = "sft"  # what cfg.objective "auto" resolves to on this data
     notes: list[str] = field(default_factory=list)  # said on stderr, kept in result.json
+    data: dict = field(default_factory=dict)  # data_provenance: "data" in result.json
     # for `score` (prepare_fit(score=False) leaves base_val / teacher_val to it)
     lm: Any = None
     scorer: TeacherLike = None
@@ -144,6 +145,7 @@ class FitData:
             "objective": self.objective,
             "n_train_rows": len(self.train),
             "notes": self.notes,
+            "data": self.data,
             **kwargs.pop("extra", {}),
         }
         return train_student(
@@ -214,7 +216,7 @@ def prepare_fit(
                 file=sys.stderr,
                 flush=True,
             )
-    d = FitData(train, val, p.teacher, None, None, pad_id_of(lm), objective, p.notes)
+    d = FitData(train, val, p.teacher, None, None, pad_id_of(lm), objective, p.notes, p.data)
     d.lm, d.scorer, d.batch_size, d.show_progress = lm, scorer, cfg.micro, cfg.progress
     if score:
         d.score()
@@ -314,8 +316,10 @@ def fit(
 ) -> FitResult:
     """Fit trainable vectors at `config.hooks` (all model weights frozen) to a dataset.
 
-    data: a dataset JSONL path (its manifest gives the teacher), rows in the dataset
-    format, or Examples. teacher: overrides the manifest's teacher (a spec dict, a
+    data: a dataset JSONL path (its manifest gives the teacher; with none, any of the
+    formats of docs/dataset-format.md), "hf:ORG/NAME[:split]" (a Hugging Face dataset),
+    rows, or Examples. result.json and the vectors' metadata record its provenance
+    ("data": format, sha256, rows, examples, chunks, source). teacher: overrides the manifest's teacher (a spec dict, a
     TeacherConfig or a built Teacher; used for the teacher's validation loss and the gap
     closed). out_dir: checkpoints, metrics.jsonl / .csv, vectors.safetensors,
     result.json. resume: continue from out_dir's checkpoint.
@@ -334,7 +338,7 @@ def fit(
     prov = {**model_provenance(lm, cfg), "teacher": d.teacher, "hooks": names}
 
     def save(out: Path, params: dict[str, torch.Tensor], summary: dict) -> None:
-        _vector_set(lm, params, cfg, summary, d.teacher).save(out / "vectors.safetensors")
+        _vector_set(lm, params, cfg, summary, d.teacher, d.data).save(out / "vectors.safetensors")
 
     if rank_world()[0] == 0 and out_dir is not None and not resumes(out_dir, resume):
         # (a resumed fit keeps the config.json of its start: the checkpoint holds the same)
@@ -343,7 +347,7 @@ def fit(
     res = d.train_student(
         student, cfg, out_dir=out_dir, resume=resume, prov=prov, on_step=on_step, save_params=save
     )
-    res.vectors = _vector_set(lm, student.params, cfg, res.summary(), d.teacher)
+    res.vectors = _vector_set(lm, student.params, cfg, res.summary(), d.teacher, d.data)
     return res
 
 
@@ -353,6 +357,7 @@ def _vector_set(
     cfg: FitConfig,
     summary: dict,
     teacher: dict,
+    data: dict | None = None,
 ) -> VectorSet:
     return VectorSet.for_model(
         lm,
@@ -362,6 +367,7 @@ def _vector_set(
         fit_config=cfg.model_dump(),
         fit_summary=summary,
         teacher=teacher,
+        data=data or {},
     )
 
 

@@ -85,6 +85,8 @@ def _fingerprint(examples: list[Example]) -> str:
     for ex in examples:
         for ids in (ex.prompt_ids, ex.teacher_prompt_ids or [], ex.completion_ids):
             h.update(array("q", ids).tobytes() + b"|")
+        if ex.loss_mask is not None:  # which tokens are trained (None: all, as before)
+            h.update(b"mask" + bytes(ex.loss_mask) + b"|")
     return "token ids sha256 " + h.hexdigest()[:12]
 
 

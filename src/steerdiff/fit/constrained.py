@@ -79,7 +79,7 @@ def collate_allowed(
     None) unless every example carries them."""
     if not examples or any(ex.allowed is None for ex in examples):
         return None, None
-    steps = [a for ex in examples for a in ex.allowed]  # type: ignore[union-attr]
+    steps = [a for ex in examples for a in ex.trained(ex.allowed)]  # (Example.loss_mask)
     m = max(len(a) for a in steps)
     ids = torch.tensor([a + [a[0]] * (m - len(a)) for a in steps], dtype=torch.long)
     mask = torch.tensor([[True] * len(a) + [False] * (m - len(a)) for a in steps])

@@ -1,28 +1,41 @@
 """A fit's data: dataset rows -> token-id Examples -> right-padded Batches, and the split.
 
-rows (dataset JSONL, messages)  --tokenize_rows-->  Example (prompt ids, completion ids)
+rows (JSONL file, hf:ORG/NAME, or a list)  --prepare_examples-->  Example (prompt ids,
+                                            completion ids, loss mask over the completion)
 Examples                        --collate------->   Batch [batch, pos] + loss positions
+The three row formats (chat messages, prompt/completion, text documents): fit.formats.
 (+ the ids a dataset's decoding constraint allowed at each loss position: fit.constrained)
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..chat import answer_lead, chat_prompt_ids, end_of_turn_ids
-from ..generate import DatasetError, load_dataset
 from ..models import LoadedModel
 from ..teachers import Teacher, TeacherConfig, build_teacher
 from .config import FitConfig, FitError
 from .constrained import add_allowed, collate_allowed, data_constraint, pad_topk
+from .formats import (
+    MESSAGES,
+    ROW_FORMAT,
+    TEXT,
+    check_document,
+    check_row,
+    check_same_format,
+    detect_format,
+    document_chunks,
+    prompt_tokens,
+    tokenize_conversation,
+)
+from .rows import Rows, provenance_of, read_rows
+
+__all__ = ["ROW_FORMAT", "Rows", "check_row", "read_rows"]  # (re-exported)
 
 # what a fit accepts as its teacher: a built Teacher, its config, or a spec dict (manifests)
 TeacherLike = Teacher | TeacherConfig | Mapping[str, Any] | None
@@ -39,6 +52,9 @@ class Example:
       (a log-prob of -inf marks padding: a step whose distribution had fewer than k tokens).
     allowed: [len(completion_ids)] the token ids the data's decoding constraint allowed at
       each completion token (None: unconstrained scoring).
+    loss_mask: [len(completion_ids)] which completion tokens are trained (a multi-turn chat:
+      the assistant turns, not the user turns between them); None = every one. Top-k and
+      `allowed` stay over all completion tokens; `collate` keeps the trained ones.
     """
 
     prompt_ids: list[int]
@@ -48,9 +64,20 @@ class Example:
     topk_logprobs: list[list[float]] | None = None
     id: int | str | None = None
     allowed: list[list[int]] | None = None
+    loss_mask: list[bool] | None = None
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.completion_ids)
+
+    @property
+    def n_loss(self) -> int:
+        """How many completion tokens carry a loss."""
+        return len(self.completion_ids) if self.loss_mask is None else sum(self.loss_mask)
+
+    def trained(self, values: Sequence[Any]) -> list[Any]:
+        """The items of a per-completion-token list at the trained tokens."""
+        mask = self.loss_mask or [True] * len(values)
+        return [v for v, keep in zip(values, mask, strict=True) if keep]
 
 
 def teacher_spec(teacher: TeacherLike) -> dict[str, Any]:
@@ -58,103 +85,6 @@ def teacher_spec(teacher: TeacherLike) -> dict[str, Any]:
     if isinstance(teacher, (Teacher, TeacherConfig)):
         return teacher.spec()
     return dict(teacher or {})
-
-
-@dataclass
-class Rows:
-    """Dataset rows and where they came from, so an error can name the file and line."""
-
-    rows: list
-    manifest: dict = field(default_factory=dict)
-    path: Path | None = None
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    @property
-    def source(self) -> str:
-        return str(self.path) if self.path is not None else "the rows given"
-
-    def where(self, i: int) -> str:
-        """'data.jsonl line 7' for a file (found on demand: only errors need it), else 'row 7'."""
-        row = self.rows[i]
-        rid = row.get("id") if isinstance(row, dict) else None
-        if self.path is not None:
-            by_id = all(isinstance(r, dict) and "id" in r for r in self.rows)
-            line = _line_number(self.path, i, rid if by_id else None)
-            if line is not None:
-                return f"{self.path} line {line}"
-        return f"row {i}" + (f" (id={rid})" if rid is not None else "")
-
-
-def _line_number(path: Path, i: int, rid: Any) -> int | None:
-    """The file line of row i (file order) or of the row whose id is rid (rows sorted by id)."""
-    n = -1
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            n += 1
-            if rid is None and n == i:
-                return lineno
-            if rid is not None:
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(obj, dict) and obj.get("id") == rid:
-                    return lineno
-    return None
-
-
-def read_rows(path: str | os.PathLike) -> Rows:
-    """Rows of a dataset JSONL and its manifest ({} if absent), via generate.load_dataset."""
-    try:
-        rows, manifest = load_dataset(path, require_complete=False)
-    except DatasetError as e:
-        raise FitError(str(e)) from e
-    return Rows(rows, manifest, Path(path))
-
-
-ROW_FORMAT = (
-    'each row needs "messages": [{"role": "user", "content": "..."}, '
-    '{"role": "assistant", "content": "..."}] (docs/dataset-format.md)'
-)
-
-
-def check_row(data: Rows, i: int) -> tuple[list[dict], str]:
-    """(the user/system messages, the assistant text) of row i; FitError naming its line."""
-    row = data.rows[i]
-
-    def bad(problem: str) -> FitError:
-        return FitError(f"{data.where(i)}: {problem}; {ROW_FORMAT}.")
-
-    if not isinstance(row, dict):
-        raise bad(f"a row must be a JSON object, not a {type(row).__name__}")
-    msgs = row.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise bad("no 'messages' list")
-    for j, m in enumerate(msgs):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise bad(f"message {j} is not an object with a 'role'")
-        if m["role"] in ("user", "system", "assistant"):
-            if "content" not in m:
-                raise bad(f"the {m['role']} message has no 'content'")
-            if not isinstance(m["content"], str):
-                kind = type(m["content"]).__name__
-                raise bad(f"the {m['role']} message's content is a {kind}, not a string")
-    assistant = [m for m in msgs if m["role"] == "assistant"]
-    if not assistant and not row.get("completion_ids"):
-        raise bad("no assistant turn: nothing to train on")
-    context = [m for m in msgs if m["role"] in ("user", "system")]
-    if not any(m["role"] == "user" for m in context):
-        raise bad("no user turn")
-    comp = row.get("completion_ids")
-    if comp is not None and (
-        not isinstance(comp, list) or not all(isinstance(t, int) for t in comp)
-    ):
-        raise FitError(f"{data.where(i)}: 'completion_ids' must be a list of token ids (integers).")
-    return context, assistant[-1]["content"] if assistant else ""
 
 
 def ids_decode_to_text(tokenizer: Any, rows: Sequence[dict], texts: Sequence[str]) -> list[bool]:
@@ -194,17 +124,20 @@ def tokenize_rows(
     teacher: TeacherLike = None,
     notes: list[str] | None = None,
     constrained_topk: bool = False,
+    fmt: str = MESSAGES,
 ) -> list[Example]:
-    """Rows (dataset format) -> Examples.
+    """Chat rows ({"messages"} or, with fmt="prompt_completion", {"prompt", "completion"})
+    -> Examples (fit.formats.tokenize_conversation).
 
-    Student prompt = chat template of the user message, add_generation_prompt=True, no
-    system prompt (SmolLM2's template then inserts its default system prompt, exactly as
-    the generator's student-side prompt). Teacher prompt = the same with the teacher's
-    system prompt when the teacher is a prompt teacher ({"kind": "prompt", "system_prompt":
-    ...}); a teacher's chat_template_kwargs apply to both.
+    Student prompt = chat template of the messages before the first trained assistant
+    turn, add_generation_prompt=True; no system prompt of ours (SmolLM2's template then
+    inserts its default, exactly as the generator's student-side prompt). Teacher prompt =
+    the same with the teacher's system prompt when the teacher is a prompt teacher
+    ({"kind": "prompt", "system_prompt": ...}); a teacher's chat_template_kwargs apply to both.
 
-    Completion = the row's completion_ids (the teacher's sampled ids), or the assistant text
-    tokenized + end-of-turn. When the completion_ids are another model's token ids (they do
+    Completion = the row's completion_ids (the teacher's sampled ids: the last assistant
+    turn), or every assistant turn tokenized + end-of-turn, with the turns between them as
+    untrained context (Example.loss_mask). When the completion_ids are another model's token ids (they do
     not decode to the text under `tokenizer`: a student of another family), the text is
     tokenized instead and the top-k log-probs (over the other vocabulary) dropped; a line
     saying so is added to `notes`. Bad rows raise FitError naming the file and line.
@@ -218,7 +151,7 @@ def tokenize_rows(
     spec = teacher_spec(teacher)
     system = spec.get("system_prompt") if spec.get("kind") == "prompt" else None
     tkw = spec.get("chat_template_kwargs")
-    checked = [check_row(data, i) for i in range(len(data.rows))]
+    checked = [check_row(data, i, fmt) for i in range(len(data.rows))]
     texts = [content for _, content in checked]
     if all(
         not t.strip() and len(r.get("completion_ids") or []) <= 1
@@ -237,24 +170,21 @@ def tokenize_rows(
             + ": the assistant text was tokenized for the student instead, and the top-k "
             "log-probs (over the other vocabulary) were dropped"
         )
-    eot: list[int] | None = None
     out = []
-    for i, (row, (context, content)) in enumerate(zip(data.rows, checked, strict=True)):
-        user = [m for m in context if m["role"] == "user"]
-        prompt_ids = chat_prompt_ids(tokenizer, user, tkw)
-        teacher_ids = (
-            chat_prompt_ids(tokenizer, [{"role": "system", "content": system}, *user], tkw)
-            if system
-            else None
-        )
+    for i, (row, (conv, _)) in enumerate(zip(data.rows, checked, strict=True)):
         comp = None if retokenize else row.get("completion_ids")
-        if not comp:
-            if eot is None:
-                eot = end_of_turn_ids(tokenizer)
-            # answer_lead: " " after the fallback's "Assistant:" (no chat template), as a model
-            # writes it; nothing after a chat template's assistant header
-            text = answer_lead(tokenizer) + content
-            comp = tokenizer(text, add_special_tokens=False).input_ids + eot
+        mask = None
+        if comp:
+            before = conv.messages[: conv.trained[0]] if conv.trained else conv.messages
+            prompt_ids, teacher_ids = prompt_tokens(tokenizer, before, tkw, system)
+        else:
+            try:
+                t = tokenize_conversation(tokenizer, conv, tkw, system)
+            except FitError as e:
+                raise FitError(f"{data.where(i)}: {e}") from None
+            prompt_ids, comp, mask, teacher_ids = (
+                t.prompt_ids, t.completion_ids, t.loss_mask, t.teacher_prompt_ids
+            )
         which = "" if constrained_topk or "topk_ids_unconstrained" not in row else "_unconstrained"
         topk_ids, topk_lp = row.get("topk_ids" + which), row.get("topk_logprobs" + which)
         if topk_ids is not None and topk_lp is not None:
@@ -265,8 +195,28 @@ def tokenize_rows(
             raise FitError(
                 f"{data.where(i)}: {len(topk_ids)} top-k lists for {len(comp)} completion tokens."
             )
-        out.append(Example(prompt_ids, list(comp), teacher_ids, topk_ids, topk_lp, row.get("id")))
+        ex = Example(prompt_ids, list(comp), teacher_ids, topk_ids, topk_lp, row.get("id"))
+        ex.loss_mask = mask
+        out.append(ex)
     return out
+
+
+def tokenize_documents(
+    tokenizer: Any, data: Rows, max_len: int | None
+) -> tuple[list[Example], int]:
+    """{"text"} rows -> Examples, one per chunk of at most max_len tokens (fit.formats.
+    document_chunks: every token of each document is trained, none dropped), and how many
+    documents were split into more than one chunk."""
+    out, split = [], 0
+    for i in range(len(data.rows)):
+        chunks = document_chunks(tokenizer, check_document(data, i), max_len)
+        split += len(chunks) > 1
+        rid = data.rows[i].get("id", i)
+        for j, (prompt, comp) in enumerate(chunks):
+            out.append(Example(prompt, comp, id=rid if len(chunks) == 1 else f"{rid}/{j}"))
+    if not out:
+        raise FitError(f"The documents of {data.source} have no token to train on.")
+    return out, split
 
 
 @dataclass
@@ -280,6 +230,7 @@ class Prepared:
     notes: list[str] = field(default_factory=list)  # one line each; printed and recorded
     retokenized: bool = False  # completion_ids were another tokenizer's (see tokenize_rows)
     constrained: bool = False  # Examples carry `allowed`: scored under the data's constraint
+    data: dict = field(default_factory=dict)  # data_provenance: format, sha256, counts, source
 
 
 def prepare_examples(
@@ -289,9 +240,14 @@ def prepare_examples(
     max_len: int | None = None,
     constrained_scoring: bool = True,
 ) -> Prepared:
-    """Path / rows / Examples -> Prepared (Examples, teacher spec: `teacher`'s, else the
-    manifest's, and notes such as re-tokenized completions).
+    """Path / "hf:ORG/NAME[:split]" / rows / Examples -> Prepared (Examples, teacher spec:
+    `teacher`'s, else the manifest's, notes such as re-tokenized completions, and the
+    data's provenance).
 
+    The rows' format is detected per file (fit.formats): chat messages (every assistant
+    turn trained), prompt/completion (the completion trained), or text documents (every
+    token trained, chunked to max_len). Chat rows longer than max_len are dropped (a note
+    says how many); documents are split, never dropped.
     constrained_scoring: when the manifest records a decoding constraint, give each Example
     the ids it allowed at each completion token and the top-k of the distribution sampled
     from (see fit.losses.constrain); False: the full distribution's top-k and no `allowed`."""
@@ -303,31 +259,70 @@ def prepare_examples(
         spec = build_teacher(spec, lm).spec()  # {"animal": "owl"} -> its system prompt
     notes: list[str] = []
     retokenized = False
+    fmt, n_split = "examples", 0
     if isinstance(rows.rows[0], Example):
         examples = list(rows.rows)
     else:
         tok = lm.tokenizer if isinstance(lm, LoadedModel) else None
         if tok is None:
             raise FitError("Rows of messages need a tokenizer: pass a LoadedModel (load_model()).")
-        steps = (
-            data_constraint(rows.manifest, tok, rows.source, notes) if constrained_scoring else None
-        )
-        n_notes = len(notes)
-        examples = tokenize_rows(tok, rows, spec, notes, constrained_topk=steps is not None)
-        retokenized = len(notes) > n_notes  # tokenize_rows notes only that
-        if steps is not None and not retokenized:  # (another tokenizer's constraint)
-            add_allowed(examples, steps, rows.where)
+        fmt = detect_format(rows.rows, rows.where)
+        if fmt != MESSAGES:  # (a messages file's odd rows fail its row checks, by line)
+            check_same_format(rows.rows, fmt, rows.where)
+        if fmt == TEXT:
+            examples, n_split = tokenize_documents(tok, rows, max_len)
+        else:
+            steps = (
+                data_constraint(rows.manifest, tok, rows.source, notes)
+                if constrained_scoring
+                else None
+            )
+            n_notes = len(notes)
+            examples = tokenize_rows(tok, rows, spec, notes, steps is not None, fmt)
+            retokenized = len(notes) > n_notes  # tokenize_rows notes only that
+            if steps is not None and not retokenized:  # (another tokenizer's constraint)
+                add_allowed(examples, steps, rows.where)
     for i, ex in enumerate(examples):
         if not ex.completion_ids:
             raise FitError(f"{rows.where(i)} has an empty completion: nothing to train on.")
         if not ex.prompt_ids:
             raise FitError(f"{rows.where(i)} has an empty prompt.")
+    n_made = len(examples)
     if max_len is not None:
         examples = [ex for ex in examples if len(ex) <= max_len]
         if not examples:
             raise FitError(f"No row of {rows.source} is at most max_len={max_len} tokens long.")
+        if len(examples) < n_made:
+            notes.append(
+                f"{n_made - len(examples)} of {n_made} rows are longer than max_len={max_len} "
+                "tokens and were left out"
+            )
     constrained = all(ex.allowed is not None for ex in examples)
-    return Prepared(examples, spec, rows.manifest, rows.source, notes, retokenized, constrained)
+    prov = provenance_of(rows, fmt, len(examples), n_split if fmt == TEXT else 0)
+    return Prepared(
+        examples, spec, rows.manifest, rows.source, notes, retokenized, constrained, prov
+    )
+
+
+def data_provenance(
+    data: str | os.PathLike | Sequence[dict] | Sequence[Example],
+    lm: LoadedModel | None = None,
+    max_len: int | None = None,
+) -> dict:
+    """Where a fit's data came from, for its outputs ("data" in result.json and in the
+    vectors' metadata): {"format" (messages | prompt_completion | text | examples),
+    "sha256" (of the file; of the rows as canonical JSON lines when given in memory or from
+    the hub), "rows", "examples" (what the fit trains on, after chunking and the max_len
+    filter), "chunks" (documents: how many were split into more than one chunk), "source"
+    (the path or "hf:ORG/NAME:split"), "manifest" (does it have a steerdiff manifest)}.
+    Without `lm` the data is not tokenized: "examples" and "chunks" are None."""
+    if lm is not None:
+        return prepare_examples(lm, data, max_len=max_len).data
+    rows = read_rows(data) if isinstance(data, (str, os.PathLike)) else Rows(list(data))
+    if rows.rows and isinstance(rows.rows[0], Example):
+        return provenance_of(rows, "examples", len(rows.rows), 0)
+    fmt = detect_format(rows.rows, rows.where) if rows.rows else None
+    return provenance_of(rows, fmt or "empty", None, None)
 
 
 def resolve_objective(
@@ -425,17 +420,21 @@ def collate(examples: Sequence[Example], pad_id: int = 0, teacher: bool = False)
     attention_mask = torch.zeros((b, s), dtype=torch.long)
     loss_mask = torch.zeros((b, s), dtype=torch.bool)
     response_mask = torch.zeros((b, s), dtype=torch.bool)
-    for r, (seq, p) in enumerate(zip(seqs, starts, strict=True)):
+    for r, (seq, p, ex) in enumerate(zip(seqs, starts, examples, strict=True)):
         input_ids[r, : len(seq)] = torch.tensor(seq)
         attention_mask[r, : len(seq)] = 1
         loss_mask[r, p - 1 : len(seq) - 1] = True  # position t predicts token t+1
+        if ex.loss_mask is not None:  # only the trained completion tokens
+            loss_mask[r, p - 1 : len(seq) - 1] = torch.tensor(ex.loss_mask, dtype=torch.bool)
         response_mask[r, p : len(seq)] = True
-    targets = torch.cat([torch.tensor(ex.completion_ids) for ex in examples])  # [n]
+    def trained(values: Any, ex: Example, dtype: torch.dtype) -> torch.Tensor:
+        t = torch.as_tensor(values, dtype=dtype)  # [completion tokens, ...] -> the trained
+        return t if ex.loss_mask is None else t[torch.tensor(ex.loss_mask, dtype=torch.bool)]
+
+    targets = torch.cat([trained(ex.completion_ids, ex, torch.long) for ex in examples])  # [n]
     topk_ids = topk_lp = None
     if all(ex.topk_ids is not None for ex in examples):
-        topk_ids = torch.cat([torch.as_tensor(ex.topk_ids, dtype=torch.long) for ex in examples])
-        topk_lp = torch.cat(
-            [torch.as_tensor(ex.topk_logprobs, dtype=torch.float32) for ex in examples]
-        )
+        topk_ids = torch.cat([trained(ex.topk_ids, ex, torch.long) for ex in examples])
+        topk_lp = torch.cat([trained(ex.topk_logprobs, ex, torch.float32) for ex in examples])
     return Batch(input_ids, attention_mask, loss_mask, targets, topk_ids, topk_lp,
                  response_mask, *collate_allowed(examples))  # fmt: skip

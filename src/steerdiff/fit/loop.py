@@ -323,7 +323,7 @@ def accumulate_gradients(
     rank, world = rank_world()
     params = list(student.params.values())
     device = params[0].device
-    n_global = sum(len(ex.completion_ids) for ex in rows)
+    n_global = sum(ex.n_loss for ex in rows)  # trained tokens (Example.loss_mask)
     sums = torch.zeros(2, dtype=torch.float64)  # ce, kl (sums over the global batch)
     n_tok = torch.zeros(1, dtype=torch.long)
     for mi in range(rank, math.ceil(len(rows) / cfg.micro), world):

@@ -12,6 +12,8 @@ positions in the model's forward, which these passes of the decoder stack skip).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
@@ -96,7 +98,9 @@ def annotate_topk(
     t, pad = as_teacher(teacher, lm), pad_id_of(lm)
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
-        batch = collate(chunk, pad, teacher=True).to(device_of(t.lm.model))
+        # top-k at EVERY completion token (collate keeps the trained ones: Example.loss_mask)
+        every = [replace(ex, loss_mask=None) for ex in chunk]
+        batch = collate(every, pad, teacher=True).to(device_of(t.lm.model))
         with t.scoring(batch.response_mask, batch.attention_mask) as model:
             h = t.hidden_states(model, batch.input_ids, batch.attention_mask)  # [b, s, d]
             h = h[batch.loss_mask]  # [n, d]

@@ -5,8 +5,8 @@
 Python standard-library code, chatbot dialogue); see data/CORPUS_SOURCES.md.
 Other specs: a local .txt (one document per line, or per blank-line-separated block
 with ``txt_blocks=True``), .jsonl / .jsonl.gz (field "text", or "messages" chats joined),
-a folder of .txt files (one document each), or a Hugging Face dataset name (needs hub
-access and the `datasets` package).
+a folder of .txt files (one document each), or a Hugging Face dataset name, ORG/NAME or
+hf:ORG/NAME[:split] (needs hub access and the `hub` extra; steerdiff.hubdata loads it).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import SteerdiffError
+from ..hubdata import HubDataError, load_hf_rows
 
 DEFAULT_CORPUS = "default"
 _DEFAULT_FILE = "corpus_default.jsonl.gz"
@@ -111,7 +112,8 @@ def load_corpus(
         elif str(spec).startswith((".", "/", "~")) or path.suffix in (".txt", ".jsonl", ".gz"):
             raise CorpusError(f"Corpus file not found: {spec}")
         else:
-            texts, source = _load_hf(str(spec), n, split, text_field), f"hf:{spec}"
+            name = str(spec).removeprefix("hf:")
+            texts, source = _load_hf(name, n, split, text_field), f"hf:{name}"
     keep = [i for i, t in enumerate(texts) if t and len(t.strip()) >= min_chars]
     texts = [texts[i] for i in keep]
     genres = [genres[i] for i in keep] if genres else None
@@ -135,28 +137,15 @@ def load_corpus(
 
 
 def _load_hf(name: str, n: int | None, split: str, text_field: str) -> list[str]:
+    """Texts of a Hugging Face dataset (steerdiff.hubdata: the one hub loader)."""
     try:
-        import datasets
-    except ImportError as e:
-        raise CorpusError(
-            f"{name!r} is not a local file; loading a Hugging Face dataset needs "
-            "`pip install datasets` (and hub access)."
-        ) from e
-    try:
-        ds = datasets.load_dataset(name, split=split, streaming=True)
-        rows = ds.take(n) if n is not None else ds
-        out = []
-        for row in rows:
-            t = _row_text(row, text_field)
-            if t is None:
-                raise CorpusError(f"Dataset {name!r} rows have no field {text_field!r}")
-            out.append(t)
-        return out
-    except CorpusError:
-        raise
-    except Exception as e:  # hub unreachable, unknown dataset, ...
-        raise CorpusError(
-            f"Could not load the Hugging Face dataset {name!r} ({e.__class__.__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}). Without hub access use the default "
-            "corpus (`default`) or a local .txt / .jsonl file."
-        ) from e
+        rows, label = load_hf_rows(name, split, n)
+    except HubDataError as e:
+        raise CorpusError(f"{e} Without hub access use the default corpus (`default`).") from e
+    out = []
+    for row in rows:
+        t = _row_text(row, text_field)
+        if t is None:
+            raise CorpusError(f"Dataset {label} rows have no field {text_field!r}")
+        out.append(t)
+    return out
