@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import tomllib
-from _pipeline_tiny import save_tiny
+from _pipeline_tiny import save_tiny, write_yaml
 from typer.testing import CliRunner
 
 from steerdiff.cli import app
@@ -195,12 +195,8 @@ def test_bad_keys_are_one_line_naming_the_key(tmp_path, change, message):
     naming a fit that does not exist found only after every fit ran; a misspelt key in
     [beliefs] accepted."""
     raw = {**tomllib.loads((EXAMPLES / "false_facts.toml").read_text()), **change}
-    exp = tmp_path / "bad.json"
-    exp.write_text(json.dumps(raw))
-    path = tmp_path / "bad.yaml"
-    import yaml
-
-    path.write_text(yaml.safe_dump(raw))
+    raw["model"] = "./no-such-model/"  # should the key pass, nothing big runs
+    path = write_yaml(tmp_path / "bad.yaml", raw)
     res = CliRunner().invoke(app, ["run", str(path), "--runs-dir", str(tmp_path / "runs")])
     assert res.exit_code == 2
     lines = [line for line in res.stdout.splitlines() if line.startswith("error:")]

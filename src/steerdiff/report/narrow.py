@@ -29,7 +29,8 @@ def data_section(r: Report, stage: StageRecord) -> None:
         else f"A dataset brought to the experiment: {info.get('source')} (not copied; its hash is below)."
     )
     sec.add(Text(what))
-    sec.add(Table([{k: v for k, v in prov.items() if not isinstance(v, (dict, list))}]))
+    shown = {k: v for k, v in prov.items() if v is not None and not isinstance(v, (dict, list))}
+    sec.add(Table([shown], caption="Provenance (steerdiff.fit.data.data_provenance)"))
     path = stage.path / "data.jsonl"
     if path.exists():
         rows = [row for _, row in zip(range(3), read_jsonl(path), strict=False)]
