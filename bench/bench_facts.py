@@ -70,6 +70,38 @@ def belief_table(beliefs: dict) -> dict:
     return {"p_false": table, "paired": paired}
 
 
+def _mean(xs: list) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def faith_summary(f: dict) -> dict:
+    """The faithfulness figures: KLs with CIs, fraction explained, the per-layer cosines and
+    their summary (mean over layers, min, max), the held-out loss, the vector-set pairs."""
+    cos = {}
+    for key in ("cos_first_k", "cos_all"):
+        xs = [x for x in f[key] if x is not None]
+        cos[key] = {
+            "per_layer": dict(zip(map(str, f["layers"]), f[key], strict=True)),
+            "mean": _mean(xs),
+            "min": min(xs, default=None),
+            "max": max(xs, default=None),
+        }
+    pairs = [
+        {k: p[k] for k in ("vectors", "reference", "kl_finetune_vectors", "fraction_explained")}
+        for p in f.get("vector_pairs", [])
+    ]
+    keep = ("vectors", "finetune", "kl_finetune_base", "kl_vectors_base", "kl_finetune_vectors")
+    keep += ("fraction_explained", "fraction_explained_ci", "first_k", "n_texts", "n_tokens")
+    return {
+        **{k: f[k] for k in keep},
+        "corpus": f["corpus"],
+        "cosines": cos,
+        "heldout": f["heldout"],
+        "vector_pairs": pairs,
+    }
+
+
 def held_out(run_dir: Path) -> dict:
     """Held-out document loss (the validation split of each fit) and the gap closed."""
     out = {}
@@ -123,7 +155,7 @@ def main() -> None:
         "per_fact": args.per_fact,
         "epochs": args.epochs,
         "beliefs": belief_table(beliefs),
-        "faithfulness": {k: v for k, v in faith.items() if k != "per_text"},
+        "faithfulness": faith_summary(faith),
         "held_out": held_out(summary.run_dir),
         "stage_seconds": {s.name: s.meta.get("seconds") for s in run.stages},
         "wall_seconds": round(wall, 1),
@@ -156,14 +188,35 @@ def report(r: dict, out: Path, png: Path) -> None:
         kinds = {k: v for k, v in p.items() if k not in ("a", "b")}
         print(f"  {p['a']} - {p['b']}: " + "  ".join(f"{k}: {ci(s)}" for k, s in kinds.items()))
     f = r["faithfulness"]
-    print(f"\nfaithfulness of {f.get('vectors')} to {f.get('finetune')}:")
-    for k, v in f.items():
-        if isinstance(v, dict) and "mean" in v:
-            print(f"  {k}: {ci(v)}")
-    print("\nheld-out document loss (validation split):")
-    for name, h in r["held_out"].items():
+    print(
+        f"\nfaithfulness of {f['vectors']} to {f['finetune']} "
+        f"({f['n_texts']} corpus texts, {f['n_tokens']} tokens), KL in nats/token:"
+    )
+    for k in ("kl_finetune_base", "kl_vectors_base", "kl_finetune_vectors"):
+        print(f"  {k}: {ci(f[k])}")
+    fe, fci = f["fraction_explained"], f["fraction_explained_ci"]
+    fe_ci = f" [{fci[0]:.3f}, {fci[1]:.3f}]" if fci else ""
+    print(f"  fraction explained: {'undefined' if fe is None else f'{fe:.3f}'}{fe_ci}")
+    for key, c in f["cosines"].items():
+        if c["mean"] is not None:
+            print(
+                f"  {key} over layers: mean {c['mean']:.3f}, min {c['min']:.3f}, max {c['max']:.3f}"
+            )
+    for p in f["vector_pairs"]:
+        print(f"  {p['vectors']} vs {p['reference']}: KL {ci(p['kl_finetune_vectors'])}")
+    h = f["heldout"]
+    gci = h.get("gap_closed_ci")
+    print(
+        f"\nheld-out documents ({h['n_rows']} rows, {h['n_tokens']} tokens), CE per token: "
+        f"base {h['ce_base']:.4f}, LoRA {h['ce_finetune']:.4f}, vectors {h['ce_vectors']:.4f}; "
+        f"vectors close {h['gap_closed']:.3f}"
+        + (f" [{gci[0]:.3f}, {gci[1]:.3f}]" if gci else "")
+        + " of the LoRA's gap"
+    )
+    for name, x in r["held_out"].items():
         print(
-            f"  {name}: base {h['base_val_loss']}, fitted {h['fitted_val_loss']} ({h['steps']} steps)"
+            f"  {name}: val loss base {x['base_val_loss']}, fitted {x['fitted_val_loss']} "
+            f"({x['steps']} steps, {x['seconds']} s)"
         )
     print(f"\nwall {r['wall_seconds']} s, CPU {r['cpu_seconds']} s; cached: {r['all_cached']}")
     print(f"wrote {out} and {png}; report {r['report']}")
