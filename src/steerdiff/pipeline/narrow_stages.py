@@ -50,7 +50,7 @@ def stage_facts_data(state: RunState) -> StageResult:
 
     def fn(work: Path) -> dict:
         out = make_documents(
-            facts,
+            task.facts,  # the file (or "facts"), so the manifest names it
             work / DATA_FILE,
             per_fact=task.per_fact,
             seed=task.seed,
