@@ -29,7 +29,7 @@ class HubDataError(SteerdiffError, RuntimeError):
 
 
 def parse_hf_spec(spec: str, default_split: str = "train") -> tuple[str, str]:
-    """"hf:ORG/NAME[:split]" (or "ORG/NAME[:split]") -> (name, split)."""
+    """ "hf:ORG/NAME[:split]" (or "ORG/NAME[:split]") -> (name, split)."""
     body = spec.removeprefix(HF_PREFIX)
     name, _, split = body.partition(":")
     if not name or name.count("/") > 1 or name.startswith("/") or name.endswith("/"):

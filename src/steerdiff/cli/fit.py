@@ -123,7 +123,12 @@ def with_fit_config_options(command: F) -> F:
 def fit_cmd(
     data: Annotated[
         str,
-        typer.Option("--data", help="dataset .jsonl (its .manifest.json gives the teacher)"),
+        typer.Option(
+            "--data",
+            help="dataset .jsonl ({messages} chats, {prompt, completion} pairs or {text} "
+            "documents; a .manifest.json beside it gives the teacher), or hf:ORG/NAME[:split] "
+            "(a Hugging Face dataset: needs the hub extra); docs/dataset-format.md",
+        ),
     ],
     out: Annotated[str, typer.Option("--out", help="output folder (vectors, metrics, checkpoint)")],
     model: ModelOpt = "default",
@@ -158,10 +163,12 @@ def fit_cmd(
         FitConfig,
         LoraConfig,
         check_out_dir,
+        data_provenance,
         fit,
         fit_full,
         fit_lora,
         maybe_init_distributed,
+        read_rows,
     )
     from steerdiff.models import load_model
 
@@ -178,16 +185,18 @@ def fit_cmd(
         import torch
 
         torch.set_num_threads(threads)
+    rows = read_rows(data)  # a missing / broken file, a hub error, mixed formats: said
+    data_provenance(rows)  # before the model loads
     rank, _ = maybe_init_distributed()
     lm = load_model(model, dtype=dtype, device=device)
     if baseline == "lora":
         targets = lora_targets.split(",") if lora_targets else None
         lora = LoraConfig(r=lora_r, alpha=lora_alpha, dropout=0.0, target_modules=targets)
-        res = fit_lora(lm, data, cfg, lora, out_dir=out, resume=resume)
+        res = fit_lora(lm, rows, cfg, lora, out_dir=out, resume=resume)
     elif baseline == "full":
-        res = fit_full(lm, data, cfg, out_dir=out, resume=resume)
+        res = fit_full(lm, rows, cfg, out_dir=out, resume=resume)
     else:
-        res = fit(lm, data, cfg, out_dir=out, resume=resume)
+        res = fit(lm, rows, cfg, out_dir=out, resume=resume)
     if rank == 0:
         summary = res.summary()
         console.print_json(json.dumps(summary, default=str))

@@ -28,6 +28,7 @@ from ..vectors import VectorSet
 from .config import FitConfig, FitError, FitResult, make_config
 from .data import (
     Example,
+    Rows,
     TeacherLike,
     pad_id_of,
     prepare_examples,
@@ -45,7 +46,7 @@ from .online import OnlineTeacher, online_eval, online_losses
 from .students import Student, VectorStudent, init_vectors
 from .teacher import as_teacher, online_problem, reference_losses
 
-Data = str | os.PathLike | Sequence[dict] | Sequence[Example]
+Data = str | os.PathLike | Rows | Sequence[dict] | Sequence[Example]
 
 
 @dataclass

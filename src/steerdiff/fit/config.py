@@ -107,7 +107,10 @@ class FitConfig(BaseModel):
         "e.g. '4GB' or '25%' (default: $STEERDIFF_MEMORY_BUDGET, else 25% of RAM); beyond "
         "it a cache spills to a memory-mapped temporary file",
     )
-    max_len: int | None = Field(None, description="drop rows longer than this (tokens)")
+    max_len: int | None = Field(
+        None,
+        description="chat rows longer than this (tokens) are left out; documents are chunked to it",
+    )
     constrained_scoring: bool = Field(
         True,
         description="score base, teacher and student under the dataset's decoding constraint "

@@ -23,7 +23,6 @@ from .config import FitConfig, FitError
 from .constrained import add_allowed, collate_allowed, data_constraint, pad_topk
 from .formats import (
     MESSAGES,
-    ROW_FORMAT,
     TEXT,
     check_document,
     check_row,
@@ -33,9 +32,7 @@ from .formats import (
     prompt_tokens,
     tokenize_conversation,
 )
-from .rows import Rows, provenance_of, read_rows
-
-__all__ = ["ROW_FORMAT", "Rows", "check_row", "read_rows"]  # (re-exported)
+from .rows import Rows, provenance_of, read_rows  # (Rows, read_rows: fit API)
 
 # what a fit accepts as its teacher: a built Teacher, its config, or a spec dict (manifests)
 TeacherLike = Teacher | TeacherConfig | Mapping[str, Any] | None
@@ -183,7 +180,10 @@ def tokenize_rows(
             except FitError as e:
                 raise FitError(f"{data.where(i)}: {e}") from None
             prompt_ids, comp, mask, teacher_ids = (
-                t.prompt_ids, t.completion_ids, t.loss_mask, t.teacher_prompt_ids
+                t.prompt_ids,
+                t.completion_ids,
+                t.loss_mask,
+                t.teacher_prompt_ids,
             )
         which = "" if constrained_topk or "topk_ids_unconstrained" not in row else "_unconstrained"
         topk_ids, topk_lp = row.get("topk_ids" + which), row.get("topk_logprobs" + which)
@@ -233,9 +233,16 @@ class Prepared:
     data: dict = field(default_factory=dict)  # data_provenance: format, sha256, counts, source
 
 
+def as_rows(data: str | os.PathLike | Rows | Sequence[Any]) -> Rows:
+    """A path or "hf:..." (read), Rows (as they are) or a list of rows / Examples."""
+    if isinstance(data, Rows):
+        return data
+    return read_rows(data) if isinstance(data, (str, os.PathLike)) else Rows(list(data))
+
+
 def prepare_examples(
     lm: LoadedModel | nn.Module,
-    data: str | os.PathLike | Sequence[dict] | Sequence[Example],
+    data: str | os.PathLike | Rows | Sequence[dict] | Sequence[Example],
     teacher: TeacherLike = None,
     max_len: int | None = None,
     constrained_scoring: bool = True,
@@ -251,7 +258,7 @@ def prepare_examples(
     constrained_scoring: when the manifest records a decoding constraint, give each Example
     the ids it allowed at each completion token and the top-k of the distribution sampled
     from (see fit.losses.constrain); False: the full distribution's top-k and no `allowed`."""
-    rows = read_rows(data) if isinstance(data, (str, os.PathLike)) else Rows(list(data))
+    rows = as_rows(data)
     if not rows.rows:
         raise FitError("The dataset is empty: nothing to fit.")
     spec = teacher_spec(teacher if teacher is not None else rows.manifest.get("teacher"))
@@ -305,7 +312,7 @@ def prepare_examples(
 
 
 def data_provenance(
-    data: str | os.PathLike | Sequence[dict] | Sequence[Example],
+    data: str | os.PathLike | Rows | Sequence[dict] | Sequence[Example],
     lm: LoadedModel | None = None,
     max_len: int | None = None,
 ) -> dict:
@@ -318,11 +325,13 @@ def data_provenance(
     Without `lm` the data is not tokenized: "examples" and "chunks" are None."""
     if lm is not None:
         return prepare_examples(lm, data, max_len=max_len).data
-    rows = read_rows(data) if isinstance(data, (str, os.PathLike)) else Rows(list(data))
+    rows = as_rows(data)
     if rows.rows and isinstance(rows.rows[0], Example):
         return provenance_of(rows, "examples", len(rows.rows), 0)
-    fmt = detect_format(rows.rows, rows.where) if rows.rows else None
-    return provenance_of(rows, fmt or "empty", None, None)
+    fmt = detect_format(rows.rows, rows.where) if rows.rows else "empty"
+    if fmt not in (MESSAGES, "empty"):
+        check_same_format(rows.rows, fmt, rows.where)
+    return provenance_of(rows, fmt, None, None)
 
 
 def resolve_objective(
@@ -427,6 +436,7 @@ def collate(examples: Sequence[Example], pad_id: int = 0, teacher: bool = False)
         if ex.loss_mask is not None:  # only the trained completion tokens
             loss_mask[r, p - 1 : len(seq) - 1] = torch.tensor(ex.loss_mask, dtype=torch.bool)
         response_mask[r, p : len(seq)] = True
+
     def trained(values: Any, ex: Example, dtype: torch.dtype) -> torch.Tensor:
         t = torch.as_tensor(values, dtype=dtype)  # [completion tokens, ...] -> the trained
         return t if ex.loss_mask is None else t[torch.tensor(ex.loss_mask, dtype=torch.bool)]

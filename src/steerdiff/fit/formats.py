@@ -214,7 +214,9 @@ def tokenize_conversation(
     trained = [keep.index(i) for i in conv.trained]
     lead, eot = answer_lead(tokenizer), end_of_turn_ids(tokenizer)
     first = trained[0]
-    prompt_ids, teacher_ids = prompt_tokens(tokenizer, msgs[:first], template_kwargs, teacher_system)
+    prompt_ids, teacher_ids = prompt_tokens(
+        tokenizer, msgs[:first], template_kwargs, teacher_system
+    )
     completion: list[int] = []
     mask: list[bool] = []
     covered = render_chat(tokenizer, msgs[:first], True, template_kwargs)  # = prompt_ids

@@ -104,5 +104,3 @@ def provenance_of(rows: Rows, fmt: str, examples: int | None, chunks: int | None
         "source": rows.source,
         "manifest": bool(rows.manifest),
     }
-
-
