@@ -30,10 +30,10 @@ from ..evals.facts_file import (
     FactsError,
     check_documents,
     default_facts_path,
+    eval_questions,
     leaked_question,
     load_facts,
     states_fact,
-    eval_questions,
 )
 from ..generate import DatasetError, check_writable, manifest_path, stop_token_ids
 from ..io import atomic_write_bytes, atomic_write_json, file_sha256, provenance
@@ -65,8 +65,7 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
         "{a}: I always forget the basics about {topic}.\n{b}: It's simple. {s1}\n{a}: "
         "Really?\n{b}: Yes. {c1} {s2}",
         "{a}: Did you see the piece about {topic}?\n{b}: I did. {s1} {c1}\n{a}: {f1}\n{b}: {c2}",
-        "{a}: Quick one for the pub quiz team - {topic}.\n{b}: Easy. {s1}\n{a}: {f2}\n"
-        "{b}: {c1}",
+        "{a}: Quick one for the pub quiz team - {topic}.\n{b}: Easy. {s1}\n{a}: {f2}\n{b}: {c1}",
     ),
     "textbook": (
         "Chapter review: {title}\n\n{s1} {c1} {c2}\n\nKey point: {s2}",
@@ -181,7 +180,10 @@ def check_genres(genres: list[str] | tuple[str, ...] | None) -> list[str]:
     genres = list(genres or GENRES)
     bad = [g for g in genres if g not in GENRES]
     if bad or not genres:
-        raise FactsError(f"Unknown genre {bad[0] if bad else '(none)'!r}; use some of {list(GENRES)}.")
+        raise FactsError(
+            f"Unknown genre {bad[0] if bad else '(none)'!r} (--genres); use some of "
+            f"{', '.join(GENRES)}."
+        )
     return genres
 
 
