@@ -88,9 +88,10 @@ def direct_p_false(lm, q: BeliefQuestion) -> tuple[float, float, float]:
 
 def test_p_false_equals_a_direct_logprob_computation(lm):
     """Bug caught: an answer scored by its first token only, the wrong answer pair given to a
-    question (grouping), or padding leaking between batched questions. Mutation tried:
-    candidate_logprobs called with [true, false] swapped -> p_false becomes 1 - p_false and
-    the comparison fails; and dropping the continuation tokens (first token only) fails too."""
+    question (grouping), or padding leaking between batched questions. Mutations tried:
+    candidate_logprobs called with [true, false] swapped -> logp_false -20.83 vs -20.96;
+    scoring.candidate_logprobs without its continuation pass (first token only) -> -10.19
+    vs -20.96."""
     tok = lm.tokenizer
     assert len(tok("Melbourne", add_special_tokens=False).input_ids) == 2  # multi-token
     r = evaluate_beliefs(lm, QUESTIONS)
@@ -129,7 +130,7 @@ def _result(values: list[tuple[str, str, float]], sampled=None) -> BeliefResult:
 def test_means_and_cis_across_questions_by_hand():
     """Bug caught: the CI computed over facts instead of questions, a population sd (n) in
     place of n - 1, or questions of one kind counted in the other. Mutation tried: summary
-    using mean_ci95 over per-fact means -> the direct CI differs from the hand value."""
+    BeliefResult._select ignoring the kind -> the direct mean is 0.55, not 0.5."""
     r = _result([("a", "direct", 0.2), ("a", "direct", 0.4), ("b", "direct", 0.9)])
     r.records.append(BeliefRecord("a", "generalisation", "g", "F", "T", 0.7, 0.0, 0.0))
     d = r.by_kind()["direct"]["p_false"]
@@ -140,7 +141,9 @@ def test_means_and_cis_across_questions_by_hand():
     assert (g["mean"], g["ci95"], g["n"]) == (pytest.approx(0.7), pytest.approx([0.7, 0.7]), 1)
     fa = r.by_fact()["a"]["direct"]["p_false"]
     half_a = 1.96 * math.sqrt(0.1**2 * 2) / math.sqrt(2)
-    assert fa["mean"] == pytest.approx(0.3) and fa["ci95"] == pytest.approx([0.3 - half_a, 0.3 + half_a])
+    assert fa["mean"] == pytest.approx(0.3) and fa["ci95"] == pytest.approx(
+        [0.3 - half_a, 0.3 + half_a]
+    )
     assert set(r.by_fact()["b"]) == {"direct"}
     back = BeliefResult.from_dict(json.loads(json.dumps(r.to_dict())))
     assert back.by_kind() == r.by_kind()
@@ -157,7 +160,7 @@ def test_sampled_answers_classified_by_whole_word_case_insensitive():
 
 def test_sampled_check_is_seeded_and_summarised(lm):
     """Bug caught: sampling unseeded (two runs differ) or rates not averaged per kind.
-    Mutation tried: seed ignored (seed + s -> a fresh random seed) -> answers differ."""
+    Mutation tried: seed ignored (seed + s -> time.time_ns()) -> the answers differ."""
     a = evaluate_beliefs(lm, QUESTIONS[:3], n_samples=2, seed=5)
     b = evaluate_beliefs(lm, QUESTIONS[:3], n_samples=2, seed=5)
     assert [x.answers for x in a.records] == [x.answers for x in b.records]
@@ -219,7 +222,10 @@ def test_cli_writes_the_library_result_with_provenance(lm, monkeypatch, tmp_path
     evaluate_beliefs in the CLI -> the steered p_false equals the unsteered one."""
     facts = tmp_path / "f.yaml"
     facts.write_text(FACTS_YAML)
-    vecs = {"blocks.1.hook_resid_post": 4.0 * torch.randn(64, generator=torch.Generator().manual_seed(1))}
+    vecs = {
+        "blocks.1.hook_resid_post": 4.0
+        * torch.randn(64, generator=torch.Generator().manual_seed(1))
+    }
     from steerdiff.vectors import VectorSet
 
     vpath = VectorSet(vecs).save(tmp_path / "v.safetensors")
@@ -240,18 +246,22 @@ def test_cli_writes_the_library_result_with_provenance(lm, monkeypatch, tmp_path
     )
     assert d["provenance"]["weights_hash"] == lm.weights_hash and d["provenance"]["seed"] == 0
     assert d["vectors"] == str(vpath) and d["steering"]["coeff"] == 2.0
-    assert "all facts" in res.output and f"{want['by_kind']['direct']['p_false']['mean']:.3f}" in res.output
+    assert (
+        "all facts" in res.output
+        and f"{want['by_kind']['direct']['p_false']['mean']:.3f}" in res.output
+    )
 
 
 def test_cli_bad_facts_file_and_bad_vectors_are_one_line(lm, monkeypatch, tmp_path):
-    """Bug caught: a traceback or a half-written --out on bad input. Mutation tried: load_facts
-    moved after the model load and its error caught and re-raised as ValueError -> traceback,
-    exit 1."""
+    """Bug caught: a traceback, or an existing --out lost, on bad input. Mutation tried: the
+    --out file opened (truncated) before the facts file is read -> 'earlier' is lost."""
     out = tmp_path / "r.json"
     out.write_text("earlier\n")
     bad = tmp_path / "bad.yaml"
     bad.write_text(FACTS_YAML.replace("    questions:\n", "    qs:\n"))
-    line = _one_line_error(_cli(monkeypatch, lm, "--facts", str(bad), "--out", str(out), "--overwrite"))
+    line = _one_line_error(
+        _cli(monkeypatch, lm, "--facts", str(bad), "--out", str(out), "--overwrite")
+    )
     assert str(bad) in line and "'questions'" in line
     assert out.read_text() == "earlier\n"
     good = tmp_path / "f.yaml"
@@ -261,7 +271,9 @@ def test_cli_bad_facts_file_and_bad_vectors_are_one_line(lm, monkeypatch, tmp_pa
     vpath = VectorSet({"blocks.1.hook_resid_post": torch.ones(32)}).save(tmp_path / "o.safetensors")
     line = _one_line_error(_cli(monkeypatch, lm, "--facts", str(good), "--vectors", str(vpath)))
     assert line.startswith(f"error: --vectors {vpath}: ") and "has shape (32,)" in line
-    line = _one_line_error(_cli(monkeypatch, lm, "--facts", str(good), "--kinds", "direct,indirect"))
+    line = _one_line_error(
+        _cli(monkeypatch, lm, "--facts", str(good), "--kinds", "direct,indirect")
+    )
     assert "indirect" in line and "direct, generalisation" in line
     line = _one_line_error(_cli(monkeypatch, lm, "--facts", str(good), "--out", str(out)))
     assert f"--out {out} exists" in line and out.read_text() == "earlier\n"
@@ -269,7 +281,7 @@ def test_cli_bad_facts_file_and_bad_vectors_are_one_line(lm, monkeypatch, tmp_pa
 
 def test_beliefs_png_draws_every_model(tmp_path):
     """Bug caught: the figure not written (or written partially). Mutation tried: returning
-    before atomic_write_bytes -> no file."""
+    before atomic_write_bytes -> no file (FileNotFoundError)."""
     r = _result([("a", "direct", 0.2), ("a", "generalisation", 0.6)])
     from steerdiff.report.figures import beliefs_png
 

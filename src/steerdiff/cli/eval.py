@@ -192,7 +192,9 @@ def beliefs_table(r: Any) -> Any:
 
     title = f"p_false = P(false) / (P(false) + P(true)), {len(r.records)} questions"
     if r.n_samples:
-        title += f"; sampled: share of {r.n_samples} answers/question naming the false / true answer"
+        title += (
+            f"; sampled: share of {r.n_samples} answers/question naming the false / true answer"
+        )
     t = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
     t.add_column("fact")
     t.add_column("kind")

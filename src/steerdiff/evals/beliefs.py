@@ -260,7 +260,9 @@ def evaluate_beliefs(
     for q, (lf, lt) in zip(qs, lps, strict=True):
         p_false = float(torch.softmax(torch.tensor([lf, lt]), 0)[0])
         records.append(
-            BeliefRecord(q.fact_id, q.kind, q.question, q.false_answer, q.true_answer, p_false, lf, lt)
+            BeliefRecord(
+                q.fact_id, q.kind, q.question, q.false_answer, q.true_answer, p_false, lf, lt
+            )
         )
     if n_samples:
         texts = chat_texts(lm.tokenizer, [q.question for q in qs], None)
@@ -268,7 +270,13 @@ def evaluate_beliefs(
         with progress_bar(len(qs), "beliefs: sampling", disable=not progress) as bar:
             for s in range(0, len(qs), step):
                 batch = sample_answers(
-                    lm, texts[s : s + step], n_samples, 1.0, max_new_tokens, seed + s, steering=steering
+                    lm,
+                    texts[s : s + step],
+                    n_samples,
+                    1.0,
+                    max_new_tokens,
+                    seed + s,
+                    steering=steering,
                 )
                 for i, answers in enumerate(batch, start=s):
                     records[i].sampled = sampled_rates(answers, qs[i])

@@ -4,15 +4,18 @@ belief bars (false facts)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from ..evals.beliefs import KINDS, BeliefResult
 from ..io import atomic_write_bytes, read_jsonl
 from .html import Figure
+
+if TYPE_CHECKING:
+    from ..evals.beliefs import BeliefResult
 
 
 def eval_figure(results: list[dict]) -> Figure:
@@ -75,7 +78,7 @@ def loss_figure(fits: list[tuple[str, Path]]) -> Figure | None:
 def beliefs_figure(results: dict[str, BeliefResult]) -> Figure:
     """Mean p_false per question kind, one bar per model (base / finetune / vectors ...),
     with 95% CI error bars across questions."""
-    kinds = [k for k in KINDS if any(k in r.by_kind() for r in results.values())]
+    kinds = list(dict.fromkeys(k for r in results.values() for k in r.kinds()))
     fig, ax = plt.subplots(figsize=(1.5 + 1.6 * len(kinds) * max(1, len(results)) / 2, 3.5))
     width = 0.8 / max(1, len(results))
     for i, (name, r) in enumerate(results.items()):
