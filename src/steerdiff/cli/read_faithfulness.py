@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from .common import DtypeOpt, console
+from .common import DeviceOpt, DtypeOpt, console
 
 
 def faithfulness_cmd(
@@ -31,6 +31,7 @@ def faithfulness_cmd(
         str, typer.Option("--out", help="output folder (JSON, PNG)")
     ] = "runs/read_faithfulness",
     dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "cpu",
     corpus: Annotated[
         str,
         typer.Option(
@@ -87,7 +88,7 @@ def faithfulness_cmd(
         raise FaithfulnessError(
             "--task compares a finetune with the vectors; drop it with --vectors-b."
         )
-    lm = load_model(model, dtype=dtype)
+    lm = load_model(model, dtype=dtype, device=device)
     vs = VectorSet.load(vectors, lm)
     vb = VectorSet.load(vectors_b, lm) if vectors_b else None
     labels = (vectors_b or finetuned, vectors)

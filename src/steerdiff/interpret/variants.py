@@ -28,11 +28,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..adapters import check_adapter_base
 from ..errors import SteerdiffError
 from ..hooks import family_of, steer
 from ..models import LoadedModel, load_model, unwrap
 from ..progress import progress as progress_bar
-from ..teachers import check_adapter_base, load_adapted
+from ..teachers import load_adapted
 
 ModelContext = Callable[[], AbstractContextManager[nn.Module]]
 
