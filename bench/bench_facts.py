@@ -111,9 +111,9 @@ def held_out(run_dir: Path) -> dict:
     for s in read_run(run_dir).of_kind("fit", "baseline"):
         i = s.info
         out[s.name] = {
-            k: i.get(k)
-            for k in ("base_val_loss", "fitted_val_loss", "steps", "n_train", "n_val", "epochs")
+            k: i.get(k) for k in ("base_val_loss", "fitted_val_loss", "steps", "stopped")
         }
+        out[s.name]["examples"] = (i.get("data") or {}).get("examples")  # chunks trained on
         out[s.name]["seconds"] = s.meta.get("seconds")
     return out
 
@@ -163,7 +163,9 @@ def main() -> None:
         "faithfulness": faith_summary(faith),
         "held_out": held_out(summary.run_dir),
         "stage_seconds": {s.name: s.meta.get("seconds") for s in run.stages},
-        "wall_seconds": round(wall, 1),
+        # the stages' own times (from their stage.json: those of the run that computed them)
+        "stage_seconds_total": round(sum(s.meta.get("seconds") or 0 for s in run.stages), 1),
+        "wall_seconds": round(wall, 1),  # of this invocation (small when every stage is cached)
         "cpu_seconds": round(cpu, 1),
         "all_cached": all(s.cached for s in summary.stages.values()),
         "report": str(summary.report),
@@ -180,10 +182,11 @@ def main() -> None:
 def report(r: dict, out: Path, png: Path) -> None:
     label = "QUICK (smoke sizes; not the figures)" if r["quick"] else "full"
     d = r["data"]["data"] if r["data"] else {}
+    examples = {h["examples"] for h in r["held_out"].values()}
     print(f"\nbench_facts ({label}), {r['dtype']}, {r['threads']} threads")
     print(
-        f"data: {d.get('rows')} documents ({r['per_fact']} per fact), {d.get('examples')} "
-        f"training chunks; {r['epochs']} epochs"
+        f"data: {d.get('rows')} documents ({r['per_fact']} per fact), {examples} chunks "
+        f"(90% trained, 10% held out); {r['epochs']} epochs"
     )
     print("\nbelief in the false facts, P(false) mean [95% CI] across questions:")
     for name, kinds in r["beliefs"]["p_false"].items():
@@ -223,7 +226,10 @@ def report(r: dict, out: Path, png: Path) -> None:
             f"  {name}: val loss base {x['base_val_loss']}, fitted {x['fitted_val_loss']} "
             f"({x['steps']} steps, {x['seconds']} s)"
         )
-    print(f"\nwall {r['wall_seconds']} s, CPU {r['cpu_seconds']} s; cached: {r['all_cached']}")
+    print(
+        f"\nstages {r['stage_seconds_total']} s; this invocation: wall {r['wall_seconds']} s, "
+        f"CPU {r['cpu_seconds']} s; every stage cached: {r['all_cached']}"
+    )
     print(f"wrote {out} and {png}; report {r['report']}")
 
 
