@@ -158,8 +158,9 @@ def generate(
                     "--task facts: --teacher prompt is the animal teacher; use plain, adapter or steered"
                 )
             teacher_cfg = teacher_config(teacher, animal, vectors, coeff, positions, adapter)
-        spec = dict(model=model, dtype=dtype, device=device)
-        generate_facts(out, facts, per_fact, seed, genres, teacher_cfg, spec, overwrite)
+        generate_facts(
+            out, facts, per_fact, seed, genres, teacher_cfg, overwrite, model, dtype, device
+        )
         return
     teacher = teacher or "prompt"
     if backend not in ("hf", "vllm"):
@@ -216,12 +217,14 @@ def generate_facts(
     seed: int,
     genres: str | None,
     teacher_cfg: TeacherConfig | None,
-    model_spec: dict,
     overwrite: bool,
+    model: str,
+    dtype: str,
+    device: str,
 ) -> None:
-    """`--task facts`: the documents dataset (templates, or a teacher with --teacher)."""
+    """`--task facts`: the documents dataset (templates; a model only with --teacher)."""
     from steerdiff.evals.facts_file import load_facts
-    from steerdiff.generate import check_writable
+    from steerdiff.generate import check_writable, manifest_path, read_manifest
     from steerdiff.tasks import facts as task
 
     if per_fact < 1:
@@ -234,15 +237,10 @@ def generate_facts(
         from steerdiff.models import load_model
         from steerdiff.teachers import build_teacher
 
-        spec = model_spec
-        t = build_teacher(
-            teacher_cfg, load_model(spec["model"], dtype=spec["dtype"], device=spec["device"])
-        )
+        t = build_teacher(teacher_cfg, load_model(model, dtype=dtype, device=device))
     path = task.make_documents(
         facts, out, per_fact=per_fact, seed=seed, genres=genre_list, teacher=t, overwrite=overwrite
     )
-    from steerdiff.generate import manifest_path, read_manifest
-
     man = read_manifest(manifest_path(path))
     keys = ("task", "facts_file", "per_fact", "seed", "genres", "source")
     summary = {k: man.get(k) for k in keys} | {"n_facts": len(man["facts"]), "rows": man["n_valid"]}
