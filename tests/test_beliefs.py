@@ -290,3 +290,34 @@ def test_beliefs_png_draws_every_model(tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     w, h = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     assert w > 200 and h > 200
+
+
+def test_cli_compare_prints_the_paired_difference(lm, monkeypatch, tmp_path):
+    """--compare OTHER.json prints this - other per kind, paired per question. Bug caught: the
+    difference taken the other way round, or over unpaired means. Mutation tried:
+    paired_beliefs(other, r) in the CLI -> the printed sign flips."""
+    facts = tmp_path / "f.yaml"
+    facts.write_text(FACTS_YAML)
+    from steerdiff.vectors import VectorSet
+
+    vecs = {
+        "blocks.1.hook_resid_post": 4.0
+        * torch.randn(64, generator=torch.Generator().manual_seed(1))
+    }
+    vpath = VectorSet(vecs).save(tmp_path / "v.safetensors")
+    steered = tmp_path / "steered.json"
+    res = _cli(
+        monkeypatch, lm, "--facts", str(facts), "--vectors", str(vpath), "--out", str(steered)
+    )
+    assert res.exit_code == 0, res.output
+    res = _cli(monkeypatch, lm, "--facts", str(facts), "--compare", str(steered))
+    assert res.exit_code == 0, res.output
+    want = paired_beliefs(
+        evaluate_beliefs(lm, load_facts(facts)),
+        evaluate_beliefs(lm, load_facts(facts), Steering(vecs, coeff=1.0)),
+    )
+    for kind in ("direct", "generalisation"):
+        m, (lo, hi) = want[kind]["p_false"]["mean"], want[kind]["p_false"]["ci95"]
+        assert abs(m) > 1e-3
+        line = f"{kind}: p_false this - {steered} = {m:+.3f} (95% CI {lo:+.3f} to {hi:+.3f})"
+        assert line in res.output

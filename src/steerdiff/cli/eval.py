@@ -195,11 +195,11 @@ def beliefs_table(r: Any) -> Any:
         title += (
             f"; sampled: share of {r.n_samples} answers/question naming the false / true answer"
         )
-    t = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
-    t.add_column("fact")
-    t.add_column("kind")
+    t = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+    t.add_column("fact", no_wrap=True)
+    t.add_column("kind", no_wrap=True)
     t.add_column("n", justify="right")
-    t.add_column("p_false (95% CI)", justify="right", no_wrap=True)
+    t.add_column("p_false ± CI95", justify="right", no_wrap=True)
     if r.n_samples:
         for col in ("false", "true", "neither"):
             t.add_column(col, justify="right")

@@ -266,7 +266,7 @@ def evaluate_beliefs(
         )
     if n_samples:
         texts = chat_texts(lm.tokenizer, [q.question for q in qs], None)
-        step = max(1, 64 // n_samples)  # questions per sampling call (~64 rows)
+        step = max(1, 256 // n_samples)  # questions per sampling call (~256 rows)
         with progress_bar(len(qs), "beliefs: sampling", disable=not progress) as bar:
             for s in range(0, len(qs), step):
                 batch = sample_answers(
