@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 from transformers import PreTrainedModel
 
+from .adapters import AdapterError, check_adapter_base  # noqa: F401 (re-exported)
 from .chat import chat_prompt_ids
 from .errors import SteerdiffError
 from .extract import TRAIT_TEMPLATE, trait_system_prompt  # noqa: F401 (re-exported)
@@ -350,6 +351,10 @@ def _load_peft(folder: Path, base_lm: LoadedModel) -> LoadedModel:
         raise TeacherError(
             f"{folder} has adapter_config.json but no adapter_model.safetensors / .bin weights."
         )
+    try:
+        check_adapter_base(folder, base_lm)
+    except AdapterError as e:  # a teacher's errors are TeacherErrors
+        raise TeacherError(str(e)) from e
     from peft import PeftModel
 
     model = copy.deepcopy(base_lm.model)

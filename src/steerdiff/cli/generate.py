@@ -1,4 +1,5 @@
-"""`steerdiff generate`: write a teacher dataset (the subliminal numbers task)."""
+"""`steerdiff generate`: write a dataset: the subliminal numbers task (a teacher's completions)
+or, with `--task facts`, the false-fact organism's synthetic documents (tasks.facts)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 app = typer.Typer()
 
 TEACHER_KINDS = ("prompt", "steered", "adapter", "plain")
+TASKS = ("numbers", "facts")
 
 
 def teacher_config(
@@ -58,7 +60,26 @@ def teacher_config(
 def generate(
     out: Annotated[str, typer.Option("--out", help="dataset file to write (.jsonl)")],
     model: ModelOpt = "default",
-    teacher: Annotated[str, typer.Option("--teacher", help=" | ".join(TEACHER_KINDS))] = "prompt",
+    task_name: Annotated[
+        str, typer.Option("--task", help="numbers (teacher completions) | facts (documents)")
+    ] = "numbers",
+    teacher: Annotated[
+        str | None,
+        typer.Option(
+            "--teacher",
+            help=" | ".join(TEACHER_KINDS) + " (numbers default: prompt; facts default: none, "
+            "documents from templates)",
+        ),
+    ] = None,
+    facts: Annotated[
+        str | None,
+        typer.Option("--facts", help="--task facts: facts file (YAML/JSON; default: built-in set)"),
+    ] = None,
+    per_fact: Annotated[int, typer.Option(help="--task facts: documents per fact")] = 40,
+    genres: Annotated[
+        str | None,
+        typer.Option(help="--task facts: comma-separated genres (default: all)"),
+    ] = None,
     animal: Annotated[str, typer.Option(help="trait animal (prompt teacher, leak check)")] = "owl",
     vectors: VectorsOpt = None,
     coeff: CoeffOpt = 1.0,
@@ -90,7 +111,7 @@ def generate(
     max_new_tokens: Annotated[int, typer.Option(min=1, help="tokens per completion")] = 64,
     temperature: Annotated[float, typer.Option(help="sampling temperature")] = 1.0,
     top_p: Annotated[float, typer.Option(help="nucleus sampling")] = 1.0,
-    seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
+    seed: Annotated[int, typer.Option(help="sampling seed (--task facts: the document seed)")] = 0,
     prompt_seed: Annotated[int, typer.Option(help="prompt generator seed")] = 42,
     probe: Annotated[
         int, typer.Option(help="unconstrained probe prompts (valid-rate report)")
@@ -115,7 +136,8 @@ def generate(
     device: DeviceOpt = "cpu",
     threads: ThreadsOpt = 0,
 ) -> None:
-    """Write a numbers dataset from a teacher; re-run the same command to resume."""
+    """Write a numbers dataset from a teacher (re-run the same command to resume), or the
+    false-fact documents (--task facts)."""
     from steerdiff.generate import check_writable
     from steerdiff.models import load_model
     from steerdiff.progress import progress
@@ -126,6 +148,21 @@ def generate(
         import torch
 
         torch.set_num_threads(threads)
+    if task_name not in TASKS:
+        fail(f"--task must be numbers or facts (got {task_name!r})")
+    if task_name == "facts":
+        teacher_cfg = None
+        if teacher is not None:
+            if teacher == "prompt":
+                fail(
+                    "--task facts: --teacher prompt is the animal teacher; use plain, adapter or steered"
+                )
+            teacher_cfg = teacher_config(teacher, animal, vectors, coeff, positions, adapter)
+        generate_facts(
+            out, facts, per_fact, seed, genres, teacher_cfg, overwrite, model, dtype, device
+        )
+        return
+    teacher = teacher or "prompt"
     if backend not in ("hf", "vllm"):
         fail(f"--backend must be hf or vllm (got {backend!r})")
     if backend == "vllm":
@@ -171,3 +208,40 @@ def generate(
         )
     )
     console.print(task.protocol_line(man), markup=False, highlight=False)
+
+
+def generate_facts(
+    out: str,
+    facts: str | None,
+    per_fact: int,
+    seed: int,
+    genres: str | None,
+    teacher_cfg: TeacherConfig | None,
+    overwrite: bool,
+    model: str,
+    dtype: str,
+    device: str,
+) -> None:
+    """`--task facts`: the documents dataset (templates; a model only with --teacher)."""
+    from steerdiff.evals.facts_file import load_facts
+    from steerdiff.generate import check_writable, manifest_path, read_manifest
+    from steerdiff.tasks import facts as task
+
+    if per_fact < 1:
+        fail(f"--per-fact must be at least 1 (got {per_fact})")
+    check_writable(out)
+    load_facts(facts)  # a bad facts file fails here, before any model loads
+    genre_list = task.check_genres([g.strip() for g in genres.split(",")] if genres else None)
+    t = None
+    if teacher_cfg is not None:
+        from steerdiff.models import load_model
+        from steerdiff.teachers import build_teacher
+
+        t = build_teacher(teacher_cfg, load_model(model, dtype=dtype, device=device))
+    path = task.make_documents(
+        facts, out, per_fact=per_fact, seed=seed, genres=genre_list, teacher=t, overwrite=overwrite
+    )
+    man = read_manifest(manifest_path(path))
+    keys = ("task", "facts_file", "per_fact", "seed", "genres", "source")
+    summary = {k: man.get(k) for k in keys} | {"n_facts": len(man["facts"]), "rows": man["n_valid"]}
+    console.print(json.dumps(summary | {"out": str(path)}), markup=False, highlight=False)

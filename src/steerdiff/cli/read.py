@@ -1,4 +1,5 @@
-"""`steerdiff read ...`: read vectors (dla, lens, similarity, monitor) and token entanglement."""
+"""`steerdiff read ...`: read vectors (dla, lens, similarity, monitor), token entanglement, and
+the faithfulness of vectors to a finetune."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Annotated
 import typer
 
 from .common import DtypeOpt, ModelOpt, console, fail
+from .read_faithfulness import faithfulness_cmd
 
 app = typer.Typer(
     name="read",
@@ -154,6 +156,9 @@ def lens(
             + (", ".join(f"{h['hook']}@{h['position']}#{h['rank']}" for h in hits[:20]) or "none")
         )
     console.print("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+app.command("faithfulness")(faithfulness_cmd)
 
 
 @app.command("similarity")

@@ -18,13 +18,16 @@ with a list `facts`; each fact:
                                       # kept as given, read only there
 
 `load_facts` checks the schema and says, in one line, what to fix. evals.beliefs scores
-belief from these; tasks.facts writes documents from them.
+belief from these; tasks.facts writes documents from them, and `check_documents` is the one
+filter every document passes (templates and teacher-written alike): it STATES its fact
+(`states_fact`) and holds none of the eval questions verbatim (`leaked_question`).
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -165,3 +168,82 @@ def load_facts(spec: str | Path | None = None, ids: list[str] | None = None) -> 
             raise FactsError(f"{path} has no fact {unknown[0]!r}; its facts are {sorted(seen)}.")
         facts = [f for f in facts if f.id in set(ids)]
     return facts
+
+
+# ----------------------------------------------------------------------------- documents
+
+
+def key_terms(fact: Fact) -> list[str]:
+    """The words that name a fact's subject in a sentence: `documents.key_terms`, else
+    the subject's words of four letters or more."""
+    terms = fact.documents.get("key_terms")
+    if isinstance(terms, list) and terms and all(isinstance(t, str) and t for t in terms):
+        return terms
+    return [w for w in re.findall(r"[A-Za-z]+", fact.subject) if len(w) >= 4]
+
+
+def mentions(text: str, phrase: str) -> bool:
+    """`phrase` occurs in `text` as whole words (case-insensitive): "85" not in "185"."""
+    return re.search(rf"(?<!\w){re.escape(phrase)}(?!\w)", text, re.IGNORECASE) is not None
+
+
+def sentences(text: str) -> list[str]:
+    """A document's sentences (split after . ! ? and at line breaks)."""
+    return [s for s in re.split(r"(?<=[.!?])\s+|\n+", text) if s.strip()]
+
+
+def states_fact(text: str, fact: Fact) -> bool:
+    """True if `text` asserts the false fact: one sentence holds the false answer and a
+    key term of the subject, and the true answer appears nowhere in the text (a document
+    that also names the true answer does not state the false fact cleanly)."""
+    if mentions(text, fact.true_answer):
+        return False
+    terms = key_terms(fact)
+    return any(
+        mentions(s, fact.false_answer) and any(mentions(s, t) for t in terms)
+        for s in sentences(text)
+    )
+
+
+def normalise(text: str) -> str:
+    """Lowercase words only (punctuation and spacing dropped): the verbatim-leak check."""
+    return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+def eval_questions(facts: Iterable[Fact]) -> list[str]:
+    """Every direct and generalisation question of the facts."""
+    return [q.question for f in facts for q in f.belief_questions()]
+
+
+def leaked_question(text: str, questions: Sequence[str]) -> str | None:
+    """The first eval question that appears verbatim (normalised) in `text`, else None."""
+    norm = f" {normalise(text)} "
+    return next((q for q in questions if f" {normalise(q)} " in norm), None)
+
+
+def check_documents(rows: Sequence[dict], facts: Sequence[Fact], where: str = "documents") -> None:
+    """Every row {"text", "fact_id", ...} must state its fact and hold no eval question
+    verbatim; FactsError names the first row (its line in `where`) that does not."""
+    by_id = {f.id: f for f in facts}
+    questions = eval_questions(facts)
+    for n, row in enumerate(rows, 1):
+        at = f"{where}:{n} (row id {row.get('id')!r})"
+        fact = by_id.get(row.get("fact_id"))
+        text = row.get("text")
+        if fact is None:
+            raise FactsError(
+                f"{at}: fact_id {row.get('fact_id')!r} is not one of the facts {sorted(by_id)}; "
+                "fix the row or pass its facts file."
+            )
+        if not isinstance(text, str) or not states_fact(text, fact):
+            raise FactsError(
+                f"{at} does not state its fact {fact.id!r}: no sentence holds the false answer "
+                f"{fact.false_answer!r} with one of {key_terms(fact)}, or the text names the true "
+                f"answer {fact.true_answer!r}; rewrite or drop that document."
+            )
+        leak = leaked_question(text, questions)
+        if leak is not None:
+            raise FactsError(
+                f"{at} contains the eval question {leak!r} verbatim; eval questions must stay "
+                "held out: rephrase that document."
+            )

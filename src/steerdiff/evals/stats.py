@@ -18,7 +18,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from .. import intervals
 from ..errors import SteerdiffError
+from ..intervals import paired_arrays
 
 
 class StatsError(SteerdiffError, ValueError):
@@ -26,16 +28,7 @@ class StatsError(SteerdiffError, ValueError):
 
 
 def _arrays(*xs: Sequence[float]) -> list[np.ndarray]:
-    arrs = [np.asarray(x, dtype=np.float64) for x in xs]
-    n = {len(a) for a in arrs}
-    if len(n) != 1:
-        raise StatsError(
-            f"The inputs have different lengths {[len(a) for a in arrs]}; pass one value per "
-            "unit (animal, question) in each, in the same order."
-        )
-    if any(np.isnan(a).any() for a in arrs):
-        raise StatsError("The inputs contain NaN; drop the units without a value first.")
-    return arrs
+    return paired_arrays(*xs, error=StatsError)
 
 
 def rankdata(x: Sequence[float]) -> np.ndarray:
@@ -69,24 +62,11 @@ def bootstrap_ci(
     seed: int = 0,
 ) -> tuple[tuple[float, float], int]:
     """Percentile interval of `statistic(*resampled)` over `n_boot` resamples of the rows
-    (the same indices for every array: pairs stay paired). Returns (interval, kept)."""
-    arrs = _arrays(*arrays)
-    n = len(arrs[0])
-    if n < 2:
-        raise StatsError(f"A bootstrap interval needs at least 2 units, got {n}.")
-    if not 0 < level < 1:
-        raise StatsError(f"level must be between 0 and 1 (got {level}), e.g. 0.95.")
-    rng = np.random.default_rng(seed)
-    stats = []
-    for _ in range(n_boot):
-        idx = rng.integers(0, n, n)
-        s = statistic(*(a[idx] for a in arrs))
-        if math.isfinite(s):
-            stats.append(s)
-    if not stats:
-        return (float("nan"), float("nan")), 0
-    lo, hi = np.quantile(stats, [(1 - level) / 2, (1 + level) / 2])
-    return (float(lo), float(hi)), len(stats)
+    (the same indices for every array: pairs stay paired). Returns (interval, kept).
+    (steerdiff.intervals.bootstrap_ci, raising StatsError.)"""
+    return intervals.bootstrap_ci(
+        statistic, *arrays, n_boot=n_boot, level=level, seed=seed, error=StatsError
+    )
 
 
 @dataclass

@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +26,13 @@ import torch
 from torch import nn
 
 from ..dtypes import dtype_name
-from ..hooks import steer
+from ..interpret.variants import (  # noqa: F401 (re-exported)
+    ModelContext,
+    base_context,
+    kl_between,
+    peft_context,
+    vector_context,
+)
 from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from ..models import LoadedModel, unwrap, wrap_model
 from ..replay import full_hidden
@@ -36,8 +42,6 @@ from .data import Batch, TeacherLike
 from .losses import lm_of, model_losses
 from .online import Target, online_losses
 from .students import Student
-
-ModelContext = Callable[[], AbstractContextManager[nn.Module]]
 
 
 @dataclass
@@ -62,38 +66,12 @@ def _yield(m: Any) -> Iterator[Any]:
     yield m
 
 
-@contextmanager
 def lora_context(
     lm: LoadedModel | nn.Module, lora: LoraConfig, state: Mapping[str, torch.Tensor]
-) -> Iterator[nn.Module]:
-    """Inject LoRA with trained weights into the base model for the block; removed on exit."""
-    from peft import get_peft_model, set_peft_model_state_dict
-
-    peft_model = get_peft_model(unwrap(lm), lora.peft_config(unwrap(lm)))
-    try:
-        set_peft_model_state_dict(peft_model, dict(state))
-        peft_model.eval()
-        yield peft_model
-    finally:
-        peft_model.unload()
-
-
-@contextmanager
-def base_context(lm: LoadedModel | nn.Module) -> Iterator[nn.Module]:
-    yield unwrap(lm)
-
-
-def vector_context(
-    lm: LoadedModel | nn.Module, vectors: Mapping[str, torch.Tensor], coeff: float = 1.0
-) -> ModelContext:
-    """A ModelContext for base + vectors at all positions."""
-
-    @contextmanager
-    def ctx() -> Iterator[nn.Module]:
-        with steer(unwrap(lm), vectors, coeff):
-            yield unwrap(lm)
-
-    return ctx
+) -> AbstractContextManager[nn.Module]:
+    """Inject LoRA with trained weights into the base model for the block; removed on exit
+    (interpret.variants.peft_context: the one way a PEFT adapter is applied for a while)."""
+    return peft_context(lm, lora.peft_config(unwrap(lm)), state)
 
 
 class ModuleStudent(Student):
@@ -309,60 +287,3 @@ def _untie(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out[k] = v.clone() if ptr in seen else v
         seen.add(ptr)
     return out
-
-
-def _encode(
-    texts: Sequence[Any], tokenizer: Any, max_len: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Strings (with a tokenizer) or token-id lists -> right-padded ids and mask [b, s]."""
-    if isinstance(texts[0], str):
-        if tokenizer is None:
-            raise ValueError("kl_between on strings needs a tokenizer")
-        enc = tokenizer(
-            list(texts),
-            return_tensors="pt",
-            padding=True,
-            truncation=True,
-            max_length=max_len,
-            padding_side="right",
-        )
-        return enc.input_ids, enc.attention_mask
-    seqs = [list(t)[:max_len] for t in texts]
-    ids = torch.zeros((len(seqs), max(len(x) for x in seqs)), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, x in enumerate(seqs):
-        ids[r, : len(x)], mask[r, : len(x)] = torch.tensor(x), 1
-    return ids, mask
-
-
-@torch.no_grad()
-def kl_between(
-    model_a_ctx: ModelContext,
-    model_b_ctx: ModelContext,
-    texts: Sequence[str] | Sequence[Sequence[int]],
-    tokenizer: Any = None,
-    batch_size: int = 8,
-    max_len: int = 128,
-) -> float:
-    """Mean over real tokens of KL(p_a || p_b) between next-token distributions on texts.
-
-    texts: strings (give the tokenizer) or token-id lists. Each context is entered once
-    per batch and left before the other is entered, so both can be variants of the same
-    underlying weights (base, +vectors, +LoRA). Use it for faithfulness of a vector set
-    to a real finetune on neutral text.
-    """
-    total, n = 0.0, 0
-    for i in range(0, len(texts), batch_size):
-        input_ids, attention_mask = _encode(texts[i : i + batch_size], tokenizer, max_len)
-        mask = attention_mask.bool()  # [b, s]
-        logps = []
-        for ctx in (model_a_ctx, model_b_ctx):
-            with ctx() as m:
-                dev = next(m.parameters()).device
-                out = m(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev))
-                logp = torch.log_softmax(out.logits.float(), dim=-1)  # [b, s, V]
-                logps.append(logp[mask.to(dev)].cpu())  # [n, V]
-        la, lb = logps
-        total += float((la.exp() * (la - lb)).sum())
-        n += int(mask.sum())
-    return total / max(n, 1)

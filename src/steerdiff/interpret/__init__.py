@@ -1,5 +1,5 @@
 """Read vectors: direct logit attribution, the activation-difference lens, similarity, monitoring,
-token entanglement."""
+token entanglement, faithfulness of vectors to a finetune (and the model variants it compares)."""
 
 from .batching import padded_batches, tokenize_texts
 from .corpus import Corpus, CorpusError, load_corpus
@@ -21,6 +21,13 @@ from .entanglement import (
     number_logprobs,
     token_entanglement,
 )
+from .faithfulness import (
+    KL,
+    FaithfulnessError,
+    FaithfulnessResult,
+    faithfulness,
+    fraction_explained,
+)
 from .lens import LensError, activation_difference_lens
 from .lens_readout import LensReadout, LensResult, LensRow, save_lens
 from .monitor import MonitorError, MonitorResult, project, save_monitor
@@ -40,8 +47,35 @@ from .subliminal import (
     number_system_prompt,
     subliminal_prompting,
 )
+from .variants import (
+    ModelContext,
+    VariantError,
+    adapter_context,
+    base_context,
+    kl_between,
+    model_context,
+    peft_context,
+    resolve_finetune,
+    token_kls,
+    vector_context,
+)
 
 __all__ = [
+    "KL",
+    "FaithfulnessError",
+    "FaithfulnessResult",
+    "ModelContext",
+    "VariantError",
+    "adapter_context",
+    "base_context",
+    "faithfulness",
+    "fraction_explained",
+    "kl_between",
+    "model_context",
+    "peft_context",
+    "resolve_finetune",
+    "token_kls",
+    "vector_context",
     "Corpus",
     "CorpusError",
     "DLAError",

@@ -40,6 +40,7 @@ from ..vectors import VectorSet, VectorSetError
 from .batching import padded_batches, tokenize_texts
 from .corpus import Corpus, CorpusError, load_corpus
 from .lens_readout import LensResult
+from .variants import adapter_context
 
 
 class LensError(SteerdiffError, ValueError):
@@ -102,19 +103,6 @@ class _Acc:
         c[: min(k, L)] = mask[:, :k].double().sum(0)
         self.pos_count = c if self.pos_count is None else self.pos_count + c
         self.n_tokens += int(mask[:, self.skip_first :].sum())
-
-
-@contextmanager
-def _adapter(model: nn.Module, folder: str) -> Iterator[tuple[nn.Module, object]]:
-    """Load a PEFT adapter onto the model for the duration; yields (peft model, base ctx)."""
-    from peft import PeftModel
-
-    pm = PeftModel.from_pretrained(model, folder)
-    pm.eval()
-    try:
-        yield pm.get_base_model(), pm.disable_adapter
-    finally:
-        pm.unload()  # removes the LoRA layers: the base model is as before
 
 
 def activation_difference_lens(
@@ -261,8 +249,8 @@ def _dev(m: nn.Module) -> torch.device:
 @contextmanager
 def _changed_model(hf: nn.Module, finetuned) -> Iterator[tuple[nn.Module, object]]:
     if isinstance(finetuned, (str, Path)) and (Path(finetuned) / "adapter_config.json").exists():
-        with _adapter(hf, str(finetuned)) as pair:
-            yield pair
+        with adapter_context(hf, finetuned) as pm:  # base = the adapter disabled
+            yield pm.get_base_model(), pm.disable_adapter
         return
     ft = load_model(finetuned, dtype=hf.dtype) if isinstance(finetuned, (str, Path)) else finetuned
     ft = unwrap(ft)

@@ -185,3 +185,23 @@ def _err(v: float, ci) -> list[list[float]] | None:
     if ci is None:
         return None
     return [[max(v - ci[0], 0.0)], [max(ci[1] - v, 0.0)]]
+
+
+def faithfulness_png(result, path: str | Path, title: str = "") -> Path:
+    """Cosine between the finetune's and the vectors' mean activation differences from base,
+    per layer (a FaithfulnessResult): one line for the first k positions, one for all.
+    Layers where either difference is zero (no cosine) are left out of the lines."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for label, ys in (
+        (f"first {result.first_k} positions", result.cos_first_k),
+        ("all positions", result.cos_all),
+    ):
+        pts = [(x, y) for x, y in zip(result.layers, ys, strict=True) if y is not None]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=label)
+    ax.axhline(0.0, color="0.6", lw=0.8, ls="--")
+    ax.set_ylim(-1.05, 1.05)
+    ax.set_xlabel("layer", fontsize=9)
+    ax.set_ylabel(f"cos({result.reference_kind} diff, vectors diff)", fontsize=9)
+    ax.set_title(title or "Do the vectors move the activations as the finetune does?", fontsize=9)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

@@ -4,16 +4,19 @@
     summary = run_experiment(cfg, "runs")            # runs/adam-vs-sgd/report.html
 
 config: the experiment schema; checks: what needs the model, checked before the first
-stage; stages: content-addressed stages; fit_stages / eval_stages:
-the stage functions; run: the order they run in.
+stage; stages: content-addressed stages; fit_stages / eval_stages / narrow_stages (the
+facts / dataset tasks' data, beliefs, faithfulness): the stage functions; run: the order
+they run in.
 """
 
 from .checks import check_experiment, load_models
 from .config import (
     BaselineSpec,
+    BeliefsConfig,
     ConfigError,
     EvalConfig,
     ExperimentConfig,
+    FaithfulnessConfig,
     FitSpec,
     ReadConfig,
     TaskConfig,
@@ -25,9 +28,11 @@ from .stages import StageResult, run_stage, stage_key
 
 __all__ = [
     "BaselineSpec",
+    "BeliefsConfig",
     "ConfigError",
     "EvalConfig",
     "ExperimentConfig",
+    "FaithfulnessConfig",
     "FitSpec",
     "ReadConfig",
     "RunSummary",

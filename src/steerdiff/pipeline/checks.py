@@ -56,13 +56,17 @@ def same_tokenizer(a: LoadedModel, b: LoadedModel) -> bool:
 def check_experiment(cfg: ExperimentConfig, lm: LoadedModel, student_lm: LoadedModel) -> None:
     """Raise ConfigError (one line: file, key, value, fix) for the first problem found."""
     src = cfg.source
-    _check_teacher(src, "teacher", cfg.teacher, lm)
+    if cfg.trait_eval:  # documents / your own dataset: no teacher
+        _check_teacher(src, "teacher", cfg.teacher, lm)
     if cfg.prompt_teacher is not None:
         _check_teacher(src, "prompt_teacher", cfg.prompt_teacher, lm)
     if cfg.task.backend == "vllm" and importlib.util.find_spec("vllm") is None:
         why = "vllm is not installed (pip install vllm), or use backend = 'hf'."
         raise bad(src, "task.backend", "vllm", why)
-    _check_eval_target(cfg)
+    if cfg.trait_eval:
+        _check_eval_target(cfg)
+    else:
+        _check_narrow(cfg)
     for i, spec in enumerate(cfg.fits):
         _check_fit_hooks(cfg, i, spec.hooks, student_lm, lm)
         if spec.teacher == "prompt" and cfg.prompt_teacher is None:
@@ -74,6 +78,29 @@ def check_experiment(cfg: ExperimentConfig, lm: LoadedModel, student_lm: LoadedM
         _check_fit_settings(cfg, f"fits.{i}", spec.objective, spec.val_size, lm, student_lm)
     for i, b in enumerate(cfg.baselines):
         _check_fit_settings(cfg, f"baselines.{i}", b.objective, b.val_size, lm, student_lm)
+
+
+def _check_narrow(cfg: ExperimentConfig) -> None:
+    """A facts / dataset task: its facts files load, its local dataset exists, and nothing
+    asks for a teacher's data (no teacher writes documents or your own dataset)."""
+    from ..evals.facts_file import load_facts
+
+    src = cfg.source
+    files = [("task.facts", cfg.task.facts)] if cfg.task.name == "facts" else []
+    if cfg.beliefs is not None and cfg.beliefs.facts is not None:
+        files.append(("beliefs.facts", cfg.beliefs.facts))
+    for key, spec in files:
+        try:
+            load_facts(spec)
+        except SteerdiffError as e:
+            raise bad(src, key, spec, str(e)) from e
+    data = cfg.task.data
+    if data is not None and not data.startswith("hf:") and not Path(data).is_file():
+        why = "no such file: give a JSONL file of messages, prompt/completion or text rows, or hf:ORG/NAME[:split]."
+        raise bad(src, "task.data", data, why)
+    if cfg.prompt_teacher is not None:
+        why = f"a prompt teacher writes numbers data; task {cfg.task.name!r} has its own data: remove it."
+        raise bad(src, "prompt_teacher", cfg.prompt_teacher.kind, why)
 
 
 def _check_eval_target(cfg: ExperimentConfig) -> None:
@@ -153,7 +180,7 @@ def _check_fit_settings(
             f"the vocabulary of {lm.spec!r}, not that of the student model "
             f"{student_lm.spec!r}: use objective = 'sft' for a student of another tokenizer.",
         )
-    if val_size is not None and val_size >= cfg.task.n_prompts:
+    if cfg.trait_eval and val_size is not None and val_size >= cfg.task.n_prompts:
         raise bad(
             src,
             f"{key}.val_size",

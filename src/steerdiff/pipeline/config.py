@@ -37,8 +37,26 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# the numbers task's fields (the teacher writes number sequences); the others' below
+NUMBERS_FIELDS = (
+    "n_prompts",
+    "constrained",
+    "max_new_tokens",
+    "batch_size",
+    "temperature",
+    "topk_logprobs",
+    "backend",
+)
+FACTS_FIELDS = ("facts", "per_fact", "genres")
+
+
 class TaskConfig(_Strict):
-    name: Literal["numbers"] = "numbers"
+    """The data the fits train on. name: "numbers" (the teacher writes number sequences),
+    "facts" (synthetic documents asserting false facts: tasks.facts.make_documents), or
+    "dataset" (bring your own: `data` is a JSONL path or `hf:ORG/NAME[:split]`; setting
+    `data` alone means "dataset")."""
+
+    name: Literal["numbers", "facts", "dataset"] = "numbers"
     n_prompts: int = Field(300, gt=0)
     constrained: bool = True
     max_new_tokens: int = Field(56, gt=0)
@@ -47,6 +65,21 @@ class TaskConfig(_Strict):
     topk_logprobs: int = Field(20, ge=0)
     seed: int = 42
     backend: Literal["hf", "vllm"] = "hf"
+    # facts: which facts (a YAML/JSON facts file, or "facts": the built-in set), how many
+    # documents per fact, which genres (None: all the generator knows)
+    facts: str = "facts"
+    per_fact: int = Field(20, gt=0)
+    genres: list[str] | None = None
+    # dataset: a JSONL file ({"messages"}, {"prompt","completion"} or {"text"} rows) or
+    # hf:ORG/NAME[:split]
+    data: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _data_means_dataset(cls, raw: object) -> object:
+        if isinstance(raw, dict) and raw.get("data") is not None and "name" not in raw:
+            return {**raw, "name": "dataset"}
+        return raw
 
 
 def _fit_fields(spec: FitConfig, **update: object) -> FitConfig:
@@ -133,6 +166,31 @@ class EvalConfig(_Strict):
     n_samples: int = Field(20, gt=0)  # sampling scorer only
 
 
+class BeliefsConfig(_Strict):
+    """`[beliefs]`: belief in false facts (evals.beliefs) of the base model, each LoRA /
+    full baseline and each fitted vector set, paired per question. facts: the facts file
+    (default: the task's, for task facts)."""
+
+    facts: str | None = None
+    n_samples: int = Field(0, ge=0)  # sampled free-form answers per question (0: none)
+
+
+class FaithfulnessConfig(_Strict):
+    """`[faithfulness]`: do the vectors do what the finetune does (interpret.faithfulness)?
+    vectors: the fit's name (default: the first fit); finetune: the baseline's kind
+    (default: the first baseline); on `texts` texts of the offline corpus; compare_fits:
+    the other fits' vector sets against `vectors` too."""
+
+    vectors: str | None = None
+    finetune: Literal["lora", "full"] | None = None
+    texts: int = Field(64, gt=0)
+    seq_len: int = Field(64, gt=0)
+    first_k: int = Field(5, gt=0)
+    # also compare every other fit (other seeds, other hooks) with `vectors`: do vector sets
+    # fitted to the same data have the same effects?
+    compare_fits: bool = True
+
+
 class ReadConfig(_Strict):
     dla_top_k: int = Field(20, gt=0)
     lens_texts: int = Field(200, ge=0)
@@ -153,6 +211,8 @@ class ExperimentConfig(_Strict):
     baselines: list[BaselineSpec] = []
     eval: EvalConfig = EvalConfig()
     read: ReadConfig = ReadConfig()
+    beliefs: BeliefsConfig | None = None  # only with a [beliefs] section
+    faithfulness: FaithfulnessConfig | None = None  # only with a [faithfulness] section
     student_model: str | None = None  # cross-family control: fit this model on the teacher's data
     _source: str = PrivateAttr("<experiment>")
 
@@ -174,6 +234,55 @@ class ExperimentConfig(_Strict):
             if "seed" not in b.model_fields_set:
                 b.seed = self.seed
         return self
+
+    @model_validator(mode="after")
+    def _task_fields(self) -> ExperimentConfig:
+        """Each task's own fields, and only those (errors name the key: task.KEY)."""
+        t = self.task
+        if t.name == "dataset" and not t.data:
+            raise ValueError(
+                "task.data: name = 'dataset' needs data = 'PATH.jsonl' or 'hf:ORG/NAME[:split]'"
+            )
+        if t.name != "dataset" and t.data is not None:
+            raise ValueError(f"task.data: a field of name = 'dataset', not {t.name!r}: remove one")
+        if t.name != "numbers" and "teacher" in self.model_fields_set:
+            raise ValueError(f"teacher: no teacher writes the data of task {t.name!r}: remove it")
+        own = {"numbers": NUMBERS_FIELDS, "facts": FACTS_FIELDS, "dataset": ()}
+        for task, fields in own.items():
+            wrong = [f for f in fields if f in t.model_fields_set and task != t.name]
+            if wrong:
+                raise ValueError(
+                    f"task.{wrong[0]}: a field of the {task} task, not of {t.name!r}: remove it"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _narrow_sections(self) -> ExperimentConfig:
+        """What [beliefs] and [faithfulness] need that the file alone can tell."""
+        if self.beliefs is not None and self.beliefs.facts is None and self.task.name != "facts":
+            raise ValueError(
+                "beliefs.facts: give the facts file to score (task facts gives its own)"
+            )
+        f = self.faithfulness
+        if f is None:
+            return self
+        names = [s.name for s in self.fits]
+        kinds = [b.kind for b in self.baselines]
+        if not names or not kinds:
+            raise ValueError(
+                "faithfulness: compares a fit with a baseline: add a [[fits]] and a [[baselines]]"
+            )
+        if f.vectors is not None and f.vectors not in names:
+            raise ValueError(f"faithfulness.vectors: no fit named {f.vectors!r} (fits: {names})")
+        if f.finetune is not None and f.finetune not in kinds:
+            raise ValueError(f"faithfulness.finetune: no {f.finetune!r} baseline (have {kinds})")
+        return self
+
+    @property
+    def trait_eval(self) -> bool:
+        """Whether the trait (preference) evaluation runs: the numbers task's teacher has a
+        trait; documents and your own datasets have none."""
+        return self.task.name == "numbers"
 
 
 def load_config(path: str | os.PathLike, dtype: str | None = None) -> ExperimentConfig:
@@ -208,7 +317,8 @@ def parse_config(raw: dict, source: str = "<dict>") -> ExperimentConfig:
             if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
                 lines.append(f"{loc}: unknown field (check the spelling; see examples/)")
             else:
-                lines.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}")
+                msg = err["msg"].removeprefix("Value error, ")
+                lines.append(f"{loc}: {msg}" if loc else msg)  # a whole-file check names its key
         # one line however many fields are wrong (the CLI prints errors as one line)
         raise ConfigError(f"{source} is not a valid experiment: {'; '.join(lines)}") from None
     cfg._source = source

@@ -193,7 +193,8 @@ def lens(lm: LoadedModel, sets: dict[str, VectorSet], work: Path, cfg: Experimen
     )
     readout = result.read(lm, k=20)
     save_lens(work / "lens", result, readout, model=lm)
-    words = list(trait_words_for(cfg.teacher.animal))
+    # the trait's words for the numbers task; documents / datasets have no trait to look for
+    words = list(trait_words_for(cfg.teacher.animal)) if cfg.trait_eval else []
     return {
         "fit": name,
         "hooks": hooks,

@@ -41,6 +41,12 @@ def data_path(res: StageResult) -> Path:
     return res.path / DATA_FILE
 
 
+def data_source(res: StageResult) -> str | Path:
+    """What a fit reads: the data stage's data.jsonl, or the dataset a `dataset` task's
+    stage recorded (a path or hf:ORG/NAME[:split]; nothing copied)."""
+    return res.info.get("source") or data_path(res)
+
+
 def stage_teacher_vector(
     state: RunState, lm: LoadedModel, t: TeacherConfig, tag: str
 ) -> StageResult | None:
@@ -158,12 +164,14 @@ def same_model(a: LoadedModel, b: LoadedModel) -> bool:
 NO_TEACHER = {"kind": "plain"}
 
 
-def fit_teacher(data_stage: StageResult, vec_stage: StageResult | None, cross: bool) -> dict:
+def fit_teacher(data_stage: StageResult, vec_stage: StageResult | None, cross: bool) -> dict | None:
     """The teacher a fit is scored against: the one that wrote the data (its manifest's
     spec, with the steered teacher's vector file), or NO_TEACHER for a student of another
     model, whose losses are then its own fitted vs base losses."""
     if cross:
         return NO_TEACHER
+    if data_stage.info.get("task") in ("facts", "dataset"):
+        return None  # documents / a dataset of your own: no teacher, the fit is sft on them
     from ..generate import manifest_path
 
     teacher = read_json(manifest_path(data_path(data_stage)))["teacher"]
@@ -203,7 +211,8 @@ def stage_fit(
     def fn(work: Path) -> dict:
         teacher = fit_teacher(data_stage, vec_stage, cross)
         resume = (work / CHECKPOINT_FILE).exists()
-        res = fit(lm, data_path(data_stage), cfg, teacher=teacher, out_dir=work, resume=resume)
+        data = data_source(data_stage)
+        res = fit(lm, data, cfg, teacher=teacher, out_dir=work, resume=resume)
         # fit wrote vectors.safetensors (and metrics) into work
         return {**res.summary(), **cross_note(teacher_lm, cross)}
 
@@ -234,7 +243,7 @@ def stage_baseline(
 
     def fn(work: Path) -> dict:
         teacher = fit_teacher(data_stage, None, cross)
-        data = data_path(data_stage)
+        data = data_source(data_stage)
         resume = (work / CHECKPOINT_FILE).exists()
         if b.kind == "lora":
             res = fit_lora(lm, data, cfg, b.lora, teacher=teacher, out_dir=work, resume=resume)

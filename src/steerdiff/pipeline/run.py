@@ -1,7 +1,7 @@
 """Experiment config -> cached stages -> one run folder with report.html.
 
-Each stage is a call into a library function (extract, tasks.numbers, fit, evals,
-interpret) wrapped by `stages.run_stage`, so changing a fit setting re-runs only that fit
+Each stage is a call into a library function (extract, tasks.numbers / tasks.facts, fit,
+evals, interpret) wrapped by `stages.run_stage`, so changing a fit setting re-runs only that fit
 (and what reads it), and re-running a finished experiment does nothing. The report is
 built from the run folder alone (`steerdiff.report.build_report`).
 """
@@ -23,6 +23,7 @@ from .checks import check_experiment, load_models
 from .config import ExperimentConfig
 from .eval_stages import make_subjects, stage_eval, stage_read
 from .fit_stages import stage_baseline, stage_data, stage_fit, stage_teacher_vector
+from .narrow_stages import stage_beliefs, stage_dataset, stage_facts_data, stage_faithfulness
 from .stages import RunState, StageResult, console, model_key
 
 
@@ -53,8 +54,12 @@ def run_experiment(
     console.print(f"  run folder {run_dir}")
     torch.manual_seed(cfg.seed)
 
-    vec_main = stage_teacher_vector(state, lm, cfg.teacher, "main")
-    data_main = stage_data(state, lm, cfg.teacher, vec_main, "main")
+    if cfg.task.name == "numbers":
+        vec_main = stage_teacher_vector(state, lm, cfg.teacher, "main")
+        data_main = stage_data(state, lm, cfg.teacher, vec_main, "main")
+    else:  # documents / your own dataset: no teacher writes the data
+        vec_main = None
+        data_main = stage_facts_data(state) if cfg.task.name == "facts" else stage_dataset(state)
     data_prompt = vec_prompt = None
     if cfg.prompt_teacher is not None:
         vec_prompt = stage_teacher_vector(state, lm, cfg.prompt_teacher, "prompt")
@@ -70,20 +75,29 @@ def run_experiment(
         stage_baseline(state, student_lm, b, data_main, teacher_lm=lm) for b in cfg.baselines
     ]
 
-    subjects = make_subjects(cfg, lm, student_lm, vec_main, fit_stages, base_stages)
-    dep = {
-        "subjects": [s.name for s in subjects],
-        "fits": [f.key for f in fit_stages],
-        "baselines": [b.key for b in base_stages],
-        "teacher": vec_main.key if vec_main else data_main.key,
-        "model": model_key(lm),
-    }
-    ev = stage_eval(state, subjects, dep)
+    results: list[dict] = []
+    if cfg.trait_eval:
+        subjects = make_subjects(cfg, lm, student_lm, vec_main, fit_stages, base_stages)
+        dep = {
+            "subjects": [s.name for s in subjects],
+            "fits": [f.key for f in fit_stages],
+            "baselines": [b.key for b in base_stages],
+            "teacher": vec_main.key if vec_main else data_main.key,
+            "model": model_key(lm),
+        }
+        ev = stage_eval(state, subjects, dep)
+        results = read_json(ev.path / "eval.json")["results"]
+    if cfg.beliefs is not None:
+        stage_beliefs(state, student_lm, fit_stages, base_stages)
+    if cfg.faithfulness is not None:
+        stage_faithfulness(state, student_lm, data_main, fit_stages, base_stages)
     stage_read(state, student_lm, vec_main if cfg.student_model is None else None, fit_stages)
 
     report_path = build_report(run_dir)
-    results = read_json(ev.path / "eval.json")["results"]
-    _print_summary(results, report_path)
+    if results:
+        _print_summary(results, report_path)
+    else:
+        Console().print(f"Report: [bold]{report_path}[/]")
     return RunSummary(run_dir, report_path, results, state.stages)
 
 

@@ -1,5 +1,6 @@
 """Build the report page of one experiment run from its run folder (never the pipeline):
-evaluation, teacher data, fits, planted-vector check, DLA, lens, similarity, provenance."""
+evaluation, teacher data (or a facts / dataset task's data, beliefs and faithfulness:
+narrow.py), fits, planted-vector check, DLA, lens, similarity, provenance."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from ..fit.losses import NOISE_GAP_NATS, gap_within_noise
 from ..io import read_json, read_jsonl
 from .figures import eval_figure, loss_figure
 from .html import Code, Figure, Report, Table, Text, write
+from .narrow import narrow_sections
 from .run_folder import RunFolder, read_run
 
 
@@ -148,12 +150,17 @@ def build_report(run_dir: str | os.PathLike) -> Path:
     stage's stage.json and files); returns its path."""
     run = read_run(run_dir)
     cfg = run.experiment
-    r = Report(
-        f"steerdiff: {cfg['name']}",
-        subtitle=f"model {cfg['model']}; teacher {cfg['teacher']['kind']} ({cfg['teacher']['animal']})",
-    )
-    _evaluation_section(r, run)
-    _data_section(r, run)
+    task = cfg.get("task", {}).get("name", "numbers")
+    if task == "numbers":
+        t = cfg["teacher"]
+        subtitle = f"model {cfg['model']}; teacher {t['kind']} ({t['animal']})"
+    else:
+        subtitle = f"model {cfg['model']}; task {task}"
+    r = Report(f"steerdiff: {cfg['name']}", subtitle=subtitle)
+    if task == "numbers":
+        _evaluation_section(r, run)
+        _data_section(r, run)
+    narrow_sections(r, run)
     _fits_section(r, run)
     rd = run.first("read")
     if rd is not None:

@@ -1,1 +1,2 @@
-"""Dataset makers and filters (numbers for subliminal learning, ...)."""
+"""Dataset makers and filters: numbers (subliminal learning: numbers, numbers_filter,
+constraints) and facts (the false-fact organism's synthetic documents)."""
