@@ -46,12 +46,14 @@ def experiment(args: argparse.Namespace) -> dict:
     raw = tomllib.loads(EXAMPLE.read_text())
     raw["name"] = "bench-facts-quick" if args.quick else "bench-facts"
     raw["dtype"] = args.dtype
+    raw["device"] = args.device
     raw["task"] = {**raw["task"], "per_fact": args.per_fact}
     for section in (*raw["fits"], *raw["baselines"]):
         section["epochs"] = args.epochs
         if args.quick:
             section["max_steps"] = 4
     raw["faithfulness"] = {**raw["faithfulness"], "texts": args.texts}
+    raw["beliefs"] = {**raw.get("beliefs", {}), "n_samples": args.samples}
     raw["read"] = {"lens_texts": 0}  # the lens is not part of this bench
     return raw
 
@@ -128,6 +130,8 @@ def main() -> None:
         "--threads", type=int, default=1, help="torch threads (1: fastest on a shared CPU)"
     )
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine")
+    p.add_argument("--samples", type=int, default=0, help="sampled answers per belief question")
     p.add_argument("--runs-dir", default=str(ROOT / "runs" / "bench"))
     p.add_argument("--fresh", action="store_true", help="delete the run folder first")
     p.add_argument("--out", default=None)
@@ -155,10 +159,12 @@ def main() -> None:
     result = {
         "quick": args.quick,
         "dtype": args.dtype,
+        "device": args.device,
         "threads": args.threads,
         "data": data.info if data else None,
         "per_fact": args.per_fact,
         "epochs": args.epochs,
+        "samples": args.samples,
         "beliefs": belief_table(beliefs),
         "faithfulness": faith_summary(faith),
         "held_out": held_out(summary.run_dir),
@@ -183,7 +189,9 @@ def report(r: dict, out: Path, png: Path) -> None:
     label = "QUICK (smoke sizes; not the figures)" if r["quick"] else "full"
     d = r["data"]["data"] if r["data"] else {}
     examples = {h["examples"] for h in r["held_out"].values()}
-    print(f"\nbench_facts ({label}), {r['dtype']}, {r['threads']} threads")
+    print(
+        f"\nbench_facts ({label}), {r['dtype']} on {r.get('device', 'cpu')}, {r['threads']} threads"
+    )
     print(
         f"data: {d.get('rows')} documents ({r['per_fact']} per fact), {examples} chunks "
         f"(90% trained, 10% held out); {r['epochs']} epochs"
