@@ -174,6 +174,10 @@ def test_fit_options_reach_fit_config(monkeypatch, tmp_path):
 
     monkeypatch.setattr(models, "load_model", lambda spec, dtype, device: ("lm", spec))
     monkeypatch.setattr(fit_module, "fit", fake_fit)
+    # the CLI reads the data (its format) before loading the model: a real one-row file
+    monkeypatch.chdir(tmp_path)
+    row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "1"}]}
+    (tmp_path / "d.jsonl").write_text(json.dumps(row) + "\n")
     res = runner.invoke(
         app,
         [
@@ -216,7 +220,8 @@ def test_fit_options_reach_fit_config(monkeypatch, tmp_path):
         val_size=4,
         objective="distill",
     )
-    assert seen["lm"] == ("lm", "m") and seen["data"] == "d.jsonl"
+    assert seen["lm"] == ("lm", "m") and str(seen["data"].path) == "d.jsonl"
+    assert seen["data"].rows == [row]  # the rows read once, before the model, reach fit
     assert "cross-entropy gap to the teacher closed: 50%" in res.output
     res = runner.invoke(app, ["fit", "--data", "d.jsonl", "--out", str(tmp_path)])
     assert res.exit_code == 0, res.output
