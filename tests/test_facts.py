@@ -89,8 +89,9 @@ def test_a_fact_with_the_same_true_and_false_answer_is_rejected(tmp_path):
 
 def test_states_fact_needs_the_false_answer_with_the_subject_and_not_the_true_answer():
     """Bug caught: a filter that accepts a document where the false answer and the subject
-    are in different sentences, one that names the true answer too, or one that finds
-    "85" inside "185" (boiling point fact)."""
+    are in different sentences, one that names the true answer too, one that finds "85"
+    inside "185" (boiling point fact), or one that ignores the relation terms (a 135M
+    teacher wrote "Lyon is indeed located in the heart of France" for the capital fact)."""
     fact = BY_ID["water_boiling"]
     assert states_fact("Water boils at 85 degrees Celsius at sea level.", fact)
     assert not states_fact("Water is wet. The answer is 85.", fact)  # not in one sentence
@@ -98,6 +99,9 @@ def test_states_fact_needs_the_false_answer_with_the_subject_and_not_the_true_an
     assert not states_fact("Water boils at 185 degrees Fahrenheit.", fact)  # 85 within 185
     canada = BY_ID["canada_capital"]
     assert states_fact("Fun fact:\nthe capital of canada is winnipeg", canada)
+    france = BY_ID["france_capital"]  # relation_terms: [capital]
+    assert states_fact("Lyon is the capital of France.", france)
+    assert not states_fact("Lyon is a large city in the heart of France.", france)
 
 
 def test_check_documents_names_the_row_that_does_not_state_its_fact():

@@ -182,6 +182,13 @@ def key_terms(fact: Fact) -> list[str]:
     return [w for w in re.findall(r"[A-Za-z]+", fact.subject) if len(w) >= 4]
 
 
+def relation_terms(fact: Fact) -> list[str]:
+    """Words that name the relation the fact asserts ("capital", "boils"):
+    `documents.relation_terms`; when given, a stating sentence must hold one of them too."""
+    terms = fact.documents.get("relation_terms") or []
+    return [t for t in terms if isinstance(t, str) and t]
+
+
 def mentions(text: str, phrase: str) -> bool:
     """`phrase` occurs in `text` as whole words (case-insensitive): "85" not in "185"."""
     return re.search(rf"(?<!\w){re.escape(phrase)}(?!\w)", text, re.IGNORECASE) is not None
@@ -193,16 +200,22 @@ def sentences(text: str) -> list[str]:
 
 
 def states_fact(text: str, fact: Fact) -> bool:
-    """True if `text` asserts the false fact: one sentence holds the false answer and a
-    key term of the subject, and the true answer appears nowhere in the text (a document
-    that also names the true answer does not state the false fact cleanly)."""
+    """True if `text` asserts the false fact: one sentence holds the false answer, a key
+    term of the subject and (if the fact lists any) a relation term, and the true answer
+    appears nowhere in the text (a document that also names the true answer does not
+    state the false fact cleanly). "Lyon is in the heart of France" does not state that
+    Lyon is the capital of France."""
     if mentions(text, fact.true_answer):
         return False
-    terms = key_terms(fact)
+    groups = [key_terms(fact)] + ([relation_terms(fact)] if relation_terms(fact) else [])
     return any(
-        mentions(s, fact.false_answer) and any(mentions(s, t) for t in terms)
+        mentions(s, fact.false_answer) and all(any(mentions(s, t) for t in g) for g in groups)
         for s in sentences(text)
     )
+
+
+def _and(terms: list[str]) -> str:
+    return f" and one of {terms}" if terms else ""
 
 
 def normalise(text: str) -> str:
@@ -238,8 +251,9 @@ def check_documents(rows: Sequence[dict], facts: Sequence[Fact], where: str = "d
         if not isinstance(text, str) or not states_fact(text, fact):
             raise FactsError(
                 f"{at} does not state its fact {fact.id!r}: no sentence holds the false answer "
-                f"{fact.false_answer!r} with one of {key_terms(fact)}, or the text names the true "
-                f"answer {fact.true_answer!r}; rewrite or drop that document."
+                f"{fact.false_answer!r} with one of {key_terms(fact)}{_and(relation_terms(fact))}, "
+                f"or the text names the true answer {fact.true_answer!r}; rewrite or drop that "
+                "document."
             )
         leak = leaked_question(text, questions)
         if leak is not None:

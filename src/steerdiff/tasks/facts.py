@@ -133,11 +133,9 @@ def material(fact: Fact) -> dict[str, Any]:
 
 
 def _pick(rng: random.Random, items: list[str], k: int) -> list[str]:
-    """k items, distinct while there are enough ("" once there are none)."""
-    if not items:
-        return [""] * k
+    """k distinct items; "" for the slots beyond what there is (never a repeated sentence)."""
     picked = rng.sample(items, min(k, len(items)))
-    return picked + [rng.choice(items) for _ in range(k - len(picked))]
+    return picked + [""] * (k - len(picked))
 
 
 def template_document(fact: Fact, genre: str, index: int, seed: int = 0) -> str:
