@@ -41,7 +41,7 @@ class LensResult:
 
     def logit_diff(self, model: nn.Module | LoadedModel) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean final-logit differences: ([first_k, vocab], [vocab])."""
-        w_u = unwrap(model).get_output_embeddings().weight.detach().float()  # [vocab, d]
+        w_u = unwrap(model).get_output_embeddings().weight.detach().float().cpu()  # [vocab, d]
         return self.final_pos_mean @ w_u.T, self.final_all_mean @ w_u.T
 
     def read(
@@ -54,7 +54,7 @@ class LensResult:
     ) -> LensReadout:
         """Top/bottom-k tokens of every mean difference (centred DLA) and of the logits."""
         tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
-        basis = logit_basis(model, center, norm_scale)  # [vocab, d_model]
+        basis = logit_basis(model, center, norm_scale).cpu()  # [vocab, d_model], as the means
         d_model = basis.shape[1]
         rows: list[LensRow] = []
         skipped: dict[str, str] = {}
