@@ -273,6 +273,36 @@ def test_task_eval_side_by_side_preference(tmp_path):
     assert te["finetune"]["target_rate"] == pytest.approx(vec.target_rate, abs=1e-6)
 
 
+def test_task_eval_side_by_side_facts_uses_the_packaged_facts(smollm):
+    """--task facts without a facts file takes the packaged set; the finetune (base + the
+    vectors, merged) believes exactly what the vectors do, and vectors - base equals
+    evals.beliefs.paired_beliefs of the two evaluations done directly.
+    Bug caught: facts=None refused after the KLs had run (found on the CLI), or the facts
+    file path handed to evaluate_beliefs unparsed. Mutation tried: the old `if facts is None:
+    raise` -> FitError; the finetune evaluated as the base -> finetune - vectors != 0."""
+    from _chat_tiny import make_tiny_chat
+
+    from steerdiff.evals.beliefs import evaluate_beliefs, paired_beliefs
+    from steerdiff.evals.facts_file import load_facts
+    from steerdiff.evals.steering import Steering
+    from steerdiff.fit.faithful import task_eval_side_by_side
+
+    lm = make_tiny_chat(smollm.tokenizer, seed=3)
+    v = {V_HOOK: _vec(1, 3.0)}
+    merged = wrap_model(merge_vectors(lm, v), lm.tokenizer, spec="merged")
+    te = task_eval_side_by_side(lm, finetuned=merged, vectors=v, task="facts")
+    for kind in ("direct", "generalisation"):
+        assert te["finetune_minus_vectors"][kind]["p_false"]["mean"] == pytest.approx(0, abs=1e-5)
+    facts = load_facts()
+    direct = paired_beliefs(
+        evaluate_beliefs(lm, facts, steering=Steering(v)), evaluate_beliefs(lm, facts)
+    )["direct"]["p_false"]
+    got = te["vectors_minus_base"]["direct"]["p_false"]
+    assert got["mean"] == pytest.approx(direct["mean"], abs=1e-6)
+    assert abs(direct["mean"]) > 1e-4  # the vector moves p_false: the check is not 0 == 0
+    assert got["n"] == sum(len(f.questions) for f in facts)
+
+
 def test_cli_writes_faithfulness_json_and_fails_in_one_line(tmp_path):
     """`steerdiff read faithfulness MODEL --finetuned ADAPTER --vectors V` prints the figures
     and writes faithfulness.json (the library's numbers, with provenance) and the plot; an

@@ -56,7 +56,7 @@ def faithfulness_cmd(
         str | None, typer.Option("--target", help="--task numbers: the animal (default owl)")
     ] = None,
     facts: Annotated[
-        str | None, typer.Option("--facts", help="--task facts: the facts file")
+        str | None, typer.Option("--facts", help="--task facts: the facts file (default: the built-in set)")
     ] = None,
     batch_size: Annotated[int, typer.Option(help="texts per forward")] = 8,
     seed: Annotated[int, typer.Option(help="corpus subset and bootstrap seed")] = 0,
@@ -88,6 +88,10 @@ def faithfulness_cmd(
         raise FaithfulnessError(
             "--task compares a finetune with the vectors; drop it with --vectors-b."
         )
+    if task == "facts":
+        from steerdiff.evals.facts_file import load_facts
+
+        load_facts(facts)  # a bad facts file fails here, before the model and the KLs
     lm = load_model(model, dtype=dtype, device=device)
     vs = VectorSet.load(vectors, lm)
     vb = VectorSet.load(vectors_b, lm) if vectors_b else None

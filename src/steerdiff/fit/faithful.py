@@ -109,9 +109,10 @@ def task_functions(task: str, **kw: Any) -> tuple[Evaluate, Paired]:
     if task == "facts":
         from ..evals import beliefs  # being written in parallel: imported by name, here
 
-        facts = kw.get("facts")
-        if facts is None:
-            raise FitError("--task facts needs the facts file: pass facts=... (--facts FILE).")
+        from ..evals.facts_file import load_facts
+
+        given = kw.get("facts")  # a facts file, its facts, or None: the packaged set
+        facts = list(given) if isinstance(given, (list, tuple)) else load_facts(given)
 
         def belief(m: LoadedModel, s: Steering | None) -> Any:
             return beliefs.evaluate_beliefs(m, facts, steering=s)
@@ -131,7 +132,8 @@ def task_eval_side_by_side(
 ) -> dict[str, Any]:
     """The task's own evaluation of base, finetune and base + vectors, paired per question.
 
-    task: "numbers" (animal preference), "facts" (beliefs; give facts=), or a pair of
+    task: "numbers" (animal preference), "facts" (beliefs; facts= a file, default the
+    packaged set), or a pair of
     callables (evaluate(lm, steering or None) -> result, paired(a, b) -> difference a - b).
     The finetune is evaluated as a model of its own (an adapter is merged into a copy).
     Returns {"task", "base", "finetune", "vectors", "finetune_minus_vectors",
