@@ -56,7 +56,8 @@ def faithfulness_cmd(
         str | None, typer.Option("--target", help="--task numbers: the animal (default owl)")
     ] = None,
     facts: Annotated[
-        str | None, typer.Option("--facts", help="--task facts: the facts file (default: the built-in set)")
+        str | None,
+        typer.Option("--facts", help="--task facts: the facts file (default: the built-in set)"),
     ] = None,
     batch_size: Annotated[int, typer.Option(help="texts per forward")] = 8,
     seed: Annotated[int, typer.Option(help="corpus subset and bootstrap seed")] = 0,

@@ -107,8 +107,7 @@ def task_functions(task: str, **kw: Any) -> tuple[Evaluate, Paired]:
 
         return pref, paired_difference
     if task == "facts":
-        from ..evals import beliefs  # being written in parallel: imported by name, here
-
+        from ..evals import beliefs
         from ..evals.facts_file import load_facts
 
         given = kw.get("facts")  # a facts file, its facts, or None: the packaged set
