@@ -60,26 +60,14 @@ def preference(
     --vectors, --adapter and --system-prompt combine (e.g. a steered finetune).
     Example: steerdiff eval preference --vectors runs/owl/vectors.safetensors --coeff 2
     """
-    from steerdiff.evals.preference import Steering, evaluate_preference
+    from steerdiff.evals.preference import evaluate_preference
     from steerdiff.io import atomic_write_json, provenance
-    from steerdiff.models import load_model
     from steerdiff.pipeline.config import EvalConfig
-    from steerdiff.teachers import load_adapted
-    from steerdiff.vectors import VectorSet, VectorSetError
 
     cfg = EvalConfig(scorer=scorer, n_questions=n_questions, n_samples=n_samples)
     if out is not None and Path(out).exists() and not overwrite:
         fail(f"--out {out} exists; pass --overwrite to replace it, or choose another path.")
-    lm = load_model(model, dtype=dtype, device=device)
-    if adapter is not None:
-        lm = load_adapted(adapter, lm)
-    steering = None
-    if vectors is not None:
-        try:
-            vs = VectorSet.load(vectors, lm)
-        except VectorSetError as e:
-            fail(f"--vectors {vectors}: {e}")
-        steering = Steering(vs, coeff=coeff, positions=positions)
+    lm, steering = evaluated_model(model, dtype, device, adapter, vectors, coeff, positions)
     r = evaluate_preference(
         lm,
         target,
@@ -143,11 +131,7 @@ def beliefs(
         paired_beliefs,
     )
     from steerdiff.evals.facts_file import load_facts
-    from steerdiff.evals.steering import Steering
     from steerdiff.io import atomic_write_json, provenance, read_json
-    from steerdiff.models import load_model
-    from steerdiff.teachers import load_adapted
-    from steerdiff.vectors import VectorSet, VectorSetError
 
     if out is not None and Path(out).exists() and not overwrite:
         fail(f"--out {out} exists; pass --overwrite to replace it, or choose another path.")
@@ -157,16 +141,7 @@ def beliefs(
     fact_list = load_facts(facts)
     belief_questions(fact_list, kind_list)  # an unknown --kinds fails before the model loads
     other = BeliefResult.from_dict(read_json(compare)) if compare is not None else None
-    lm = load_model(model, dtype=dtype, device=device)
-    if adapter is not None:
-        lm = load_adapted(adapter, lm)
-    steering = None
-    if vectors is not None:
-        try:
-            vs = VectorSet.load(vectors, lm)
-        except VectorSetError as e:
-            fail(f"--vectors {vectors}: {e}")
-        steering = Steering(vs, coeff=coeff, positions=positions)
+    lm, steering = evaluated_model(model, dtype, device, adapter, vectors, coeff, positions)
     r = evaluate_beliefs(lm, fact_list, steering, samples, seed, progress=True, kinds=kind_list)
     console.print(beliefs_table(r))
     if other is not None:
@@ -182,6 +157,34 @@ def beliefs(
         prov = provenance(lm, seed=seed)
         path = atomic_write_json(out, {**given, **r.to_dict(), "provenance": prov})
         console.print(f"wrote {path}")
+
+
+def evaluated_model(
+    model: str,
+    dtype: str,
+    device: str,
+    adapter: str | None,
+    vectors: str | None,
+    coeff: float,
+    positions: str,
+) -> tuple[Any, Any]:
+    """(the model, its Steering or None): `model`, with --adapter merged into a copy and
+    --vectors (x --coeff at --positions) as the steering, as every `eval` command takes them."""
+    from steerdiff.evals.steering import Steering
+    from steerdiff.models import load_model
+    from steerdiff.teachers import load_adapted
+    from steerdiff.vectors import VectorSet, VectorSetError
+
+    lm = load_model(model, dtype=dtype, device=device)
+    if adapter is not None:
+        lm = load_adapted(adapter, lm)
+    if vectors is None:
+        return lm, None
+    try:
+        vs = VectorSet.load(vectors, lm)
+    except VectorSetError as e:
+        fail(f"--vectors {vectors}: {e}")
+    return lm, Steering(vs, coeff=coeff, positions=positions)
 
 
 def beliefs_table(r: Any) -> Any:
