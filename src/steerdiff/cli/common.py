@@ -47,6 +47,12 @@ ThreadsOpt = Annotated[
 VectorsOpt = Annotated[
     str | None, typer.Option("--vectors", help="steer with this VectorSet (.safetensors)")
 ]
+CorpusOpt = Annotated[
+    str,
+    typer.Option("--corpus", help="'default', a .txt/.jsonl file, a folder, or an HF dataset name"),
+]
+TokensOpt = Annotated[int, typer.Option("--tokens", help="tokens per text")]
+FirstKOpt = Annotated[int, typer.Option("--first-k", help="positions read separately")]
 CoeffOpt = Annotated[float, typer.Option(help="steering coefficient (with --vectors)")]
 PositionsOpt = Annotated[
     str, typer.Option(help="steered positions: all | prompt | response | first:k")

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from .common import DtypeOpt, ModelOpt, console, fail
+from .common import CorpusOpt, DtypeOpt, FirstKOpt, ModelOpt, TokensOpt, console, fail
 from .read_faithfulness import faithfulness_cmd
 
 app = typer.Typer(
@@ -99,15 +99,10 @@ def lens(
     ] = None,
     model: ModelOpt = "default",
     dtype: DtypeOpt = "auto",
-    corpus: Annotated[
-        str,
-        typer.Option(
-            "--corpus", help="'default', a .txt/.jsonl file, a folder, or an HF dataset name"
-        ),
-    ] = "default",
+    corpus: CorpusOpt = "default",
     n: Annotated[int | None, typer.Option("--n", help="number of texts (default: all)")] = 500,
-    tokens: Annotated[int, typer.Option("--tokens", help="tokens per text")] = 64,
-    first_k: Annotated[int, typer.Option("--first-k", help="positions read separately")] = 5,
+    tokens: TokensOpt = 64,
+    first_k: FirstKOpt = 5,
     hooks: Annotated[
         str, typer.Option("--hooks", help="hooks to record (glob)")
     ] = "blocks.*.hook_resid_post",

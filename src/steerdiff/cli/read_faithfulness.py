@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from .common import DeviceOpt, DtypeOpt, console
+from .common import CorpusOpt, DeviceOpt, DtypeOpt, FirstKOpt, TokensOpt, console
 
 
 def faithfulness_cmd(
@@ -32,15 +32,10 @@ def faithfulness_cmd(
     ] = "runs/read_faithfulness",
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
-    corpus: Annotated[
-        str,
-        typer.Option(
-            "--corpus", help="'default', a .txt/.jsonl file, a folder, or an HF dataset name"
-        ),
-    ] = "default",
+    corpus: CorpusOpt = "default",
     n_texts: Annotated[int | None, typer.Option("--n-texts", help="texts (seeded subset)")] = 200,
-    tokens: Annotated[int, typer.Option("--tokens", help="tokens per text")] = 64,
-    first_k: Annotated[int, typer.Option("--first-k", help="positions read separately")] = 5,
+    tokens: TokensOpt = 64,
+    first_k: FirstKOpt = 5,
     hooks: Annotated[
         str, typer.Option("--hooks", help="hooks compared per layer (glob)")
     ] = "blocks.*.hook_resid_post",
