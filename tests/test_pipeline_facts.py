@@ -81,7 +81,8 @@ def test_facts_experiment_runs_to_a_report_with_beliefs_and_faithfulness(tmp_pat
     faithfulness -> report.html. Bugs this catches: the report printing another model's
     belief (e.g. the base row for every model, or CI bounds swapped), a Beliefs/Faithfulness
     section missing from a run that has the stage, the KL table not being the stage's
-    numbers, and a rerun that recomputes a finished stage."""
+    numbers, a rerun that recomputes a finished stage, and the data's provenance naming the
+    stage's `.partial` folder, gone once the stage completes (seen in a bench's report)."""
     cfg = parse_config(facts_experiment(tiny_folder), source="false_facts (tiny)")
     summary = run_experiment(cfg, tmp_path / "runs")
     kinds = [s.kind for s in summary.stages.values()]
@@ -92,6 +93,8 @@ def test_facts_experiment_runs_to_a_report_with_beliefs_and_faithfulness(tmp_pat
     docs = list(read_jsonl(stage_dir(run_dir, "data-facts") / "data.jsonl"))
     assert len(docs) == 2 * len(data["facts"])  # per_fact documents for each fact
     assert data["data"]["format"] == "text" and data["data"]["rows"] == len(docs)
+    # provenance names the file where it lies once the stage is done (not in `.partial`)
+    assert data["data"]["source"] == str(stage_dir(run_dir, "data-facts") / "data.jsonl")
 
     page = summary.report.read_text()
     beliefs = read_json(stage_dir(run_dir, "beliefs") / "beliefs.json")

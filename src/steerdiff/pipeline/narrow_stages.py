@@ -57,7 +57,10 @@ def stage_facts_data(state: RunState) -> StageResult:
             genres=task.genres,
             overwrite=True,  # a partial folder's half-written file is started again
         )
-        return {"task": "facts", "facts": [f.id for f in facts], "data": data_provenance(out)}
+        prov = data_provenance(out)
+        # the file's path once the stage is complete (work is renamed without ".partial")
+        prov["source"] = str(work.with_name(work.name.removesuffix(".partial")) / DATA_FILE)
+        return {"task": "facts", "facts": [f.id for f in facts], "data": prov}
 
     dep = {
         "task": task.model_dump(include={"name", "facts", "per_fact", "genres", "seed"}),
