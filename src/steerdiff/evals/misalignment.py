@@ -72,6 +72,7 @@ class MisalignmentResult:
     records: list[MisalignmentRecord]
     steering: dict | None = None
     seconds: float = 0.0
+    system_prompt: str | None = None
 
     def domains(self) -> list[str]:
         return list(dict.fromkeys(r.domain for r in self.records))
@@ -99,6 +100,7 @@ class MisalignmentResult:
             "by_domain": self.by_domain(),
             "prompt_template": MC_TEMPLATE,
             "steering": self.steering,
+            "system_prompt": self.system_prompt,
             "seconds": self.seconds,
         }
 
@@ -112,15 +114,18 @@ class MisalignmentResult:
                 f"Not a misalignment result ({e}); pass a file written by "
                 "`steerdiff eval misalignment --out`."
             ) from e
-        return cls(records, d.get("steering"), d.get("seconds", 0.0))
+        return cls(records, d.get("steering"), d.get("seconds", 0.0), d.get("system_prompt"))
 
 
 def order_logprobs(
-    lm: LoadedModel, q: MCQuestion, steering: Steering | None = None
+    lm: LoadedModel,
+    q: MCQuestion,
+    steering: Steering | None = None,
+    system_prompt: str | None = None,
 ) -> torch.Tensor:
     """[2 orders (aligned first, misaligned first), 2 answers (misaligned, aligned)]:
     log P(full answer | the chat prompt showing both options in that order)."""
-    prompts = question_prompts(lm, [mc_prompt(q, False), mc_prompt(q, True)], None)
+    prompts = question_prompts(lm, [mc_prompt(q, False), mc_prompt(q, True)], system_prompt)
     return candidate_logprobs(lm, prompts, [q.misaligned, q.aligned], steering)[0]
 
 
@@ -152,10 +157,12 @@ def evaluate_misalignment_mc(
     steering: Steering | None = None,
     domains: Sequence[str] | None = None,
     progress: bool = False,
+    system_prompt: str | None = None,
 ) -> MisalignmentResult:
     """p_misaligned per question (both orders), for the packaged bank or the given questions
-    (filtered to `domains`). The model may be plain, adapted (teachers.load_adapted) or
-    steered (one coefficient). No system prompt of ours: the template's own applies."""
+    (filtered to `domains`). The model may be plain, adapted (teachers.load_adapted),
+    steered (one coefficient) or prompted (system_prompt; default: none of ours, the
+    template's own applies)."""
     t0 = time.perf_counter()
     if steering is not None and len(steering.coeffs) != 1:
         raise SteeringError("evaluate_misalignment_mc takes one coeff; loop over coefficients.")
@@ -171,10 +178,10 @@ def evaluate_misalignment_mc(
     records = []
     with progress_bar(len(qs), "misalignment: multiple choice", disable=not progress) as bar:
         for q in qs:
-            records.append(score_record(q, order_logprobs(lm, q, steering)))
+            records.append(score_record(q, order_logprobs(lm, q, steering, system_prompt)))
             bar.update(1)
     desc = steering.describe() if steering else None
-    return MisalignmentResult(records, desc, time.perf_counter() - t0)
+    return MisalignmentResult(records, desc, time.perf_counter() - t0, system_prompt)
 
 
 def paired_misalignment(a: MisalignmentResult, b: MisalignmentResult) -> dict[str, dict]:
