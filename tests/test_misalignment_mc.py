@@ -99,7 +99,7 @@ def direct_p(lm, q: MCQuestion) -> tuple[float, float]:
 def test_packaged_bank_has_63_questions_9_per_domain_in_7_domains():
     """Bug caught: a bank that lost questions or a domain (a YAML indentation slip, a
     renamed domain). Mutation tried: renaming the domain of one legal question to 'law'
-    -> legal has 8 questions and the assertion on 9 per domain fails."""
+    -> the domain set no longer equals the 7 domains (and legal has 8)."""
     qs = load_questions()
     assert len(qs) >= 63
     counts = {d: sum(q.domain == d for q in qs) for d in DOMAINS}

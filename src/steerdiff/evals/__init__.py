@@ -8,6 +8,7 @@ from .beliefs import (
     evaluate_beliefs,
     paired_beliefs,
 )
+from .fast_scoring import CachedPrompts, FastCoherence, FastScorer
 from .misalignment import (
     MisalignmentRecord,
     MisalignmentResult,
@@ -15,7 +16,6 @@ from .misalignment import (
     paired_misalignment,
 )
 from .misalignment_bank import MCQuestion, MisalignmentError, load_questions
-from .fast_scoring import CachedPrompts, FastCoherence, FastScorer
 from .preference import (
     Category,
     CategoryError,
