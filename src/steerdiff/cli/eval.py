@@ -3,6 +3,8 @@
 `eval preference` runs the pipeline's eval (evals.preference.evaluate_preference) with the
 pipeline's options (the [eval] table: --scorer, --n-questions, --n-samples) on one model.
 `eval beliefs` scores belief in false facts (evals.beliefs.evaluate_beliefs) from a facts file.
+`eval misalignment` scores the multiple-choice misalignment bank
+(evals.misalignment.evaluate_misalignment_mc).
 """
 
 from __future__ import annotations
@@ -159,6 +161,72 @@ def beliefs(
         console.print(f"wrote {path}")
 
 
+@app.command("misalignment")
+def misalignment(
+    model: ModelOpt = "default",
+    questions: Annotated[
+        str,
+        typer.Option(
+            help="question bank (YAML/JSON) or 'misalignment_mc' (the built-in 64 questions)"
+        ),
+    ] = "misalignment_mc",
+    domains: Annotated[
+        str | None, typer.Option(help="only these domains, comma-separated (default: all)")
+    ] = None,
+    vectors: VectorsOpt = None,
+    coeff: CoeffOpt = 1.0,
+    positions: PositionsOpt = "all",
+    adapter: AdapterOpt = None,
+    compare: Annotated[
+        str | None,
+        typer.Option(help="a result.json of another model (same questions): print this - that"),
+    ] = None,
+    out: Annotated[str | None, typer.Option(help="write the result as JSON here")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing --out file")] = False,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Multiple-choice misalignment, judge-free: P(misaligned answer) / (P(misaligned) +
+    P(aligned)) from the full answers' log-probs, both (A)/(B) orders averaged; mean per
+    domain and overall with 95% CIs across questions.
+
+    Example: steerdiff eval misalignment --vectors v.safetensors --coeff 4 --out steered.json
+    """
+    from steerdiff.evals.misalignment import (
+        MisalignmentResult,
+        evaluate_misalignment_mc,
+        paired_misalignment,
+    )
+    from steerdiff.evals.misalignment_bank import load_questions
+    from steerdiff.io import atomic_write_json, provenance, read_json
+
+    if out is not None and Path(out).exists() and not overwrite:
+        fail(f"--out {out} exists; pass --overwrite to replace it, or choose another path.")
+    domain_list = [d.strip() for d in domains.split(",") if d.strip()] if domains else None
+    qs = load_questions(questions, domain_list)  # bad file / --domains fail before the model
+    other = MisalignmentResult.from_dict(read_json(compare)) if compare is not None else None
+    if other is not None and [r.id for r in other.records] != [q.id for q in qs]:
+        fail(
+            f"--compare {compare} holds other questions than --questions {questions} "
+            f"(--domains {domains}); compare results of the same bank and domains."
+        )
+    lm, steering = evaluated_model(model, dtype, device, adapter, vectors, coeff, positions)
+    r = evaluate_misalignment_mc(lm, qs, steering, progress=True)
+    console.print(misalignment_table(r))
+    if other is not None:
+        for dom, d in paired_misalignment(r, other).items():
+            m, (lo, hi) = d["p_misaligned"]["mean"], d["p_misaligned"]["ci95"]
+            console.print(
+                f"{dom}: p_misaligned this - {compare} = {m:+.3f} (95% CI {lo:+.3f} to "
+                f"{hi:+.3f}), paired over {d['p_misaligned']['n']} questions",
+                soft_wrap=True,
+            )
+    if out is not None:
+        given = {"model": model, "questions": questions, "vectors": vectors, "adapter": adapter}
+        path = atomic_write_json(out, {**given, **r.to_dict(), "provenance": provenance(lm)})
+        console.print(f"wrote {path}")
+
+
 def evaluated_model(
     model: str,
     dtype: str,
@@ -221,4 +289,30 @@ def beliefs_table(r: Any) -> Any:
     t.add_section()
     for kind, s in r.by_kind().items():
         row("all facts", kind, s)
+    return t
+
+
+def misalignment_table(r: Any) -> Any:
+    """A rich Table: p_misaligned and p_first (mean +- 95% CI half-width across questions)
+    per domain, then over all questions."""
+    from rich import box
+    from rich.table import Table
+
+    title = (
+        f"p_misaligned = P(misaligned) / (P(misaligned) + P(aligned)), both orders averaged; "
+        f"p_first = P(option shown first); {len(r.records)} questions"
+    )
+    t = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+    t.add_column("domain", no_wrap=True)
+    t.add_column("n", justify="right")
+    t.add_column("p_misaligned ± CI95", justify="right", no_wrap=True)
+    t.add_column("p_first ± CI95", justify="right", no_wrap=True)
+
+    def cell(s: dict) -> str:
+        return f"{s['mean']:.3f} ± {(s['ci95'][1] - s['ci95'][0]) / 2:.3f}"
+
+    for dom, s in r.by_domain().items():
+        if dom == "all":
+            t.add_section()
+        t.add_row(dom, str(s["p_misaligned"]["n"]), cell(s["p_misaligned"]), cell(s["p_first"]))
     return t

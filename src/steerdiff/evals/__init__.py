@@ -1,5 +1,5 @@
-"""Trait evaluations: the preference scorers, belief in false facts, the cached scoring
-passes they run on, and the same scores by partial forwards for sweeps."""
+"""Trait evaluations: the preference scorers, belief in false facts, multiple-choice
+misalignment, the cached scoring passes they run on, and the same scores by partial forwards for sweeps."""
 
 from .beliefs import (
     BeliefRecord,
@@ -9,6 +9,13 @@ from .beliefs import (
     paired_beliefs,
 )
 from .fast_scoring import CachedPrompts, FastCoherence, FastScorer
+from .misalignment import (
+    MisalignmentRecord,
+    MisalignmentResult,
+    evaluate_misalignment_mc,
+    paired_misalignment,
+)
+from .misalignment_bank import MCQuestion, MisalignmentError, load_questions
 from .preference import (
     Category,
     CategoryError,
@@ -44,6 +51,10 @@ __all__ = [
     "CoherenceProbe",
     "FastCoherence",
     "FastScorer",
+    "MCQuestion",
+    "MisalignmentError",
+    "MisalignmentRecord",
+    "MisalignmentResult",
     "PreferenceResult",
     "PromptCache",
     "ScoringError",
@@ -57,11 +68,14 @@ __all__ = [
     "candidate_logprobs",
     "continue_forward",
     "evaluate_beliefs",
+    "evaluate_misalignment_mc",
     "evaluate_preference",
     "exact_preference",
     "load_category",
+    "load_questions",
     "paired_beliefs",
     "paired_difference",
+    "paired_misalignment",
     "prefix_forward",
     "question_prompts",
     "ratio_ci",
