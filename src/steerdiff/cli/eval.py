@@ -147,13 +147,7 @@ def beliefs(
     r = evaluate_beliefs(lm, fact_list, steering, samples, seed, progress=True, kinds=kind_list)
     console.print(beliefs_table(r))
     if other is not None:
-        for kind, d in paired_beliefs(r, other).items():
-            m, (lo, hi) = d["p_false"]["mean"], d["p_false"]["ci95"]
-            console.print(
-                f"{kind}: p_false this - {compare} = {m:+.3f} (95% CI {lo:+.3f} to {hi:+.3f}), "
-                f"paired over {d['p_false']['n']} questions",
-                soft_wrap=True,
-            )
+        print_paired(paired_beliefs(r, other), "p_false", str(compare))
     if out is not None:
         given = {"model": model, "facts": facts, "vectors": vectors, "adapter": adapter}
         prov = provenance(lm, seed=seed)
@@ -214,17 +208,22 @@ def misalignment(
     r = evaluate_misalignment_mc(lm, qs, steering, progress=True)
     console.print(misalignment_table(r))
     if other is not None:
-        for dom, d in paired_misalignment(r, other).items():
-            m, (lo, hi) = d["p_misaligned"]["mean"], d["p_misaligned"]["ci95"]
-            console.print(
-                f"{dom}: p_misaligned this - {compare} = {m:+.3f} (95% CI {lo:+.3f} to "
-                f"{hi:+.3f}), paired over {d['p_misaligned']['n']} questions",
-                soft_wrap=True,
-            )
+        print_paired(paired_misalignment(r, other), "p_misaligned", str(compare))
     if out is not None:
         given = {"model": model, "questions": questions, "vectors": vectors, "adapter": adapter}
         path = atomic_write_json(out, {**given, **r.to_dict(), "provenance": provenance(lm)})
         console.print(f"wrote {path}")
+
+
+def print_paired(diffs: dict, figure: str, compare: str) -> None:
+    """One line per group (kind, domain): this result minus --compare's, paired per question."""
+    for group, d in diffs.items():
+        m, (lo, hi), n = d[figure]["mean"], d[figure]["ci95"], d[figure]["n"]
+        console.print(
+            f"{group}: {figure} this - {compare} = {m:+.3f} (95% CI {lo:+.3f} to {hi:+.3f}), "
+            f"paired over {n} questions",
+            soft_wrap=True,
+        )
 
 
 def evaluated_model(
