@@ -33,6 +33,17 @@ app = typer.Typer(
 )
 
 
+OutJsonOpt = Annotated[str | None, typer.Option(help="write the result as JSON here")]
+OverwriteOpt = Annotated[bool, typer.Option(help="replace an existing --out file")]
+
+
+def refuse_existing_out(out: str | None, overwrite: bool) -> None:
+    """Every `eval` command keeps an earlier result unless --overwrite: checked before the
+    model loads."""
+    if out is not None and Path(out).exists() and not overwrite:
+        fail(f"--out {out} exists; pass --overwrite to replace it, or choose another path.")
+
+
 @app.command("preference")
 def preference(
     model: ModelOpt = "default",
@@ -52,8 +63,8 @@ def preference(
     n_questions: Annotated[int, typer.Option(help="questions (first n of 50)")] = 50,
     n_samples: Annotated[int, typer.Option(help="answers per question (sampling)")] = 20,
     seed: Annotated[int, typer.Option(help="seed (sampling)")] = 0,
-    out: Annotated[str | None, typer.Option(help="write the result as JSON here")] = None,
-    overwrite: Annotated[bool, typer.Option(help="replace an existing --out file")] = False,
+    out: OutJsonOpt = None,
+    overwrite: OverwriteOpt = False,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
 ) -> None:
@@ -67,8 +78,7 @@ def preference(
     from steerdiff.pipeline.config import EvalConfig
 
     cfg = EvalConfig(scorer=scorer, n_questions=n_questions, n_samples=n_samples)
-    if out is not None and Path(out).exists() and not overwrite:
-        fail(f"--out {out} exists; pass --overwrite to replace it, or choose another path.")
+    refuse_existing_out(out, overwrite)
     lm, steering = evaluated_model(model, dtype, device, adapter, vectors, coeff, positions)
     r = evaluate_preference(
         lm,
@@ -116,8 +126,8 @@ def beliefs(
         str | None,
         typer.Option(help="a result.json of another model (same facts): print this - that, paired"),
     ] = None,
-    out: Annotated[str | None, typer.Option(help="write the result as JSON here")] = None,
-    overwrite: Annotated[bool, typer.Option(help="replace an existing --out file")] = False,
+    out: OutJsonOpt = None,
+    overwrite: OverwriteOpt = False,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
 ) -> None:
@@ -135,8 +145,7 @@ def beliefs(
     from steerdiff.evals.facts_file import load_facts
     from steerdiff.io import atomic_write_json, provenance, read_json
 
-    if out is not None and Path(out).exists() and not overwrite:
-        fail(f"--out {out} exists; pass --overwrite to replace it, or choose another path.")
+    refuse_existing_out(out, overwrite)
     if samples < 0:
         fail(f"bad option --samples: must be >= 0 (0 = exact scorer only), got {samples}.")
     kind_list = [k.strip() for k in kinds.split(",") if k.strip()]
@@ -175,8 +184,8 @@ def misalignment(
         str | None,
         typer.Option(help="a result.json of another model (same questions): print this - that"),
     ] = None,
-    out: Annotated[str | None, typer.Option(help="write the result as JSON here")] = None,
-    overwrite: Annotated[bool, typer.Option(help="replace an existing --out file")] = False,
+    out: OutJsonOpt = None,
+    overwrite: OverwriteOpt = False,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
 ) -> None:
@@ -194,8 +203,7 @@ def misalignment(
     from steerdiff.evals.misalignment_bank import load_questions
     from steerdiff.io import atomic_write_json, provenance, read_json
 
-    if out is not None and Path(out).exists() and not overwrite:
-        fail(f"--out {out} exists; pass --overwrite to replace it, or choose another path.")
+    refuse_existing_out(out, overwrite)
     domain_list = [d.strip() for d in domains.split(",") if d.strip()] if domains else None
     qs = load_questions(questions, domain_list)  # bad file / --domains fail before the model
     other = MisalignmentResult.from_dict(read_json(compare)) if compare is not None else None
