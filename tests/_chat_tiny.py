@@ -28,3 +28,22 @@ def make_tiny_chat(tokenizer, seed: int = 0) -> LoadedModel:
     model.requires_grad_(False)
     lm = wrap_model(model, tokenizer, spec="tiny-chat-llama")
     return lm
+
+
+def direct_answer_logp(lm: LoadedModel, user: str, forms: list[str]) -> float:
+    """log sum over `forms` of P(all the form's tokens | the chat prompt of `user`): one full
+    forward per form, no cache. The independent reference the exact scorers' tests (beliefs,
+    multiple-choice misalignment) compare with."""
+    tok = lm.tokenizer
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": user}], add_generation_prompt=True, tokenize=False
+    )
+    prompt = tok(text, add_special_tokens=False).input_ids
+    total = []
+    for form in forms:
+        ids = tok(form, add_special_tokens=False).input_ids
+        with torch.no_grad():
+            logits = lm.model(torch.tensor([prompt + ids])).logits[0].float()
+        lp = torch.log_softmax(logits, -1)
+        total.append(sum(float(lp[len(prompt) - 1 + j, t]) for j, t in enumerate(ids)))
+    return float(torch.logsumexp(torch.tensor(total), 0))

@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from _chat_tiny import make_tiny_chat
+from _chat_tiny import direct_answer_logp, make_tiny_chat
 from typer.testing import CliRunner
 
 from steerdiff.cli import app
@@ -62,20 +62,7 @@ def lm(smollm):
 
 
 def direct_logp(lm, question: str, forms: list[str]) -> float:
-    """log sum over forms of P(form's tokens | chat prompt): one full forward per form."""
-    tok = lm.tokenizer
-    text = tok.apply_chat_template(
-        [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
-    )
-    prompt = tok(text, add_special_tokens=False).input_ids
-    total = []
-    for form in forms:
-        ids = tok(form, add_special_tokens=False).input_ids
-        with torch.no_grad():
-            logits = lm.model(torch.tensor([prompt + ids])).logits[0].float()
-        lp = torch.log_softmax(logits, -1)
-        total.append(sum(float(lp[len(prompt) - 1 + j, t]) for j, t in enumerate(ids)))
-    return float(torch.logsumexp(torch.tensor(total), 0))
+    return direct_answer_logp(lm, question, forms)
 
 
 def direct_p_false(lm, q: BeliefQuestion) -> tuple[float, float, float]:

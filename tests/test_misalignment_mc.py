@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from _chat_tiny import make_tiny_chat
+from _chat_tiny import direct_answer_logp, make_tiny_chat
 from typer.testing import CliRunner
 
 from steerdiff.cli import app
@@ -69,21 +69,8 @@ def lm(smollm):
 
 
 def direct_logp(lm, user: str, answer: str) -> float:
-    """log sum over the answer's surface forms of P(all its tokens | chat prompt): one full
-    forward per form, no cache."""
-    tok = lm.tokenizer
-    text = tok.apply_chat_template(
-        [{"role": "user", "content": user}], add_generation_prompt=True, tokenize=False
-    )
-    prompt = tok(text, add_special_tokens=False).input_ids
-    total = []
-    for form in answer_variants(answer):
-        ids = tok(form, add_special_tokens=False).input_ids
-        with torch.no_grad():
-            logits = lm.model(torch.tensor([prompt + ids])).logits[0].float()
-        lp = torch.log_softmax(logits, -1)
-        total.append(sum(float(lp[len(prompt) - 1 + j, t]) for j, t in enumerate(ids)))
-    return float(torch.logsumexp(torch.tensor(total), 0))
+    """Over the answer's surface forms, as the scorer documents them."""
+    return direct_answer_logp(lm, user, answer_variants(answer))
 
 
 def direct_p(lm, q: MCQuestion) -> tuple[float, float]:
