@@ -70,6 +70,18 @@ def _adapter(model, folder, seed: int = 0, base_name: str | None = None):
     return pm.merge_and_unload()
 
 
+def _narrow_model_adapter(folder) -> None:
+    """A LoRA adapter made for another base: a 32-wide llama named Org/Narrow-1B."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64,
+                               num_hidden_layers=3, num_attention_heads=4,
+                               num_key_value_heads=2, vocab_size=256)  # fmt: skip
+    narrow = AutoModelForCausalLM.from_config(cfg)
+    narrow.name_or_path = "Org/Narrow-1B"
+    _adapter(narrow, folder)
+
+
 def test_a_model_with_itself_is_kl_zero_and_cosine_one(lm):
     """The finetune IS base + vectors (the vectors baked into biases, merge.merge_vectors): KL
     (finetune || vectors) is 0, the fraction explained is 1 and the cosine is 1 at every layer;
@@ -186,14 +198,7 @@ def test_adapter_for_another_base_model_is_one_line(lm, tmp_path):
     assert "\n" not in msg
     assert str(tmp_path / "renamed") in msg and "Org/Other-Model-7B" in msg and "tiny-llama" in msg
     assert "base_model_name_or_path" in msg  # the fix for a renamed folder
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64,
-                               num_hidden_layers=3, num_attention_heads=4,
-                               num_key_value_heads=2, vocab_size=256)  # fmt: skip
-    narrow = AutoModelForCausalLM.from_config(cfg)
-    narrow.name_or_path = "Org/Narrow-1B"
-    _adapter(narrow, tmp_path / "wide")
+    _narrow_model_adapter(tmp_path / "wide")
     for call in (
         lambda: load_adapted(tmp_path / "wide", lm),
         lambda: faithfulness(lm, finetuned=str(tmp_path / "wide"), vectors={V_HOOK: _vec(1)}, texts=TEXTS, **KW),
@@ -343,14 +348,7 @@ def test_cli_writes_faithfulness_json_and_fails_in_one_line(tmp_path):
     assert f"{want.fraction_explained:.3f}" in said and "KL(finetune || base)" in said
 
     (out / "faithfulness.json").write_text("old")
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64,
-                               num_hidden_layers=3, num_attention_heads=4,
-                               num_key_value_heads=2, vocab_size=256)  # fmt: skip
-    narrow = AutoModelForCausalLM.from_config(cfg)
-    narrow.name_or_path = "Org/Narrow-1B"
-    _adapter(narrow, tmp_path / "wide")
+    _narrow_model_adapter(tmp_path / "wide")
     bad = [a if a != str(tmp_path / "adapter") else str(tmp_path / "wide") for a in args]
     line = one_line_error(CliRunner().invoke(app, bad))
     assert str(tmp_path / "wide") in line and "Org/Narrow-1B" in line
