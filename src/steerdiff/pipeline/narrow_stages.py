@@ -17,7 +17,7 @@ from ..io import atomic_write_json, provenance, read_json
 from ..models import LoadedModel
 from .eval_stages import Subject, fitted_vectors
 from .fit_stages import DATA_FILE, data_source, never
-from .stages import RunState, StageResult, console, model_key, run_stage
+from .stages import RunState, StageResult, console, final_folder, model_key, run_stage
 
 BELIEFS_FILE = "beliefs.json"
 FAITHFULNESS_FILE = "faithfulness.json"
@@ -58,8 +58,7 @@ def stage_facts_data(state: RunState) -> StageResult:
             overwrite=True,  # a partial folder's half-written file is started again
         )
         prov = data_provenance(out)
-        # the file's path once the stage is complete (work is renamed without ".partial")
-        prov["source"] = str(work.with_name(work.name.removesuffix(".partial")) / DATA_FILE)
+        prov["source"] = str(final_folder(work) / DATA_FILE)  # where it lies once complete
         return {"task": "facts", "facts": [f.id for f in facts], "data": prov}
 
     dep = {

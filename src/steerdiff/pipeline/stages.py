@@ -63,6 +63,15 @@ def has_files(work: Path) -> bool:
     return any(work.iterdir())
 
 
+PARTIAL = ".partial"  # a stage's folder while it runs; renamed without it once complete
+
+
+def final_folder(work: Path) -> Path:
+    """Where a stage's working folder (`NAME-KEY.partial`) lies once the stage completes:
+    for paths a stage records about its own files."""
+    return work.with_name(work.name.removesuffix(PARTIAL))
+
+
 def run_stage(
     run_dir: str | os.PathLike,
     kind: str,
@@ -90,7 +99,7 @@ def run_stage(
         if "kind" not in meta:  # written before stage.json named its kind
             atomic_write_json(marker, {**meta, "kind": kind, "tag": tag})
         return StageResult(name, key, final, True, 0.0, meta.get("info", {}), kind, tag)
-    work = run_dir / f"{name}-{key}.partial"
+    work = final.with_name(final.name + PARTIAL)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     try:
