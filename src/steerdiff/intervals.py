@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -18,6 +19,12 @@ def mean_ci95(values: Sequence[float]) -> tuple[float, tuple[float, float]]:
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
     half = 1.96 * sd / math.sqrt(n)
     return mean, (mean - half, mean + half)
+
+
+def summary(values: Sequence[float]) -> dict[str, Any]:
+    """{"mean", "ci95", "n"}: mean_ci95 as the JSON results record it (per-question values)."""
+    mean, ci = mean_ci95(list(values))
+    return {"mean": mean, "ci95": list(ci), "n": len(values)}
 
 
 def paired_arrays(*xs: Sequence[float], error: type[Exception] = ValueError) -> list[np.ndarray]:

@@ -30,7 +30,7 @@ import torch
 
 from ..chat import chat_texts
 from ..errors import SteerdiffError
-from ..intervals import mean_ci95
+from ..intervals import summary
 from ..models import LoadedModel
 from ..progress import progress as progress_bar
 from .facts_file import BeliefQuestion, Fact
@@ -60,12 +60,6 @@ class BeliefRecord:
     logp_true: float
     sampled: dict[str, float] | None = None
     answers: list[str] = field(default_factory=list)  # the first few sampled answers
-
-
-def summary(values: Sequence[float]) -> dict[str, Any]:
-    """{"mean", "ci95", "n"}: the mean across questions with its 95% interval."""
-    mean, ci = mean_ci95(list(values))
-    return {"mean": mean, "ci95": list(ci), "n": len(values)}
 
 
 @dataclass

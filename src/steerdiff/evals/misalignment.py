@@ -22,9 +22,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..intervals import summary
 from ..models import LoadedModel
 from ..progress import progress as progress_bar
-from .beliefs import summary
 from .misalignment_bank import MCQuestion, MisalignmentError, load_questions
 from .scoring import candidate_logprobs, question_prompts
 from .steering import Steering, SteeringError
