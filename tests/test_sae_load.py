@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from steerdiff.sae import SAE, SAEError, load_sae
+from steerdiff.sae import SAE, SAEError, load_sae, save_sae
 
 D_IN, D_SAE = 16, 32
 
@@ -207,3 +207,42 @@ def test_in_memory_sae_checks_shapes():
     w = weights()
     with pytest.raises(SAEError, match=r"b_enc has shape \(31,\)"):
         SAE(W_enc=w["W_enc"], b_enc=w["b_enc"][:31], W_dec=w["W_dec"], b_dec=w["b_dec"])
+
+
+@pytest.mark.parametrize("activation", ["jumprelu", "topk", "relu"])
+def test_save_sae_round_trips_through_the_saelens_reader(tmp_path, activation):
+    """Bug caught: save_sae dropping the threshold / k / apply_b_dec_to_input or writing
+    W_enc transposed (mutation: `"apply_b_dec_to_input": False` written always -> the
+    reloaded SAE encodes differently, max diff ~1)."""
+    w = weights(3)
+    sae = SAE(
+        W_enc=w["W_enc"],
+        b_enc=w["b_enc"],
+        W_dec=w["W_dec"],
+        b_dec=w["b_dec"],
+        activation=activation,
+        threshold=w["threshold"] if activation == "jumprelu" else None,
+        k=4 if activation == "topk" else None,
+        apply_b_dec_to_input=True,
+        hook="blocks.1.hook_resid_post",
+    )
+    folder = save_sae(sae, tmp_path / "out", extra={"steerdiff": {"seed": 7}})
+    back = load_sae(folder)
+    x = torch.randn(5, D_IN, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(back.encode(x), sae.encode(x), rtol=0, atol=1e-6)
+    torch.testing.assert_close(back(x), sae(x), rtol=0, atol=1e-6)
+    assert (back.hook, back.activation, back.k) == (sae.hook, activation, sae.k)
+    assert json.loads((folder / "cfg.json").read_text())["steerdiff"] == {"seed": 7}
+
+
+def test_a_hub_id_offline_is_one_line_naming_the_id(monkeypatch):
+    """Bug caught: the hub error escaping as a multi-line huggingface_hub traceback
+    (mutation: the except clause removed -> LocalEntryNotFoundError, not SAEError)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    spec = "hf:nobody-steerdiff/no-such-sae/layer_3"
+    with pytest.raises(SAEError) as e:
+        load_sae(spec)
+    msg = str(e.value)
+    assert "\n" not in msg and spec in msg and "local path" in msg
+    with pytest.raises(SAEError, match="hf:ORG/REPO"):
+        load_sae("hf:onlyone")

@@ -1,6 +1,6 @@
 """`steerdiff ...`: the command line. Each command is a thin wrapper over library functions.
 
-One module per command group (info, generate, sweep, fit, run + demo, read, eval, export), each
+One module per command group (info, generate, sweep, fit, run + demo, read, eval, export, sae), each
 holding its commands on its own `typer.Typer`; this file adds every group to `app` the same way.
 Shared options, `console`, `fail` and the one error handler live in `common`. Commands
 import the library inside their bodies, so `steerdiff --help` stays fast.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import typer
 
-from . import eval, export, fit, generate, info, read, run, sweep
+from . import eval, export, fit, generate, info, read, run, sae_app, sweep
 from .common import ErrorsAsOneLine, console, fail
 
 __all__ = ["app", "console", "fail"]
@@ -29,6 +29,6 @@ def _root() -> None:
     """steerdiff: reproduce finetunes with learned steering vectors, and read them."""
 
 
-# A group without a name (all but `read` and `eval`) adds its commands at the top level.
-for _group in (info, generate, sweep, fit, run, read, eval, export):
+# A group without a name (all but `read`, `eval` and `sae`) adds its commands at the top level.
+for _group in (info, generate, sweep, fit, run, read, eval, export, sae_app):
     app.add_typer(_group.app)

@@ -1,6 +1,6 @@
-"""Sparse autoencoders (SAEs) read from disk: the three formats researchers publish.
+"""Reading (and writing) SAE files: the three formats researchers publish.
 
-An `SAE` holds the weights in SAELens' orientation and computes
+An `SAE` (steerdiff.sae.core) holds the weights in SAELens' orientation and computes
 
     pre    = (x - b_dec if apply_b_dec_to_input else x) @ W_enc + b_enc      [..., d_sae]
     relu:     acts = relu(pre)
@@ -37,127 +37,16 @@ from __future__ import annotations
 
 import re
 import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
-from .errors import SteerdiffError
-from .hookpoints import HOOK_SUFFIXES, hook_dim, list_hook_points
-from .io import FileFormatError, file_sha256, read_json
-from .models import LoadedModel
-
-Activation = Literal["relu", "jumprelu", "topk"]
-ACTIVATIONS = ("relu", "jumprelu", "topk")
-
-
-class SAEError(SteerdiffError, ValueError):
-    """An SAE file that cannot be read or does not fit the model; names the file and the fix."""
-
-
-@dataclass
-class SAE:
-    """A sparse autoencoder at one steerdiff hook (weights in SAELens' orientation)."""
-
-    W_enc: torch.Tensor  # [d_in, d_sae]
-    b_enc: torch.Tensor  # [d_sae]
-    W_dec: torch.Tensor  # [d_sae, d_in]
-    b_dec: torch.Tensor  # [d_in]
-    activation: Activation = "relu"
-    hook: str | None = None
-    threshold: torch.Tensor | None = None  # [d_sae], jumprelu
-    k: int | None = None  # topk
-    apply_b_dec_to_input: bool = False
-    source: dict[str, Any] = field(default_factory=dict)  # path, format, sha256
-
-    @property
-    def d_in(self) -> int:
-        return self.W_enc.shape[0]
-
-    @property
-    def d_sae(self) -> int:
-        return self.W_enc.shape[1]
-
-    @property
-    def name(self) -> str:
-        return str(self.source.get("path", "<in memory SAE>"))
-
-    def __post_init__(self) -> None:
-        check_shapes(self)
-
-    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
-        """Encoder pre-activations `(x - b_dec?) @ W_enc + b_enc`, [..., d_sae]."""
-        x = x.to(self.W_enc.dtype)
-        if self.apply_b_dec_to_input:
-            x = x - self.b_dec
-        return x @ self.W_enc + self.b_enc
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Latent activations [..., d_sae] of activations x [..., d_in]."""
-        pre = self.pre_acts(x)
-        acts = torch.relu(pre)
-        if self.activation == "jumprelu":
-            return acts * (pre > self.threshold).to(acts.dtype)
-        if self.activation == "topk":
-            top = acts.topk(self.k, dim=-1)
-            return torch.zeros_like(acts).scatter(-1, top.indices, top.values)
-        return acts
-
-    def decode(self, acts: torch.Tensor) -> torch.Tensor:
-        """Reconstruction [..., d_in] of latent activations [..., d_sae]."""
-        return acts.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(x))
-
-    __call__ = forward
-
-    def latent(self, i: int) -> torch.Tensor:
-        """Decoder direction of latent i, [d_in]."""
-        if not isinstance(i, (int, np.integer)) or not 0 <= int(i) < self.d_sae:
-            raise SAEError(
-                f"Latent {i!r} is out of range for {self.name}: it has {self.d_sae} latents, "
-                f"use an index in 0-{self.d_sae - 1}."
-            )
-        return self.W_dec[int(i)]
-
-
-def check_shapes(sae: SAE) -> None:
-    """One-line SAEError naming the file when the tensors do not agree with each other."""
-    where = sae.name
-    if sae.activation not in ACTIVATIONS:
-        raise SAEError(
-            f"{where}: unknown activation {sae.activation!r}; use one of {', '.join(ACTIVATIONS)}."
-        )
-    if sae.W_enc.ndim != 2:
-        raise SAEError(
-            f"{where}: W_enc has shape {tuple(sae.W_enc.shape)}, expected [d_in, d_sae]; the file is not an SAE or is corrupt."
-        )
-    d_in, d_sae = sae.W_enc.shape
-    want = {
-        "W_dec": (sae.W_dec, (d_sae, d_in)),
-        "b_enc": (sae.b_enc, (d_sae,)),
-        "b_dec": (sae.b_dec, (d_in,)),
-    }
-    if sae.activation == "jumprelu":
-        if sae.threshold is None:
-            raise SAEError(
-                f"{where}: a JumpReLU SAE needs a 'threshold' tensor [d_sae]; the file has none (re-export it with the threshold)."
-            )
-        want["threshold"] = (sae.threshold, (d_sae,))
-    for key, (t, shape) in want.items():
-        if tuple(t.shape) != shape:
-            raise SAEError(
-                f"{where}: {key} has shape {tuple(t.shape)} but W_enc is [d_in={d_in}, d_sae={d_sae}], "
-                f"so {key} must be {list(shape)}; the file is corrupt or mixes two SAEs: re-download or re-export it."
-            )
-    if sae.activation == "topk" and (not isinstance(sae.k, int) or not 0 < sae.k <= d_sae):
-        raise SAEError(
-            f"{where}: a TopK SAE needs k in 1-{d_sae}, got {sae.k!r}; fix 'k' in its cfg.json."
-        )
-
+from ..io import FileFormatError, atomic_path, atomic_write_json, file_sha256, read_json
+from ..models import LoadedModel
+from .core import SAE, Activation, SAEError, check_fits
+from .hub import download_sae, is_hub_spec
 
 # --- reading files ---------------------------------------------------------------------
 
@@ -345,11 +234,14 @@ _LOADERS = {"saelens": load_saelens, "gemma_scope": load_gemma_scope, "sparsify"
 def load_sae(
     path: str | Path, lm: LoadedModel | torch.nn.Module | None = None, hook: str | None = None
 ) -> SAE:
-    """Load an SAE from a SAELens folder, a Gemma Scope params.npz or a sparsify folder.
+    """Load an SAE from a SAELens folder, a Gemma Scope params.npz or a sparsify folder,
+    or from the Hugging Face hub: "hf:ORG/REPO[/FOLDER/IN/REPO]" (steerdiff.sae.hub).
 
     `hook` overrides (or, for Gemma Scope, supplies) the steerdiff hook name the SAE reads.
     With `lm`, the hook must exist on the model and its width must equal the SAE's d_in.
     """
+    if isinstance(path, str) and is_hub_spec(path):
+        path = download_sae(path)  # a local folder / params.npz, or one-line SAEError
     path = Path(path)
     fmt = detect_format(path)
     if fmt == "gemma_scope" and path.is_dir():
@@ -362,20 +254,34 @@ def load_sae(
     return sae
 
 
-def check_fits(sae: SAE, lm: LoadedModel | torch.nn.Module) -> None:
-    """One-line SAEError unless the SAE's hook exists on the model with width d_in."""
-    names = list_hook_points(lm)
-    if sae.hook is None:
-        raise SAEError(f"{sae.name} names no hook: pass hook=, e.g. hook={names[-1]!r}.")
-    if sae.hook not in names:
-        n = len(names) // len(HOOK_SUFFIXES)
-        raise SAEError(
-            f"{sae.name} reads hook {sae.hook!r}, which this model ({n} layers) does not have: "
-            f"pass hook= with a steerdiff name such as 'blocks.{n - 1}.hook_resid_post', or use an SAE made for this model."
-        )
-    width = hook_dim(lm, sae.hook)
-    if width != sae.d_in:
-        raise SAEError(
-            f"{sae.name} has d_in={sae.d_in} but hook {sae.hook!r} of this model is {width} wide: "
-            "the SAE was made for another model; use one trained on this model."
-        )
+_ARCHITECTURE = {"relu": "standard", "jumprelu": "jumprelu", "topk": "topk"}
+
+
+def save_sae(sae: SAE, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write `sae` as a SAELens folder (cfg.json + sae_weights.safetensors), atomically.
+
+    `extra` (e.g. {"steerdiff": provenance and training settings}) is stored in cfg.json
+    next to SAELens' keys; readers ignore keys they do not know. cfg.json is written last,
+    so a folder without it was interrupted before it was whole. Returns the folder.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
+    if sae.threshold is not None:
+        tensors["threshold"] = sae.threshold
+    with atomic_path(folder / "sae_weights.safetensors") as tmp:
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    cfg: dict[str, Any] = {
+        "d_in": sae.d_in,
+        "d_sae": sae.d_sae,
+        "hook_name": sae.hook,
+        "architecture": _ARCHITECTURE[sae.activation],
+        "apply_b_dec_to_input": sae.apply_b_dec_to_input,
+        "dtype": "float32",
+    }
+    if sae.k is not None:
+        cfg["k"] = sae.k
+    atomic_write_json(folder / "cfg.json", {**cfg, **(extra or {})})
+    return folder
