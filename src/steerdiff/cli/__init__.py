@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import typer
 
-from . import eval, export, fit, generate, info, read, run, sae_app, sweep
+from . import eval, export, fit, generate, info, read, run, sae_app, sae_read, sae_train, sweep
 from .common import ErrorsAsOneLine, console, fail
+
+_ = (sae_read, sae_train)  # imported for their commands on sae_app.app
 
 __all__ = ["app", "console", "fail"]
 
