@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,6 +119,7 @@ def activation_difference_lens(
     n_texts: int | None = None,
     tokenizer=None,
     progress: bool = False,
+    difference: Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> LensResult:
     """Mean activation difference (changed minus base) at `hooks` over `texts`.
 
@@ -131,7 +132,11 @@ def activation_difference_lens(
     first_k: positions read separately (0..first_k-1); max_tokens: tokens per text.
     skip_first: positions left out of the all-position mean (e.g. 1 to drop the first
       token, whose activations are massive in many models).
+    difference: what is averaged at a hook, difference(hook, base, changed) -> [B, L, any
+      width]; default changed - base. E.g. an SAE's encoding of both (sae_effects), so a
+      reader in another basis reuses these batches, steering and finetune contexts.
     """
+    diff = difference if difference is not None else (lambda _n, base, changed: changed - base)
     hf = unwrap(model)
     tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     if tok is None:
@@ -194,9 +199,8 @@ def activation_difference_lens(
                 later = [n for n in names if get_hook_point(hf, n).layer >= start]
                 with record(hf, later) as r1, steer(hf, vectors, coeff=coeff, positions=md.bool()):
                     h1 = prefix_hidden(hf, prefix)  # blocks start.. again, steered
-                diffs = {
-                    n: (r1[n] - r0[n]) if n in later else torch.zeros_like(r0[n]) for n in names
-                }
+                # a hook before the vectors is unchanged: its difference is diff(base, base)
+                diffs = {n: diff(n, r0[n], r1[n] if n in later else r0[n]) for n in names}
                 fold(diffs, h1 - h0, m)
                 bar.update(1)
         else:
@@ -213,7 +217,7 @@ def activation_difference_lens(
                             h0 = full_hidden(ft, xd, md)
                         with record(ft, names) as r1:
                             h1 = full_hidden(ft, xd, md)
-                    fold({n: r1[n].to(dev) - r0[n] for n in names}, h1.to(dev) - h0, m)
+                    fold({n: diff(n, r0[n], r1[n].to(dev)) for n in names}, h1.to(dev) - h0, m)
                     bar.update(1)
     cnt = acc.pos_count.clamp_min(1.0)  # [k]
     n_tok = max(acc.n_tokens, 1)
