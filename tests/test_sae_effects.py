@@ -70,8 +70,9 @@ def test_vector_effects_equal_a_direct_computation_with_padding(lm):
     """Bug caught: padded positions counted in the means (texts of 2 to 25 tokens in
     batches of 2), the first token not skipped in the all-position mean, or the change
     taken as encode(changed - base) instead of encode(changed) - encode(base).
-    Mutations tried: the lens' _Acc.add mask dropped (`ma = torch.ones_like(m)`) -> all_mean
-    off by 0.3; `difference` returning sae.encode(changed - base) -> off by 1.4."""
+    Mutations tried: the lens' _Acc.add mask dropped (`ma = torch.ones_like(m)`) ->
+    base_all_mean not close; `difference` returning sae.encode(changed - base) -> pos_mean
+    not close."""
     g = torch.Generator().manual_seed(1)
     vs = VectorSet.for_model(lm, {"blocks.1.hook_resid_mid": 2.0 * torch.randn(64, generator=g)})
     sae = _sae()

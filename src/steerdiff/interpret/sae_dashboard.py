@@ -117,11 +117,11 @@ def latent_dashboards(
     n_active = torch.zeros(n, dtype=torch.float64)
     sum_active = torch.zeros(n, dtype=torch.float64)
     n_real = 0
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # padded_batches' order
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # batch rows -> texts
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     n_batches = -(-len(ids) // batch_size)
     with torch.no_grad(), progress_bar(n_batches, "dashboards", disable=not progress) as bar:
-        for b, (x, m) in enumerate(padded_batches(ids, batch_size, pad)):
+        for b, (x, m) in enumerate(padded_batches([ids[i] for i in order], batch_size, pad)):
             with record(hf, [sae.hook]) as r:
                 hf(input_ids=x.to(dev), attention_mask=m.to(dev))
             z = enc.encode(r[sae.hook]).index_select(-1, cols).float().cpu()  # [B, L, n]
@@ -143,7 +143,6 @@ def latent_dashboards(
         top_texts = torch.argsort(best[:, j], descending=True)[:n_snippets].tolist()
         snippets = [
             _snippet(
-                lm,
                 tok,
                 ids[t],
                 _values(hf, enc, cols, ids[t], alone, t)[:, j],
