@@ -98,5 +98,7 @@ def test_dla_tokens_are_dla_scores_top_ids_and_bad_latent_is_one_line(lm):
     assert [t["token_id"] for t in d.dla_bottom] == (-scores).topk(6).indices.tolist()
     assert d.dla_top[0]["token"] == chr(d.dla_top[0]["token_id"])
     assert d.dla_top[0]["score"] == pytest.approx(float(scores.max()), rel=1e-5)
-    with pytest.raises(SAEError, match="Latent 24 is out of range .* 24 latents, use an index in 0-23"):
+    with pytest.raises(
+        SAEError, match="Latent 24 is out of range .* 24 latents, use an index in 0-23"
+    ):
         latent_dashboards(lm, sae, [1, 24], TEXTS)

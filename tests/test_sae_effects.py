@@ -76,7 +76,9 @@ def test_vector_effects_equal_a_direct_computation_with_padding(lm):
     g = torch.Generator().manual_seed(1)
     vs = VectorSet.for_model(lm, {"blocks.1.hook_resid_mid": 2.0 * torch.randn(64, generator=g)})
     sae = _sae()
-    eff = latent_effects(lm, sae, TEXTS, vectors=vs, coeff=1.5, first_k=3, max_tokens=20, batch_size=2)
+    eff = latent_effects(
+        lm, sae, TEXTS, vectors=vs, coeff=1.5, first_k=3, max_tokens=20, batch_size=2
+    )
     pos, allm, base = _direct(lm.model, None, sae, TEXTS, 3, 20, 1, vs=vs, coeff=1.5)
     assert eff.pos_mean.shape == (3, 48) and eff.all_mean.shape == (48,)
     torch.testing.assert_close(eff.pos_mean, pos, rtol=0, atol=1e-5)
@@ -132,7 +134,9 @@ def test_bad_inputs_are_one_line_errors(lm):
     another width failing deep in a matmul; neither or both of vectors/finetuned accepted.
     Mutation tried: check_reaches removed -> no error, all changes 0."""
     vs = VectorSet.for_model(lm, {"blocks.2.hook_resid_post": torch.ones(64)})
-    with pytest.raises(SAEError, match="after the SAE's hook blocks.2.hook_resid_pre, so it changes nothing"):
+    with pytest.raises(
+        SAEError, match="after the SAE's hook blocks.2.hook_resid_pre, so it changes nothing"
+    ):
         latent_effects(lm, _sae(), TEXTS, vectors=vs)
     with pytest.raises(SAEError, match="d_in=32 but hook 'blocks.2.hook_resid_pre' .* 64 wide"):
         latent_effects(lm, _sae(d_in=32), TEXTS, vectors=vs)
@@ -141,4 +145,6 @@ def test_bad_inputs_are_one_line_errors(lm):
     with pytest.raises(LensError, match="exactly one of vectors"):
         latent_effects(lm, _sae(), TEXTS, vectors=vs, finetuned=lm)
     with pytest.raises(SAEError, match="where='middle'"):
-        LatentEffects("h", 1, torch.zeros(1, 3), torch.zeros(3), torch.zeros(3), 1, 1).top(where="middle")
+        LatentEffects("h", 1, torch.zeros(1, 3), torch.zeros(3), torch.zeros(3), 1, 1).top(
+            where="middle"
+        )

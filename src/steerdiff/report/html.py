@@ -56,7 +56,12 @@ class Code:
     caption: str = ""
 
 
-Block = Text | Table | Figure | Code
+@dataclass
+class Html:
+    html: str  # markup a section builder made, its own text escaped (e.g. report.sae)
+
+
+Block = Text | Table | Figure | Code | Html
 
 
 @dataclass
@@ -121,7 +126,14 @@ def _render_block(b: Block) -> str:
     if isinstance(b, Code):
         cap = f"<p><strong>{html.escape(b.caption)}</strong></p>" if b.caption else ""
         return f"{cap}<pre>{html.escape(json.dumps(b.obj, indent=2, default=str))}</pre>"
+    if isinstance(b, Html):
+        return b.html
     raise TypeError(f"Unknown report block {type(b).__name__}")
+
+
+def render_blocks(blocks: list[Block]) -> str:
+    """The HTML of blocks (a section's content, without its heading)."""
+    return "".join(_render_block(b) for b in blocks)
 
 
 _CSS = """
