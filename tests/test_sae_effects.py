@@ -148,3 +148,32 @@ def test_bad_inputs_are_one_line_errors(lm):
         LatentEffects("h", 1, torch.zeros(1, 3), torch.zeros(3), torch.zeros(3), 1, 1).top(
             where="middle"
         )
+
+
+def test_a_change_without_a_vector_at_the_hook_decomposes_the_lens_mean_difference(lm):
+    """Bug caught: for q/k/v biases (no vector at the SAE's hook) the wrong slice of the
+    lens' output decomposed (e.g. the base latents instead of the raw activation
+    difference), or the vector's own direction used. The raw mean difference must equal
+    the activation-difference lens' own all-position mean at the hook.
+    Mutation tried: act_diff_all_mean sliced as allm[d_sae : 2 * d_sae] (the base latents)
+    -> decompose_vector's width error here (and the planted test's check fails)."""
+    from steerdiff.interpret.lens import activation_difference_lens
+    from steerdiff.interpret.sae_read import read_in_latents
+
+    g = torch.Generator().manual_seed(2)
+    vs = VectorSet.for_model(lm, {"blocks.0.attn.hook_v": 3.0 * torch.randn(32, generator=g)})
+    sae = _sae(hook="blocks.1.hook_resid_post")
+    data = read_in_latents(
+        lm, sae, vs, texts=TEXTS, max_tokens=16, first_k=2, top=4, n_dashboards=1
+    )
+    lens = activation_difference_lens(
+        lm, TEXTS, vectors=vs, hooks=[sae.hook], max_tokens=16, first_k=2, skip_first=1
+    )
+    d = lens.all_mean[sae.hook]
+    dec = data["decomposition"]
+    assert dec["of"] == "mean activation difference" and dec["norm"] == pytest.approx(
+        float(d.norm()), rel=1e-5
+    )
+    cos = (sae.W_dec @ d) / (sae.W_dec.norm(dim=1) * d.norm())
+    assert [r["latent"] for r in dec["top"]] == cos.argsort(descending=True)[:4].tolist()
+    assert data["dashboards"][0]["latent"] == data["effects_top"]["all"]["up"][0]["latent"]

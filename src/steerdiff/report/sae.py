@@ -62,7 +62,7 @@ def sae_report(data: dict, title: str = "SAE reading") -> Report:
 
 def _intro(data: dict, effects: LatentEffects | None) -> str:
     sae = data.get("sae", {})
-    what = data.get("change", {}).get("what", "the change")
+    what = data.get("change", {}).get("what", "The change")
     text = (
         f"{what} read in the latents of the SAE {sae.get('path', '?')} "
         f"({sae.get('format', '?')}, {sae.get('activation', '?')}, {sae.get('d_sae', '?')} latents "
