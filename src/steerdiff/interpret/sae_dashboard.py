@@ -114,6 +114,7 @@ def latent_dashboards(
     n = len(latents)
     best = torch.full((len(ids), n), float("-inf"))  # [text, latent] max over positions
     best_pos = torch.zeros((len(ids), n), dtype=torch.long)
+    values: list[torch.Tensor] = [torch.empty(0)] * len(ids)  # text -> [L, n], for shading
     n_active = torch.zeros(n, dtype=torch.float64)
     sum_active = torch.zeros(n, dtype=torch.float64)
     n_real = 0
@@ -125,6 +126,9 @@ def latent_dashboards(
             with record(hf, [sae.hook]) as r:
                 hf(input_ids=x.to(dev), attention_mask=m.to(dev))
             z = enc.encode(r[sae.hook]).index_select(-1, cols).float().cpu()  # [B, L, n]
+            rows = order[b * batch_size : b * batch_size + x.shape[0]]
+            for row, t in enumerate(rows):
+                values[t] = z[row, : len(ids[t])].clone()
             real = m.bool().clone()
             real[:, :skip_first] = False
             z = z.masked_fill(~real[..., None], float("-inf"))
@@ -132,12 +136,9 @@ def latent_dashboards(
             n_real += zr.shape[0]
             n_active += (zr > 0).sum(0).double()
             sum_active += zr.clamp_min(0).sum(0).double()
-            mx, arg = z.max(dim=1)  # [B, n]
-            rows = order[b * batch_size : b * batch_size + x.shape[0]]
-            best[rows], best_pos[rows] = mx, arg
+            best[rows], best_pos[rows] = z.max(dim=1)  # [B, n] each
             bar.update(1)
     dla, note = _dla(lm, sae, latents, n_dla)
-    alone: dict[int, torch.Tensor] = {}  # text -> its latents' values [L, n], run alone
     out = []
     for j, lat in enumerate(latents):
         top_texts = torch.argsort(best[:, j], descending=True)[:n_snippets].tolist()
@@ -145,7 +146,7 @@ def latent_dashboards(
             _snippet(
                 tok,
                 ids[t],
-                _values(hf, enc, cols, ids[t], alone, t)[:, j],
+                values[t][:, j],
                 int(best_pos[t, j]),
                 n_tokens,
                 t,
@@ -167,16 +168,6 @@ def latent_dashboards(
             )
         )
     return out
-
-
-def _values(hf, sae: SAE, cols: torch.Tensor, ids: list[int], cache: dict, t: int) -> torch.Tensor:
-    """The chosen latents' values [L, n] on one text run alone (not depending on its batch)."""
-    if t not in cache:
-        dev = next(hf.parameters()).device
-        with torch.no_grad(), record(hf, [sae.hook]) as r:
-            hf(input_ids=torch.tensor([ids], device=dev))
-        cache[t] = sae.encode(r[sae.hook][0]).index_select(-1, cols).float().cpu()
-    return cache[t]
 
 
 def _snippet(tok, ids: list[int], values: torch.Tensor, pos: int, n_tokens: int, text: int) -> dict:
