@@ -2,7 +2,8 @@
 
 For each chosen latent, over corpus texts (default: the offline corpus):
 
-  snippets     the top-activating texts (one snippet per text, its maximum): a window of
+  snippets     the top-activating texts (one snippet per text, its maximum; texts where
+               the latent never fires are left out): a window of
                tokens around the max (up to n_tokens in all: three quarters before it, a
                quarter after), the tokens as strings, `pos` the max's index in the window,
                `value` the max, `values` the latent's activation at every token shown
@@ -152,7 +153,7 @@ def latent_dashboards(
                 t,
             )
             for t in top_texts
-            if best[t, j] > float("-inf")
+            if best[t, j] > 0  # texts where the latent fires
         ]
         top, bottom = dla.get(lat, ([], []))
         out.append(
