@@ -91,7 +91,8 @@ def test_dla_tokens_are_dla_scores_top_ids_and_bad_latent_is_one_line(lm):
     """Bug caught: the DLA read from the encoder column (or another latent's row) instead of
     the decoder direction, or uncentred; snippets of texts where the latent is 0. Mutations
     tried: `sae.W_enc[:, i]` in place of sae.latent(i) -> the token ids differ; the
-    snippet filter `best > -inf` -> the dead latent gets 3 zero-valued snippets. A latent out of range is sae.latent's one line."""
+    snippet filter `best > -inf` -> the dead latent gets 3 zero-valued snippets.
+    A latent out of range is sae.latent's one line."""
     sae = _sae()
     (d,) = latent_dashboards(lm, sae, [5], TEXTS, n_snippets=1, n_dla=6)
     scores = dla_scores(lm, sae.W_dec[5], hook=HOOK)
@@ -99,6 +100,10 @@ def test_dla_tokens_are_dla_scores_top_ids_and_bad_latent_is_one_line(lm):
     assert [t["token_id"] for t in d.dla_bottom] == (-scores).topk(6).indices.tolist()
     assert d.dla_top[0]["token"] == chr(d.dla_top[0]["token_id"])
     assert d.dla_top[0]["score"] == pytest.approx(float(scores.max()), rel=1e-5)
+    # a latent that never fires has no snippets (not zero-valued ones) and no activity
+    sae.b_enc[0] = -1e6
+    (dead,) = latent_dashboards(lm, sae, [0], TEXTS, n_snippets=3)
+    assert dead.snippets == [] and dead.frac_active == 0.0 and dead.mean_active == 0.0
     with pytest.raises(
         SAEError, match="Latent 24 is out of range .* 24 latents, use an index in 0-23"
     ):
