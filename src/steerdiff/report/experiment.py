@@ -17,6 +17,7 @@ from ..io import read_json, read_jsonl
 from .figures import eval_figure, loss_figure
 from .html import Code, Figure, Report, Table, Text, write
 from .misalignment import misalignment_sections
+from .sae import sae_sections
 from .narrow import narrow_sections
 from .run_folder import RunFolder, read_run
 
@@ -168,6 +169,7 @@ def build_report(run_dir: str | os.PathLike) -> Path:
     rd = run.first("read")
     if rd is not None:
         _read_sections(r, read_json(rd.path / "read.json"), rd.path)
+    sae_sections(r, run)
     sec = r.section("Provenance")
     for s in run.stages:
         sec.add(

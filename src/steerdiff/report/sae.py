@@ -29,7 +29,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from ..interpret.sae_effects import LatentEffects
-from .html import Block, Figure, Html, Report, Section, Table, Text, render_blocks
+from ..io import read_json
+from .html import Block, Code, Figure, Html, Report, Section, Table, Text, render_blocks
+from .run_folder import RunFolder
 
 
 def sae_section(data: dict) -> str:
@@ -198,3 +200,22 @@ def dashboard_html(d: dict, change: float | None = None) -> str:
         parts.append(f"<p><em>{html.escape(d['dla_note'])}</em></p>")
     parts += [snippet_html(s) for s in d.get("snippets", [])]
     return f'<div class="sae-latent">{"".join(parts)}</div>'
+
+
+def sae_sections(r: Report, run: RunFolder) -> None:
+    """One section per subject of the run's `sae` stage (pipeline.sae_stages: sae.json),
+    and the trained SAEs' quality figures when the run trained them."""
+    tr = run.first("sae_train")
+    if tr is not None and (tr.path / "metrics.json").exists():
+        metrics = read_json(tr.path / "metrics.json")
+        r.section("SAE training", anchor="sae-train").add(Code(metrics, caption="metrics.json"))
+    st = run.first("sae")
+    if st is None:
+        return
+    data = read_json(st.path / "sae.json")
+    for res in data["results"]:
+        sec = r.section(f"SAE reading: {res['name']}", anchor=f"sae-{res['name']}")
+        if "skipped" in res:
+            sec.add(Text(f"Not read: {res['skipped']}"))
+        else:
+            sec.add(Html(sae_section(res)))
