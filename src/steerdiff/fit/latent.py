@@ -99,9 +99,14 @@ class LatentStudent(Student):
         return self.l1 * (self.code.abs() * self.row_norms).sum()
 
     def activation_scales(self, rows: Sequence[Example], pad_id: int) -> dict[str, float]:
-        """The hook's activation RMS per coordinate (as a vector fit's): lr_units
-        "activation" moves each coefficient by about lr x that scale a step."""
-        return {code_key(h): s for h, s in self.inner.activation_scales(rows, pad_id).items()}
+        """The hook's activation RMS per coordinate s (as a vector fit's) x d_in / d_sae /
+        the mean decoder-row norm. Adam's first steps move each coefficient by about lr x
+        this (a sign step); then v = z @ W_dec moves about as far, and as fast along the
+        gradient, as a vector fit's v with the same lr (lr x s on each of d_in coordinates)
+        for decoder rows in general position, instead of about d_sae / d_in times faster."""
+        shrink = self.sae.d_in / self.sae.d_sae / float(self.row_norms.mean())
+        scales = self.inner.activation_scales(rows, pad_id)
+        return {code_key(h): s * shrink for h, s in scales.items()}
 
     @contextmanager
     def active(self) -> Iterator[nn.Module]:
