@@ -17,9 +17,8 @@ from ..vectors import VectorSet
 LR_DEFAULT = 0.05  # in activation units: a vector can grow by ~5% of its hook's norm a step
 EPOCHS_DEFAULT = 20  # an upper bound: the convergence rule usually stops a fit before
 CONVERGE_TOL_DEFAULT = 0.01
-L1_DEFAULT = (
-    1e-3  # basis "sae": nats per token per unit of sum_i |z_i| ||W_dec[i]|| (docs/sae-fit.md)
-)
+# basis "sae": the L1 weight, nats/token per unit of sum_i |z_i| ||W_dec[i]|| (docs/sae-fit.md)
+L1_DEFAULT = 1e-4
 LR_ABSOLUTE_BEFORE = 0.01  # the default before activation units (and for module baselines)
 
 # the modules the subliminal-learning paper puts LoRA on (llama-style names)
