@@ -94,7 +94,7 @@ def main() -> None:
     l1s = (
         [float(x) for x in a.l1.split(",")]
         if a.l1
-        else ([1e-4, 1e-3, 1e-2] if quick else [1e-4, 3e-4, 1e-3, 3e-3, 1e-2])
+        else ([1e-4, 1e-3, 1e-2] if quick else [1e-5, 3e-5, 1e-4, 3e-4, 1e-3])
     )
     out = Path(a.out or _owl.RESULTS / ("sae_fit_quick.json" if quick else "sae_fit.json"))
     sae_path = Path(a.sae) if a.sae else random_sae(_owl.CACHE / "random_sae_b24")
