@@ -205,6 +205,7 @@ def fit_cmd(
         console.print(
             f"wrote {out}/ (result.json, metrics.jsonl, metrics.csv, "
             + ("vectors.safetensors" if baseline is None else "adapter/model weights")
+            + (", latent_code.safetensors" if baseline is None and cfg.basis == "sae" else "")
             + ")",
             markup=False,
         )

@@ -40,6 +40,14 @@ from .data import (
     teacher_spec as teacher_spec_of,
 )
 from .distributed import maybe_init_distributed, rank_world
+from .latent import (
+    LatentStudent,
+    finish_latent_fit,
+    latent_provenance,
+    record_code,
+    sae_basis,
+    trained_vectors,
+)
 from .loop import train_student
 from .losses import eval_losses, result_figures
 from .online import OnlineTeacher, online_eval, online_losses
@@ -328,6 +336,7 @@ def fit(
     cfg = make_config(config, overrides)
     model = unwrap(lm)
     family_of(model)
+    cfg, sae = sae_basis(lm, cfg)  # basis "sae": its SAE, and hooks = the SAE's hook
     try:
         names = select_hooks(model, cfg.hooks)
     except HookError as e:
@@ -335,11 +344,18 @@ def fit(
     d = prepare_fit(lm, data, cfg, teacher, score=False)  # scored in d.train_student
     cfg = d.config(cfg)  # objective "auto" resolved
     model.requires_grad_(False)
-    student = VectorStudent(model, init_vectors(model, names, cfg), cfg)
+    student: Student = (
+        LatentStudent(model, sae, cfg)
+        if sae is not None
+        else VectorStudent(model, init_vectors(model, names, cfg), cfg)
+    )
     prov = {**model_provenance(lm, cfg), "teacher": d.teacher, "hooks": names}
+    prov.update(latent_provenance(sae))
 
     def save(out: Path, params: dict[str, torch.Tensor], summary: dict) -> None:
-        _vector_set(lm, params, cfg, summary, d.teacher, d.data).save(out / "vectors.safetensors")
+        summary = record_code(student, summary, out)  # basis "sae": latent_code.safetensors
+        vs = _vector_set(lm, trained_vectors(student), cfg, summary, d.teacher, d.data)
+        vs.save(out / "vectors.safetensors")
 
     if rank_world()[0] == 0 and out_dir is not None and not resumes(out_dir, resume):
         # (a resumed fit keeps the config.json of its start: the checkpoint holds the same)
@@ -348,7 +364,8 @@ def fit(
     res = d.train_student(
         student, cfg, out_dir=out_dir, resume=resume, prov=prov, on_step=on_step, save_params=save
     )
-    res.vectors = _vector_set(lm, student.params, cfg, res.summary(), d.teacher, d.data)
+    finish_latent_fit(student, res)  # basis "sae": the code's summary in res and result.json
+    res.vectors = _vector_set(lm, trained_vectors(student), cfg, res.summary(), d.teacher, d.data)
     return res
 
 

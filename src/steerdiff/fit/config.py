@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
 from ..budget import parse_budget
@@ -17,6 +17,8 @@ from ..vectors import VectorSet
 LR_DEFAULT = 0.05  # in activation units: a vector can grow by ~5% of its hook's norm a step
 EPOCHS_DEFAULT = 20  # an upper bound: the convergence rule usually stops a fit before
 CONVERGE_TOL_DEFAULT = 0.01
+# basis "sae": the L1 weight, nats/token per unit of sum_i |z_i| ||W_dec[i]|| (docs/sae-fit.md)
+L1_DEFAULT = 1e-4
 LR_ABSOLUTE_BEFORE = 0.01  # the default before activation units (and for module baselines)
 
 # the modules the subliminal-learning paper puts LoRA on (llama-style names)
@@ -116,6 +118,18 @@ class FitConfig(BaseModel):
         description="score base, teacher and student under the dataset's decoding constraint "
         "(renormalised over the tokens it allowed at each step)",
     )
+    basis: Literal["residual", "sae"] = Field(
+        "residual",
+        description="residual: free vectors; sae: at the SAE's hook, v = z @ W_dec with a "
+        "code z over the latents of --sae, trained with an L1 penalty (docs/sae-fit.md)",
+    )
+    sae: str | None = Field(
+        None, description="basis sae: the SAE (folder, params.npz or hf:ORG/REPO/FOLDER)"
+    )
+    l1: float = Field(
+        L1_DEFAULT,
+        description="basis sae: loss += l1 x sum_i |z_i| ||W_dec[i]|| (the code's L1 penalty)",
+    )
     seed: int = Field(0, description="seed (split, order, init)")
     progress: bool = Field(True, description="show a progress bar")
 
@@ -132,6 +146,21 @@ class FitConfig(BaseModel):
         if v is not None:
             parse_budget(v, "cache_budget")  # BudgetError (a ValueError) names the fix
         return v
+
+    @field_validator("l1")
+    @classmethod
+    def _l1(cls, v: float) -> float:
+        if not v >= 0:
+            raise ValueError(f"l1 must be >= 0 (0: no penalty), got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _basis(self) -> FitConfig:
+        if self.basis == "sae" and not self.sae:
+            raise ValueError("basis 'sae' needs sae: give --sae PATH (an SAE at the fit's hook)")
+        if self.basis == "residual" and self.sae:
+            raise ValueError(f"sae {self.sae!r} is only read with basis 'sae': add --basis sae")
+        return self
 
     @property
     def micro(self) -> int:

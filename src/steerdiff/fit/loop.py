@@ -162,6 +162,7 @@ def train_student(
                 epoch, b = batch_of_step(step, len(batches), cfg.seed)
                 lr = set_lr(opt, cfg.lr * lr_factor(step, total, cfg))
                 opt.zero_grad(set_to_none=True)
+                penalty = backward_penalty(student, rank)  # its gradient joins the data's
                 train_ce, train_kl, n_tok, grad_norm = accumulate_gradients(
                     student, batches[b], b, cfg, pad_id, teacher
                 )
@@ -191,6 +192,8 @@ def train_student(
                     "base_val_loss": base_ce,
                     "teacher_val_loss": teacher_ce,
                 }
+                if penalty is not None:
+                    row["penalty"] = penalty
                 if len(params) <= 512:
                     norms = [float(v.detach().norm()) for v in params.values()]
                     row["mean_vector_norm"] = float(sum(norms) / len(params))
@@ -343,6 +346,14 @@ def accumulate_gradients(
         p.grad = g
     grad_norm = float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads)))
     return float(sums[0]) / n_global, float(sums[1]) / n_global, int(n_tok), grad_norm
+
+
+def backward_penalty(student: Student, rank: int) -> float | None:
+    """Backward of `student.penalty()` (rank 0 only: gradients are summed over ranks); its value."""
+    pen = student.penalty()
+    if pen is not None and rank == 0:
+        pen.backward()
+    return None if pen is None else float(pen.detach())
 
 
 def val_row(ev: dict, base_val: dict | None, teacher_val: dict | None) -> dict[str, Any]:

@@ -46,6 +46,11 @@ class Student:
         objective "online": KL to `target` (the teacher's log-probs, fit.online)."""
         raise NotImplementedError
 
+    def penalty(self) -> torch.Tensor | None:
+        """A term added to each step's loss (e.g. fit.latent's L1 on a sparse code), with its
+        graph back to the parameters; None: none (the loop logs it as "penalty")."""
+        return None
+
     def activation_scales(self, rows: Sequence[Example], pad_id: int) -> dict[str, float] | None:
         """Per trained tensor, the scale its learning rate is in units of (lr_units
         "activation"); None: absolute units (module students: weights have no such scale)."""
