@@ -26,6 +26,7 @@ recomputed and the same batches follow, exactly.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
@@ -125,8 +126,6 @@ class ActivationStream:
     def fill(self, start: int) -> tuple[dict[str, torch.Tensor], int]:
         """Run windows start.. until buffer_tokens activations are held; (block, next window).
         The last block is kept, so asking for it again runs nothing."""
-        import time
-
         if self._last is not None and self._last[0] == start:
             return self._last[1], self._last[2]
         parts: dict[str, list[torch.Tensor]] = {h: [] for h in self.hooks}

@@ -23,7 +23,7 @@ import torch
 from ..chat import encode
 from ..hooks import record
 from ..models import LoadedModel
-from ..sae import SAE, check_fits
+from ..sae import SAE, SAEError, check_fits
 from ..sae.splice import reconstruction, replace_activations
 
 
@@ -112,6 +112,10 @@ def evaluate_saes(
         check_fits(sae, lm)
     hooks = [s.hook for s in saes]
     batches = _batches(lm, texts, max_len, max_tokens, batch_size)
+    if not batches:
+        raise SAEError(
+            f"No evaluation text ({len(texts)} given) has 2 or more tokens: give longer texts."
+        )
     stats = {s.hook: _Stats(s) for s in saes}
     ce_clean, n_ce = 0.0, 0
     for ids, mask in batches:

@@ -107,8 +107,8 @@ class TopKTrainer:
             self.since_fired += x.shape[0]
             self.since_fired[fired] = 0
         return {
-            "fvu": float(sse / total_var),
-            "mse": float(sse) / x.numel(),
+            "fvu": float(sse.detach() / total_var),
+            "mse": float(sse.detach()) / x.numel(),
             "l0": float((vals > 0).sum()) / x.shape[0],
             "dead": self.dead_fraction(),
         }
