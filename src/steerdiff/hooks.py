@@ -361,9 +361,7 @@ def steer(
 
                     def in_hook(_m, args, kwargs, hp=hp, v=v):
                         h = input_tensor(args, kwargs)
-                        return with_input(
-                            args, kwargs, _act(hp, h, v, coeff, state, positions, op)
-                        )
+                        return with_input(args, kwargs, _act(hp, h, v, coeff, state, positions, op))
 
                     handles.append(
                         hp.write_module.register_forward_pre_hook(

@@ -228,7 +228,9 @@ def train_saes(
     if status == "done":
         return {h: load_sae(out / h, lm) for h in cfg.hooks}
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / MARKER, {"kind": "steerdiff sae train", "settings": want, "status": "training"})
+    atomic_write_json(
+        out / MARKER, {"kind": "steerdiff sae train", "settings": want, "status": "training"}
+    )
     train_texts, eval_texts = split_texts(texts, cfg.eval_texts, cfg.seed)
     stream = ActivationStream(
         lm, cfg.hooks, train_texts, cfg.max_len, cfg.buffer_tokens, cfg.batch_tokens, cfg.seed,
@@ -355,5 +357,7 @@ def _finish(lm, cfg, out: Path, stream, run: dict, want: dict, eval_texts: list[
             "provenance": prov,
         },
     )
-    atomic_write_json(out / MARKER, {"kind": "steerdiff sae train", "settings": want, "status": "done"})
+    atomic_write_json(
+        out / MARKER, {"kind": "steerdiff sae train", "settings": want, "status": "done"}
+    )
     return saes

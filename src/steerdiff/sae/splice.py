@@ -84,9 +84,7 @@ def _register(model: nn.Module, name: str, fn: ActFn) -> list:
 
 
 @contextmanager
-def replace_activations(
-    model: nn.Module | LoadedModel, fns: Mapping[str, ActFn]
-) -> Iterator[None]:
+def replace_activations(model: nn.Module | LoadedModel, fns: Mapping[str, ActFn]) -> Iterator[None]:
     """Inside the block, each hook's activation h [batch, pos, dim] becomes fns[hook](h)."""
     model = unwrap(model)
     handles: list = []

@@ -34,7 +34,9 @@ def chat_prompt_texts(tokenizer: Any, n: int | None = None, seed: int = 0) -> li
     ]
     if n is not None:
         rng = random.Random(f"sae-chat:{seed}")
-        prompts = [rng.choice(prompts) for _ in range(n)] if n > len(prompts) else rng.sample(prompts, n)
+        prompts = (
+            [rng.choice(prompts) for _ in range(n)] if n > len(prompts) else rng.sample(prompts, n)
+        )
     return [render_chat(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
 
 
