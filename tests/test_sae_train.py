@@ -244,3 +244,22 @@ def test_cli_train_then_eval(tmp_path):
     want = evaluate_sae(lm, load_sae(out / HOOK, lm), load_corpus(n=5).texts, max_len=32)
     for key in ("explained_variance", "l0", "ce_clean", "ce_spliced", "ce_recovered"):
         assert m[key] == pytest.approx(want[key], abs=1e-6), key
+
+
+def test_sae_texts_mix_is_seeded_and_holds_each_part():
+    """Bugs: number answers drawn from the global RNG (another mix on every run, so a resume
+    would be refused as 'other texts'), a part of the mix missing, or unfilled {category}
+    placeholders. (Mutation tried: `rng.randint` -> `random.randint` in number_texts -> the
+    two calls differ, failed.)"""
+    import re
+
+    from steerdiff.tasks.sae_texts import sae_texts
+
+    tok = byte_tokenizer()
+    a = sae_texts(tok, n_corpus=5, n_chat=3, n_numbers=4, seed=1)
+    assert a == sae_texts(tok, n_corpus=5, n_chat=3, n_numbers=4, seed=1)
+    assert len(a) == 12 and a[:5] == load_corpus(n=5, seed=1).texts
+    assert all(t.startswith("User: ") and t.endswith("Assistant:") for t in a[5:8])
+    for t in a[8:]:
+        assert re.search(r"\nAssistant: \d{1,3}(, \d{1,3}){2,9}\n$", t), t
+    assert not any("{category}" in t for t in a)

@@ -103,7 +103,7 @@ def reconstruction(sae: SAE, skip_first: int = 0) -> ActFn:
 
     def fn(h: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            out = sae(h.float()).to(h.dtype)
+            out = sae(h.to(sae.W_enc.device).float()).to(device=h.device, dtype=h.dtype)
         if skip_first:
             out = torch.cat([h[:, :skip_first], out[:, skip_first:]], dim=1)
         return out
