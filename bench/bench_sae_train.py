@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -57,6 +58,7 @@ def main() -> None:
     from steerdiff.tasks.sae_texts import sae_texts
 
     t_start = time.perf_counter()
+    load_start = os.getloadavg()
     quick = args.quick
     out = Path(args.out or ("runs/sae-bench-quick" if quick else "runs/sae-bench"))
     tokens = args.tokens or (32_768 if quick else 600_000)
@@ -105,6 +107,7 @@ def main() -> None:
         },
         "eval_held_out_mix": metrics["hooks"],
         "eval_held_out_corpus": on_corpus,
+        "load_average_1_5_15min": {"start": load_start, "end": os.getloadavg()},
         "note": "timings on a shared machine are inflated; dead = never fired on the eval tokens",
     }
     RESULTS.mkdir(exist_ok=True)
