@@ -235,6 +235,10 @@ def test_cli_train_then_eval(tmp_path):
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     assert "recovered" in res.output and HOOK in res.output
+    weights = (out / HOOK / "sae_weights.safetensors").read_bytes()
+    res = runner.invoke(app, args)  # a finished run: not trained again, figures printed
+    assert res.exit_code == 0 and "recovered" in res.output, res.output
+    assert (out / HOOK / "sae_weights.safetensors").read_bytes() == weights
     res = runner.invoke(app, ["sae", "eval", str(out / HOOK), "--model", str(folder), "--json",
                               "--n-texts", "5", "--max-len", "32"])  # fmt: skip
     assert res.exit_code == 0, res.output
