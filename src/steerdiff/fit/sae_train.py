@@ -227,10 +227,6 @@ def train_saes(
     status = prepare_out(out, want, overwrite)
     if status == "done":
         return {h: load_sae(out / h, lm) for h in cfg.hooks}
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(
-        out / MARKER, {"kind": "steerdiff sae train", "settings": want, "status": "training"}
-    )
     train_texts, eval_texts = split_texts(texts, cfg.eval_texts, cfg.seed)
     stream = ActivationStream(
         lm, cfg.hooks, train_texts, cfg.max_len, cfg.buffer_tokens, cfg.batch_tokens, cfg.seed,
@@ -241,6 +237,10 @@ def train_saes(
             f"The training texts hold only {stream.windows_per_epoch} windows of --max-len "
             f"{cfg.max_len} tokens, fewer than --model-batch {cfg.model_batch}: give more texts."
         )
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(
+        out / MARKER, {"kind": "steerdiff sae train", "settings": want, "status": "training"}
+    )
     run = _start(lm, cfg, out, stream)
     _loop(cfg, out, stream, run, progress, on_step)
     return _finish(lm, cfg, out, stream, run, want, eval_texts)
@@ -276,7 +276,7 @@ def _start(lm: LoadedModel, cfg: SAETrainConfig, out: Path, stream: ActivationSt
     }  # fmt: skip
 
 
-def _checkpoint(out: Path, run: dict, stream: ActivationStream) -> None:
+def _checkpoint(out: Path, run: dict) -> None:
     state = {
         **{k: v for k, v in run.items() if k not in ("trainers", "cursor")},
         "trainers": {h: t.state_dict() for h, t in run["trainers"].items()},
@@ -311,7 +311,7 @@ def _loop(cfg, out: Path, stream: ActivationStream, run: dict, show: bool, on_st
                 }
             )  # fmt: skip
             if run["step"] % cfg.checkpoint_every == 0 or run["step"] >= total:
-                _checkpoint(out, run, stream)
+                _checkpoint(out, run)
             if on_step is not None:
                 on_step(run["step"])
             if run["step"] >= total:
