@@ -10,12 +10,12 @@ recovered = (ce_zero - ce_spliced) / (ce_zero - ce_clean), on (a) the run's held
 of the whole mix (metrics.json) and (b) the held-out corpus texts among them.
 
 The default budget, 600,000 training tokens per hook, is chosen from throughputs measured
-on this 2-core machine (float32): the forward pass to block 24 at ~1,100 tokens/s when idle
-(226 tokens/s under a load of 4), an SAE step (4096 tokens, 4608 latents, with Adam) ~12x
-the forward's rate per SAE (2,800 tokens/s under the same load), so ~9.5 min of
-activations, ~1.5 min of SAE steps, ~1.5 min of evaluation and model load: ~13 minutes,
-under the 20-minute target with margin. Timings on a machine shared with other jobs are
-inflated.
+on this 2-core machine while idle (float32): the forward pass to block 24 at ~1,090
+tokens/s, an SAE step (4096 tokens, 4608 latents, k 32, Adam) at ~7,300 tokens/s per SAE.
+So ~9.5 min of activations (617k tokens run: the shuffle buffer drops a remainder), ~2.7
+min of SAE steps (two SAEs), ~1.7 min of evaluation (clean + spliced + zero-ablated passes,
+8,192 tokens, twice) and loading: ~14 minutes, under the 20-minute target with margin.
+Timings on a machine shared with other jobs are inflated.
 
 Usage: python bench/bench_sae_train.py [--quick] [--out runs/sae-bench] [--tokens N] [--k K]
 Writes bench/results/sae_train.json (sae_train_quick.json with --quick); the SAE folders
