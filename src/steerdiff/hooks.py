@@ -245,19 +245,20 @@ def check_finite(vectors: Mapping[str, torch.Tensor], where: str = "", coeff: An
 # ----------------------------------------------------------------------------- steer / record
 
 
-def _get_tensor(x: Any) -> torch.Tensor:
+# a hooked module's tensor (output or first input) and how to put a new one back (sae.splice)
+def get_tensor(x: Any) -> torch.Tensor:
     return x[0] if isinstance(x, tuple) else x
 
 
-def _replace_tensor(x: Any, new: torch.Tensor) -> Any:
+def replace_tensor(x: Any, new: torch.Tensor) -> Any:
     return (new, *x[1:]) if isinstance(x, tuple) else new
 
 
-def _input_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
+def input_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
-def _with_input(args: tuple, kwargs: dict, new: torch.Tensor) -> tuple[tuple, dict]:
+def with_input(args: tuple, kwargs: dict, new: torch.Tensor) -> tuple[tuple, dict]:
     if args:
         return (new, *args[1:]), kwargs
     return args, {**kwargs, "hidden_states": new}
@@ -352,17 +353,15 @@ def steer(
                 if hp.write_on == "output":
 
                     def out_hook(_m, _args, output, hp=hp, v=v):
-                        h = _get_tensor(output)
-                        return _replace_tensor(output, _act(hp, h, v, coeff, state, positions, op))
+                        h = get_tensor(output)
+                        return replace_tensor(output, _act(hp, h, v, coeff, state, positions, op))
 
                     handles.append(hp.write_module.register_forward_hook(out_hook, prepend=True))
                 else:
 
                     def in_hook(_m, args, kwargs, hp=hp, v=v):
-                        h = _input_tensor(args, kwargs)
-                        return _with_input(
-                            args, kwargs, _act(hp, h, v, coeff, state, positions, op)
-                        )
+                        h = input_tensor(args, kwargs)
+                        return with_input(args, kwargs, _act(hp, h, v, coeff, state, positions, op))
 
                     handles.append(
                         hp.write_module.register_forward_pre_hook(
@@ -433,13 +432,13 @@ def record(
             if hp.read_on == "output":
 
                 def out_hook(_m, _args, output, name=name, sl=hp.channel_slice):
-                    keep(name, _get_tensor(output), sl)
+                    keep(name, get_tensor(output), sl)
 
                 handles.append(hp.read_module.register_forward_hook(out_hook))
             else:
 
                 def in_hook(_m, args, kwargs, name=name, sl=hp.channel_slice):
-                    keep(name, _input_tensor(args, kwargs), sl)
+                    keep(name, input_tensor(args, kwargs), sl)
 
                 handles.append(hp.read_module.register_forward_pre_hook(in_hook, with_kwargs=True))
         yield rec
