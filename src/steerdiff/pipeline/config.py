@@ -26,6 +26,7 @@ from pydantic import (
 
 from ..errors import SteerdiffError
 from ..fit import FitConfig, LoraConfig
+from ..fit.sae_train import SAETrainConfig
 from ..teachers import TeacherConfig
 
 
@@ -228,6 +229,35 @@ class MisalignmentConfig(_Strict):
         return None
 
 
+class SAEConfig(_Strict):
+    """`[sae]`: every fitted vector set and LoRA / full baseline read in an SAE's latents
+    (interpret.sae_read: decomposition, mean latent change on `texts` corpus texts, dashboards
+    of the top latents). The SAE: `path` (a SAELens or sparsify folder, a Gemma Scope
+    params.npz, or hf:ORG/REPO/FOLDER; `hook` names its hook when the file does not), or a
+    `[sae.train]` table (fit.sae_train.SAETrainConfig) to train one first (`hook` picks which
+    of its hooks is read; default the last)."""
+
+    path: str | None = None
+    hook: str | None = None
+    train: SAETrainConfig | None = None
+    corpus: str | None = None  # None: the offline default corpus
+    texts: int = Field(200, gt=0)
+    max_tokens: int = Field(64, gt=0)
+    first_k: int = Field(5, gt=0)
+    top: int = Field(10, gt=0)
+    dashboards: int = Field(5, ge=0)
+
+    @model_validator(mode="after")
+    def _one_sae(self) -> SAEConfig:
+        if (self.path is None) == (self.train is None):
+            raise ValueError(
+                "give exactly one of path = 'SAE folder or params.npz' and a [sae.train] table"
+            )
+        if self.train is not None and self.hook is not None and self.hook not in self.train.hooks:
+            raise ValueError(f"hook: {self.hook!r} is not one of train.hooks {self.train.hooks}")
+        return self
+
+
 class ReadConfig(_Strict):
     dla_top_k: int = Field(20, gt=0)
     lens_texts: int = Field(200, ge=0)
@@ -251,6 +281,7 @@ class ExperimentConfig(_Strict):
     beliefs: BeliefsConfig | None = None  # only with a [beliefs] section
     faithfulness: FaithfulnessConfig | None = None  # only with a [faithfulness] section
     misalignment: MisalignmentConfig | None = None  # only with a [misalignment] section
+    sae: SAEConfig | None = None  # only with an [sae] section
     student_model: str | None = None  # cross-family control: fit this model on the teacher's data
     _source: str = PrivateAttr("<experiment>")
 

@@ -25,6 +25,7 @@ from .eval_stages import make_subjects, stage_eval, stage_read
 from .fit_stages import stage_baseline, stage_data, stage_fit, stage_teacher_vector
 from .misalignment_stages import stage_freeform, stage_misalignment
 from .narrow_stages import stage_beliefs, stage_dataset, stage_facts_data, stage_faithfulness
+from .sae_stages import stage_sae_read, stage_sae_train
 from .stages import RunState, StageResult, console, model_key
 
 
@@ -97,6 +98,9 @@ def run_experiment(
     if cfg.faithfulness is not None:
         stage_faithfulness(state, student_lm, data_main, fit_stages, base_stages)
     stage_read(state, student_lm, vec_main if cfg.student_model is None else None, fit_stages)
+    if cfg.sae is not None:
+        trained = stage_sae_train(state, student_lm) if cfg.sae.train is not None else None
+        stage_sae_read(state, student_lm, fit_stages, base_stages, trained)
 
     report_path = build_report(run_dir)
     if results:

@@ -17,9 +17,9 @@ from ..io import read_json, read_jsonl
 from .figures import eval_figure, loss_figure
 from .html import Code, Figure, Report, Table, Text, write
 from .misalignment import misalignment_sections
-from .sae import sae_sections
 from .narrow import narrow_sections
 from .run_folder import RunFolder, read_run
+from .sae import sae_sections
 
 
 def _pct(x: float | None) -> str:
