@@ -148,3 +148,23 @@ def test_cli_bad_sae_teacher_options_one_line_exit_2(model_folder, tmp_path):
         line = one_line_error(generate(model_folder, out, *args))
         assert all(w in line for w in wants), (args, line)
         assert not out.exists() and list(tmp_path.glob("d.jsonl*")) == []
+
+
+def test_experiment_with_a_bad_latent_fails_before_any_stage(model_folder, tmp_path):
+    """Bug: the pipeline does not check an sae teacher before the first stage: a latent out
+    of range fails minutes later inside the data stage, after a run folder was made."""
+    from steerdiff.pipeline import run_experiment
+    from steerdiff.pipeline.config import ConfigError, parse_config
+
+    folder = save_sae(random_sae(), tmp_path / "sae")
+    raw = {
+        "name": "x",
+        "model": str(model_folder),
+        "teacher": {"kind": "sae", "sae": str(folder), "latent": 128, "coeff": 4.0},
+        "fits": [{"name": "v", "hooks": HOOK}],
+    }
+    with pytest.raises(ConfigError) as e:
+        run_experiment(parse_config(raw, source="e.toml"), runs_dir=tmp_path / "runs")
+    msg = str(e.value)
+    assert msg.startswith(f"e.toml: teacher.sae = '{folder}'") and "0-127" in msg, msg
+    assert "\n" not in msg and not (tmp_path / "runs").exists()
