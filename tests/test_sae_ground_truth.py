@@ -42,7 +42,9 @@ def test_planted_latent_ranks_first(tiny_lm, tmp_path):
     prompts = [torch.randint(2, 256, (6,), generator=g).tolist() for _ in range(128)]
     with teacher.generating() as model:
         samples = sample(model, prompts, max_new_tokens=8, seed=0, stop_ids=[])
-    rows = [Example(p, s.token_ids, id=i) for i, (p, s) in enumerate(zip(prompts, samples))]
+    rows = [
+        Example(p, s.token_ids, id=i) for i, (p, s) in enumerate(zip(prompts, samples, strict=True))
+    ]
     cfg = FitConfig(
         hooks=[HOOK],
         objective="online",

@@ -126,7 +126,8 @@ def model_folder(tmp_path_factory):
 
 def generate(model_folder, out, *args):
     return runner.invoke(
-        app, ["generate", "--model", str(model_folder), "--out", str(out), *args, "--n-prompts", "2"]
+        app,
+        ["generate", "--model", str(model_folder), "--out", str(out), *args, "--n-prompts", "2"],
     )
 
 
