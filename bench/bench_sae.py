@@ -8,10 +8,12 @@ fit (src/steerdiff/data/demo.toml), decompose it in the SAE's latent basis
 the cosine itself, and its rank by the corpus latent-effect of the fitted vector
 (interpret.sae_effects, when present). Controls: a random latent's rank and cosine.
 
-The coefficient: unless --coeff is given, each of --coeffs is tried on a few prompts and
-the smallest whose teacher changes at least --min-changed of the completion tokens (vs the
-plain model, same prompts and seed) while keeping the number format (valid rate >= 0.9)
-is used; the sweep is in the JSON.
+The coefficient: unless --coeff is given, each of --coeffs is tried on a few prompts against
+the plain model (same prompts, same sampling seed): flip_rate (per token, how often the
+steered token differs given the same history) and changed_tokens (position by position,
+inflated by divergence: after a first difference the histories differ). The smallest coeff
+with flip_rate >= --min-flip (0.1) whose rows still pass the numbers filter (valid rate
+>= 0.9 x the plain model's) is used; the sweep is in the JSON.
 
 SAE: --sae PATH (an SAE for the embedded model, e.g. one `steerdiff sae train` wrote). Without
 it, a random SAE is made (seeded; unit-norm decoder rows, encoder = decoder transposed, 8x,
@@ -93,6 +95,27 @@ def changed_fraction(rows: list[dict], plain: list[dict]) -> float:
     return changed / max(total, 1)
 
 
+def flip_rate(rows: list[dict], plain: list[dict]) -> float:
+    """Per-token probability that the teacher's token differs from the plain model's given
+    the same history: rows that diverged / tokens compared up to each row's first difference
+    (same prompts, same sampling seed). Unlike changed_fraction it does not count the tokens
+    after a divergence, which differ because the histories do (an estimate of the
+    distribution shift per token)."""
+    flips = compared = 0
+    by_id = {r["id"]: r for r in plain}
+    for a in rows:
+        if a["id"] not in by_id:
+            continue
+        x, y = a["completion_ids"], by_id[a["id"]]["completion_ids"]
+        first = next((t for t, (i, j) in enumerate(zip(x, y, strict=False)) if i != j), None)
+        if first is None and len(x) == len(y):
+            compared += len(x)
+        else:
+            flips += 1
+            compared += (first if first is not None else min(len(x), len(y))) + 1
+    return flips / max(compared, 1)
+
+
 def valid_rate(manifest: dict) -> float:
     """Fraction of prompts whose completion the numbers filter accepted (format intact)."""
     return manifest["n_valid"] / max(manifest["n_prompts"], 1)
@@ -103,22 +126,29 @@ def sweep_coeffs(
 ) -> list[dict]:
     """Changed-token fraction and valid rate of the sae teacher at each coeff, vs plain."""
     plain, man = generate(lm, {"kind": "plain"}, work / "plain.jsonl", n, task, seed)
-    out = [{"coeff": 0.0, "changed_tokens": 0.0, "valid": valid_rate(man)}]
+    out = [{"coeff": 0.0, "flip_rate": 0.0, "changed_tokens": 0.0, "valid": valid_rate(man)}]
     for c in coeffs:
         rows, man = generate(lm, {**base, "coeff": c}, work / f"coeff-{c:g}.jsonl", n, task, seed)
-        changed = changed_fraction(rows, plain)
-        out.append({"coeff": c, "changed_tokens": round(changed, 4), "valid": valid_rate(man)})
+        flips, changed = flip_rate(rows, plain), changed_fraction(rows, plain)
+        out.append(
+            {
+                "coeff": c,
+                "flip_rate": round(flips, 4),
+                "changed_tokens": round(changed, 4),
+                "valid": valid_rate(man),
+            }
+        )
         print(f"coeff {c:g}: {out[-1]}", flush=True)
     return out
 
 
-def choose_coeff(sweep: list[dict], min_changed: float) -> float:
-    """The smallest coeff that changes >= min_changed of the tokens and keeps the format
-    (a valid rate >= 0.9 x the plain model's, sweep[0])."""
+def choose_coeff(sweep: list[dict], min_flip: float) -> float:
+    """The smallest coeff whose flip rate is >= min_flip and that keeps the format (a valid
+    rate >= 0.9 x the plain model's, sweep[0]); else the biggest flip rate that keeps it."""
     keeps = 0.9 * sweep[0]["valid"]
-    sweep = sweep[1:]
-    ok = [r for r in sweep if r["changed_tokens"] >= min_changed and r["valid"] >= keeps]
-    return (ok[0] if ok else max(sweep, key=lambda r: r["changed_tokens"]))["coeff"]
+    ok = [r for r in sweep[1:] if r["valid"] >= keeps] or sweep[1:]
+    big = [r for r in ok if r["flip_rate"] >= min_flip]
+    return (big[0] if big else max(ok, key=lambda r: r["flip_rate"]))["coeff"]
 
 
 def effect_ranks(lm: LoadedModel, sae: SAE, v: torch.Tensor, latents: dict, n: int) -> dict:
@@ -160,7 +190,7 @@ def run(
     if args.coeff is None:
         coeffs = [float(c) for c in args.coeffs.split(",")]
         sweep = sweep_coeffs(lm, base, coeffs, work, n_sweep, task, args.seed)
-    coeff = args.coeff if args.coeff is not None else choose_coeff(sweep, args.min_changed)
+    coeff = args.coeff if args.coeff is not None else choose_coeff(sweep, args.min_flip)
     print(f"SAE {sae_path} ({sae_kind}), latent {latent}, coeff {coeff:g}", flush=True)
     data = work / "data.jsonl"
     rows, manifest = generate(lm, {**base, "coeff": coeff}, data, n_prompts, task, args.seed + 1)
@@ -176,7 +206,7 @@ def run(
         "latent_choice": "given" if args.latent is not None else f"random (seed {args.seed})",
         "coeff": coeff,
         "coeff_sweep": sweep,
-        "coeff_rule": f"smallest coeff with changed_tokens >= {args.min_changed} and valid >= 0.9",
+        "coeff_rule": f"smallest coeff with flip_rate >= {args.min_flip} and valid >= 0.9 x plain",
         "n_rows": len(rows),
         "n_prompts": n_prompts,
         "valid_rate": valid_rate(manifest),
@@ -207,8 +237,8 @@ def main() -> None:
     ap.add_argument("--sae", help="SAE for the embedded model (default: a random one)")
     ap.add_argument("--latent", type=int, help="planted latent (default: random, --seed)")
     ap.add_argument("--coeff", type=float, help="steering coefficient (default: swept)")
-    ap.add_argument("--coeffs", default="4,8,16,32", help="coefficients the sweep tries")
-    ap.add_argument("--min-changed", type=float, default=0.3, help="sweep: tokens to change")
+    ap.add_argument("--coeffs", default="4,8,16,32,64,128", help="coefficients the sweep tries")
+    ap.add_argument("--min-flip", type=float, default=0.1, help="sweep: per-token flip rate")
     ap.add_argument("--n-prompts", type=int, help="rows of the teacher's dataset (default 160)")
     ap.add_argument("--n-sweep", type=int, help="prompts per coeff in the sweep (default 32)")
     ap.add_argument("--n-texts", type=int, help="corpus texts for latent effects (default 200)")
