@@ -12,7 +12,7 @@ The coefficient: unless --coeff is given, each of --coeffs is tried on a few pro
 the plain model (same prompts, same sampling seed): flip_rate (per token, how often the
 steered token differs given the same history) and changed_tokens (position by position,
 inflated by divergence: after a first difference the histories differ). The smallest coeff
-with flip_rate >= --min-flip (0.1) whose rows still pass the numbers filter (valid rate
+with flip_rate >= --min-flip (0.25) whose rows still pass the numbers filter (valid rate
 >= 0.9 x the plain model's) is used; the sweep is in the JSON.
 
 SAE: --sae PATH (an SAE for the embedded model, e.g. one `steerdiff sae train` wrote). Without
@@ -238,7 +238,7 @@ def main() -> None:
     ap.add_argument("--latent", type=int, help="planted latent (default: random, --seed)")
     ap.add_argument("--coeff", type=float, help="steering coefficient (default: swept)")
     ap.add_argument("--coeffs", default="4,8,16,32,64,128", help="coefficients the sweep tries")
-    ap.add_argument("--min-flip", type=float, default=0.1, help="sweep: per-token flip rate")
+    ap.add_argument("--min-flip", type=float, default=0.25, help="sweep: per-token flip rate")
     ap.add_argument("--n-prompts", type=int, help="rows of the teacher's dataset (default 160)")
     ap.add_argument("--n-sweep", type=int, help="prompts per coeff in the sweep (default 32)")
     ap.add_argument("--n-texts", type=int, help="corpus texts for latent effects (default 200)")
