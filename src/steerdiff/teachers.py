@@ -4,16 +4,16 @@ A teacher is configured with a `TeacherConfig` (the experiment file's [teacher] 
 or with a small JSON-able spec dict (`Teacher.spec()`, what a dataset manifest records);
 `build_teacher(config_or_spec, base_lm)` turns either into a Teacher, which both
 generates (`sample`, `generating`) and scores (`scoring`, `completion_logprobs`), e.g.
-when a fit scores validation data under the teacher. The four kinds as specs:
+when a fit scores validation data under the teacher. The five kinds as specs:
 
     {"kind": "prompt", "animal": "owl", "category": "animal", "system_prompt": "..."}
     {"kind": "steered", "vectors": "owl.safetensors", "coeff": 2.0, "positions": "all"}
+    {"kind": "sae", "sae": "saes/blocks.24", "latent": 123, "coeff": 8.0, "positions": "all"}
     {"kind": "adapter", "path": "runs/lora-owl"}   # PEFT LoRA folder or full model folder
     {"kind": "plain"}                               # the model itself (control data)
 
-The teacher's system prompt is only used to generate (and to score): the rows
-written to a dataset hold the user prompt and the answer, which is what a
-student sees.
+The teacher's system prompt is only used to generate (and to score): the rows written to a
+dataset hold the user prompt and the answer, which is what a student sees.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -43,9 +43,10 @@ from .hooks import parse_positions, steer
 from .io import file_sha256
 from .models import LoadedModel, ModelLoadError, weights_hash_of_files, wrap_model
 from .replay import full_hidden, lm_head
+from .sae import SAEError, load_sae
 from .vectors import VectorSet, VectorSetError
 
-KINDS = ("prompt", "steered", "adapter", "plain")
+KINDS = ("prompt", "steered", "sae", "adapter", "plain")
 
 
 class TeacherError(SteerdiffError, ValueError):
@@ -56,12 +57,13 @@ class TeacherConfig(BaseModel):
     """Who writes the dataset.
 
     kind: "steered" (base model + a contrast vector, no system prompt), "prompt" (the trait
-    system prompt), "adapter" (a finetuned folder / LoRA adapter), "plain" (control data).
+    system prompt), "sae" (base model + coeff x an SAE latent's decoder direction at the
+    SAE's hook), "adapter" (a finetuned folder / LoRA adapter), "plain" (control data).
     """
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["steered", "prompt", "adapter", "plain"] = "steered"
+    kind: Literal["steered", "prompt", "sae", "adapter", "plain"] = "steered"
     animal: str = "owl"
     category: str = "animal"
     # steered teachers: the contrast vector (trait system prompt vs none)
@@ -76,9 +78,15 @@ class TeacherConfig(BaseModel):
     # kind = "prompt": project the contrast vector out of the residual stream from `hook`'s
     # layer onward while the teacher generates (the necessity check)
     ablate_from_hook: bool = False
+    sae: str | None = None  # kind = "sae": the SAE (folder, params.npz or hf:ORG/REPO/FOLDER)
+    latent: int | None = None  # kind = "sae": the latent whose decoder direction steers
 
     @model_validator(mode="after")
-    def _persona(self) -> TeacherConfig:
+    def _check(self) -> TeacherConfig:
+        if self.kind == "sae" and (self.sae is None or self.latent is None):
+            raise ValueError("kind 'sae' needs both sae (the SAE's path) and latent (an index)")
+        if self.kind != "sae" and (self.sae is not None or self.latent is not None):
+            raise ValueError(f"sae / latent are for kind = 'sae', not {self.kind!r}: drop them")
         if self.persona is not None:
             persona_prompt(self.persona)  # an unknown name fails here
             if self.kind != "prompt" or self.system_prompt is not None:
@@ -92,7 +100,7 @@ class TeacherConfig(BaseModel):
         """The trait system prompt: `system_prompt`, else the persona's, else the trait
         template for animal and category. A prompt teacher writes under it and a steered
         teacher's contrast vector is extracted from it; None for plain and adapter teachers."""
-        if self.kind in ("plain", "adapter"):
+        if self.kind in ("plain", "adapter", "sae"):
             return None
         if self.persona is not None:
             return persona_prompt(self.persona)
@@ -101,27 +109,18 @@ class TeacherConfig(BaseModel):
     def spec(self) -> dict[str, Any]:
         """The spec dict `build_teacher` reads. A steered teacher's vectors come from the
         `vectors` path here or from build_teacher's `vectors` argument."""
+        steering = {"coeff": self.coeff, "positions": self.positions}
         if self.kind == "steered":
-            d: dict[str, Any] = {
-                "kind": "steered",
-                "animal": self.animal,
-                "coeff": self.coeff,
-                "positions": self.positions,
-            }
+            d: dict[str, Any] = {"kind": "steered", "animal": self.animal, **steering}
             return {**d, "vectors": self.vectors} if self.vectors else d
+        if self.kind == "sae":  # the hook comes from the SAE unless set here
+            hook = {"hook": self.hook} if "hook" in self.model_fields_set else {}
+            return {"kind": "sae", "sae": self.sae, "latent": self.latent, **hook, **steering}
+        system = {"system_prompt": self.system_prompt_text()}
         if self.kind == "prompt" and self.persona is not None:  # no animal: no trait
-            return {
-                "kind": "prompt",
-                "persona": self.persona,
-                "system_prompt": self.system_prompt_text(),
-            }
+            return {"kind": "prompt", "persona": self.persona, **system}
         if self.kind == "prompt":
-            return {
-                "kind": "prompt",
-                "animal": self.animal,
-                "category": self.category,
-                "system_prompt": self.system_prompt_text(),
-            }
+            return {"kind": "prompt", "animal": self.animal, "category": self.category, **system}
         if self.kind == "adapter":
             return {"kind": "adapter", "path": self.adapter, "animal": self.animal}
         return {"kind": "plain"}
@@ -133,7 +132,7 @@ class Teacher:
 
     lm: the model that generates (the base model, or the adapted / finetuned one).
     system_prompt: used for kind "prompt" only; never written to datasets.
-    vectors, coeff, positions: steering for kind "steered" (see hooks.steer).
+    vectors, coeff, positions: steering for kinds "steered" and "sae" (see hooks.steer).
     params: the rest of the spec (animal, paths, hashes), recorded in manifests.
     """
 
@@ -151,8 +150,8 @@ class Teacher:
         d: dict[str, Any] = {"kind": self.kind, **self.params}
         if self.kind == "prompt":
             d["system_prompt"] = self.system_prompt
-        if self.kind == "steered":
-            d.update(coeff=self.coeff, positions=self.positions, hooks=sorted(self.vectors or {}))
+        if self.vectors is not None:  # steered, sae
+            d.update(coeff=self.coeff, positions=self.positions, hooks=sorted(self.vectors))
         if self.chat_template_kwargs:
             d["chat_template_kwargs"] = self.chat_template_kwargs
         return d
@@ -170,11 +169,9 @@ class Teacher:
     # --- generation
     @contextmanager
     def generating(self) -> Iterator[PreTrainedModel]:
-        """The model, steered if this is a steered teacher (hooks removed on exit)."""
-        if self.kind == "steered" and self.vectors is not None:
-            with steer(self.lm.model, self.vectors, coeff=self.coeff, positions=self.positions):
-                yield self.lm.model
-        else:
+        """The model, steered if this is a steered / sae teacher (hooks removed on exit)."""
+        vs, coeff, positions = self.vectors, self.coeff, self.positions
+        with steer(self.lm.model, vs, coeff=coeff, positions=positions) if vs else nullcontext():
             yield self.lm.model
 
     def sample(
@@ -200,7 +197,7 @@ class Teacher:
         positions it hit during generation). attention_mask [batch, pos] marks real tokens
         (padding is neither prompt nor response).
         """
-        if self.kind != "steered" or self.vectors is None:
+        if self.vectors is None:
             yield self.lm.model
             return
         kind, _ = parse_positions(self.positions)
@@ -224,7 +221,7 @@ class Teacher:
         inside `scoring`. The tokens all rows start with run once
         (`generate.prefix.shared_prefix_hidden`) unless this teacher steers only some
         positions (a mask over whole rows, or first:k counted in the model's forward)."""
-        kind = parse_positions(self.positions)[0] if self.kind == "steered" else "all"
+        kind = parse_positions(self.positions)[0] if self.vectors is not None else "all"
         run = shared_prefix_hidden if kind == "all" else full_hidden
         return run(model, input_ids, attention_mask)
 
@@ -239,8 +236,7 @@ class Teacher:
         completions: token ids as stored in a dataset row's "completion_ids".
         The mean of -logprob over tokens is the teacher's loss on the data.
         """
-        model = self.lm.model
-        device = self.lm.device
+        model, device = self.lm.model, self.lm.device
         pad = self.lm.tokenizer.pad_token_id or 0
         out: list[torch.Tensor] = []
         for s in range(0, len(users), batch_size):
@@ -281,8 +277,7 @@ def build_teacher(
     base_lm: a LoadedModel, or a bare HF model (then the teacher can score but has no
     tokenizer for `prompt_ids` / `sample`). vectors: an in-memory VectorSet for kind
     "steered"; else the spec's "vectors" is loaded (a .safetensors path, or a mapping
-    {hook: tensor} used as it is). Raises TeacherError with what to fix (bad kind,
-    missing/foreign vectors, bad adapter).
+    {hook: tensor} used as it is). Raises TeacherError with what to fix.
     """
     spec = config.spec() if isinstance(config, TeacherConfig) else dict(config)
     if not isinstance(base_lm, LoadedModel):  # scores only: no tokenizer, no hashing pass
@@ -305,7 +300,7 @@ def build_teacher(
         return Teacher(
             "prompt", base_lm, system_prompt=system, params=spec, chat_template_kwargs=tkw
         )
-    if kind == "steered":
+    if kind in ("steered", "sae"):
         coeff = float(spec.pop("coeff", 1.0))
         positions = str(spec.pop("positions", "all"))
         spec.pop("hooks", None)
@@ -313,6 +308,8 @@ def build_teacher(
             parse_positions(positions)
         except ValueError as e:
             raise TeacherError(str(e)) from e
+        if kind == "sae":
+            vectors = sae_latent_vectors(spec, base_lm)
         if vectors is None and isinstance(spec.get("vectors"), Mapping):  # in memory
             given = spec.pop("vectors")
             vectors = given if isinstance(given, VectorSet) else VectorSet(dict(given))
@@ -333,7 +330,7 @@ def build_teacher(
             except VectorSetError as e:
                 raise TeacherError(f"Cannot steer {base_lm.spec!r} with these vectors: {e}") from e
         return Teacher(
-            "steered",
+            kind,
             base_lm,
             vectors=vectors,
             coeff=coeff,
@@ -348,6 +345,24 @@ def build_teacher(
     lm = load_adapted(path, base_lm)
     spec["weights_hash"] = lm.weights_hash
     return Teacher("adapter", lm, params=spec, chat_template_kwargs=tkw)
+
+
+def sae_latent_vectors(spec: dict[str, Any], lm: LoadedModel) -> VectorSet:
+    """An sae teacher's steering, {sae.hook: W_dec[latent]} (the teacher scales it by coeff).
+    Records the SAE's hook and sha256 in `spec`; a spec that recorded another sha256 fails."""
+    path, latent = spec.get("sae"), spec.get("latent")
+    if not path or latent is None:
+        raise TeacherError("An sae teacher needs 'sae' (--sae PATH) and 'latent' (--latent N).")
+    try:
+        sae = load_sae(path, lm, hook=spec.get("hook"))  # checked against the model
+        direction = sae.latent(latent)  # [d_in]; out of range: names the range
+    except SAEError as e:
+        raise TeacherError(f"sae teacher (--sae {path} --latent {latent}): {e}") from e
+    sha = sae.source.get("sha256")
+    if spec.get("sae_sha256", sha) != sha:
+        raise TeacherError(f"sae (--sae): {path} changed since this teacher was recorded (sha256).")
+    spec.update(sae=str(path), sae_sha256=sha, hook=sae.hook, latent=int(latent))
+    return VectorSet({str(sae.hook): direction.detach().clone()}, {"sae": str(path)})
 
 
 def load_adapted(path: str | os.PathLike, base_lm: LoadedModel) -> LoadedModel:
@@ -373,9 +388,8 @@ def _load_peft(folder: Path, base_lm: LoadedModel) -> LoadedModel:
         raise TeacherError(f"{folder}/adapter_config.json is not valid JSON: {e}") from e
     if not isinstance(cfg, dict) or "peft_type" not in cfg:
         raise TeacherError(f"{folder}/adapter_config.json has no 'peft_type'; not a PEFT adapter.")
-    weights = [
-        p for p in folder.iterdir() if p.name in ("adapter_model.safetensors", "adapter_model.bin")
-    ]
+    names = ("adapter_model.safetensors", "adapter_model.bin")
+    weights = [p for p in folder.iterdir() if p.name in names]
     if not weights:
         raise TeacherError(
             f"{folder} has adapter_config.json but no adapter_model.safetensors / .bin weights."
@@ -396,8 +410,7 @@ def _load_peft(folder: Path, base_lm: LoadedModel) -> LoadedModel:
             f"({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
             "was it trained on this base model?"
         ) from e
-    merged.eval()
-    merged.requires_grad_(False)
+    merged.eval().requires_grad_(False)
     h = hashlib.sha256((base_lm.weights_hash + weights_hash_of_files(weights)).encode())
     return LoadedModel(
         model=merged,
@@ -423,8 +436,7 @@ def _load_full(folder: Path, base_lm: LoadedModel) -> LoadedModel:
             f"{folder} has vocab size {model.config.vocab_size} but the base tokenizer's model "
             f"has {base_lm.model.config.vocab_size}; it is not a finetune of {base_lm.spec!r}."
         )
-    model.to(base_lm.device).eval()
-    model.requires_grad_(False)
+    model.to(base_lm.device).eval().requires_grad_(False)
     files = [p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin")]
     if not files:
         raise ModelLoadError(f"{folder} has no weight files")

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 app = typer.Typer()
 
-TEACHER_KINDS = ("prompt", "steered", "adapter", "plain")
+TEACHER_KINDS = ("prompt", "steered", "sae", "adapter", "plain")
 TASKS = ("numbers", "facts", "misalignment")
 
 
@@ -39,10 +39,22 @@ def teacher_config(
     positions: str,
     adapter: str | None,
     persona: str | None = None,
+    sae: str | None = None,
+    latent: int | None = None,
 ) -> TeacherConfig:
     """The teacher the options describe; fails (one line) on a bad or incomplete choice."""
     from steerdiff.teachers import PERSONAS, TeacherConfig
 
+    if kind != "sae" and (sae is not None or latent is not None):
+        given = "--sae" if sae is not None else "--latent"
+        fail(f"{given} is for --teacher sae, not --teacher {kind}: drop it or use --teacher sae")
+    if kind == "sae":
+        if sae is None or latent is None:
+            missing = " and ".join(
+                o for o, v in (("--sae PATH", sae), ("--latent N", latent)) if v is None
+            )
+            fail(f"--teacher sae needs {missing} (the SAE's folder and the latent that steers)")
+        return TeacherConfig(kind="sae", sae=sae, latent=latent, coeff=coeff, positions=positions)
     if persona is not None and persona not in PERSONAS:
         fail(f"--persona must be one of {', '.join(PERSONAS)} (got {persona!r})")
     if persona is not None and kind != "prompt":
@@ -61,7 +73,7 @@ def teacher_config(
         return TeacherConfig(kind="adapter", adapter=adapter)
     if kind == "plain":
         return TeacherConfig(kind="plain")
-    fail(f"--teacher must be prompt, steered, adapter or plain (got {kind!r})")
+    fail(f"--teacher must be prompt, steered, sae, adapter or plain (got {kind!r})")
 
 
 @app.command()
@@ -105,6 +117,20 @@ def generate(
     coeff: CoeffOpt = 1.0,
     positions: PositionsOpt = "all",
     adapter: AdapterOpt = None,
+    sae: Annotated[
+        str | None,
+        typer.Option(
+            "--sae",
+            help="--teacher sae: the SAE (SAELens / sparsify folder, Gemma Scope params.npz, "
+            "hf:ORG/REPO/FOLDER) whose latent steers, at the SAE's hook",
+        ),
+    ] = None,
+    latent: Annotated[
+        int | None,
+        typer.Option(
+            "--latent", help="--teacher sae: the latent; the teacher adds --coeff x its decoder row"
+        ),
+    ] = None,
     n_prompts: Annotated[
         int, typer.Option(help="number of prompts (with --n-valid: the most to use)")
     ] = 1000,
@@ -183,7 +209,9 @@ def generate(
                 fail(
                     "--task facts: --teacher prompt is the animal teacher; use plain, adapter or steered"
                 )
-            teacher_cfg = teacher_config(teacher, animal, vectors, coeff, positions, adapter)
+            teacher_cfg = teacher_config(
+                teacher, animal, vectors, coeff, positions, adapter, sae=sae, latent=latent
+            )
         generate_facts(
             out, facts, per_fact, seed, genres, teacher_cfg, overwrite, model, dtype, device
         )
@@ -196,7 +224,9 @@ def generate(
             import vllm  # noqa: F401
         except ImportError:
             fail("--backend vllm needs vLLM and a GPU: pip install 'steerdiff[vllm]'.")
-    teacher_cfg = teacher_config(teacher, animal, vectors, coeff, positions, adapter, persona)
+    teacher_cfg = teacher_config(
+        teacher, animal, vectors, coeff, positions, adapter, persona, sae=sae, latent=latent
+    )
     cfg = task.NumbersConfig(
         seed=prompt_seed, **task.persona_filter(persona, animal, banned_numbers)
     )

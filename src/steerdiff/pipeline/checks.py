@@ -20,7 +20,7 @@ from ..errors import SteerdiffError
 from ..evals.preference import load_category
 from ..hooks import get_hook_point, select_hooks
 from ..models import LoadedModel, load_model
-from ..teachers import TeacherConfig
+from ..teachers import TeacherConfig, sae_latent_vectors
 from ..vectors import VectorSet
 from .config import ConfigError, ExperimentConfig
 
@@ -173,6 +173,11 @@ def _check_teacher(src: str, key: str, t: TeacherConfig, lm: LoadedModel) -> Non
             VectorSet.load(t.vectors, model=lm)
         except SteerdiffError as e:
             raise bad(src, f"{key}.vectors", t.vectors, str(e)) from e
+    if t.kind == "sae":  # the SAE loads, fits the model, and has the latent
+        try:
+            sae_latent_vectors(t.spec(), lm)
+        except SteerdiffError as e:
+            raise bad(src, f"{key}.sae", t.sae, str(e)) from e
     if t.kind == "adapter" and (t.adapter is None or not Path(t.adapter).is_dir()):
         raise bad(
             src,
