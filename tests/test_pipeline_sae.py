@@ -92,28 +92,28 @@ def test_every_fit_and_baseline_is_read_as_a_direct_call_and_reported(tmp_path, 
     summary = run_experiment(parse_config(raw, source="sae (tiny)"), tmp_path / "runs")
     kinds = [s.kind for s in summary.stages.values()]
     assert kinds[-1] == "sae" and kinds.count("sae") == 1
-    out = read_json(stage_dir(summary.run_dir, "sae") / "sae.json")
+    out = read_json(stage_dir(summary.run_dir, "sae-") / "sae.json")
     by_name = {r["name"]: r for r in out["results"]}
-    assert set(by_name) == {"resid", "qkv", "lora"}
+    assert set(by_name) == {"resid-s0", "qkv-s0", "baseline-lora"}
 
     lm = load_model(str(tiny_folder), dtype="float32")
     sae = load_sae(sae_path, lm)
-    fit_dir = stage_dir(summary.run_dir, "fit-resid")
+    fit_dir = stage_dir(summary.run_dir, "fit-resid-s0")
     vs = VectorSet.load(fit_dir / "vectors.safetensors", lm)
     want = decompose_vector(sae, vs[HOOK]).top(5)
-    got = by_name["resid"]["decomposition"]
+    got = by_name["resid-s0"]["decomposition"]
     assert got["of"] == "vector"
     assert [r["latent"] for r in got["top"][:5]] == [r["latent"] for r in want]
     assert got["top"][0]["cosine"] == pytest.approx(want[0]["cosine"], abs=1e-5)
     corpus = load_corpus(None, n=12, seed=0)
     direct = latent_effects(lm, sae, corpus, vectors=vs, max_tokens=24, first_k=5)
-    stored = torch.tensor(by_name["resid"]["effects"]["all_mean"])
+    stored = torch.tensor(by_name["resid-s0"]["effects"]["all_mean"])
     torch.testing.assert_close(stored, direct.all_mean.float(), atol=1e-5, rtol=1e-4)
-    assert by_name["qkv"]["decomposition"]["of"] == "mean activation difference"
-    assert by_name["lora"]["change"]["mode"] == "finetuned"
+    assert by_name["qkv-s0"]["decomposition"]["of"] == "mean activation difference"
+    assert by_name["baseline-lora"]["change"]["mode"] == "finetuned"
 
     page = (summary.run_dir / "report.html").read_text()
-    for name in ("resid", "qkv", "lora"):
+    for name in ("resid-s0", "qkv-s0", "baseline-lora"):
         assert f"SAE reading: {html.escape(name)}" in page
     again = run_experiment(parse_config(raw, source="sae (tiny)"), tmp_path / "runs")
     assert [s.cached for s in again.stages.values()] == [True] * len(again.stages)
@@ -129,8 +129,8 @@ def test_the_run_trains_its_own_sae_and_reads_with_it(tmp_path, tiny_folder):
     raw = experiment(tiny_folder, tmp_path / "d.jsonl", {"train": train})
     raw["fits"], raw["baselines"] = raw["fits"][:1], []
     summary = run_experiment(parse_config(raw, source="sae (tiny)"), tmp_path / "runs")
-    trained = stage_dir(summary.run_dir, "sae_train") / HOOK
-    out = read_json(stage_dir(summary.run_dir, "sae") / "sae.json")
+    trained = stage_dir(summary.run_dir, "sae_train-") / HOOK
+    out = read_json(stage_dir(summary.run_dir, "sae-") / "sae.json")
     assert out["sae"]["path"] == str(trained / "sae_weights.safetensors")
     assert out["sae"]["d_sae"] == 64
     assert "SAE training" in (summary.run_dir / "report.html").read_text()

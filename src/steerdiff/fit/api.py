@@ -98,9 +98,10 @@ class FitData:
         return OnlineTeacher(t, self.pad_id, cfg.online_prompt_positions)
 
     def teacher_vectors(self) -> dict[str, torch.Tensor] | None:
-        """A steered teacher's vectors, coeff x v per hook (what a fit can be compared to)."""
+        """A steered (or SAE-latent) teacher's vectors, coeff x v per hook (what a fit can be
+        compared to)."""
         spec = teacher_spec_of(self.scorer)
-        if spec.get("kind") != "steered":
+        if spec.get("kind") not in ("steered", "sae"):
             return None
         t = self.built_teacher()
         if t is None or t.vectors is None:

@@ -69,6 +69,8 @@ def check_experiment(cfg: ExperimentConfig, lm: LoadedModel, student_lm: LoadedM
         _check_narrow(cfg)
     if cfg.misalignment is not None:
         _check_misalignment(cfg)
+    if cfg.sae is not None:
+        _check_sae(cfg, student_lm)
     for i, spec in enumerate(cfg.fits):
         _check_fit_hooks(cfg, i, spec.hooks, student_lm, lm)
         if spec.teacher == "prompt" and cfg.prompt_teacher is None:
@@ -222,3 +224,22 @@ def _check_fit_settings(
             f"leaves no training rows of at most "
             f"task.n_prompts = {cfg.task.n_prompts}: lower val_size.",
         )
+
+
+def _check_sae(cfg: ExperimentConfig, lm: LoadedModel) -> None:
+    """[sae]: the SAE at `path` loads and fits the (student) model, or [sae.train] can train."""
+    from ..errors import SteerdiffError
+    from ..fit.sae_train import check_config
+    from ..sae import load_sae
+
+    s = cfg.sae
+    assert s is not None
+    try:
+        if s.path is not None:
+            load_sae(s.path, lm, hook=s.hook)
+        else:
+            assert s.train is not None
+            check_config(s.train, lm)
+    except SteerdiffError as e:
+        key, value = ("sae.path", s.path) if s.path is not None else ("sae.train", s.train.hooks)
+        raise bad(cfg.source, key, value, str(e)) from None
