@@ -22,6 +22,7 @@ import torch
 
 from ..chat import encode
 from ..hooks import record
+from ..interpret.batching import padded_batches
 from ..models import LoadedModel
 from ..sae import SAE, SAEError, check_fits
 from ..sae.splice import reconstruction, replace_activations
@@ -42,17 +43,7 @@ def _batches(
         total += len(ids)
         if total >= max_tokens:
             break
-    out = []
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i : i + batch_size]
-        width = max(len(r) for r in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for j, r in enumerate(chunk):
-            ids[j, : len(r)] = torch.tensor(r)
-            mask[j, : len(r)] = 1
-        out.append((ids.to(lm.device), mask.to(lm.device)))
-    return out
+    return [(x.to(lm.device), m.to(lm.device)) for x, m in padded_batches(rows, batch_size, pad)]
 
 
 @torch.no_grad()
