@@ -19,8 +19,11 @@ SAE: --sae PATH (an SAE for the embedded model, e.g. one `steerdiff sae train` w
 it, a random SAE is made (seeded; unit-norm decoder rows, encoder = decoder transposed, 8x,
 at blocks.24.hook_resid_post), for development: the JSON says which SAE was used.
 
-Usage: python bench/bench_sae.py [--sae PATH] [--latent N] [--coeff C] [--n-prompts 160] [--quick]
-Writes bench/results/sae_ground_truth.json (--quick: sae_ground_truth_quick.json).
+Usage: python bench/bench_sae.py [--sae PATH] [--latent N] [--coeff C] [--n-prompts 160]
+       [--objective online --tag online] [--quick]
+Writes bench/results/sae_ground_truth[_TAG].json (--quick: ..._quick.json). --objective
+replaces the demo fit's objective (distill on the stored top-20) with, e.g., online
+distillation (the fit default, which recovered planted vectors best: docs/fit.md).
 """
 
 from __future__ import annotations
@@ -195,7 +198,10 @@ def run(
     data = work / "data.jsonl"
     rows, manifest = generate(lm, {**base, "coeff": coeff}, data, n_prompts, task, args.seed + 1)
     spec = demo.fits[0]  # "vector-at-steered-hook"
-    cfg = spec.fit_config(0).model_copy(update={"hooks": [sae.hook], "progress": True})
+    update: dict[str, Any] = {"hooks": [sae.hook], "progress": True}
+    if args.objective:  # e.g. "online": distillation on the teacher's full distribution
+        update["objective"] = args.objective
+    cfg = spec.fit_config(0).model_copy(update=update)
     res = fit(lm, data, cfg)
     v = res.vectors[sae.hook].float().cpu()
     d = decompose_vector(sae, v)
@@ -244,6 +250,8 @@ def main() -> None:
     ap.add_argument("--n-texts", type=int, help="corpus texts for latent effects (default 200)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--objective", help="fit objective (default: the demo fit's, distill)")
+    ap.add_argument("--tag", default="", help="results file suffix (sae_ground_truth_TAG.json)")
     ap.add_argument("--quick", action="store_true", help="small sizes (development)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -258,7 +266,10 @@ def main() -> None:
         result = run(args, lm, demo, Path(tmp), n_prompts, n_sweep, n_texts)
     result["seconds"] = round(time.time() - t0, 1)
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / ("sae_ground_truth_quick.json" if args.quick else "sae_ground_truth.json")
+    name = (
+        "sae_ground_truth" + (f"_{args.tag}" if args.tag else "") + ("_quick" if args.quick else "")
+    )
+    out = RESULTS / f"{name}.json"
     atomic_write_json(out, result)
     planted, control = result["planted"], result["control"]
     print(

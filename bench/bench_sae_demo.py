@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -65,6 +67,69 @@ def summarise(res: dict, k: int = 10) -> dict:
     }
 
 
+def trait_latents(lm, sae, words: tuple[str, ...] = ("owl", "owls")) -> list[dict]:
+    """Latents whose decoder direction promotes the trait word: one of its spellings (with and
+    without a leading space or capital) is among the direction's 10 top centred DLA tokens."""
+    import torch
+
+    from steerdiff.interpret.dla import logit_basis
+
+    tok = lm.tokenizer
+    ids = set()
+    for w in words:
+        for form in (w, " " + w, w.capitalize(), " " + w.capitalize()):
+            piece = tok.encode(form, add_special_tokens=False)
+            if len(piece) == 1:
+                ids.add(piece[0])
+    basis = logit_basis(lm)  # [vocab, d_in]
+    found = []
+    with torch.no_grad():
+        for start in range(0, sae.d_sae, 512):
+            rows = sae.W_dec[start : start + 512]  # [n, d_in]
+            top = (rows @ basis.T).topk(10, dim=-1).indices  # [n, 10]
+            for j, t in enumerate(top.tolist()):
+                hit = [i for i in t if i in ids]
+                if hit:
+                    found.append({"latent": start + j, "dla_rank": t.index(hit[0]) + 1})
+    return found
+
+
+def trait_ranks(sae, vectors: dict, latents: list[dict]) -> dict:
+    """Rank (by cosine, 1 = best of d_sae) of each trait latent in each vector's decomposition."""
+    from steerdiff.interpret.sae_decompose import decompose_vector
+
+    out = {}
+    for name, v in vectors.items():
+        d = decompose_vector(sae, v)
+        out[name] = [
+            {**x, "rank": d.rank(x["latent"]), "cosine": float(d.cosine[x["latent"]])}
+            for x in latents
+        ]
+    return out
+
+
+def top_overlaps(sae, vectors: dict, k: int = 10) -> dict:
+    """Each vector's k best latents by cosine, and how many each pair shares (chance:
+    k * k / d_sae)."""
+    from steerdiff.interpret.sae_decompose import decompose_vector
+
+    tops = {n: [r["latent"] for r in decompose_vector(sae, v).top(k)] for n, v in vectors.items()}
+    names = list(tops)
+    shared = {
+        f"{a} | {b}": len(set(tops[a]) & set(tops[b]))
+        for i, a in enumerate(names)
+        for b in names[i + 1 :]
+    }
+    cos = {
+        f"{a} | {b}": float(
+            torch.nn.functional.cosine_similarity(vectors[a].float(), vectors[b].float(), dim=0)
+        )
+        for i, a in enumerate(names)
+        for b in names[i + 1 :]
+    }
+    return {"k": k, "top": tops, "shared": shared, "chance": k * k / sae.d_sae, "cosine": cos}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sae", default="runs/sae-bench/blocks.24.hook_resid_post")
@@ -95,15 +160,42 @@ def main() -> None:
         "fits": {
             s.name: s.info.get("gap_closed") for s in summary.stages.values() if s.kind == "fit"
         },
-        "seconds": round(seconds, 1),
-        "dtype": str(
-            summary.stages[next(iter(summary.stages))].meta.get("provenance", {}).get("dtype")
-        ),
+        "seconds_this_call": round(seconds, 1),  # 0-ish when every stage was cached
+        "sae_stage_seconds": read_json(sae_stage.path / "stage.json").get("seconds"),
+        "dtype": read_json(sae_stage.path / "stage.json")["provenance"].get("dtype"),
     }
+    # Does the SAE have owl latents at all, and where do they rank for the owl vectors?
+    from steerdiff.models import load_model
+    from steerdiff.sae import load_sae
+    from steerdiff.vectors import VectorSet
+
+    lm = load_model(cfg.model, dtype=cfg.dtype)
+    sae = load_sae(args.sae, lm)
+    owl = trait_latents(lm, sae)
+    hook = str(sae.hook)
+    vectors = {}
+    tv = [s for s in summary.stages.values() if s.name.startswith("teacher-vector-main")]
+    if tv:
+        teacher = VectorSet.load(tv[0].path / "teacher_vector.safetensors", lm)
+        vectors["teacher contrast vector (owl system prompt)"] = teacher[hook]
+    fit_stage = [s for s in summary.stages.values() if s.name.startswith("fit-vector-at")]
+    if fit_stage:
+        vectors["fitted owl vector"] = VectorSet.load(
+            fit_stage[0].path / "vectors.safetensors", lm
+        )[hook]
+    qkv = data["results"]
+    for r in qkv:
+        if r["name"].startswith("fit-qkv") or r["name"].startswith("qkv"):
+            vectors["q/k/v fit: mean activation difference"] = torch.tensor(
+                r["effects"]["meta"]["act_diff_all_mean"]
+            )
+    out["owl_latents"] = {"found": owl, "ranks": trait_ranks(sae, vectors, owl)}
+    out["top_latents_by_cosine"] = top_overlaps(sae, vectors)
     RESULTS.mkdir(exist_ok=True)
     atomic_write_json(RESULTS / "sae_demo.json", out)
     shutil.copyfile(summary.report, RESULTS / "sae_demo_report.html")
-    print(json.dumps(out["subjects"], indent=1)[:6000])
+    print(json.dumps(out["subjects"], indent=1)[:4000])
+    print(json.dumps(out["owl_latents"], indent=1)[:3000])
     print(f"wrote {RESULTS / 'sae_demo.json'} and sae_demo_report.html", file=sys.stderr)
 
 
