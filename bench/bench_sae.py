@@ -39,7 +39,7 @@ import torch
 
 from steerdiff.cli.run import demo_config_path
 from steerdiff.dtypes import dtype_name
-from steerdiff.fit import fit
+from steerdiff.fit import FitConfig, fit
 from steerdiff.fit.planted import cosine
 from steerdiff.generate import load_dataset
 from steerdiff.interpret.sae_decompose import decompose_vector
@@ -202,6 +202,8 @@ def run(
     if args.objective:  # e.g. "online": distillation on the teacher's full distribution
         update["objective"] = args.objective
     cfg = spec.fit_config(0).model_copy(update=update)
+    if args.default_fit:  # steerdiff's default fit (issue 18) instead of the demo's
+        cfg = FitConfig(**update)
     res = fit(lm, data, cfg)
     v = res.vectors[sae.hook].float().cpu()
     d = decompose_vector(sae, v)
@@ -216,7 +218,10 @@ def run(
         "n_rows": len(rows),
         "n_prompts": n_prompts,
         "valid_rate": valid_rate(manifest),
-        "fit": {"name": spec.name, **cfg.model_dump(include={"objective", "lr", "epochs"})},
+        "fit": {
+            "name": "default" if args.default_fit else spec.name,
+            **cfg.model_dump(include={"objective", "lr", "lr_units", "epochs"}),
+        },
         "gap_closed": res.gap_closed,
         "planted": {
             "rank_by_cosine": d.rank(latent),
@@ -251,6 +256,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--objective", help="fit objective (default: the demo fit's, distill)")
+    ap.add_argument(
+        "--default-fit", action="store_true", help="FitConfig's defaults, not the demo fit's"
+    )
     ap.add_argument("--tag", default="", help="results file suffix (sae_ground_truth_TAG.json)")
     ap.add_argument("--quick", action="store_true", help="small sizes (development)")
     args = ap.parse_args()
