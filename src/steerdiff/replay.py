@@ -11,7 +11,7 @@ keyword arguments the HF forward built for it: causal / sliding-window masks, ro
 cos/sin, position ids) and then run the block, or, for a prefix, run nothing. One replay
 loop: `replay_blocks(model, prefix)` calls the real blocks again with those arguments.
 Because the HF forward itself built them, replays match a full forward exactly
-(tests/test_replay.py checks every supported family). The three uses:
+(tests/test_replay.py checks every supported family). The uses:
 
     # the fit: run layers 0..L-1 once per batch, then blocks L.. with the trained vectors
     prefix = compute_prefix(model, input_ids, attention_mask, start=L)
@@ -30,6 +30,9 @@ Because the HF forward itself built them, replays match a full forward exactly
     with steer(model, vectors):
         h1 = prefix_hidden(model, prefix)
 
+    # activations at some hooks, the pass stopping after the last block they need
+    # (SAE training, whitening): hook_activations(model, hooks, input_ids) -> {hook: [n, d]}
+
 Enter `steer(...)` / `record(...)` before `recording(...)`, not inside it: they find
 blocks by their place in the model, where a recorder stands while recording.
 """
@@ -47,7 +50,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .errors import SteerdiffError
-from .hooks import final_norm, get_blocks
+from .hooks import final_norm, get_blocks, get_hook_point, record
+from .models import LoadedModel, unwrap
 
 
 def lm_head(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
@@ -196,6 +200,32 @@ def compute_prefix(
     with recording(model, start, run_blocks=False) as prefix:
         model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     return prefix
+
+
+def last_layer(model: nn.Module, hooks: list[str]) -> int:
+    """The highest block any of `hooks` reads."""
+    return max(get_hook_point(model, h).layer for h in hooks)
+
+
+@torch.no_grad()
+def hook_activations(
+    model: nn.Module | LoadedModel,
+    hooks: list[str],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    skip_first: int = 1,
+) -> dict[str, torch.Tensor]:
+    """{hook: [n_tokens, d] float32} from ONE forward pass that stops after the last block
+    needed; positions < skip_first of each row and padding (attention_mask 0) left out."""
+    model = unwrap(model)
+    stop = last_layer(model, hooks) + 1
+    with record(model, hooks) as rec:
+        compute_prefix(model, input_ids, attention_mask, start=stop)
+    keep = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+    keep[:, :skip_first] = False
+    if attention_mask is not None:
+        keep &= attention_mask.bool()
+    return {h: rec[h][keep.to(rec[h].device)].float().cpu() for h in hooks}
 
 
 # ----------------------------------------------------------------------------- replaying

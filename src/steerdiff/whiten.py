@@ -33,10 +33,10 @@ import torch
 from .chat import encode
 from .errors import SteerdiffError
 from .hookpoints import hook_dim
-from .hooks import record
 from .io import atomic_path
 from .models import LoadedModel, unwrap
 from .progress import progress as progress_bar
+from .replay import hook_activations
 
 SHRINKAGE = ("ledoit-wolf", "none")
 
@@ -220,10 +220,9 @@ def fit_gaussian(
     dev = next(hf.parameters()).device
     kept: list[torch.Tensor] = []
     with progress_bar(len(rows), f"whiten {hook}", disable=not progress) as bar:
-        for r in rows:  # one text per pass: no padding to mask out
-            with record(hf, hook) as rec:
-                hf(input_ids=torch.tensor([r], device=dev))
-            kept.append(rec[hook][0, skip_first:].float().cpu())
+        for r in rows:  # one text per pass (no padding), stopping after the hook's block
+            ids = torch.tensor([r], device=dev)
+            kept.append(hook_activations(hf, [hook], ids, skip_first=skip_first)[hook])
             bar.update(1)
     meta = {
         "model": getattr(lm, "spec", None),

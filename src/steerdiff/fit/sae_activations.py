@@ -13,8 +13,8 @@ EleutherAI sparsify's `chunk_and_tokenize` does, so no forward pass holds paddin
 pass per model batch gives every hook (`hooks.record`), and the pass stops after the last
 block a hook needs (`replay.compute_prefix` with start = that block + 1: the blocks above
 do not run). Each window's first token is left out: it is the attention sink, with a norm
-many times the others', that SAEs are not trained on (`hook_activations` also leaves out
-the padding of padded batches, for evaluation).
+many times the others', that SAEs are not trained on (`replay.hook_activations`, which also
+leaves out the padding of padded batches).
 
 The shuffle buffer: windows are run until `buffer_tokens` activations are held (a "block"),
 the block is permuted (a generator seeded by seed and the block's number) and cut into
@@ -33,9 +33,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..chat import encode
-from ..hooks import get_hook_point, record
 from ..models import LoadedModel
-from ..replay import compute_prefix
+from ..replay import hook_activations
 
 
 def pack_texts(tokenizer, texts: list[str], seed: int, epoch: int = 0) -> list[int]:
@@ -49,32 +48,6 @@ def pack_texts(tokenizer, texts: list[str], seed: int, epoch: int = 0) -> list[i
         if eos is not None:
             stream.append(eos)
     return stream
-
-
-def last_layer(lm: LoadedModel, hooks: list[str]) -> int:
-    """The highest block any of `hooks` reads."""
-    return max(get_hook_point(lm.model, h).layer for h in hooks)
-
-
-@torch.no_grad()
-def hook_activations(
-    lm: LoadedModel,
-    hooks: list[str],
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-    skip_first: int = 1,
-) -> dict[str, torch.Tensor]:
-    """{hook: [n_tokens, d] float32} from ONE forward pass that stops after the last block
-    needed; positions < skip_first of each row and padding (attention_mask 0) left out."""
-    model = lm.model
-    stop = last_layer(lm, hooks) + 1
-    with record(model, hooks) as rec:
-        compute_prefix(model, input_ids, attention_mask, start=stop)
-    keep = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
-    keep[:, :skip_first] = False
-    if attention_mask is not None:
-        keep &= attention_mask.bool()
-    return {h: rec[h][keep.to(rec[h].device)].float().cpu() for h in hooks}
 
 
 @dataclass
