@@ -115,6 +115,8 @@ def test_every_fit_and_baseline_is_read_as_a_direct_call_and_reported(tmp_path, 
     page = (summary.run_dir / "report.html").read_text()
     for name in ("resid-s0", "qkv-s0", "baseline-lora"):
         assert f"SAE reading: {html.escape(name)}" in page
+    # the section holds the reading itself: the best latent's dashboard (bug: an empty section)
+    assert f"<h4>Latent {got['top'][0]['latent']}</h4>" in page
     again = run_experiment(parse_config(raw, source="sae (tiny)"), tmp_path / "runs")
     assert [s.cached for s in again.stages.values()] == [True] * len(again.stages)
 

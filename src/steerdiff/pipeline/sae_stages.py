@@ -70,6 +70,26 @@ def stage_sae_read(
     assert s is not None
     sae = sae_of(state, lm, trained)
 
+    def read(subj, corpus) -> dict:
+        """One subject's reading, or why it is skipped (its vectors all after the hook)."""
+        if subj.vectors is not None:
+            try:
+                check_reaches(lm, subj.vectors, str(sae.hook))
+            except SAEError as e:  # nothing to read there: say so in the file, go on
+                return {"skipped": str(e)}
+        return read_in_latents(
+            lm,
+            sae,
+            vectors=subj.vectors,
+            finetuned=subj.lm if subj.vectors is None else None,
+            texts=corpus,
+            max_tokens=s.max_tokens,
+            first_k=s.first_k,
+            top=s.top,
+            n_dashboards=s.dashboards,
+            progress=True,
+        )
+
     def fn(work: Path) -> dict:
         path = work / SAE_FILE
         done = {r["name"]: r for r in read_json(path)["results"]} if path.exists() else {}
@@ -78,28 +98,10 @@ def stage_sae_read(
             if subj.role == "base" or subj.name in done:
                 continue
             console.print(f"  SAE reading of {subj.name} ...")
-            vectors = subj.vectors
-            if vectors is not None:
-                try:
-                    check_reaches(lm, vectors, str(sae.hook))
-                except SAEError as e:  # nothing to read there: say so in the file, go on
-                    done[subj.name] = {"name": subj.name, "role": subj.role, "skipped": str(e)}
-                    continue
-            data = read_in_latents(
-                lm,
-                sae,
-                vectors=vectors,
-                finetuned=subj.lm if vectors is None else None,
-                texts=corpus,
-                max_tokens=s.max_tokens,
-                first_k=s.first_k,
-                top=s.top,
-                n_dashboards=s.dashboards,
-                progress=True,
-            )
-            done[subj.name] = {"name": subj.name, "role": subj.role, **data}
+            done[subj.name] = {"name": subj.name, "role": subj.role, **read(subj, corpus)}
             atomic_write_json(path, {"sae": sae_info(sae), "results": list(done.values())})
-        atomic_write_json(path, {"sae": sae_info(sae), "results": list(done.values())})
+        if not path.exists():  # nothing to read (no fits, no baselines): an empty file
+            atomic_write_json(path, {"sae": sae_info(sae), "results": []})
         return {
             "sae": sae.name,
             "hook": sae.hook,

@@ -1,7 +1,7 @@
 """The report's SAE section: a vector or a finetune read in a sparse autoencoder's latents.
 
-`sae_section(data)` turns the dict that `steerdiff sae read` writes (sae_read.json) into
-the HTML of one section's content:
+`sae_blocks(data)` turns the dict that `steerdiff sae read` writes (sae_read.json) into the
+blocks of one section (`sae_section(data)`: their HTML):
 
   - the decomposition: the top latents by cosine of their decoder direction with the
     vector (or with the mean activation difference at the SAE's hook), with the pullbacks
@@ -35,7 +35,12 @@ from .run_folder import RunFolder
 
 
 def sae_section(data: dict) -> str:
-    """HTML of the SAE section's content (to wrap in a report Section as an Html block)."""
+    """HTML of the SAE section's content (e.g. to show in a notebook)."""
+    return render_blocks(sae_blocks(data))
+
+
+def sae_blocks(data: dict) -> list[Block]:
+    """The SAE section's content as report blocks."""
     k = int(data.get("top", 10))
     effects = LatentEffects.from_dict(data["effects"]) if data.get("effects") else None
     blocks: list[Block] = [Text(_intro(data, effects))]
@@ -49,16 +54,16 @@ def sae_section(data: dict) -> str:
         for d in data["dashboards"]:
             change = None if effects is None else float(effects.all_mean[int(d["latent"])])
             blocks.append(Html(dashboard_html(d, change)))
-    return render_blocks(blocks)
+    return blocks
 
 
 def sae_report(data: dict, title: str = "SAE reading") -> Report:
-    """A one-section page of `sae_section(data)` (write it with report.html.write)."""
+    """A one-section page of `sae_blocks(data)` (write it with report.html.write)."""
     sae = data.get("sae", {})
     return Report(
         title=title,
         subtitle=f"{sae.get('path', '')} at {sae.get('hook', '')}",
-        sections=[Section("Sparse autoencoder", [Html(sae_section(data))], anchor="sae")],
+        sections=[Section("Sparse autoencoder", sae_blocks(data), anchor="sae")],
     )
 
 
@@ -218,4 +223,4 @@ def sae_sections(r: Report, run: RunFolder) -> None:
         if "skipped" in res:
             sec.add(Text(f"Not read: {res['skipped']}"))
         else:
-            sec.add(Html(sae_section(res)))
+            sec.blocks += sae_blocks(res)
