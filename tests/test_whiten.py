@@ -49,6 +49,9 @@ def test_mahalanobis_norm_and_distance_equal_a_direct_computation():
     np.testing.assert_allclose(g.distance(pts).numpy(), direct, rtol=1e-9)
     k = whitened_coeff(g, v, 2.5)
     assert float(g.mahalanobis_norm(k * v)) == pytest.approx(2.5, rel=1e-9)
+    # bug caught: a zero vector escaping as ZeroDivisionError (mutation: the check removed)
+    with pytest.raises(WhitenError, match="all zeros"):
+        whitened_coeff(g, torch.zeros(D), 1.0)
     # the data's standard deviation along v
     u = v / v.norm()
     assert g.spread(v) == pytest.approx(float(((x - x.mean(0)) @ u).std(unbiased=False)), rel=1e-9)

@@ -348,8 +348,7 @@ def build_teacher(
 
 
 def sae_latent_vectors(spec: dict[str, Any], lm: LoadedModel) -> VectorSet:
-    """An sae teacher's steering, {sae.hook: W_dec[latent]} (the teacher scales it by coeff).
-    Records the SAE's hook and sha256 in `spec`; a spec that recorded another sha256 fails."""
+    """An sae teacher's steering {sae.hook: W_dec[latent]}; records hook and sha256 in `spec`."""
     path, latent = spec.get("sae"), spec.get("latent")
     if not path or latent is None:
         raise TeacherError("An sae teacher needs 'sae' (--sae PATH) and 'latent' (--latent N).")
@@ -360,7 +359,8 @@ def sae_latent_vectors(spec: dict[str, Any], lm: LoadedModel) -> VectorSet:
         raise TeacherError(f"sae teacher (--sae {path} --latent {latent}): {e}") from e
     sha = sae.source.get("sha256")
     if spec.get("sae_sha256", sha) != sha:
-        raise TeacherError(f"sae (--sae): {path} changed since this teacher was recorded (sha256).")
+        why = "changed since this teacher was recorded (sha256): restore it or regenerate the data"
+        raise TeacherError(f"sae (--sae): {path} {why}.")
     spec.update(sae=str(path), sae_sha256=sha, hook=sae.hook, latent=int(latent))
     return VectorSet({str(sae.hook): direction.detach().clone()}, {"sae": str(path)})
 

@@ -157,7 +157,10 @@ def _unit(v: torch.Tensor) -> torch.Tensor:
 
 def whitened_coeff(g: Gaussian, v: torch.Tensor, c: float) -> float:
     """The coefficient k with ||k v||_M = c (c in whitened units; its sign kept)."""
-    return c / float(g.mahalanobis_norm(v))
+    norm = float(g.mahalanobis_norm(v))
+    if norm == 0.0:
+        raise WhitenError("The vector is all zeros: no coefficient gives it a whitened length.")
+    return c / norm
 
 
 def gaussian_from_activations(

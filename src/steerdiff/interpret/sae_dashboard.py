@@ -61,7 +61,7 @@ def _corpus(texts, n_texts: int | None) -> Corpus:
     if isinstance(texts, Corpus) and n_texts is not None:
         corpus = load_corpus(corpus.texts, n=n_texts)
     if len(corpus) == 0:
-        raise CorpusError("The corpus is empty.")
+        raise CorpusError("The corpus is empty: give texts or a corpus spec with documents.")
     return corpus
 
 
