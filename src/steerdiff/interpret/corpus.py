@@ -136,6 +136,20 @@ def load_corpus(
     return Corpus(texts, source, genres, {"seed": seed, "n": len(texts)})
 
 
+def as_corpus(
+    texts: Corpus | list[str] | str | Path | None, n: int | None = None, seed: int = 0
+) -> Corpus:
+    """The Corpus a reader works on: a Corpus as it is (or a seeded subset of n of its texts),
+    else whatever load_corpus reads (None: the offline default). Raises CorpusError."""
+    if isinstance(texts, Corpus):
+        corpus = texts if n is None else load_corpus(texts.texts, n=n, seed=seed)
+    else:
+        corpus = load_corpus(texts, n=n, seed=seed)
+    if len(corpus) == 0:
+        raise CorpusError("The corpus is empty: give texts or a corpus spec with documents.")
+    return corpus
+
+
 def _load_hf(name: str, n: int | None, split: str, text_field: str) -> list[str]:
     """Texts of a Hugging Face dataset (steerdiff.hubdata: the one hub loader)."""
     try:

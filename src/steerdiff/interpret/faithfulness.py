@@ -36,7 +36,7 @@ from ..hooks import get_hook_point
 from ..intervals import bootstrap_ci
 from ..models import LoadedModel, unwrap
 from .batching import tokenize_texts
-from .corpus import Corpus, CorpusError, load_corpus
+from .corpus import Corpus, as_corpus
 from .lens import activation_difference_lens, check_vectors_for
 from .lens_readout import LensResult
 from .variants import ModelContext, base_context, resolve_finetune, token_kls, vector_context
@@ -229,11 +229,7 @@ def faithfulness(
             "vectors_b=... (a second vector set to compare with)."
         )
     check_vectors_for(lm, vectors)
-    corpus = texts if isinstance(texts, Corpus) else load_corpus(texts, n=n_texts, seed=seed)
-    if isinstance(texts, Corpus) and n_texts is not None:
-        corpus = load_corpus(corpus.texts, n=n_texts, seed=seed)
-    if len(corpus) == 0:
-        raise CorpusError("The corpus is empty: nothing to compare on.")
+    corpus = as_corpus(texts, n_texts, seed)
     ids = [x for x in tokenize_texts(tok, corpus.texts, max_tokens) if x]
     if not ids:
         raise FaithfulnessError("Every text tokenized to zero tokens; pass longer texts.")

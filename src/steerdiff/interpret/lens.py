@@ -38,7 +38,7 @@ from ..progress import progress as progress_bar
 from ..replay import full_hidden, prefix_hidden, recording
 from ..vectors import VectorSet, VectorSetError
 from .batching import padded_batches, tokenize_texts
-from .corpus import Corpus, CorpusError, load_corpus
+from .corpus import Corpus, as_corpus
 from .lens_readout import LensResult
 from .variants import adapter_context
 
@@ -152,11 +152,7 @@ def activation_difference_lens(
             f"first_k={first_k} is larger than max_tokens={max_tokens}: positions past "
             "max_tokens are never read. Use first_k <= max_tokens."
         )
-    corpus = texts if isinstance(texts, Corpus) else load_corpus(texts, n=n_texts)
-    if isinstance(texts, Corpus) and n_texts is not None:
-        corpus = load_corpus(corpus.texts, n=n_texts)
-    if len(corpus) == 0:
-        raise CorpusError("The corpus is empty.")
+    corpus = as_corpus(texts, n_texts)
     names = select_hooks(hf, hooks)
     if vectors is not None:
         check_vectors_for(model, vectors)

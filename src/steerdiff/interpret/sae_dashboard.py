@@ -30,7 +30,7 @@ from ..models import LoadedModel, unwrap
 from ..progress import progress as progress_bar
 from ..sae import SAE, check_fits
 from .batching import padded_batches, tokenize_texts
-from .corpus import Corpus, CorpusError, load_corpus
+from .corpus import Corpus, CorpusError, as_corpus
 from .dla import DLAError, check_dla_hook, dla_scores, logit_basis, token_strings, top_tokens
 from .sae_effects import sae_on
 
@@ -54,15 +54,6 @@ class LatentDashboard:
     @classmethod
     def from_dict(cls, d: dict) -> LatentDashboard:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
-
-
-def _corpus(texts, n_texts: int | None) -> Corpus:
-    corpus = texts if isinstance(texts, Corpus) else load_corpus(texts, n=n_texts)
-    if isinstance(texts, Corpus) and n_texts is not None:
-        corpus = load_corpus(corpus.texts, n=n_texts)
-    if len(corpus) == 0:
-        raise CorpusError("The corpus is empty: give texts or a corpus spec with documents.")
-    return corpus
 
 
 def _dla(lm, sae: SAE, latents: list[int], k: int) -> tuple[dict[int, tuple], str]:
@@ -107,7 +98,7 @@ def latent_dashboards(
     tok = getattr(lm, "tokenizer", None)
     if tok is None:
         raise CorpusError("Dashboards need a tokenizer: pass a LoadedModel.")
-    corpus = _corpus(texts, n_texts)
+    corpus = as_corpus(texts, n_texts)
     ids = tokenize_texts(tok, corpus.texts, max_tokens)
     dev = next(hf.parameters()).device
     enc = sae_on(sae, dev)
