@@ -90,8 +90,6 @@ class LatentStudent(Student):
         self, batch: Batch, key: Any, objective: str, target: Target | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         self._set_vector()
-        if target is None:
-            return self.inner.losses(batch, key, objective)
         return self.inner.losses(batch, key, objective, target)
 
     def penalty(self) -> torch.Tensor:
