@@ -25,6 +25,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
+from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from .errors import SteerdiffError
@@ -76,3 +77,9 @@ def noise(
     fns = {h: _noise_fn(scale, gen, None if gaussians is None else gaussians[h]) for h in hooks}
     with replace_activations(unwrap(model), fns):
         yield
+
+
+class FuzzConfig(BaseModel):
+    """`steerdiff fuzz` options and the experiment file's [fuzz] table (placeholder)."""
+
+    model_config = ConfigDict(extra="forbid")

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict
 
 from .chat import encode
 from .errors import SteerdiffError
@@ -253,3 +254,9 @@ def check_for(g: Gaussian, lm: LoadedModel, hook: str) -> None:
     d = hook_dim(unwrap(lm), hook)
     if d != g.dim:
         raise WhitenError(f"The Gaussian at {hook} is {g.dim} wide but the model's hook is {d}.")
+
+
+class WhitenStageConfig(BaseModel):
+    """The experiment file's [whiten] table (placeholder)."""
+
+    model_config = ConfigDict(extra="forbid")

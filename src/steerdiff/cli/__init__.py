@@ -10,7 +10,22 @@ from __future__ import annotations
 
 import typer
 
-from . import eval, export, fit, generate, info, read, run, sae_app, sae_read, sae_train, sweep
+from . import (
+    eval,
+    export,
+    fit,
+    fuzz,
+    generate,
+    info,
+    melbo,
+    read,
+    run,
+    sae_app,
+    sae_read,
+    sae_train,
+    sweep,
+    whiten,
+)
 from .common import ErrorsAsOneLine, console, fail
 
 _ = (sae_read, sae_train)  # imported for their commands on sae_app.app
@@ -32,5 +47,5 @@ def _root() -> None:
 
 
 # A group without a name (all but `read`, `eval` and `sae`) adds its commands at the top level.
-for _group in (info, generate, sweep, fit, run, read, eval, export, sae_app):
+for _group in (info, generate, sweep, fit, run, read, eval, export, sae_app, whiten, melbo, fuzz):
     app.add_typer(_group.app)

@@ -27,7 +27,11 @@ from pydantic import (
 from ..errors import SteerdiffError
 from ..fit import FitConfig, LoraConfig
 from ..fit.sae_train import SAETrainConfig
+from ..fuzz import FuzzConfig
+from ..layer_profile import ProfileConfig
+from ..melbo import MelboConfig
 from ..teachers import TeacherConfig
+from ..whiten import WhitenStageConfig
 
 
 class ConfigError(SteerdiffError, ValueError):
@@ -282,6 +286,11 @@ class ExperimentConfig(_Strict):
     faithfulness: FaithfulnessConfig | None = None  # only with a [faithfulness] section
     misalignment: MisalignmentConfig | None = None  # only with a [misalignment] section
     sae: SAEConfig | None = None  # only with an [sae] section
+    # the steering toolbox (issue 16), each only with its section
+    whiten: WhitenStageConfig | None = None  # [whiten]
+    melbo: MelboConfig | None = None  # [melbo]
+    fuzz: FuzzConfig | None = None  # [fuzz]
+    profile: ProfileConfig | None = None  # [profile]
     student_model: str | None = None  # cross-family control: fit this model on the teacher's data
     _source: str = PrivateAttr("<experiment>")
 

@@ -23,10 +23,14 @@ from .checks import check_experiment, load_models
 from .config import ExperimentConfig
 from .eval_stages import make_subjects, stage_eval, stage_read
 from .fit_stages import stage_baseline, stage_data, stage_fit, stage_teacher_vector
+from .fuzz_stage import stage_fuzz
+from .melbo_stage import stage_melbo
 from .misalignment_stages import stage_freeform, stage_misalignment
 from .narrow_stages import stage_beliefs, stage_dataset, stage_facts_data, stage_faithfulness
+from .profile_stage import stage_profile
 from .sae_stages import stage_sae_read, stage_sae_train
 from .stages import RunState, StageResult, console, model_key
+from .whiten_stage import stage_whiten
 
 
 @dataclass
@@ -101,6 +105,15 @@ def run_experiment(
     if cfg.sae is not None:
         trained = stage_sae_train(state, student_lm) if cfg.sae.train is not None else None
         stage_sae_read(state, student_lm, fit_stages, base_stages, trained)
+    # the steering toolbox (issue 16)
+    if cfg.whiten is not None:
+        stage_whiten(state, student_lm, fit_stages, base_stages)
+    if cfg.melbo is not None:
+        stage_melbo(state, student_lm, fit_stages, base_stages)
+    if cfg.fuzz is not None:
+        stage_fuzz(state, student_lm, fit_stages, base_stages)
+    if cfg.profile is not None:
+        stage_profile(state, student_lm, fit_stages, base_stages)
 
     report_path = build_report(run_dir)
     if results:

@@ -15,11 +15,15 @@ from ..evals.preference import CategoryError, PreferenceResult, paired_differenc
 from ..fit.losses import NOISE_GAP_NATS, gap_within_noise
 from ..io import read_json, read_jsonl
 from .figures import eval_figure, loss_figure
+from .fuzz import fuzz_sections
 from .html import Code, Figure, Report, Table, Text, write
+from .melbo import melbo_sections
 from .misalignment import misalignment_sections
 from .narrow import narrow_sections
+from .profile import profile_sections
 from .run_folder import RunFolder, read_run
 from .sae import sae_sections
+from .whiten import whiten_sections
 
 
 def _pct(x: float | None) -> str:
@@ -170,6 +174,10 @@ def build_report(run_dir: str | os.PathLike) -> Path:
     if rd is not None:
         _read_sections(r, read_json(rd.path / "read.json"), rd.path)
     sae_sections(r, run)
+    whiten_sections(r, run)
+    melbo_sections(r, run)
+    fuzz_sections(r, run)
+    profile_sections(r, run)
     sec = r.section("Provenance")
     for s in run.stages:
         sec.add(

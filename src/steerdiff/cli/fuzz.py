@@ -1,0 +1,7 @@
+"""`steerdiff fuzz` (issue 16; placeholder, being written)."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer()

@@ -1,0 +1,16 @@
+"""The [profile] stage of an experiment (issue 16; placeholder, being written)."""
+
+from __future__ import annotations
+
+from ..models import LoadedModel
+from .stages import RunState, StageResult
+
+
+def stage_profile(
+    state: RunState,
+    lm: LoadedModel,
+    fit_stages: list[StageResult],
+    base_stages: list[StageResult],
+) -> StageResult | None:
+    """Run the [profile] section (cfg.profile); placeholder: nothing yet."""
+    return None
