@@ -33,7 +33,7 @@ from __future__ import annotations
 import csv
 import io as _io
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -56,12 +56,15 @@ from .evals import (
 )
 from .extract import Exclusion, default_contrast_questions, trait_vectors
 from .hooks import n_layers
+from .interpret.corpus import load_corpus
 from .models import LoadedModel
 from .progress import progress as progress_bar
 from .vectors import VectorSet
+from .whiten import Gaussian, check_for, fit_gaussians, whitened_units
 
 HOOK_TEMPLATE = "blocks.{layer}.hook_resid_post"
 OFF_TARGET_RULES = ("gain", "rate")
+UNITS = ("l2", "whitened")
 
 
 class SweepError(SteerdiffError, ValueError):
@@ -88,6 +91,12 @@ class SweepConfig:
     exclude_first_n: int = 1
     exclude_norm_ratio: float | None = 8.0
     seed: int = 0
+    # "l2": strength x the raw vector; "whitened": strength in whitened units (standard
+    # deviations of the data along the vector: each layer's vector / its Mahalanobis norm,
+    # under a Gaussian fitted at that layer on `whiten_texts` corpus texts, steerdiff.whiten)
+    units: Literal["l2", "whitened"] = "l2"
+    whiten_texts: int = 100
+    whiten_max_tokens: int = 64
 
     def check(self, n_model_layers: int) -> None:
         if not self.strengths:
@@ -101,6 +110,8 @@ class SweepConfig:
                 f"off_target_rule {self.off_target_rule!r} is not one of {OFF_TARGET_RULES}; "
                 "use 'gain' (rise over unsteered) or 'rate' (share of the top other candidate)."
             )
+        if self.units not in UNITS:
+            raise SweepError(f"units {self.units!r} is not one of {UNITS}; use 'l2' or 'whitened'.")
         bad = [la for la in (self.layers or []) if not 0 <= la < n_model_layers]
         if bad or self.layers == []:
             raise SweepError(
@@ -119,7 +130,9 @@ class Cell:
     off_target_rate: float
     off_target_gain: float
     kl: float
-    vector_norm: float
+    vector_norm: float  # L2 norm of the raw vector
+    mahalanobis_norm: float | None = None  # its whitened norm (units "whitened")
+    l2_coeff: float | None = None  # the L2 coefficient actually applied (strength / norm_M)
 
 
 # ----------------------------------------------------------------------------- sweep
@@ -282,12 +295,41 @@ def _cell(r, layer, hook, s, dist, base, ti, cat, kl, norm) -> Cell:
     )
 
 
+def sweep_vectors(
+    lm: LoadedModel,
+    cfg: SweepConfig,
+    sets: dict[str, VectorSet],
+    hooks: list[str],
+    gaussians: Mapping[str, Gaussian] | None = None,
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, float]]:
+    """The vectors the cells add ({readout: {hook: vector}}) and each hook's Mahalanobis norm
+    per readout key "readout/hook": the raw vectors for units "l2"; for "whitened" each one
+    rescaled to 1 whitened unit under its layer's Gaussian (given, else fitted on corpus text)."""
+    if cfg.units == "l2":
+        return {r: dict(vs) for r, vs in sets.items()}, {}
+    if gaussians is None:
+        texts = load_corpus(n=cfg.whiten_texts, seed=cfg.seed).texts
+        gaussians = fit_gaussians(lm, hooks, texts, cfg.whiten_max_tokens)
+    for h in hooks:
+        if h in gaussians:
+            check_for(gaussians[h], lm, h)
+    out, norms = {}, {}
+    for r, vs in sets.items():
+        out[r] = whitened_units({h: vs[h] for h in hooks}, gaussians)
+        norms |= {f"{r}/{h}": float(gaussians[h].mahalanobis_norm(vs[h])) for h in hooks}
+    return out, norms
+
+
 def run_sweep(
-    lm: LoadedModel, config: SweepConfig | None = None, progress: bool = True
+    lm: LoadedModel,
+    config: SweepConfig | None = None,
+    progress: bool = True,
+    gaussians: Mapping[str, Gaussian] | None = None,
 ) -> SweepResult:
     """Extract trait vectors and score every (readout, layer, strength) cell.
 
-    progress: a bar on a terminal, plain periodic lines when stderr is a log file."""
+    progress: a bar on a terminal, plain periodic lines when stderr is a log file.
+    gaussians: {hook: Gaussian} for units "whitened" (None: fitted on the corpus)."""
     cfg = config or SweepConfig()
     n_model = n_layers(lm.model)
     cfg.check(n_model)
@@ -323,6 +365,7 @@ def run_sweep(
         exclude=Exclusion(cfg.exclude_first_n, cfg.exclude_norm_ratio),
         seed=cfg.seed,
     )
+    steer_sets, m_norms = sweep_vectors(lm, cfg, sets, hooks, gaussians)
     timings["extract_s"] = time.perf_counter() - t0
     timings["extract_cpu_s"] = time.process_time() - c0
 
@@ -337,7 +380,8 @@ def run_sweep(
         scorer, coherence = FastScorer(lm, prompts, cat.candidates), FastCoherence(probe)
     for r, la in grid:
         hook = HOOK_TEMPLATE.format(layer=la)
-        v = sets[r][hook]
+        v = steer_sets[r][hook]
+        m = m_norms.get(f"{r}/{hook}")
         if fast:
             dists = [torch.softmax(scorer.logprobs(la, v, s), -1).mean(0) for s in cfg.strengths]
             kls = [coherence.kl(la, v, s) for s in cfg.strengths]
@@ -345,7 +389,11 @@ def run_sweep(
             steering = Steering({hook: v}, coeff=list(cfg.strengths), positions=cfg.positions)
             dists, kls = _distribution(lm, prompts, cat, steering), probe.kl(steering)
         for s, dist, kl in zip(cfg.strengths, dists, kls, strict=True):
-            cells.append(_cell(r, la, hook, s, dist, base, ti, cat, float(kl), float(v.norm())))
+            cell = _cell(
+                r, la, hook, s, dist, base, ti, cat, float(kl), float(sets[r][hook].norm())
+            )
+            cell.mahalanobis_norm, cell.l2_coeff = m, s / m if m else s
+            cells.append(cell)
         bar.update(len(cfg.strengths))
     bar.close()
     timings["cells_s"] = time.perf_counter() - t0
@@ -363,7 +411,7 @@ def run_sweep(
     }
     best = best_cell(cells, cfg.off_target_bound, cfg.kl_bound, cfg.off_target_rule)
     t0, c0 = time.perf_counter(), time.process_time()
-    confirm = _confirm(lm, cfg, cat, best or best_cell(cells, None, None), sets)
+    confirm = _confirm(lm, cfg, cat, best or best_cell(cells, None, None), steer_sets)
     timings["confirm_s"] = time.perf_counter() - t0
     timings["confirm_cpu_s"] = time.process_time() - c0
     return SweepResult(

@@ -26,16 +26,14 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, model_validator
 from torch import nn
 from transformers import PreTrainedModel
 
 from .adapters import AdapterError, check_adapter_base  # noqa: F401 (re-exported)
 from .chat import chat_prompt_ids
-from .errors import SteerdiffError
 from .extract import PERSONAS, TRAIT_TEMPLATE, trait_system_prompt  # noqa: F401 (re-exported)
 from .generate import Sample, SampleStats, sample
 from .generate.prefix import shared_prefix_hidden
@@ -44,86 +42,11 @@ from .io import file_sha256
 from .models import LoadedModel, ModelLoadError, weights_hash_of_files, wrap_model
 from .replay import full_hidden, lm_head
 from .sae import SAEError, load_sae
+from .teacher_config import TeacherConfig, TeacherError, persona_prompt  # noqa: F401
 from .vectors import VectorSet, VectorSetError
+from .whiten import Gaussian, WhitenError, gaussian_for_vector, whitened_coeff
 
 KINDS = ("prompt", "steered", "sae", "adapter", "plain")
-
-
-class TeacherError(SteerdiffError, ValueError):
-    """A teacher could not be built; the message says what is wrong and how to fix it."""
-
-
-class TeacherConfig(BaseModel):
-    """Who writes the dataset.
-
-    kind: "steered" (base model + a contrast vector, no system prompt), "prompt" (the trait
-    system prompt), "sae" (base model + coeff x an SAE latent's decoder direction at the
-    SAE's hook), "adapter" (a finetuned folder / LoRA adapter), "plain" (control data).
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    kind: Literal["steered", "prompt", "sae", "adapter", "plain"] = "steered"
-    animal: str = "owl"
-    category: str = "animal"
-    # steered teachers: the contrast vector (trait system prompt vs none)
-    hook: str = "blocks.24.hook_resid_post"
-    readout: Literal["last", "prompt_mean", "response_mean", "pca"] = "last"
-    coeff: float = 2.0
-    positions: str = "all"
-    vectors: str | None = None  # use a saved VectorSet instead of extracting one
-    adapter: str | None = None  # kind = "adapter": folder of a finetuned model or LoRA adapter
-    system_prompt: str | None = None  # kind = "prompt": overrides the trait template
-    persona: str | None = None  # kind = "prompt": a PERSONAS system prompt instead of a trait
-    # kind = "prompt": project the contrast vector out of the residual stream from `hook`'s
-    # layer onward while the teacher generates (the necessity check)
-    ablate_from_hook: bool = False
-    sae: str | None = None  # kind = "sae": the SAE (folder, params.npz or hf:ORG/REPO/FOLDER)
-    latent: int | None = None  # kind = "sae": the latent whose decoder direction steers
-
-    @model_validator(mode="after")
-    def _check(self) -> TeacherConfig:
-        if self.kind == "sae" and (self.sae is None or self.latent is None):
-            raise ValueError("kind 'sae' needs both sae (the SAE's path) and latent (an index)")
-        if self.kind != "sae" and (self.sae is not None or self.latent is not None):
-            raise ValueError(f"sae / latent are for kind = 'sae', not {self.kind!r}: drop them")
-        if self.persona is not None:
-            persona_prompt(self.persona)  # an unknown name fails here
-            if self.kind != "prompt" or self.system_prompt is not None:
-                raise ValueError(
-                    "persona: a persona is the system prompt of a prompt teacher: set "
-                    "kind = 'prompt' and drop system_prompt (or drop persona)"
-                )
-        return self
-
-    def system_prompt_text(self) -> str | None:
-        """The trait system prompt: `system_prompt`, else the persona's, else the trait
-        template for animal and category. A prompt teacher writes under it and a steered
-        teacher's contrast vector is extracted from it; None for plain and adapter teachers."""
-        if self.kind in ("plain", "adapter", "sae"):
-            return None
-        if self.persona is not None:
-            return persona_prompt(self.persona)
-        return self.system_prompt or trait_system_prompt(self.animal, self.category)
-
-    def spec(self) -> dict[str, Any]:
-        """The spec dict `build_teacher` reads. A steered teacher's vectors come from the
-        `vectors` path here or from build_teacher's `vectors` argument."""
-        steering = {"coeff": self.coeff, "positions": self.positions}
-        if self.kind == "steered":
-            d: dict[str, Any] = {"kind": "steered", "animal": self.animal, **steering}
-            return {**d, "vectors": self.vectors} if self.vectors else d
-        if self.kind == "sae":  # the hook comes from the SAE unless set here
-            hook = {"hook": self.hook} if "hook" in self.model_fields_set else {}
-            return {"kind": "sae", "sae": self.sae, "latent": self.latent, **hook, **steering}
-        system = {"system_prompt": self.system_prompt_text()}
-        if self.kind == "prompt" and self.persona is not None:  # no animal: no trait
-            return {"kind": "prompt", "persona": self.persona, **system}
-        if self.kind == "prompt":
-            return {"kind": "prompt", "animal": self.animal, "category": self.category, **system}
-        if self.kind == "adapter":
-            return {"kind": "adapter", "path": self.adapter, "animal": self.animal}
-        return {"kind": "plain"}
 
 
 @dataclass
@@ -260,24 +183,21 @@ class Teacher:
         return out
 
 
-def persona_prompt(name: str) -> str:
-    """The system prompt of a persona (PERSONAS); TeacherError naming the choices."""
-    if name not in PERSONAS:
-        raise TeacherError(f"Unknown persona {name!r}; use one of {', '.join(PERSONAS)}.")
-    return PERSONAS[name]
-
-
 def build_teacher(
     config: TeacherConfig | Mapping[str, Any],
     base_lm: LoadedModel | nn.Module,
     vectors: VectorSet | None = None,
+    gaussians: Mapping[str, Gaussian] | None = None,
+    whiten_texts: Sequence[str] | None = None,
 ) -> Teacher:
     """Turn a TeacherConfig or a spec dict (as in a manifest's "teacher") into a Teacher.
 
     base_lm: a LoadedModel, or a bare HF model (then the teacher can score but has no
     tokenizer for `prompt_ids` / `sample`). vectors: an in-memory VectorSet for kind
     "steered"; else the spec's "vectors" is loaded (a .safetensors path, or a mapping
-    {hook: tensor} used as it is). Raises TeacherError with what to fix.
+    {hook: tensor} used as it is). coeff_units "whitened": the vectors are rescaled to 1
+    whitened unit at their hooks, by `gaussians`, the spec's "whiten" file, or a Gaussian fitted
+    on `whiten_texts` (see whitened_teacher_vectors). Raises TeacherError with what to fix.
     """
     spec = config.spec() if isinstance(config, TeacherConfig) else dict(config)
     if not isinstance(base_lm, LoadedModel):  # scores only: no tokenizer, no hashing pass
@@ -329,6 +249,7 @@ def build_teacher(
                 vectors.check_fits(base_lm)
             except VectorSetError as e:
                 raise TeacherError(f"Cannot steer {base_lm.spec!r} with these vectors: {e}") from e
+        vectors = whitened_teacher_vectors(vectors, base_lm, spec, gaussians, whiten_texts)
         return Teacher(
             kind,
             base_lm,
@@ -345,6 +266,42 @@ def build_teacher(
     lm = load_adapted(path, base_lm)
     spec["weights_hash"] = lm.weights_hash
     return Teacher("adapter", lm, params=spec, chat_template_kwargs=tkw)
+
+
+def whitened_teacher_vectors(
+    vectors: VectorSet,
+    lm: LoadedModel,
+    spec: dict[str, Any],
+    gaussians: Mapping[str, Gaussian] | None = None,
+    texts: Sequence[str] | None = None,
+) -> VectorSet:
+    """The vectors a teacher with spec["coeff_units"] = "whitened" steers with: each rescaled
+    by 1 / ||v||_M at its hook, so the teacher's coeff is in whitened units. The scale per hook
+    is recorded in spec["whitened_scale"]; a spec that has it (a dataset manifest) is rebuilt
+    from it unless a Gaussian is given. "l2" (the default) leaves the vectors as they are."""
+    units = spec.get("coeff_units", "l2")
+    if units == "l2":
+        return vectors
+    if units != "whitened":
+        raise TeacherError(f"coeff_units {units!r}: use 'l2' or 'whitened'.")
+    given = dict(gaussians or {})
+    recorded = spec.get("whitened_scale") or {}
+    scale: dict[str, float] = {}
+    try:
+        if spec.get("whiten"):
+            g = Gaussian.load(spec["whiten"])  # one file: the hook of a one-hook set (checked)
+            given.setdefault(next(iter(vectors)) if len(vectors) == 1 else g.hook, g)
+        for hook, v in vectors.items():
+            if hook not in given and hook in recorded:
+                scale[hook] = float(recorded[hook])
+                continue
+            g = gaussian_for_vector(lm, hook, given.get(hook), texts)
+            scale[hook] = whitened_coeff(g, v, 1.0)
+    except WhitenError as e:
+        raise TeacherError(f"coeff_units 'whitened' (whiten = {spec.get('whiten')!r}): {e}") from e
+    spec["whitened_scale"] = scale
+    meta = {**vectors.metadata, "coeff_units": "whitened"}
+    return VectorSet({h: (v.double() * scale[h]).to(v.dtype) for h, v in vectors.items()}, meta)
 
 
 def sae_latent_vectors(spec: dict[str, Any], lm: LoadedModel) -> VectorSet:

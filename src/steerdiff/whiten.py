@@ -21,15 +21,17 @@ invariance for a well-conditioned inverse when tokens are few relative to d.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from .chat import encode
 from .errors import SteerdiffError
@@ -203,30 +205,33 @@ def gaussian_from_activations(
 
 
 @torch.no_grad()
-def fit_gaussian(
+def fit_gaussians(
     lm: LoadedModel,
-    hook: str,
-    texts: list[str],
+    hooks: Sequence[str],
+    texts: Sequence[str],
     max_tokens: int = 64,
     skip_first: int = 1,
     shrinkage: str | float = "ledoit-wolf",
     progress: bool = False,
-) -> Gaussian:
-    """A Gaussian of `hook`'s activations over `texts` (each truncated to max_tokens; its
-    first `skip_first` positions, whose activations are massive in many models, left out).
-    texts: e.g. steerdiff.interpret.corpus.load_corpus(n=200).texts."""
+) -> dict[str, Gaussian]:
+    """{hook: Gaussian} of each hook's activations over `texts`, from one pass per text
+    (each truncated to max_tokens; its first `skip_first` positions, whose activations are
+    massive in many models, left out). texts: e.g. interpret.corpus.load_corpus(n=200).texts."""
     hf = unwrap(lm)
-    hook_dim(hf, hook)  # an unknown hook fails here, in one line
+    hooks = list(dict.fromkeys(hooks))
+    for hook in hooks:
+        hook_dim(hf, hook)  # an unknown hook fails here, in one line
     rows = [ids[:max_tokens] for ids in (encode(lm.tokenizer, t) for t in texts)]
     rows = [r for r in rows if len(r) > skip_first]
     if not rows:
         raise WhitenError(f"No text has more than {skip_first} tokens: give longer texts.")
     dev = next(hf.parameters()).device
-    kept: list[torch.Tensor] = []
-    with progress_bar(len(rows), f"whiten {hook}", disable=not progress) as bar:
-        for r in rows:  # one text per pass (no padding), stopping after the hook's block
-            ids = torch.tensor([r], device=dev)
-            kept.append(hook_activations(hf, [hook], ids, skip_first=skip_first)[hook])
+    kept: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
+    with progress_bar(len(rows), f"whiten {', '.join(hooks)}", disable=not progress) as bar:
+        for r in rows:  # one text per pass (no padding), stopping after the last hook's block
+            acts = hook_activations(hf, hooks, torch.tensor([r], device=dev), skip_first=skip_first)
+            for h in hooks:
+                kept[h].append(acts[h])
             bar.update(1)
     meta = {
         "model": getattr(lm, "spec", None),
@@ -235,7 +240,20 @@ def fit_gaussian(
         "max_tokens": max_tokens,
         "skip_first": skip_first,
     }
-    return gaussian_from_activations(torch.cat(kept), hook, shrinkage, meta)
+    return {h: gaussian_from_activations(torch.cat(kept[h]), h, shrinkage, meta) for h in hooks}
+
+
+def fit_gaussian(
+    lm: LoadedModel,
+    hook: str,
+    texts: Sequence[str],
+    max_tokens: int = 64,
+    skip_first: int = 1,
+    shrinkage: str | float = "ledoit-wolf",
+    progress: bool = False,
+) -> Gaussian:
+    """A Gaussian of `hook`'s activations over `texts` (see fit_gaussians)."""
+    return fit_gaussians(lm, [hook], texts, max_tokens, skip_first, shrinkage, progress)[hook]
 
 
 def check_for(g: Gaussian, lm: LoadedModel, hook: str) -> None:
@@ -256,7 +274,99 @@ def check_for(g: Gaussian, lm: LoadedModel, hook: str) -> None:
         raise WhitenError(f"The Gaussian at {hook} is {g.dim} wide but the model's hook is {d}.")
 
 
+def whitened_units(
+    vectors: Mapping[str, torch.Tensor], gaussians: Mapping[str, Gaussian]
+) -> dict[str, torch.Tensor]:
+    """Each vector rescaled to Mahalanobis norm 1 under its hook's Gaussian (same direction,
+    same dtype): coeff c times the result is c standard deviations of the data along the
+    vector ("c whitened units"). A hook without a Gaussian, or a Gaussian of another hook,
+    is a one-line WhitenError."""
+    out: dict[str, torch.Tensor] = {}
+    for hook, v in vectors.items():
+        g = gaussians.get(hook)
+        if g is None:
+            have = ", ".join(sorted(gaussians)) or "none"
+            raise WhitenError(
+                f"No Gaussian for {hook} (have: {have}): fit one at {hook} "
+                f"(steerdiff whiten fit --hook {hook}) to steer in whitened units."
+            )
+        if g.hook != hook:
+            raise WhitenError(
+                f"The Gaussian given for {hook} was fitted at {g.hook}: fit one at {hook}."
+            )
+        out[hook] = (v.double() * whitened_coeff(g, v, 1.0)).to(v.dtype)
+    return out
+
+
+def gaussians_for(
+    lm: LoadedModel,
+    hooks: Sequence[str],
+    texts: Sequence[str],
+    max_tokens: int = 64,
+    shrinkage: str | float = "ledoit-wolf",
+    cache_dir: str | Path | None = None,
+    progress: bool = False,
+) -> dict[str, Gaussian]:
+    """{hook: Gaussian} fitted on `texts` (callers pass the corpus, e.g.
+    interpret.corpus.load_corpus(n=200).texts), fitting only the hooks not already in
+    `cache_dir` (keyed by model weights, texts, max_tokens and shrinkage)."""
+    key = hashlib.sha256(
+        json.dumps(
+            [getattr(lm, "weights_hash", None), list(texts), max_tokens, str(shrinkage)]
+        ).encode()
+    ).hexdigest()[:16]
+    path = {h: Path(cache_dir) / f"{h}-{key}.safetensors" for h in hooks} if cache_dir else {}
+    out = {h: Gaussian.load(p) for h, p in path.items() if p.is_file()}
+    todo = [h for h in hooks if h not in out]
+    if todo:
+        fitted = fit_gaussians(lm, todo, texts, max_tokens, shrinkage=shrinkage, progress=progress)
+        for h, g in fitted.items():
+            if cache_dir:
+                g.save(path[h])
+            out[h] = g
+    return {h: out[h] for h in hooks}
+
+
+def gaussian_for_vector(
+    lm: LoadedModel, hook: str, whiten: str | Path | Gaussian | None, texts: Sequence[str] | None
+) -> Gaussian:
+    """The Gaussian that whitened units at `hook` are measured in: a saved one (path, checked
+    against the model and hook), a given one (checked), else one fitted on `texts`."""
+    if isinstance(whiten, (str, Path)):
+        whiten = Gaussian.load(whiten)
+    if whiten is not None:
+        check_for(whiten, lm, hook)
+        return whiten
+    if not texts:
+        raise WhitenError(
+            f"Whitened units at {hook} need a Gaussian: give a saved one (steerdiff whiten fit "
+            f"--hook {hook} --out FILE) or texts to fit one on."
+        )
+    return fit_gaussian(lm, hook, list(texts))
+
+
+def vector_figures(g: Gaussian, v: torch.Tensor) -> dict[str, float]:
+    """How big v is at its hook: L2 norm, Mahalanobis norm, the data's spread along it, and the
+    L2 coeff of 1 whitened unit (1 / ||v||_M)."""
+    m = float(g.mahalanobis_norm(v))
+    return {
+        "l2_norm": float(v.double().norm()),
+        "mahalanobis_norm": m,
+        "spread": g.spread(v),
+        "l2_coeff_per_whitened_unit": 1.0 / m if m > 0 else float("inf"),
+    }
+
+
 class WhitenStageConfig(BaseModel):
-    """The experiment file's [whiten] table (placeholder)."""
+    """The experiment file's [whiten] table: fit Gaussians at hooks on the corpus and measure
+    the teacher vector and each fitted vector set in them (pipeline/whiten_stage.py).
+
+    hooks: None = the teacher's hook and every fitted vector set's resid hooks."""
 
     model_config = ConfigDict(extra="forbid")
+
+    hooks: list[str] | None = None
+    texts: int = Field(100, ge=2)  # corpus texts to fit on (a seeded subset)
+    max_tokens: int = Field(64, ge=2)  # tokens per text
+    shrinkage: Literal["ledoit-wolf", "none"] | float = "ledoit-wolf"
+    eval_texts: int = Field(20, ge=1)  # corpus texts the steered distances are measured on

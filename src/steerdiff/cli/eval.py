@@ -26,6 +26,7 @@ from .common import (
     console,
     fail,
 )
+from .whiten import UnitsOpt, WhitenOpt, check_units, steering_in_units
 
 app = typer.Typer(
     name="eval",
@@ -68,6 +69,8 @@ def preference(
     overwrite: OverwriteOpt = False,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
+    units: UnitsOpt = "l2",
+    whiten: WhitenOpt = None,
 ) -> None:
     """The target's share with its 95% CI across questions, as the pipeline's eval computes it.
 
@@ -80,7 +83,9 @@ def preference(
 
     cfg = EvalConfig(scorer=scorer, n_questions=n_questions, n_samples=n_samples)
     refuse_existing_out(out, overwrite)
+    check_units(units, whiten)
     lm, steering = evaluated_model(model, dtype, device, adapter, vectors, coeff, positions)
+    steering = steering_in_units(lm, steering, units, whiten)
     r = evaluate_preference(
         lm,
         target,
@@ -101,7 +106,7 @@ def preference(
         soft_wrap=True,
     )
     if out is not None:
-        given = {"model": model, "vectors": vectors, "adapter": adapter}
+        given = {"model": model, "vectors": vectors, "adapter": adapter, "units": units}
         path = atomic_write_json(out, {**given, **r.to_dict(), "provenance": provenance(lm)})
         console.print(f"wrote {path}")
 

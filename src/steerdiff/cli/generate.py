@@ -21,6 +21,7 @@ from .common import (
     console,
     fail,
 )
+from .whiten import WhitenOpt, teacher_in_units, teacher_whiten_texts
 
 if TYPE_CHECKING:
     from steerdiff.teachers import TeacherConfig
@@ -182,6 +183,8 @@ def generate(
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
     threads: ThreadsOpt = 0,
+    coeff_units: Annotated[str, typer.Option(help="--coeff units: l2 or whitened")] = "l2",
+    whiten: WhitenOpt = None,
 ) -> None:
     """Write a numbers dataset from a teacher (re-run the same command to resume), or the
     false-fact documents (--task facts)."""
@@ -212,6 +215,7 @@ def generate(
             teacher_cfg = teacher_config(
                 teacher, animal, vectors, coeff, positions, adapter, sae=sae, latent=latent
             )
+        teacher_cfg = teacher_in_units(teacher_cfg, coeff_units, whiten)
         generate_facts(
             out, facts, per_fact, seed, genres, teacher_cfg, overwrite, model, dtype, device
         )
@@ -227,12 +231,13 @@ def generate(
     teacher_cfg = teacher_config(
         teacher, animal, vectors, coeff, positions, adapter, persona, sae=sae, latent=latent
     )
+    teacher_cfg = teacher_in_units(teacher_cfg, coeff_units, whiten)
     cfg = task.NumbersConfig(
         seed=prompt_seed, **task.persona_filter(persona, animal, banned_numbers)
     )
     check_writable(out)
     lm = load_model(model, dtype=dtype, device=device)
-    t = build_teacher(teacher_cfg, lm)
+    t = build_teacher(teacher_cfg, lm, whiten_texts=teacher_whiten_texts(teacher_cfg))
     with progress(n_prompts, "generate") as bar:
         man = task.make_dataset(
             t,
@@ -291,7 +296,8 @@ def generate_facts(
         from steerdiff.models import load_model
         from steerdiff.teachers import build_teacher
 
-        t = build_teacher(teacher_cfg, load_model(model, dtype=dtype, device=device))
+        lm = load_model(model, dtype=dtype, device=device)
+        t = build_teacher(teacher_cfg, lm, whiten_texts=teacher_whiten_texts(teacher_cfg))
     path = task.make_documents(
         facts, out, per_fact=per_fact, seed=seed, genres=genre_list, teacher=t, overwrite=overwrite
     )

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from .common import DeviceOpt, DtypeOpt, ModelOpt, OldModelArg, console, fail, pick_model
+from .whiten import UnitsOpt, check_units
 
 app = typer.Typer()
 
@@ -63,6 +64,7 @@ def sweep(
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
     seed: Annotated[int, typer.Option(help="seed (response sampling)")] = 0,
+    units: UnitsOpt = "l2",
 ) -> None:
     """Sweep layers x strengths x readouts of the trait system-prompt vector; write CSV, JSON, PNGs."""
     from rich.table import Table
@@ -87,7 +89,9 @@ def sweep(
         off_target_bound=off_target_bound,
         kl_bound=kl_bound,
         seed=seed,
+        units=units,
     )
+    check_units(units, None)
     lm = load_model(model, dtype=dtype, device=device)
     res = run_sweep(lm, cfg)
     paths = res.write(out)

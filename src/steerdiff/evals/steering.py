@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from ..errors import SteerdiffError
 from ..hooks import Op, Positions, parse_positions, steer
 from ..models import LoadedModel
+from ..vectors import VectorSet
+from ..whiten import Gaussian, whitened_units
 
 
 class SteeringError(SteerdiffError, ValueError):
@@ -29,6 +31,17 @@ class Steering:
     coeff: float | Sequence[float] = 1.0  # a list: evaluate under each coefficient, batched
     positions: Positions = "all"
     op: Op = "add"
+    units: str = "l2"  # "whitened": the vectors are at 1 whitened unit (see in_whitened_units)
+
+    def in_whitened_units(self, gaussians: Mapping[str, Gaussian]) -> Steering:
+        """The same steering with coeff in whitened units: each vector rescaled to Mahalanobis
+        norm 1 under its hook's Gaussian (steerdiff.whiten.whitened_units), so coeff c moves
+        the activations by c standard deviations of the data along the vector."""
+        if self.units == "whitened":
+            return self
+        vecs = whitened_units(self.vectors, gaussians)
+        meta = {**getattr(self.vectors, "metadata", {}), "coeff_units": "whitened"}
+        return replace(self, vectors=VectorSet(vecs, meta), units="whitened")
 
     @property
     def coeffs(self) -> list[float]:
@@ -45,6 +58,7 @@ class Steering:
             "coeff": self.coeff,
             "positions": self.positions if isinstance(self.positions, str) else "mask",
             "op": self.op,
+            "units": self.units,
             "readout": meta.get("readout"),
             "method": meta.get("method"),
         }
