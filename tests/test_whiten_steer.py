@@ -171,9 +171,11 @@ def test_teacher_in_whitened_units_adds_c_data_standard_deviations(tiny_lm, tmp_
 
 def test_cli_eval_whitened_needs_a_gaussian_of_the_vectors_hook(tiny_folder, tmp_path):
     """`eval preference --units whitened --whiten G` with G fitted at another hook: one line,
-    exit 2, before any scoring (the acceptance item's bad input). Bug caught: the hook not
-    checked (mutation tried: check_for skipped in gaussian_for_vector -> it scores and
-    exits 0), and a bad --units value passing."""
+    exit 2, before any scoring (the acceptance item's bad input), naming both hooks. Bugs
+    caught: the Gaussian not checked against the vectors' hook and model (mutation tried:
+    check_for skipped in gaussian_for_vector -> only whitened_units' later hook check stops
+    it, with a message that no longer says "fitted at X, not Y": fails), and a bad --units
+    value passing."""
     vec = VectorSet({HOOK: torch.randn(32)}).save(tmp_path / "v.safetensors")
     other = gaussian("blocks.0.hook_resid_post", 32, 8).save(tmp_path / "g0.safetensors")
     base = ["eval", "preference", "--model", str(tiny_folder), "--vectors", str(vec)]
@@ -243,3 +245,73 @@ def test_cli_whiten_fit_and_norm_equal_the_library(tiny_folder, tmp_path):
         app, ["whiten", "norm", str(vec_path), "--gaussian", str(tmp_path / "gm.safetensors")]
     )
     one_line_error(r, "was fitted on model 'another'", "fit the Gaussian on the vectors' model")
+
+
+def test_pipeline_whiten_stage_writes_the_library_numbers(tiny_folder, tmp_path):
+    """[whiten]: the stage saves a Gaussian per hook equal to fit_gaussians on the first
+    `texts` corpus texts, and for the fitted vector set: its norms and the mean Mahalanobis
+    distance of the activations from the data on the next `eval_texts` texts, unsteered and
+    with the vector added, as computed directly; the report has the section. Bugs caught: the
+    steered distance measured without the vector (mutation tried: `own = None` in
+    mean_distances -> steered == unsteered), the Gaussian fitted on the evaluation texts,
+    a rerun recomputing."""
+    from test_pipeline_facts import stage_dir
+
+    from steerdiff.chat import encode
+    from steerdiff.interpret.corpus import load_corpus
+    from steerdiff.io import read_json
+    from steerdiff.pipeline import parse_config, run_experiment
+    from steerdiff.replay import hook_activations
+    from steerdiff.whiten import fit_gaussians
+
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Bird {i}?"},
+                {"role": "assistant", "content": f"Owl {i}."},
+            ]
+        }
+        for i in range(8)
+    ]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    short = dict(objective="sft", max_steps=2, batch_size=4, max_len=48, val_fraction=0.25, lr=0.5)
+    raw = {
+        "name": "whiten-tiny",
+        "model": str(tiny_folder),
+        "dtype": "float32",
+        "task": {"name": "dataset", "data": str(data)},
+        "fits": [{"name": "resid", "hooks": HOOK, **short}],
+        "read": {"lens_texts": 0},
+        "whiten": {"texts": 6, "eval_texts": 3, "max_tokens": 16, "shrinkage": 0.2},
+    }
+    summary = run_experiment(parse_config(raw, source="whiten (tiny)"), tmp_path / "runs")
+    folder = stage_dir(summary.run_dir, "whiten-")
+    out = read_json(folder / "whiten.json")
+    lm = load_model(str(tiny_folder), dtype="float32")
+    texts = load_corpus(n=9, seed=0).texts
+    g = fit_gaussians(lm, [HOOK], texts[:6], 16, shrinkage=0.2)[HOOK]
+    saved = Gaussian.load(folder / f"gaussian_{HOOK}.safetensors")
+    torch.testing.assert_close(saved.cov, g.cov, rtol=0, atol=1e-10)
+    v = VectorSet.load(stage_dir(summary.run_dir, "fit-resid-s0") / "vectors.safetensors", lm)[HOOK]
+    (row,) = out["results"]
+    assert (row["name"], row["hook"]) == ("resid-s0", HOOK)
+    for k, want in vector_figures(g, v).items():
+        assert row[k] == pytest.approx(want, rel=1e-9)
+
+    def dist(add: torch.Tensor | None) -> float:
+        per = []
+        for t in texts[6:9]:
+            x = hook_activations(lm.model, [HOOK], torch.tensor([encode(lm.tokenizer, t)[:16]]))[
+                HOOK
+            ]
+            per.append(float(g.distance(x if add is None else x + add).mean()))
+        return sum(per) / len(per)
+
+    assert row["distance_unsteered"] == pytest.approx(dist(None), rel=1e-6)
+    assert row["distance_steered"] == pytest.approx(dist(v), rel=1e-6)
+    assert abs(row["distance_steered"] - row["distance_unsteered"]) > 1e-3
+    page = (summary.run_dir / "report.html").read_text()
+    assert "Whitening: vectors in the data" in page and "resid-s0" in page
+    again = run_experiment(parse_config(raw, source="whiten (tiny)"), tmp_path / "runs")
+    assert again.stages["whiten"].cached

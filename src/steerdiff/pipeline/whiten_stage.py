@@ -87,11 +87,11 @@ def mean_distances(
     return out
 
 
-def default_hooks(t: Any, subjects: dict[str, VectorSet]) -> list[str]:
-    """The teacher's hook and the residual-stream hooks of every vector set, in order."""
+def default_hooks(subjects: dict[str, VectorSet]) -> list[str]:
+    """The teacher vector's hooks and the residual-stream hooks of every vector set, in order."""
     from ..hookpoints import RESIDUAL_SUFFIXES
 
-    hooks = [t.hook] if t.kind == "steered" else []
+    hooks = list(subjects.get("teacher-vector", {}))
     hooks += [
         h for vs in subjects.values() for h in vs if h.rsplit(".", 1)[-1] in RESIDUAL_SUFFIXES
     ]
@@ -117,7 +117,7 @@ def stage_whiten(
     if teacher is not None:
         subjects["teacher-vector"] = teacher
     subjects |= fitted_vectors(fit_stages)
-    hooks = w.hooks or default_hooks(cfg.teacher, subjects)
+    hooks = w.hooks or default_hooks(subjects)
     if not hooks:
         return None
 
