@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -22,17 +21,7 @@ from ..models import LoadedModel
 from ..vectors import VectorSet
 from ..whiten import Gaussian, fit_gaussians, vector_figures
 from .stages import RunState, StageResult, model_key, run_stage
-
-WHITEN_TEXTS = 100  # corpus texts a whitened teacher's Gaussian is fitted on
-
-
-def teacher_whiten_texts(t: Any) -> list[str] | None:
-    """Corpus texts for a TeacherConfig with coeff_units "whitened" and no saved Gaussian
-    (build_teacher's whiten_texts); None otherwise."""
-    if t is None or getattr(t, "coeff_units", "l2") != "whitened" or t.whiten is not None:
-        return None
-    return load_corpus(n=WHITEN_TEXTS).texts
-
+from .whiten_texts import teacher_whiten_texts
 
 WHITEN_FILE = "whiten.json"
 
