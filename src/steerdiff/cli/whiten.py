@@ -90,7 +90,7 @@ def teacher_in_units(cfg: Any, coeff_units: str, whiten: str | None) -> Any:
 
 def teacher_whiten_texts(cfg: Any) -> list[str] | None:
     """Corpus texts to fit a whitened teacher's Gaussian on (None when it needs none)."""
-    from steerdiff.pipeline.whiten_texts import teacher_whiten_texts as texts_for
+    from steerdiff.pipeline.whitened_teacher import teacher_whiten_texts as texts_for
 
     return texts_for(cfg)
 

@@ -13,6 +13,7 @@ from ..vectors import VectorSet
 from .config import ExperimentConfig
 from .fit_stages import never, teacher_vector
 from .stages import RunState, StageResult, console, run_stage
+from .whitened_teacher import teacher_vectors_in_units
 
 RESIDUAL = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post")
 
@@ -60,7 +61,7 @@ def make_subjects(
                 "teacher (steered)",
                 "teacher",
                 lm,
-                vectors=teacher_vector(vec_main),
+                vectors=teacher_vectors_in_units(t, lm, teacher_vector(vec_main)),
                 coeff=t.coeff,
                 positions=t.positions,
             )
@@ -140,7 +141,7 @@ def stage_read(
 
     def fn(work: Path) -> dict:
         out: dict[str, Any] = {"dla": {}, "planted": [], "similarity": {}, "lens": None}
-        teacher_vs = teacher_vector(vec_stage)
+        teacher_vs = teacher_vectors_in_units(t, lm, teacher_vector(vec_stage))
         sets = fitted_vectors(fit_stages)
         planted = teacher_vs is not None and t.kind == "steered"
         with_teacher = {"teacher-vector": teacher_vs * t.coeff, **sets} if planted else sets

@@ -84,7 +84,7 @@ def make_teacher(
     dataset's manifest."""
     if t.kind == "steered" and vectors_file is not None:
         t = t.model_copy(update={"vectors": str(vectors_file)})
-    from .whiten_texts import teacher_whiten_texts
+    from .whitened_teacher import teacher_whiten_texts
 
     return build_teacher(t, lm, vectors, whiten_texts=teacher_whiten_texts(t))
 

@@ -21,7 +21,7 @@ from ..models import LoadedModel
 from ..vectors import VectorSet
 from ..whiten import Gaussian, fit_gaussians, vector_figures
 from .stages import RunState, StageResult, model_key, run_stage
-from .whiten_texts import teacher_whiten_texts
+from .whitened_teacher import teacher_vectors_in_units
 
 WHITEN_FILE = "whiten.json"
 
@@ -37,11 +37,8 @@ def teacher_steering(state: RunState, lm: LoadedModel) -> VectorSet | None:
     res = state.stages.get("teacher-vector-main")
     if res is None or t.kind != "steered" or state.cfg.student_model is not None:
         return None
-    from ..teachers import whitened_teacher_vectors
-
-    vs = VectorSet.load(res.path / "teacher_vector.safetensors")
-    spec = {"coeff_units": t.coeff_units, "whiten": t.whiten}
-    vs = whitened_teacher_vectors(vs, lm, spec, texts=teacher_whiten_texts(t))
+    vs = teacher_vectors_in_units(t, lm, VectorSet.load(res.path / "teacher_vector.safetensors"))
+    assert vs is not None
     return vs * t.coeff
 
 
