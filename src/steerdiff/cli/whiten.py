@@ -67,10 +67,11 @@ def steering_in_units(lm: Any, steering: Any, units: str, whiten: str | None, n_
     given = Gaussian.load(whiten) if whiten else None
     hooks = list(steering.vectors)
     texts = None if given is not None and len(hooks) == 1 else load_corpus(n=n_texts).texts
-    gs = {
-        h: gaussian_for_vector(lm, h, given if len(hooks) == 1 or given.hook == h else None, texts)
+    mine = {
+        h: given if given is not None and (len(hooks) == 1 or given.hook == h) else None
         for h in hooks
     }
+    gs = {h: gaussian_for_vector(lm, h, mine[h], texts) for h in hooks}
     return steering.in_whitened_units(gs)
 
 
