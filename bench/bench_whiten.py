@@ -16,9 +16,12 @@ units = c / ||v||_M in L2 coefficient), so at matched owl share the KL is the sa
 numerically (the same cell steered through both routes). Across layers: the strength needed
 for an owl-share gain of +t, in whitened units c and in L2 units relative to the hook's
 activation RMS (s = |coeff v| / rms, rms^2 = E|h|^2 = |mean|^2 + tr cov); the spread across
-layers is the SD of log2(needed strength) (octaves; scale-free, so the two units compare), and
+layers is the SD of log2(needed strength) (octaves; scale-free, so the units compare), and
 the owl gain / KL at one fixed nominal strength per unit system (the geometric mean of the
-layers' needed strengths for +0.10) spread across layers (max - min).
+layers' needed strengths for KL = 0.3) spread across layers. The owl share moves only at late
+layers on this model, so "needed" is also taken for coherence-KL targets (0.1, 0.3, 1 nats),
+which every layer reaches. Whitened units are also computed under an unshrunk covariance
+("whitened_none", same tokens) since the Ledoit-Wolf weight differs a lot between layers.
 
 (b) Direction. Under a whitened budget ||d||_M = c the direction with the most trait per unit
 length (max v.d) is d ∝ cov @ v. At matched owl share (each curve interpolated, linearly in
@@ -96,10 +99,11 @@ def at(logc: np.ndarray, y: np.ndarray, x: float) -> float:
     return float(np.interp(x, logc[ok], y[ok]))
 
 
-def stats(curves, base_q, logc, conv, qi, ki):
+def stats(curves, base_q, logc, offs, qi, ki):
     """Figures of one (resampled) draw: qi question rows, ki prompt rows.
-    curves[(layer, dir)] = (share [Q, n], kl [K, n]); conv[layer] = log2 of the factor that
-    turns whitened c of v into relative L2 strength s."""
+    curves[(layer, dir)] = (share [Q, n], kl [K, n]); offs[unit][layer] = what log2 of the
+    whitened (Ledoit-Wolf) c of v adds up to in that unit: 0 for "whitened", log2 of the factor
+    to relative L2 strength s for "l2_rel", log2(|v|_M,none / |v|_M,LW) for "whitened_none"."""
     b = base_q[qi].mean()
     out: dict = {}
     layers = sorted({la for la, _ in curves})
@@ -124,23 +128,26 @@ def stats(curves, base_q, logc, conv, qi, ki):
             out[("gdiff", la, k)] = (
                 out[(la, "cov_v", ("kl", k), "gain")] - out[(la, "v", ("kl", k), "gain")]
             )
-    conv_a = np.array([conv[la] for la in layers])
+    off = {u: np.array([o[la] for la in layers]) for u, o in offs.items()}
     for t in [*TARGETS, *(("kl", k) for k in KL_TARGETS)]:
         need_w = np.array([out[(la, "v", t, "logc")] for la in layers])  # log2 whitened c
-        need_s = need_w + conv_a  # log2 relative L2 s
         ok = ~np.isnan(need_w)
         n_ok = int(ok.sum())
-        sd = lambda a, ok=ok, n_ok=n_ok: float(np.std(a[ok], ddof=1)) if n_ok >= 2 else float("nan")  # noqa: E731
-        out[("sd_octaves", "whitened", t)] = sd(need_w)
-        out[("sd_octaves", "l2_rel", t)] = sd(need_s)
-        out[("sd_octaves", "diff", t)] = sd(need_w) - sd(need_s)
+        for u, o in off.items():
+            a = need_w + o
+            out[("sd_octaves", u, t)] = float(np.std(a[ok], ddof=1)) if n_ok >= 2 else float("nan")
+        for u in off:
+            if u != "l2_rel":
+                d = out[("sd_octaves", u, t)] - out[("sd_octaves", "l2_rel", t)]
+                out[("sd_octaves", f"{u}-l2_rel", t)] = d
         out[("sd_octaves", "n_layers", t)] = n_ok
     # one fixed nominal strength per unit system: the geometric mean of the layers' needs
     # for KL = FIXED_KL nats; the owl gain and KL it gives at each layer
     need_w = np.array([out[(la, "v", ("kl", FIXED_KL), "logc")] for la in layers])
     if not np.isnan(need_w).any():
-        w0, s0 = need_w.mean(), (need_w + conv_a).mean()
-        for unit, xs in (("whitened", [w0] * len(layers)), ("l2_rel", list(s0 - conv_a))):
+        for unit, o in off.items():
+            x0 = float((need_w + o).mean())
+            xs = list(x0 - o)  # back in log2 whitened (LW) c, per layer
             g = [at(logc, out[(la, "v", "gain")], x) for la, x in zip(layers, xs, strict=True)]
             k = [at(logc, out[(la, "v", "klcurve")], x) for la, x in zip(layers, xs, strict=True)]
             out[("fixed", unit, "gain_range")] = float(np.ptp(g))
@@ -148,17 +155,17 @@ def stats(curves, base_q, logc, conv, qi, ki):
             out[("fixed", unit, "log_kl_sd")] = float(np.std(np.log2(k), ddof=1))
             out[("fixed", unit, "gains")] = g
             out[("fixed", unit, "kls")] = k
-            out[("fixed", unit, "log2_nominal")] = float(w0 if unit == "whitened" else s0)
+            out[("fixed", unit, "log2_nominal")] = x0
     return out
 
 
-def boot(curves, base_q, logc, conv, keys, n_boot, seed=0):
+def boot(curves, base_q, logc, offs, keys, n_boot, seed=0):
     """Percentile 95% CI per key over two-way resamples; (lo, hi, kept)."""
     rng = np.random.default_rng(seed)
     q, k = len(base_q), next(iter(curves.values()))[1].shape[0]
     vals = {key: [] for key in keys}
     for _ in range(n_boot):
-        s = stats(curves, base_q, logc, conv, rng.integers(0, q, q), rng.integers(0, k, k))
+        s = stats(curves, base_q, logc, offs, rng.integers(0, q, q), rng.integers(0, k, k))
         for key in keys:
             vals[key].append(s.get(key, float("nan")))
     ci = {}
@@ -204,7 +211,7 @@ def plot(res: dict, path) -> None:
     ax[1].set_ylabel("owl share gain at coherence KL = 0.3 nats/token")
     ax[1].set_title("(b) v vs cov@v at matched KL")
     ax[1].legend()
-    for unit, mk in (("whitened", "o"), ("l2_rel", "s")):
+    for unit, mk in (("whitened", "o"), ("whitened_none", "^"), ("l2_rel", "s")):
         need = [res["needed"][str(la)]["kl=0.3"][unit] for la in layers]
         ref = np.nanmean(np.log2(need))
         ax[2].plot(layers, np.log2(need) - ref, marker=mk, label=unit)
@@ -213,7 +220,8 @@ def plot(res: dict, path) -> None:
     ax[2].set_ylabel("log2 strength for KL 0.3 (centred)")
     ax[2].set_title("(a) strength needed across layers")
     ax[2].legend()
-    fig.suptitle(f"{res['model']} ({res['dtype']}), owl vector (readout last)", fontsize=9)
+    name = "SmolLM2-135M-Instruct" if res["model"] == "default" else res["model"]
+    fig.suptitle(f"{name} ({res['dtype']}), owl vector (readout last)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -241,7 +249,9 @@ def main() -> None:
         lm, "owl", cat.name, "last", hooks, questions=default_contrast_questions()[:30]
     )["last"]
     texts = load_corpus(n=n_texts).texts
-    gs = gaussians_for(lm, hooks, texts, max_tokens=64, cache_dir=RESULTS / ".cache" / "whiten")
+    cache = RESULTS / ".cache" / "whiten"
+    gs = gaussians_for(lm, hooks, texts, max_tokens=64, cache_dir=cache)
+    gs_none = gaussians_for(lm, hooks, texts, max_tokens=64, shrinkage="none", cache_dir=cache)
     say(f"vectors + Gaussians in {time.perf_counter() - t0:.0f} s")
 
     prompts = question_prompts(lm, cat.questions[:n_q], None)
@@ -250,7 +260,7 @@ def main() -> None:
     cohs = [FastCoherence(CoherenceProbe(lm, [p], n_tok)) for p in neutral]
     base_q = torch.softmax(scorer.logprobs(layers[0], vs[hooks[0]], 0.0), -1)[:, ti].numpy()
 
-    figs, conv, curves = {}, {}, {}
+    figs, conv, conv_none, curves = {}, {}, {}, {}
     for la, h in zip(layers, hooks, strict=True):
         g, v = gs[h], vs[h].float()
         f = vector_figures(g, v)
@@ -261,6 +271,8 @@ def main() -> None:
         figs[la] = f
         # whitened c of v -> L2 coefficient c / |v|_M -> |coeff v| / rms = c |v| / (|v|_M rms)
         conv[la] = math.log2(f["l2_norm"] / (f["mahalanobis_norm"] * rms))
+        f["mahalanobis_norm_no_shrinkage"] = float(gs_none[h].mahalanobis_norm(v))
+        conv_none[la] = math.log2(f["mahalanobis_norm_no_shrinkage"] / f["mahalanobis_norm"])
         sv = (g.cov @ v.double()).float()
         dirs = whitened_units({h: v}, gs)[h], whitened_units({h: sv}, gs)[h]
         f["cos_v_cov_v"] = float(torch.nn.functional.cosine_similarity(v, sv, dim=0))
@@ -289,9 +301,10 @@ def main() -> None:
     }
     say(f"identity check: {identity}")
 
-    point = stats(curves, base_q, logc, conv, np.arange(n_q), np.arange(n_k))
+    offs = {"whitened": dict.fromkeys(layers, 0.0), "whitened_none": conv_none, "l2_rel": conv}
+    point = stats(curves, base_q, logc, offs, np.arange(n_q), np.arange(n_k))
     keys = [k for k in point if not isinstance(point[k], (list, np.ndarray))]
-    ci = boot(curves, base_q, logc, conv, keys, n_boot)
+    ci = boot(curves, base_q, logc, offs, keys, n_boot)
 
     def fig(key):
         lo, hi, kept = ci[key]
@@ -321,10 +334,14 @@ def main() -> None:
             matched[str(la)][tname(t)] = m
         for t in all_targets:  # (a) the strength v needs, in both units
             w = 2 ** point[(la, "v", t, "logc")]
-            needed[str(la)][tname(t)] = {"whitened": w, "l2_rel": w * 2 ** conv[la]}
+            needed[str(la)][tname(t)] = {u: w * 2 ** o[la] for u, o in offs.items()}
     uniform = {
         tname(t): {
-            **{u: fig(("sd_octaves", u, t)) for u in ("whitened", "l2_rel", "diff")},
+            **{
+                u: fig(("sd_octaves", u, t))
+                for u in ("whitened", "whitened_none", "l2_rel")
+                + ("whitened-l2_rel", "whitened_none-l2_rel")
+            },
             "n_layers_reaching": point[("sd_octaves", "n_layers", t)],
         }
         for t in all_targets
@@ -339,7 +356,7 @@ def main() -> None:
             "kl_range": fig(("fixed", u, "kl_range")),
             "log2_kl_sd": fig(("fixed", u, "log_kl_sd")),
         }
-        for u in ("whitened", "l2_rel")
+        for u in offs
         if ("fixed", u, "gains") in point
     }
     base_m, base_ci = mean_ci95(base_q.tolist())
@@ -403,9 +420,13 @@ def main() -> None:
     for key, u in uniform.items():
         say(
             f"SD over {u['n_layers_reaching']} layers of log2(strength for {key}): whitened "
-            f"{u['whitened']['value']:.3f} {np.round(u['whitened']['ci95'], 3)} vs L2/rms "
+            f"{u['whitened']['value']:.3f} {np.round(u['whitened']['ci95'], 3)}, whitened "
+            f"(no shrinkage) {u['whitened_none']['value']:.3f} "
+            f"{np.round(u['whitened_none']['ci95'], 3)} vs L2/rms "
             f"{u['l2_rel']['value']:.3f} {np.round(u['l2_rel']['ci95'], 3)}; whitened - L2 "
-            f"{u['diff']['value']:+.3f} {np.round(u['diff']['ci95'], 3)}"
+            f"{u['whitened-l2_rel']['value']:+.3f} {np.round(u['whitened-l2_rel']['ci95'], 3)}, "
+            f"no-shrinkage - L2 {u['whitened_none-l2_rel']['value']:+.3f} "
+            f"{np.round(u['whitened_none-l2_rel']['ci95'], 3)}"
         )
     for u, f in fixed.items():
         say(
