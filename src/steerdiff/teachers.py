@@ -8,6 +8,8 @@ when a fit scores validation data under the teacher. The five kinds as specs:
 
     {"kind": "prompt", "animal": "owl", "category": "animal", "system_prompt": "..."}
     {"kind": "steered", "vectors": "owl.safetensors", "coeff": 2.0, "positions": "all"}
+    {"kind": "steered", "vectors": "owl.safetensors", "coeff": 8.0, "coeff_units": "whitened",
+     "whiten": "b24.safetensors"}   # coeff in standard deviations of the data (steerdiff.whiten)
     {"kind": "sae", "sae": "saes/blocks.24", "latent": 123, "coeff": 8.0, "positions": "all"}
     {"kind": "adapter", "path": "runs/lora-owl"}   # PEFT LoRA folder or full model folder
     {"kind": "plain"}                               # the model itself (control data)
