@@ -183,6 +183,7 @@ def test_cli_eval_whitened_needs_a_gaussian_of_the_vectors_hook(tiny_folder, tmp
     one_line_error(r, "fitted at blocks.0.hook_resid_post, not " + HOOK)
     r = CliRunner().invoke(app, [*base, "--units", "mahalanobis"])
     one_line_error(r, "--units must be l2 or whitened")
+    one_line_error(CliRunner().invoke(app, ["sweep", "--units", "sd"]), "--units must be l2 or")
     # generate: whitened units are for teachers that add a vector (bug: silently ignored)
     gen = ["generate", "--teacher", "prompt", "--out", str(tmp_path / "data"), "--n-prompts", "1"]
     r = CliRunner().invoke(app, [*gen, "--coeff-units", "whitened"])
