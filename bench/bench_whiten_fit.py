@@ -10,13 +10,14 @@ units, cosine schedule, a fixed number of epochs, no convergence stop), as:
   penalty f    loss += lambda ||v||_M^2, lambda = f x (the plain fit's base KL) / ||v_T||_M^2:
                at the teacher vector's whitened norm the penalty is f x the base model's KL
   cap          whiten_max_norm = ||v_T||_M (the teacher vector's own Mahalanobis norm)
+  cap / 2      whiten_max_norm = half the plain fit's ||v||_M (a cap that binds)
 
 ||.||_M is measured in a Ledoit-Wolf Gaussian of the hook's activations on 200 texts of the
 offline corpus (whiten.fit_gaussian). For each fit: the held-out top-k KL gap closed
 (1 - KL_fitted / KL_base, bootstrap 95% CI over validation rows, from the fit itself),
 coherence (KL(base || base + v) on neutral prompts along the base model's greedy responses,
 evals.scoring.CoherenceProbe; mean and 95% CI over prompts), the owl share (the exact
-preference scorer, 50 questions, 95% CI over questions; paired difference with the plain
+preference scorer, 50 questions (--quick: 20), 95% CI over questions; paired difference with the plain
 fit on the same questions), the vector's Mahalanobis and L2 norms, and its cosine with the
 teacher's vector. The base model and the teacher are measured alongside in the same run.
 
@@ -42,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _owl  # noqa: E402
 from _owl import COEFF, HOOK, Clock, say  # noqa: E402
 
-N_QUESTIONS = 50
+N_QUESTIONS = 50  # --quick: 20
 
 
 def config(quick: bool, **kw: Any) -> Any:
@@ -60,7 +61,7 @@ def config(quick: bool, **kw: Any) -> Any:
         converge_tol=0,
         batch_size=8 if quick else 16,
         micro_batch_size=8,
-        val_size=8 if quick else 48,
+        val_size=8 if quick else 32,
         seed=0,
         progress=False,
     )
@@ -105,7 +106,7 @@ class Coherence:
 
 
 def measure(
-    lm: Any, v: torch.Tensor, g: Any, teacher_v: torch.Tensor, coherence: Coherence
+    lm: Any, v: torch.Tensor, g: Any, teacher_v: torch.Tensor, coherence: Coherence, n_q: int
 ) -> dict[str, Any]:
     """Norms, cosine with the teacher, coherence and owl share of base + v."""
     return {
@@ -113,7 +114,7 @@ def measure(
         "l2_norm": round(float(v.norm()), 4),
         "cosine_teacher": round(_owl.cosine(v, teacher_v), 4),
         "coherence": coherence(v),
-        "owl": _owl.owl_share(lm, N_QUESTIONS, {HOOK: v}),
+        "owl": _owl.owl_share(lm, n_q, {HOOK: v}),
     }
 
 
@@ -121,9 +122,10 @@ def run_fit(
     lm: Any, rows: list[dict], cfg: Any, name: str, folder: Path, ctx: dict
 ) -> dict[str, Any]:
     """One fit and its figures; kept in folder/name.json (a rerun reads it back)."""
+    name_file = name.replace("|", "").replace("/", "_").replace(" ", "_")
     from steerdiff.fit import fit
 
-    done = folder / f"{name}.json"
+    done = folder / f"{name_file}.json"
     if done.exists():
         say(f"{name}: done earlier ({done})")
         return json.loads(done.read_text())
@@ -142,7 +144,7 @@ def run_fit(
         "steps": res.steps,
         "final_penalty": res.metrics[-1].get("penalty"),
         "whitened_norms": s.get("whitened_norms"),
-        **measure(lm, v, ctx["g"], ctx["teacher_v"], ctx["coherence"]),
+        **measure(lm, v, ctx["g"], ctx["teacher_v"], ctx["coherence"], ctx["n_q"]),
         **clock.figures(),
     }
     _owl.write_json(done, row)
@@ -197,12 +199,12 @@ def plot(result: dict, path: Path) -> Path:
             "coherence: KL on neutral prompts",
             lambda f: (f["coherence"]["kl"], f["coherence"]["ci95"]),
         ),
-        ("owl share (exact, 50 questions)", lambda f: (f["owl"]["owl_share"], f["owl"]["ci95"])),
+        ("owl share (exact preference)", lambda f: (f["owl"]["owl_share"], f["owl"]["ci95"])),
         ("Mahalanobis norm of v", lambda f: (f["mahalanobis_norm"], None)),
     ]
     refs = {
         "coherence: KL on neutral prompts": [("teacher", result["teacher"]["coherence"]["kl"])],
-        "owl share (exact, 50 questions)": [
+        "owl share (exact preference)": [
             ("base", result["base"]["owl"]["owl_share"]),
             ("teacher", result["teacher"]["owl"]["owl_share"]),
         ],
@@ -248,13 +250,14 @@ def main() -> None:
 
     quick = a.quick
     total = Clock()
-    n_train, n_val = (24, 8) if quick else (192, 48)
+    n_train, n_val = (16, 8) if quick else (128, 32)
+    n_q = 20 if quick else N_QUESTIONS
     fs = (
         [float(x) for x in a.penalties.split(",")]
         if a.penalties
-        else ([1.0] if quick else [0.1, 1.0, 10.0])
+        else ([10.0] if quick else [1.0, 10.0, 100.0])
     )
-    n_texts, n_prompts = (40, 3) if quick else (200, 8)
+    n_texts, n_prompts = (40, 2) if quick else (200, 8)
     name = "whiten_fit_quick" if quick else "whiten_fit"
     out = Path(a.out or _owl.RESULTS / f"{name}.json")
     folder = _owl.CACHE / name
@@ -273,16 +276,16 @@ def main() -> None:
         f"{len(rows)} rows ({n_val} validation); teacher |v|_M {r_t:.3f}, |v| {teacher_v.norm():.2f}"
     )
     coherence = Coherence(lm, n_prompts)
-    ctx = {"g": g, "teacher_v": teacher_v, "coherence": coherence}
+    ctx = {"g": g, "teacher_v": teacher_v, "coherence": coherence, "n_q": n_q}
 
     base = {
         "name": "base",
         "coherence": {"kl": 0.0, "ci95": [0.0, 0.0]},
-        "owl": _owl.owl_share(lm, N_QUESTIONS),
+        "owl": _owl.owl_share(lm, n_q),
         "mahalanobis_norm": 0.0,
         "l2_norm": 0.0,
     }
-    teacher = {"name": "teacher", **measure(lm, teacher_v, g, teacher_v, coherence)}
+    teacher = {"name": "teacher", **measure(lm, teacher_v, g, teacher_v, coherence, n_q)}
     whiten = {"whiten": str(g_path)}
     plain = run_fit(lm, rows, config(quick, **whiten), "plain", folder, ctx)
     base_kl = plain["base_val_kl"]
@@ -293,6 +296,9 @@ def main() -> None:
         fits.append(run_fit(lm, rows, cfg, f"penalty f={f:g}", folder, ctx))
     cfg = config(quick, whiten_max_norm=r_t, **whiten)
     fits.append(run_fit(lm, rows, cfg, "cap |v_T|_M", folder, ctx))
+    r_half = 0.5 * plain["mahalanobis_norm"]  # a cap that binds: half the plain fit's norm
+    cfg = config(quick, whiten_max_norm=r_half, **whiten)
+    fits.append(run_fit(lm, rows, cfg, "cap |v_plain|_M/2", folder, ctx))
     for r in fits[1:]:
         r["owl_vs_plain"] = _owl.paired(r["owl"], plain["owl"])
 

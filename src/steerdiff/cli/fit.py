@@ -181,7 +181,9 @@ def fit_cmd(
     if baseline not in (None, "lora", "full"):
         fail(f"--baseline must be lora or full, not {baseline!r}")
     if baseline and cfg.whiten:
-        fail(f"--whiten measures fitted vectors; a --baseline {baseline} finetune has none: drop it")
+        fail(
+            f"--whiten measures fitted vectors; a --baseline {baseline} finetune has none: drop it"
+        )
     check_out_dir(out, overwrite=overwrite, resume=resume)  # before the model loads
     if threads:
         import torch
