@@ -180,6 +180,10 @@ def fit_cmd(
     cfg = FitConfig(**config)  # a bad value: "error: bad option --NAME: ..."
     if baseline not in (None, "lora", "full"):
         fail(f"--baseline must be lora or full, not {baseline!r}")
+    if baseline and cfg.whiten:
+        fail(
+            f"--whiten measures fitted vectors; a --baseline {baseline} finetune has none: drop it"
+        )
     check_out_dir(out, overwrite=overwrite, resume=resume)  # before the model loads
     if threads:
         import torch

@@ -53,6 +53,7 @@ from .losses import eval_losses, result_figures
 from .online import OnlineTeacher, online_eval, online_losses
 from .students import Student, VectorStudent, init_vectors
 from .teacher import as_teacher, online_problem, reference_losses
+from .whitened import finish_whitened_fit, whitened_norms
 
 Data = str | os.PathLike | Rows | Sequence[dict] | Sequence[Example]
 
@@ -342,6 +343,7 @@ def fit(
         names = select_hooks(model, cfg.hooks)
     except HookError as e:
         raise FitError(f"Hook selection {cfg.hooks} matches no hook point: {e}") from e
+    whitened = whitened_norms(lm, names, cfg, out_dir)  # a wrong Gaussian: said before the data
     d = prepare_fit(lm, data, cfg, teacher, score=False)  # scored in d.train_student
     cfg = d.config(cfg)  # objective "auto" resolved
     model.requires_grad_(False)
@@ -350,11 +352,15 @@ def fit(
         if sae is not None
         else VectorStudent(model, init_vectors(model, names, cfg), cfg)
     )
+    if isinstance(student, VectorStudent):
+        student.whitened = whitened
     prov = {**model_provenance(lm, cfg), "teacher": d.teacher, "hooks": names}
     prov.update(latent_provenance(sae))
 
     def save(out: Path, params: dict[str, torch.Tensor], summary: dict) -> None:
         summary = record_code(student, summary, out)  # basis "sae": latent_code.safetensors
+        if whitened is not None:
+            summary = {**summary, **whitened.figures(params)}
         vs = _vector_set(lm, trained_vectors(student), cfg, summary, d.teacher, d.data)
         vs.save(out / "vectors.safetensors")
 
@@ -366,6 +372,7 @@ def fit(
         student, cfg, out_dir=out_dir, resume=resume, prov=prov, on_step=on_step, save_params=save
     )
     finish_latent_fit(student, res)  # basis "sae": the code's summary in res and result.json
+    finish_whitened_fit(whitened, student.params, res)  # the vectors' whitened norms
     res.vectors = _vector_set(lm, trained_vectors(student), cfg, res.summary(), d.teacher, d.data)
     return res
 

@@ -130,6 +130,26 @@ class FitConfig(BaseModel):
         L1_DEFAULT,
         description="basis sae: loss += l1 x sum_i |z_i| ||W_dec[i]|| (the code's L1 penalty)",
     )
+    whiten: str | None = Field(
+        None,
+        description="the Gaussians whitened norms are measured in (docs/steering-toolbox.md: "
+        "Whitened fits): a saved Gaussian file (one hook), a folder with one <hook>.safetensors "
+        "per fitted hook, or 'auto' (fit one per hook on the offline corpus at the fit's start, "
+        "kept in --out/whiten/ for a resume); alone it records each vector's Mahalanobis norm",
+    )
+    whiten_texts: int = Field(
+        200, description="whiten 'auto': corpus texts each Gaussian is fitted on"
+    )
+    whiten_penalty: float = Field(
+        0.0,
+        description="loss += whiten_penalty x sum over hooks of ||v||_M^2 = v^T cov^-1 v "
+        "(the whitened norm squared; needs whiten)",
+    )
+    whiten_max_norm: float | None = Field(
+        None,
+        description="cap each vector's Mahalanobis norm ||v||_M (after every step, like "
+        "max_norm; needs whiten)",
+    )
     seed: int = Field(0, description="seed (split, order, init)")
     progress: bool = Field(True, description="show a progress bar")
 
@@ -153,6 +173,42 @@ class FitConfig(BaseModel):
         if not v >= 0:
             raise ValueError(f"l1 must be >= 0 (0: no penalty), got {v}")
         return v
+
+    @field_validator("whiten_penalty")
+    @classmethod
+    def _whiten_penalty(cls, v: float) -> float:
+        if not v >= 0:
+            raise ValueError(f"whiten_penalty must be >= 0 (0: no penalty), got {v}")
+        return v
+
+    @field_validator("whiten_max_norm")
+    @classmethod
+    def _whiten_max_norm(cls, v: float | None) -> float | None:
+        if v is not None and not v > 0:
+            raise ValueError(f"whiten_max_norm must be > 0 (leave it unset for no cap), got {v}")
+        return v
+
+    @field_validator("whiten_texts")
+    @classmethod
+    def _whiten_texts(cls, v: int) -> int:
+        if v < 2:
+            raise ValueError(f"whiten_texts must be >= 2 (texts to fit a Gaussian on), got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _whiten(self) -> FitConfig:
+        for name in ("whiten_penalty", "whiten_max_norm"):
+            if getattr(self, name) not in (None, 0.0) and not self.whiten:
+                raise ValueError(
+                    f"{name} needs whiten: give --whiten PATH (a Gaussian file, or a folder of "
+                    "<hook>.safetensors) or --whiten auto"
+                )
+        if self.whiten and self.basis == "sae":
+            raise ValueError(
+                "whiten is for basis 'residual' (free vectors); a basis 'sae' code has its L1 "
+                "penalty: drop --whiten, or fit with --basis residual"
+            )
+        return self
 
     @model_validator(mode="after")
     def _basis(self) -> FitConfig:

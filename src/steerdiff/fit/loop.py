@@ -176,6 +176,7 @@ def train_student(
                     with torch.no_grad():
                         for v in params.values():
                             v.mul_(torch.clamp(cfg.max_norm / v.norm().clamp_min(1e-12), max=1.0))
+                student.constrain()  # e.g. the whitened cap (fit.whitened)
                 state.step = step + 1
                 tokens_seen += n_tok
 

@@ -31,6 +31,7 @@ from .data import Batch, Example, collate
 from .losses import token_losses
 from .memory import CachePlan, CacheUse, RecomputePlan, plan_prefix_cache, plan_recompute
 from .online import Target, online_losses
+from .whitened import WhitenedNorms
 
 
 class Student:
@@ -50,6 +51,10 @@ class Student:
         """A term added to each step's loss (e.g. fit.latent's L1 on a sparse code), with its
         graph back to the parameters; None: none (the loop logs it as "penalty")."""
         return None
+
+    def constrain(self) -> None:
+        """After every optimizer step: project the parameters onto their allowed set (e.g.
+        fit.whitened's Mahalanobis-norm cap); default none."""
 
     def activation_scales(self, rows: Sequence[Example], pad_id: int) -> dict[str, float] | None:
         """Per trained tensor, the scale its learning rate is in units of (lr_units
@@ -84,6 +89,15 @@ class VectorStudent(Student):
         self.cache = SpillCache(memory_budget_bytes(cfg.cache_budget), "prefix")
         self.plan: CachePlan | None = None
         self.recompute: RecomputePlan | None = None
+        self.whitened: WhitenedNorms | None = None  # fit.whitened: penalty and cap, if any
+
+    def penalty(self) -> torch.Tensor | None:
+        """whiten_penalty x sum ||v||_M^2 when the fit is whitened (fit.whitened), else None."""
+        return None if self.whitened is None else self.whitened.penalty(self.params)
+
+    def constrain(self) -> None:
+        if self.whitened is not None:
+            self.whitened.constrain(self.params)
 
     def plan_memory(self, use: CacheUse, cfg: FitConfig, say: bool = True) -> None:
         if self.start is None:
