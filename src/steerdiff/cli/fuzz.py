@@ -65,6 +65,7 @@ def fuzz(
     import torch
 
     from steerdiff.fuzz import FuzzConfig, resolve_variant, run_fuzz
+    from steerdiff.fuzz.variants import spec_kind
     from steerdiff.io import atomic_write_json, provenance
     from steerdiff.models import load_model
     from steerdiff.report.fuzz import write_fuzz_png
@@ -82,6 +83,7 @@ def fuzz(
         whiten=list(whiten or []),
         n_questions=n_questions,
     )  # a bad --eval, --scales or --noise fails here, before the model loads
+    spec_kind(model_a, coeff_a), spec_kind(model_b, coeff_b)  # and a bad MODEL_A / MODEL_B
     if threads > 0:
         torch.set_num_threads(threads)
     lm = load_model(model, dtype=dtype, device=device)

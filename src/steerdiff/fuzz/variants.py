@@ -70,29 +70,40 @@ def split_coeff(spec: str, coeff: float | None) -> tuple[str, float | None]:
     return path, value
 
 
-def resolve_variant(lm: LoadedModel, spec: str, coeff: float | None = None) -> Variant:
-    """The variant of `lm` that `spec` names (see the module docstring); a spec that is none
-    of them, or a VectorSet of another model, is one ModelSpecError/VectorSetError line."""
+def spec_kind(spec: str, coeff: float | None = None) -> tuple[str, Path | None, float | None]:
+    """(kind, path, coeff) of a spec without loading anything, so a bad spec fails before
+    the model loads: kind "base", "vectors" or "folder" (an adapter or a model folder)."""
     if spec == "base":
         if coeff is not None:
             raise ModelSpecError("A coeff was given for 'base'; a coeff applies to a VectorSet.")
-        return Variant(spec, "base", lambda: base_context(lm))
+        return "base", None, None
     path, c = split_coeff(spec, coeff)
     p = Path(path)
     if p.is_file() and p.suffix == ".safetensors":
-        vs = VectorSet.load(p, lm)
-        c = 1.0 if c is None else c
-        info = {"path": str(p), "coeff": c, "hooks": list(vs), "method": vs.metadata.get("method")}
-        return Variant(spec, "vectors", vector_context(lm, vs, c), info)
+        return "vectors", p, 1.0 if c is None else c
     if c is not None:
         raise ModelSpecError(
             f"Model spec {spec!r} has a coeff but {path} is not a VectorSet file (.safetensors)."
         )
     if p.is_dir() and (is_adapter_folder(p) or (p / "config.json").is_file()):
-        ft = resolve_finetune(lm, p)
-        return Variant(spec, ft.kind, ft.context, {"path": str(p)})
+        return "folder", p, None
     problem = "does not exist" if not p.exists() else "is not any of the kinds taken"
     raise ModelSpecError(
         f"Model spec {spec!r}: {path} {problem}; pass {SPEC_HELP} (with adapter_config.json "
         "or config.json)."
     )
+
+
+def resolve_variant(lm: LoadedModel, spec: str, coeff: float | None = None) -> Variant:
+    """The variant of `lm` that `spec` names (see the module docstring); a spec that is none
+    of them, or a VectorSet of another model, is one ModelSpecError/VectorSetError line."""
+    kind, p, c = spec_kind(spec, coeff)
+    if kind == "base":
+        return Variant(spec, "base", lambda: base_context(lm))
+    assert p is not None
+    if kind == "vectors":
+        vs = VectorSet.load(p, lm)
+        info = {"path": str(p), "coeff": c, "hooks": list(vs), "method": vs.metadata.get("method")}
+        return Variant(spec, "vectors", vector_context(lm, vs, c or 1.0), info)
+    ft = resolve_finetune(lm, p)
+    return Variant(spec, ft.kind, ft.context, {"path": str(p)})

@@ -26,22 +26,27 @@ def _axis_label(result: dict[str, Any]) -> str:
     return "P(misaligned) (multiple choice)"
 
 
+def draw_comparison(ax: Any, result: dict[str, Any], c: dict[str, Any]) -> None:
+    """One comparison on `ax`: the eval vs noise scale for A and B, mean over questions with
+    its 95% CI band; the verdict as the title."""
+    for name, color in zip((c["a"], c["b"]), COLORS, strict=True):
+        pts = result["curves"][name]["points"]
+        x = [p["scale"] for p in pts]
+        ax.plot(x, [p["mean"] for p in pts], "o-", color=color, label=name[-40:])
+        lo, hi = zip(*(p["ci95"] for p in pts), strict=True)
+        ax.fill_between(x, lo, hi, color=color, alpha=0.2)
+    ax.set_xlabel(f"noise scale ({result['noise']}) at {len(result['hooks'])} hooks")
+    ax.set_ylabel(_axis_label(result))
+    ax.set_title(f"verdict: {c['verdict']}", fontsize=10)
+    ax.legend(fontsize=8)
+
+
 def fuzz_figure(result: dict[str, Any]) -> Figure:
-    """One panel per comparison: the eval vs noise scale for A and B, mean over questions
-    with its 95% CI band."""
+    """One panel per comparison (draw_comparison)."""
     comps = result["comparisons"]
     fig, axes = plt.subplots(1, len(comps), figsize=(5.2 * len(comps), 3.8), squeeze=False)
     for ax, c in zip(axes[0], comps, strict=True):
-        for name, color in zip((c["a"], c["b"]), COLORS, strict=True):
-            pts = result["curves"][name]["points"]
-            x = [p["scale"] for p in pts]
-            ax.plot(x, [p["mean"] for p in pts], "o-", color=color, label=name[-40:])
-            lo, hi = zip(*(p["ci95"] for p in pts), strict=True)
-            ax.fill_between(x, lo, hi, color=color, alpha=0.2)
-        ax.set_xlabel(f"noise scale ({result['noise']}) at {len(result['hooks'])} hooks")
-        ax.set_ylabel(_axis_label(result))
-        ax.set_title(f"verdict: {c['verdict']}", fontsize=10)
-        ax.legend(fontsize=8)
+        draw_comparison(ax, result, c)
     hooks = ", ".join(result["hooks"])
     return Figure.from_matplotlib(
         fig, f"Eval vs activation noise at {hooks}; bands: 95% CI across questions"
