@@ -115,6 +115,7 @@ from steerdiff.fuzz import (  # noqa: E402
     NO_DIFFERENCE,
     FuzzCurve,
     FuzzEval,
+    Variant,
     compare,
     fuzz_curve,
     make_eval,
@@ -198,7 +199,7 @@ def curve(label: str, values: list[list[list[float]]], scales=(0.0, 1.0, 2.0)) -
 def test_compare_gives_the_paired_evidence_and_flips_when_swapped():
     """level = A - B of the mean over scales > 0 (and seeds), rise = that minus each model's
     scale 0, hand-computed. Bugs caught: scale 0 counted in the level (mutation: `s > 0` ->
-    `s >= 0`: level 0.3 not 0.4), the verdict's sign inverted (mutation: "A" if hi < 0 ->
+    `s >= 0`: level 1/3, not 0.4), the verdict's sign inverted (mutation: "A" if hi < 0 ->
     the swap test fails), unpaired questions."""
     z = [0.0, 0.0, 0.0]
     a = curve("A", [[[0.1, 0.2, 0.3]] * 2, [[0.5, 0.6, 0.7], [0.5, 0.6, 0.7]], [[0.6] * 3] * 2])
@@ -302,3 +303,47 @@ def test_cli_writes_the_result_and_resumes(tiny_folder, tmp_path, animals):
     assert res2.exit_code == 0, res2.output
     assert {p: p.stat().st_mtime_ns for p in (out / "parts").rglob("*.json")} == parts
     assert json.loads((out / "fuzz.json").read_text())["curves"] == d["curves"]
+
+
+def test_the_fuzz_stage_compares_base_with_each_fit_and_is_reported(tmp_path, tiny_folder):
+    """A run with one fitted vector set and [fuzz]: fuzz.json holds base vs the fit, its
+    numbers are those of a direct run_fuzz call, the report shows the section, and a rerun is
+    cached. Bugs caught: a fit left out of the pairs (mutation: pairs = [] -> the stage
+    errors), the stage fuzzing another model than the fit (mutation: its coeff 2.0 -> the direct call's values differ), the
+    report section missing (mutation: fuzz_sections returns at once -> fails)."""
+    from test_pipeline_facts import stage_dir
+
+    from steerdiff.fuzz import FuzzConfig, run_fuzz
+    from steerdiff.models import load_model
+    from steerdiff.pipeline import parse_config, run_experiment
+
+    rows = [
+        {"messages": [{"role": "user", "content": f"Name a bird ({i})."},
+                      {"role": "assistant", "content": f"An owl, number {i + 3}."}]}
+        for i in range(12)
+    ]  # fmt: skip
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    short = dict(objective="sft", max_steps=2, batch_size=4, max_len=64, val_fraction=0.25, lr=0.5)
+    fz = {"layers": [0], "scales": [0.0, 1.0], "seeds": 1, "n_questions": 2}
+    raw = {
+        "name": "fuzz-tiny",
+        "model": str(tiny_folder),
+        "dtype": "float32",
+        "task": {"name": "dataset", "data": str(data)},
+        "fits": [{"name": "resid", "hooks": "blocks.2.hook_resid_post", **short}],
+        "read": {"lens_texts": 0},
+        "fuzz": fz,
+    }
+    summary = run_experiment(parse_config(raw, source="fuzz (tiny)"), tmp_path / "runs")
+    assert [s.kind for s in summary.stages.values()][-1] == "fuzz"
+    out = json.loads((stage_dir(summary.run_dir, "fuzz") / "fuzz.json").read_text())
+    assert [(c["a"], c["b"]) for c in out["comparisons"]] == [("base", "resid-s0")]
+    lm = load_model(str(tiny_folder), dtype="float32")
+    vs = VectorSet.load(stage_dir(summary.run_dir, "fit-resid-s0") / "vectors.safetensors", lm)
+    fit = Variant("resid-s0", "vectors", vector_context(lm, vs, 1.0))
+    direct = run_fuzz(lm, {"resid-s0": fit}, [], FuzzConfig(**fz))
+    assert out["curves"]["resid-s0"]["values"] == direct["curves"]["resid-s0"]["values"]
+    assert "Activation fuzzing" in (summary.run_dir / "report.html").read_text()
+    again = run_experiment(parse_config(raw, source="fuzz (tiny)"), tmp_path / "runs")
+    assert all(s.cached for s in again.stages.values())
