@@ -55,7 +55,7 @@ def copy_inputs(lm) -> dict[str, Path]:
     _owl.owl_vector(lm)  # the owl vector (made once, cached by _owl)
     out = {"owl": _owl.CACHE / "owl_vector.safetensors", "student": CACHE / "student.safetensors"}
     if not out["student"].exists():
-        found = sorted((MAIN.glob(STUDENT_GLOB))) + sorted(Path.cwd().glob(STUDENT_GLOB))
+        found = sorted(MAIN.glob(STUDENT_GLOB)) + sorted(Path.cwd().glob(STUDENT_GLOB))
         if not found:
             sys.exit(f"no demo vector student ({STUDENT_GLOB}): run the demo experiment first")
         shutil.copy(found[0], out["student"])

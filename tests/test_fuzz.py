@@ -347,3 +347,20 @@ def test_the_fuzz_stage_compares_base_with_each_fit_and_is_reported(tmp_path, ti
     assert "Activation fuzzing" in (summary.run_dir / "report.html").read_text()
     again = run_experiment(parse_config(raw, source="fuzz (tiny)"), tmp_path / "runs")
     assert all(s.cached for s in again.stages.values())
+
+
+def test_whitened_noise_needs_a_gaussian_per_hook_of_this_hook(tiny_lm, tmp_path):
+    """Bugs caught: a hook fuzzed without its Gaussian (mutation: the `missing` check removed
+    -> a KeyError, not the one-line FuzzError; a Gaussian fitted at another hook counts as
+    none for this one), whitening files silently ignored with isotropic noise."""
+    from steerdiff.fuzz import FuzzConfig, load_gaussians
+
+    data = torch.randn(300, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    g_at, g_next = (gaussian_from_activations(data, h) for h in (AT, NEXT))
+    f_at, f_next = g_at.save(tmp_path / "at.safetensors"), g_next.save(tmp_path / "n.safetensors")
+    gs = load_gaussians(tiny_lm, FuzzConfig(noise="whitened", whiten=[str(f_at)]), [AT])
+    assert set(gs) == {AT} and torch.equal(gs[AT].cov, g_at.cov)
+    with pytest.raises(FuzzError, match=f"none given for {NEXT} \\(given: {AT}\\)"):
+        load_gaussians(tiny_lm, FuzzConfig(noise="whitened", whiten=[str(f_at)]), [AT, NEXT])
+    with pytest.raises(FuzzError, match="add --noise whitened"):
+        load_gaussians(tiny_lm, FuzzConfig(whiten=[str(f_next)]), [AT])

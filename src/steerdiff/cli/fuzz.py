@@ -40,7 +40,9 @@ def fuzz(
         str | None,
         typer.Option(help="noise at blocks.L.hook_resid_post, e.g. 6,12,18 (default: 20/40/60%)"),
     ] = None,
-    hooks: Annotated[str | None, typer.Option(help="noise at these hooks (comma-separated)")] = None,
+    hooks: Annotated[
+        str | None, typer.Option(help="noise at these hooks (comma-separated)")
+    ] = None,
     scales: Annotated[str, typer.Option(help="noise scales, comma-separated")] = "0,0.25,0.5,1",
     seeds: Annotated[int, typer.Option(help="noise seeds per scale")] = 2,
     noise: Annotated[str, typer.Option(help="isotropic | whitened")] = "isotropic",

@@ -33,12 +33,12 @@ from typing import Any
 
 import numpy as np
 
-from .noise import FuzzError, noise
 from ..interpret.variants import ModelContext
 from ..intervals import bootstrap_ci, mean_ci95
 from ..models import LoadedModel, unwrap
 from ..progress import progress as progress_bar
 from ..whiten import Gaussian
+from .noise import FuzzError, noise
 
 EVALS = ("preference", "misalignment")
 NO_DIFFERENCE = "no difference within the 95% CI"
@@ -207,7 +207,9 @@ def fuzz_curve(
                 on_point(s, sd, row)
     grid = [[values[(s, seeds[0] if s == 0 else sd)] for sd in seeds] for s in scales]
     kind = "isotropic" if gaussians is None else "whitened"
-    return FuzzCurve(label, eval.name, list(scales), list(seeds), eval.items, grid, list(hooks), kind)
+    return FuzzCurve(
+        label, eval.name, list(scales), list(seeds), eval.items, grid, list(hooks), kind
+    )
 
 
 def _estimate(diffs: np.ndarray, seed: int = 0) -> dict[str, Any]:

@@ -43,7 +43,9 @@ def load_gaussians(
     this model; isotropic noise takes none."""
     if cfg.noise == "isotropic":
         if cfg.whiten:
-            raise FuzzError("Whitening files were given with isotropic noise: add --noise whitened.")
+            raise FuzzError(
+                "Whitening files were given with isotropic noise: add --noise whitened."
+            )
         return None
     gs = [Gaussian.load(p) for p in cfg.whiten]
     by_hook = {g.hook: g for g in gs}
