@@ -1,4 +1,4 @@
-"""Activation fuzzing (issue 16, started): Gaussian noise added to activations at chosen hooks.
+"""Gaussian noise added to activations at chosen hooks (the mechanism of steerdiff.fuzz).
 
     with noise(lm, ["blocks.10.hook_resid_post"], scale=0.5, seed=0):
         ...                                       # every forward pass inside is fuzzed
@@ -14,8 +14,7 @@ For an activation h [d] at each position,
 Noise is drawn from a seeded generator (the same seed gives the same noise), scale 0 leaves
 the activations exactly as they are, and the hooks are removed when the block ends, also
 after an exception (the one mechanism that replaces activations: sae.splice.
-replace_activations). The fuzzing curves (an eval vs scale for two models, with CIs) and
-`steerdiff fuzz` are the rest of issue 16.
+replace_activations).
 """
 
 from __future__ import annotations
@@ -25,13 +24,12 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
-from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from .errors import SteerdiffError
-from .models import LoadedModel, unwrap
-from .sae.splice import replace_activations
-from .whiten import Gaussian, WhitenError
+from ..errors import SteerdiffError
+from ..models import LoadedModel, unwrap
+from ..sae.splice import replace_activations
+from ..whiten import Gaussian, WhitenError
 
 
 class FuzzError(SteerdiffError, ValueError):
@@ -77,9 +75,3 @@ def noise(
     fns = {h: _noise_fn(scale, gen, None if gaussians is None else gaussians[h]) for h in hooks}
     with replace_activations(unwrap(model), fns):
         yield
-
-
-class FuzzConfig(BaseModel):
-    """`steerdiff fuzz` options and the experiment file's [fuzz] table (placeholder)."""
-
-    model_config = ConfigDict(extra="forbid")
