@@ -1,0 +1,175 @@
+"""MELBO (steerdiff.melbo): orthogonal vectors of norm R, an objective that rises, the
+radius sweep, resuming, planted recovery, and the CLI's one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from steerdiff.melbo import MelboConfig, MelboError, TargetMap, train_melbo
+from steerdiff.melbo.evals import planted_recovery
+from steerdiff.melbo.sweep import radius_sweep
+from steerdiff.replay import hook_activations
+from steerdiff.whiten import gaussian_from_activations
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+SRC, TGT = "blocks.0.hook_resid_post", "blocks.2.hook_resid_post"
+
+
+def _prompts(n: int = 4, length: int = 12, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(2, 250, (n, length), generator=g).tolist()
+
+
+def _cfg(**kw) -> MelboConfig:
+    base = dict(source_hook=SRC, target_hook=TGT, n_vectors=3, radius=2.0, steps=25, lr=0.05)
+    return MelboConfig(**{**base, **kw})
+
+
+def test_vectors_orthogonal_and_of_norm_r(tiny_lm):
+    """Bug: a vector not projected off the earlier ones (or not renormalised after the Adam
+    step) drifts off orthogonality / off the sphere."""
+    res = train_melbo(tiny_lm, _cfg(), _prompts(), progress=False)
+    V = res.vectors.double()
+    assert V.shape == (3, 64)
+    torch.testing.assert_close(V.norm(dim=1), torch.full((3,), 2.0, dtype=V.dtype), rtol=0, atol=1e-5)
+    cos = (V @ V.T) / (V.norm(dim=1)[:, None] * V.norm(dim=1)[None])
+    off = cos - torch.eye(3, dtype=V.dtype)
+    assert off.abs().max() < 1e-5, cos
+
+
+def test_whitened_norm_and_orthogonality(tiny_lm):
+    """Bug: the whitened sphere built from the wrong factor (cov instead of its Cholesky
+    factor, or L^T for L) gives vectors whose Mahalanobis norm is not R."""
+    x = torch.tensor(_prompts(16, 16, seed=3))
+    acts = hook_activations(tiny_lm, [SRC], x)[SRC]
+    g = gaussian_from_activations(acts, SRC)
+    res = train_melbo(tiny_lm, _cfg(norm="whitened"), _prompts(), progress=False, gaussian=g)
+    V = res.vectors.double()
+    torch.testing.assert_close(
+        g.mahalanobis_norm(V), torch.full((3,), 2.0, dtype=torch.float64), rtol=1e-5, atol=0
+    )
+    M = V @ torch.cholesky_solve(V.T, torch.linalg.cholesky(g.cov))  # theta_i^T cov^-1 theta_j
+    off = M / 4.0 - torch.eye(3, dtype=M.dtype)
+    assert off.abs().max() < 1e-5, M
+    # and not merely an L2 sphere: the Euclidean norms differ from R
+    assert (V.norm(dim=1) - 2.0).abs().min() > 1e-2
+
+
+def test_objective_increases(tiny_lm):
+    """Bug: the gradient sign flipped (descent), or no renormalisation (the vector grows off
+    the sphere): the objective must rise by a clear margin for every vector, with the
+    vector still of norm R."""
+    res = train_melbo(tiny_lm, _cfg(), _prompts(), progress=False)
+    for c in res.curves:
+        assert len(c) == 26
+        assert c[-1] > 1.1 * c[0], c
+    # the recorded last value is the objective of the saved vector
+    tmap = TargetMap(tiny_lm, SRC, TGT, _prompts())
+    for i, c in enumerate(res.curves):
+        got = tmap.stats(res.vectors[i], 2.0, 2.0)["objective"]
+        assert got == pytest.approx(c[-1], rel=1e-4)
+
+
+def test_objective_is_the_published_formula(tiny_lm):
+    """Bug: padding counted in the objective, or the power / root swapped: sum over prompts of
+    (sum over positions ||dZ||^p)^(1/q), computed here by hand on unpadded prompts."""
+    prompts = [p[:n] for p, n in zip(_prompts(3, 12), (12, 7, 4), strict=True)]
+    theta = torch.randn(64, generator=torch.Generator().manual_seed(1))
+    tmap = TargetMap(tiny_lm, SRC, TGT, prompts, batch_size=3)
+    got = tmap.stats(theta, 3.0, 1.5)["objective"]
+    want = 0.0
+    from steerdiff.hooks import record, steer
+
+    for p in prompts:
+        x = torch.tensor([p])
+        with record(tiny_lm.model, [TGT]) as r0:
+            tiny_lm.model(x)
+        with steer(tiny_lm.model, {SRC: theta}), record(tiny_lm.model, [TGT]) as r1:
+            tiny_lm.model(x)
+        dn = (r1[TGT] - r0[TGT])[0].norm(dim=-1)
+        want += float(dn.pow(3.0).sum() ** (1 / 1.5))
+    assert got == pytest.approx(want, rel=1e-4)
+
+
+def test_radius_sweep_change_grows_with_r(tiny_lm):
+    """Bug: the radius not applied (every R trains / draws the same vector), or the random
+    baseline drawn at another norm: the change must grow with R, and a trained vector
+    changes the target at least as much as random ones of its norm."""
+    rows = radius_sweep(
+        tiny_lm, _cfg(steps=10, n_random=3), [0.25, 1.0, 4.0], _prompts(), progress=False
+    )
+    tr = [r["trained_change"] for r in rows]
+    rd = [r["random_change"] for r in rows]
+    assert tr[0] < tr[1] < tr[2] and rd[0] < rd[1] < rd[2]
+    assert tr[2] > 4 * tr[0]
+    assert all(r["trained_change"] >= r["random_change"] for r in rows)
+
+
+def test_resume_skips_finished_vectors(tiny_lm, tmp_path):
+    """Bug: a rerun retrains the vectors already saved (changing them) or trains vectors that
+    are not orthogonal to the loaded ones; other settings must not be mixed in silently."""
+    train_melbo(tiny_lm, _cfg(n_vectors=2), _prompts(), progress=False, out=tmp_path)
+    files = sorted(tmp_path.glob("vector_*.safetensors"))
+    before = [f.read_bytes() for f in files]
+    res = train_melbo(tiny_lm, _cfg(n_vectors=3), _prompts(), progress=False, out=tmp_path)
+    assert [f.read_bytes() for f in files] == before
+    assert (tmp_path / "vector_02.safetensors").exists()
+    V = res.vectors.double()
+    assert (V[2] @ V[:2].T).abs().max() / 4.0 < 1e-5
+    with pytest.raises(MelboError, match="other settings"):
+        train_melbo(tiny_lm, _cfg(n_vectors=3, radius=3.0), _prompts(), progress=False, out=tmp_path)
+
+
+def test_target_before_source_is_one_line(tiny_lm):
+    """Bug: a target in the source's block or before it trains on a zero change (nothing)."""
+    with pytest.raises(MelboError, match="not in a later block"):
+        TargetMap(tiny_lm, TGT, SRC, _prompts())
+
+
+def test_planted_recovery_finds_the_planted_direction():
+    """Bug: cosines not normalised, or the chance level computed for the wrong width: a
+    planted direction among random ones is recovered (|cos| 1), a random one is not."""
+    g = torch.Generator().manual_seed(0)
+    V = torch.linalg.qr(torch.randn(64, 4, generator=g)).Q.T * 3.0  # 4 orthogonal, norm 3
+    hit = planted_recovery(V, V[2] * 5.0, n_random=300)
+    assert hit["best_vector"] == 2 and hit["best_cos"] == pytest.approx(1.0, abs=1e-9)
+    assert hit["span_fraction"] == pytest.approx(1.0, abs=1e-9) and hit["recovered"]
+    miss = planted_recovery(V, torch.randn(64, generator=g), n_random=300)
+    assert not miss["recovered"]
+    assert miss["chance_one_vector"] == pytest.approx(1 / 8)
+    assert 0.1 < miss["chance_best_cos_mean"] < 0.35  # best of 4 random |cos| in d=64
+
+
+def _cli(*args: str):
+    return subprocess.run(
+        [sys.executable, "-m", "steerdiff.cli", "melbo", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--radius", "0"], "radius must be > 0"),
+        (["--radius", "-2"], "radius must be > 0"),
+        (["--radii", "1,0"], "every radius must be > 0"),
+        (["--evals", "preference,vibes"], "unknown eval 'vibes'"),
+    ],
+)
+def test_cli_bad_input_is_one_line(tmp_path, args, needle):
+    """Bug: R <= 0 or an unknown eval name reaching training (a traceback, or a silent run):
+    one line `error: ...`, exit 2, nothing written."""
+    r = _cli("--out", str(tmp_path / "o"), *args)
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], lines
+    if "eval" in needle:
+        assert "preference, misalignment, coherence" in lines[0]
+    assert not (tmp_path / "o").exists()
