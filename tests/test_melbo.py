@@ -3,14 +3,17 @@ radius sweep, resuming, planted recovery, and the CLI's one-line errors."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import json
 
 import pytest
 import torch
+from typer.testing import CliRunner
+
+from steerdiff.cli import app
 
 from steerdiff.melbo import MelboConfig, MelboError, TargetMap, train_melbo
 from steerdiff.melbo.evals import planted_recovery
+from steerdiff.melbo.run import run_melbo
 from steerdiff.melbo.sweep import radius_sweep
 from steerdiff.replay import hook_activations
 from steerdiff.whiten import gaussian_from_activations
@@ -146,12 +149,7 @@ def test_planted_recovery_finds_the_planted_direction():
 
 
 def _cli(*args: str):
-    return subprocess.run(
-        [sys.executable, "-m", "steerdiff.cli", "melbo", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return CliRunner().invoke(app, ["melbo", *args])
 
 
 @pytest.mark.parametrize(
@@ -167,9 +165,29 @@ def test_cli_bad_input_is_one_line(tmp_path, args, needle):
     """Bug: R <= 0 or an unknown eval name reaching training (a traceback, or a silent run):
     one line `error: ...`, exit 2, nothing written."""
     r = _cli("--out", str(tmp_path / "o"), *args)
-    assert r.returncode == 2, r.stdout + r.stderr
-    lines = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.strip()]
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert r.exit_code == 2, r.output
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], lines
     if "eval" in needle:
         assert "preference, misalignment, coherence" in lines[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_run_melbo_writes_and_resumes(tiny_lm, tmp_path):
+    """Bug: melbo.json missing a part (training curves, sweep, planted recovery), or a rerun
+    retraining the vectors / redoing the sweep: the second run leaves the vector files and
+    the sweep as they were."""
+    cfg = _cfg(n_vectors=2, steps=5, radii=[0.5, 2.0], n_random=2, n_samples=0)
+    planted = torch.randn(64, generator=torch.Generator().manual_seed(5))
+    doc = run_melbo(tiny_lm, cfg, tmp_path, planted=planted, prompts=_prompts(), progress=False)
+    on_disk = json.loads((tmp_path / "melbo.json").read_text())
+    assert on_disk["training"]["n_vectors"] == 2 and len(on_disk["training"]["curves"]) == 2
+    assert [r["radius"] for r in on_disk["sweep"]] == [0.5, 2.0]
+    assert len(on_disk["planted"]["cos"]) == 2
+    assert on_disk["provenance"]["config"]["radius"] == 2.0
+    assert (tmp_path / "melbo.png").read_bytes()[:4] == b"\x89PNG"
+    files = {f.name: f.read_bytes() for f in tmp_path.glob("vector_*.safetensors")}
+    assert sorted(files) == ["vector_00.safetensors", "vector_01.safetensors"]
+    doc2 = run_melbo(tiny_lm, cfg, tmp_path, planted=planted, prompts=_prompts(), progress=False)
+    assert {f.name: f.read_bytes() for f in tmp_path.glob("vector_*.safetensors")} == files
+    assert doc2["sweep"] == doc["sweep"] and doc2["training"] == doc["training"]

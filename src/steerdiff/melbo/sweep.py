@@ -75,27 +75,33 @@ def radius_sweep(
     return rows
 
 
-def plateau_png(rows: list[dict], title: str = "") -> bytes:
-    """Mean ||dZ|| at the target hook vs R (log x, log y): trained vs random (95% CI)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def draw_plateau(ax, rows: list[dict]) -> None:
+    """Mean ||dZ|| at the target hook vs R (log-log) on a matplotlib axis: the trained vector
+    and the random ones of the same norm (mean, 95% CI band)."""
     R = [r["radius"] for r in rows]
-    fig, ax = plt.subplots(figsize=(5.2, 3.6))
     ax.plot(R, [r["trained_change"] for r in rows], "o-", color="C3", label="MELBO (trained)")
+    ax.plot(R, [r["random_change"] for r in rows], "s--", color="C0", label="random, same norm")
     lo = [r["random_change_ci95"][0] for r in rows]
     hi = [r["random_change_ci95"][1] for r in rows]
-    ax.plot(R, [r["random_change"] for r in rows], "s--", color="C0", label="random, same norm")
     ax.fill_between(R, lo, hi, color="C0", alpha=0.2)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("radius R (norm of the vector at the source hook)", fontsize=8)
     ax.set_ylabel("mean ||dZ|| at the target hook", fontsize=8)
-    ax.set_title(title or "activation change vs perturbation size", fontsize=9)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     ax.grid(alpha=0.3, which="both")
+
+
+def plateau_png(rows: list[dict], title: str = "") -> bytes:
+    """The radius sweep alone as a PNG (draw_plateau)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    draw_plateau(ax, rows)
+    ax.set_title(title or "activation change vs perturbation size", fontsize=9)
     fig.tight_layout()
     buf = _io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
