@@ -79,15 +79,15 @@ def test_objective_increases(tiny_lm):
 
 
 def test_objective_is_the_published_formula(tiny_lm):
-    """Bug: padding counted in the objective, or the power / root swapped: sum over prompts of
-    (sum over positions ||dZ||^p)^(1/q), computed here by hand on unpadded prompts."""
-    prompts = [p[:n] for p, n in zip(_prompts(3, 12), (12, 7, 4), strict=True)]
-    theta = torch.randn(64, generator=torch.Generator().manual_seed(1))
-    tmap = TargetMap(tiny_lm, SRC, TGT, prompts, batch_size=3)
-    got = tmap.stats(theta, 3.0, 1.5)["objective"]
-    want = 0.0
+    """Bug: padding counted in the objective, the power / root swapped, or skip_first not
+    applied: sum over prompts of (sum over positions ||dZ||^p)^(1/q), computed here by hand on
+    unpadded prompts with full forwards, over every position (skip_first=0, as published)
+    and without the first (skip_first=1, the default)."""
     from steerdiff.hooks import record, steer
 
+    prompts = [p[:n] for p, n in zip(_prompts(3, 12), (12, 7, 4), strict=True)]
+    theta = torch.randn(64, generator=torch.Generator().manual_seed(1))
+    want = {0: 0.0, 1: 0.0}
     for p in prompts:
         x = torch.tensor([p])
         with record(tiny_lm.model, [TGT]) as r0:
@@ -95,8 +95,12 @@ def test_objective_is_the_published_formula(tiny_lm):
         with steer(tiny_lm.model, {SRC: theta}), record(tiny_lm.model, [TGT]) as r1:
             tiny_lm.model(x)
         dn = (r1[TGT] - r0[TGT])[0].norm(dim=-1)
-        want += float(dn.pow(3.0).sum() ** (1 / 1.5))
-    assert got == pytest.approx(want, rel=1e-4)
+        for k in want:
+            want[k] += float(dn[k:].pow(3.0).sum() ** (1 / 1.5))
+    for k in want:
+        tmap = TargetMap(tiny_lm, SRC, TGT, prompts, batch_size=3, skip_first=k)
+        assert tmap.stats(theta, 3.0, 1.5)["objective"] == pytest.approx(want[k], rel=1e-4)
+    assert want[0] > want[1] * 1.01  # the first position does count when kept
 
 
 def test_radius_sweep_change_grows_with_r(tiny_lm):

@@ -47,6 +47,9 @@ def melbo(
     ] = None,
     n_prompts: Annotated[int, typer.Option(help="prompts trained on")] = 8,
     max_tokens: Annotated[int, typer.Option(help="tokens per prompt")] = 64,
+    skip_first: Annotated[
+        int, typer.Option(help="first positions left out of the objective (0: as published)")
+    ] = 1,
     batch_size: int = 8,
     seed: int = 0,
     radii: Annotated[
@@ -74,7 +77,7 @@ def melbo(
     cfg = MelboConfig(  # bad options fail here, in one line, before the model loads
         source_hook=source_hook, target_hook=target_hook, n_vectors=n_vectors, radius=radius,
         norm=norm, whiten=whiten, whiten_texts=whiten_texts, p=p, q=q, steps=steps, lr=lr,
-        prompts=prompts, n_prompts=n_prompts, max_tokens=max_tokens, batch_size=batch_size,
+        prompts=prompts, n_prompts=n_prompts, max_tokens=max_tokens, skip_first=skip_first, batch_size=batch_size,
         seed=seed, radii=_floats(radii, "--radii"), sweep_steps=sweep_steps, n_random=n_random,
         evals=evals or [], target=target, category=category, n_questions=n_questions,
         n_samples=n_samples, sample_tokens=sample_tokens,

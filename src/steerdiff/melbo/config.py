@@ -35,7 +35,8 @@ class MelboConfig(BaseModel):
     Training (Mack & Turner 2024): n_vectors vectors of norm `radius` added at source_hook
     (every position), each maximising sum over prompts of (sum over positions of
     ||Z_target(theta) - Z_target(0)||_2^p)^(1/q) at target_hook, each orthogonal to the
-    earlier ones. norm "whitened": the radius and the orthogonality are in the whitened
+    earlier ones; the first `skip_first` positions of each prompt (attention-sink tokens with
+    massive activations) are left out of the sum (0: every position, as published). norm "whitened": the radius and the orthogonality are in the whitened
     metric of a Gaussian at source_hook (`whiten`: a saved steerdiff.whiten Gaussian; else
     one fitted on `whiten_texts` corpus texts).
     """
@@ -56,6 +57,7 @@ class MelboConfig(BaseModel):
     prompts: str | None = None  # a .txt file, one user message a line; None: packaged questions
     n_prompts: int = Field(8, ge=1)
     max_tokens: int = Field(64, ge=2)
+    skip_first: int = Field(1, ge=0)  # first positions left out of the objective (0: published)
     batch_size: int = Field(8, ge=1)
     seed: int = 0
     # the radius sweep (empty: none): one vector trained per radius, and random vectors

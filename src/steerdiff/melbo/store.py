@@ -28,6 +28,7 @@ TRAIN_FIELDS = (
     "steps",
     "lr",
     "max_tokens",
+    "skip_first",
     "batch_size",
     "seed",
 )

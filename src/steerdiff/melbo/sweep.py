@@ -37,7 +37,7 @@ def radius_sweep(
     cfg = MelboConfig(**{**cfg.model_dump(), "radii": list(radii)})  # checks every R > 0
     ids = prompt_ids(lm, cfg, prompts)
     basis, _ = whitening_basis(lm, cfg, gaussian)
-    tmap = TargetMap(lm, cfg.source_hook, cfg.target_hook, ids, cfg.batch_size)
+    tmap = TargetMap(lm, cfg.source_hook, cfg.target_hook, ids, cfg.batch_size, cfg.skip_first)
     dev = next(unwrap(lm).parameters()).device
     none = torch.zeros(0, tmap.dim)
     p, q = cfg.p, cfg.q_
