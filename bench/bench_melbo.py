@@ -37,7 +37,7 @@ SOURCE, TARGET = "blocks.6.hook_resid_post", "blocks.20.hook_resid_post"
 ORGANISM = Path("/work/main/runs/bench/misalignment_organism")
 
 FULL = dict(
-    radii=[0.5, 1, 2, 4, 8, 16, 32, 64], sweep_steps=30, n_vectors=8, steps=60,
+    radii=[0.5, 1, 2, 4, 8, 16, 32, 64], sweep_steps=25, n_vectors=8, steps=60,
     n_prompts=4, n_questions=20, n_samples=2, organism_vectors=4,
 )  # fmt: skip
 QUICK = dict(
@@ -46,9 +46,18 @@ QUICK = dict(
 )  # fmt: skip
 
 
-def pick_radius(rows: list[dict]) -> float:
-    """The rule fixed in advance: the R with the largest trained / random change ratio."""
-    return max(rows, key=lambda r: r["change_ratio"])["radius"]
+def pick_radius(rows: list[dict]) -> tuple[float, list[float]]:
+    """The rule fixed in advance: where the trained vector's change jumps, i.e. the upper end
+    of the sweep segment with the steepest log-log slope of mean ||dZ|| vs R (slope 1: the
+    linear regime; a plateau then a jump shows as a slope > 1). Returns (R, the slopes)."""
+    import math
+
+    slopes = [
+        math.log(b["trained_change"] / a["trained_change"]) / math.log(b["radius"] / a["radius"])
+        for a, b in zip(rows, rows[1:], strict=False)
+    ]
+    k = max(range(len(slopes)), key=slopes.__getitem__)
+    return rows[k + 1]["radius"], slopes
 
 
 def owl_direction(lm: Any) -> torch.Tensor:
@@ -121,20 +130,28 @@ def main() -> None:
         sweep_steps=size["sweep_steps"], n_random=4, evals=["preference", "coherence"],
         n_questions=size["n_questions"], n_samples=size["n_samples"], sample_tokens=32,
     )  # fmt: skip
-    out: dict[str, Any] = {"model": lm.spec, "dtype": str(lm.model.dtype), "mode": "quick" if args.quick else "full"}
+    out: dict[str, Any] = {
+        "model": lm.spec,
+        "dtype": str(lm.model.dtype),
+        "mode": "quick" if args.quick else "full",
+    }
 
     say("1. radius sweep")
     rows = radius_sweep(lm, cfg)
-    R = pick_radius(rows)
+    R, slopes = pick_radius(rows)
     out["sweep"] = rows
-    out["chosen_radius"] = {"radius": R, "rule": "largest trained/random change ratio"}
+    out["chosen_radius"] = {
+        "radius": R,
+        "rule": "upper end of the steepest log-log segment of the trained change vs R",
+        "slopes": slopes,
+    }
     for r in rows:
         lo, hi = r["random_change_ci95"]
         say(
             f"  R={r['radius']:>5g}: trained |dZ| {r['trained_change']:8.3f}  random "
             f"{r['random_change']:8.3f} [{lo:.3f}, {hi:.3f}]  ratio {r['change_ratio']:.2f}"
         )
-    say(f"  chosen R = {R:g}")
+    say(f"  log-log slopes {[round(x, 2) for x in slopes]}; chosen R = {R:g}")
 
     say("2. N vectors at R")
     cfg = cfg.model_copy(update={"radius": float(R)})
@@ -157,6 +174,9 @@ def main() -> None:
     rec = planted_recovery(res.vectors, owl)
     rec["owl_direction_norm"] = float(owl.norm())
     rec["owl_direction_at_R"] = owl_share_at_norm(lm, owl, R, cfg.n_questions)
+    rec["owl_direction_by_norm"] = [
+        {"radius": r, **owl_share_at_norm(lm, owl, r, cfg.n_questions)} for r in size["radii"]
+    ]
     rec["best_vector_preference"] = ev["vectors"][rec["best_vector"]]["preference"]
     out["planted_owl"] = rec
     say(
@@ -167,6 +187,11 @@ def main() -> None:
     )
     o = rec["owl_direction_at_R"]
     say(f"  owl direction itself at norm R: shift {o['shift']:+.4f} {o['shift_ci95']}")
+    for x in rec["owl_direction_by_norm"]:
+        lo, hi = x["shift_ci95"]
+        say(
+            f"    owl direction at norm {x['radius']:g}: shift {x['shift']:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+        )
 
     if size["organism_vectors"]:
         say("4. misalignment organism")

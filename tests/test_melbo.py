@@ -10,7 +10,6 @@ import torch
 from typer.testing import CliRunner
 
 from steerdiff.cli import app
-
 from steerdiff.melbo import MelboConfig, MelboError, TargetMap, train_melbo
 from steerdiff.melbo.evals import planted_recovery
 from steerdiff.melbo.run import run_melbo
@@ -39,7 +38,9 @@ def test_vectors_orthogonal_and_of_norm_r(tiny_lm):
     res = train_melbo(tiny_lm, _cfg(), _prompts(), progress=False)
     V = res.vectors.double()
     assert V.shape == (3, 64)
-    torch.testing.assert_close(V.norm(dim=1), torch.full((3,), 2.0, dtype=V.dtype), rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        V.norm(dim=1), torch.full((3,), 2.0, dtype=V.dtype), rtol=0, atol=1e-5
+    )
     cos = (V @ V.T) / (V.norm(dim=1)[:, None] * V.norm(dim=1)[None])
     off = cos - torch.eye(3, dtype=V.dtype)
     assert off.abs().max() < 1e-5, cos
@@ -129,7 +130,9 @@ def test_resume_skips_finished_vectors(tiny_lm, tmp_path):
     V = res.vectors.double()
     assert (V[2] @ V[:2].T).abs().max() / 4.0 < 1e-5
     with pytest.raises(MelboError, match="other settings"):
-        train_melbo(tiny_lm, _cfg(n_vectors=3, radius=3.0), _prompts(), progress=False, out=tmp_path)
+        train_melbo(
+            tiny_lm, _cfg(n_vectors=3, radius=3.0), _prompts(), progress=False, out=tmp_path
+        )
 
 
 def test_target_before_source_is_one_line(tiny_lm):
@@ -195,3 +198,46 @@ def test_run_melbo_writes_and_resumes(tiny_lm, tmp_path):
     doc2 = run_melbo(tiny_lm, cfg, tmp_path, planted=planted, prompts=_prompts(), progress=False)
     assert {f.name: f.read_bytes() for f in tmp_path.glob("vector_*.safetensors")} == files
     assert doc2["sweep"] == doc["sweep"] and doc2["training"] == doc["training"]
+
+
+def test_pipeline_stage_writes_melbo_and_reports(tmp_path, smollm):
+    """[melbo] in an experiment file: the stage's folder holds the vectors and melbo.json (the
+    evals and a sample per vector), the report has the section with its table, and a rerun
+    is cached (bugs: the stage not run / not wired to the report, the evals missing)."""
+    from _pipeline_tiny import save_tiny
+
+    from steerdiff.pipeline import parse_config, run_experiment
+
+    model = save_tiny(tmp_path / "tiny", smollm, "llama", 3)
+    data = tmp_path / "d.jsonl"
+    row = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    data.write_text((json.dumps(row) + "\n") * 4)
+    melbo = dict(
+        source_hook="blocks.0.hook_resid_post", target_hook="blocks.2.hook_resid_post",
+        n_vectors=2, radius=2.0, steps=3, n_prompts=2, max_tokens=24, evals=["preference",
+        "coherence"], n_questions=2, n_samples=1, sample_tokens=4,
+    )  # fmt: skip
+    raw = {
+        "name": "melbo-tiny",
+        "model": str(model),
+        "dtype": "float32",
+        "task": {"name": "dataset", "data": str(data)},
+        "read": {"lens_texts": 0},
+        "melbo": melbo,
+    }
+    summary = run_experiment(parse_config(raw, source="melbo (tiny)"), tmp_path / "runs")
+    st = summary.stages["melbo"]
+    doc = json.loads((st.path / "melbo.json").read_text())
+    assert sorted(p.name for p in st.path.glob("vector_*.safetensors")) == [
+        "vector_00.safetensors",
+        "vector_01.safetensors",
+    ]
+    assert [v["vector"] for v in doc["evals"]["vectors"]] == [0, 1]
+    assert sorted(doc["evals"]["ranking"]) == [0, 1]
+    for v in doc["evals"]["vectors"]:
+        assert set(v["preference"]) >= {"target_rate", "shift", "shift_ci95"}
+        assert v["coherence_kl"] >= 0 and len(v["samples"]) == 1
+    page = (summary.run_dir / "report.html").read_text()
+    assert "MELBO: unsupervised steering vectors" in page and "trait shift (95% CI)" in page
+    again = run_experiment(parse_config(raw, source="melbo (tiny)"), tmp_path / "runs")
+    assert again.stages["melbo"].cached

@@ -92,9 +92,7 @@ def melbo(
     lm = load_model(model, dtype=dtype, device=device)
     doc = run_melbo(lm, cfg, out)
     for row in doc["training"]["objective"]:
-        console.print(
-            f"vector {row['vector']}: objective {row['first']:.4g} -> {row['last']:.4g}"
-        )
+        console.print(f"vector {row['vector']}: objective {row['first']:.4g} -> {row['last']:.4g}")
     if "evals" in doc:
         console.print(f"ranked by {doc['evals']['rank_by']}: {doc['evals']['ranking']}")
     console.print(f"wrote {out}/{JSON_FILE}, {out}/{PNG_FILE} and {cfg.n_vectors} vector files")

@@ -1,9 +1,9 @@
 """A whole MELBO job into one folder (what `steerdiff melbo` and the [melbo] stage run):
 
-    OUT/vector_NN.safetensors  one VectorSet per vector (a rerun skips the finished ones)
-    OUT/melbo.json             objective curves, the radius sweep, evals, samples, the
-                               planted-vector recovery, provenance (rewritten after each part)
-    OUT/melbo.png              objective curves, and the plateau plot when there is a sweep
+OUT/vector_NN.safetensors  one VectorSet per vector (a rerun skips the finished ones)
+OUT/melbo.json             objective curves, the radius sweep, evals, samples, the
+                           planted-vector recovery, provenance (rewritten after each part)
+OUT/melbo.png              objective curves, and the plateau plot when there is a sweep
 """
 
 from __future__ import annotations
@@ -47,7 +47,9 @@ def run_melbo(
     atomic_write_json(path, doc)
     if cfg.radii:
         same = "sweep" in old and _sweep_key(old.get("config", {})) == _sweep_key(doc["config"])
-        doc["sweep"] = old["sweep"] if same else radius_sweep(lm, cfg, prompts=prompts, progress=progress)
+        doc["sweep"] = (
+            old["sweep"] if same else radius_sweep(lm, cfg, prompts=prompts, progress=progress)
+        )
         atomic_write_json(path, doc)
     if planted is not None:
         doc["planted"] = planted_recovery(res.vectors, planted.float().cpu())
@@ -63,7 +65,15 @@ def run_melbo(
 
 
 # options that do not change the radius sweep (a rerun with other evals reuses it)
-NOT_SWEEP = {"n_vectors", "evals", "target", "category", "n_questions", "n_samples", "sample_tokens"}
+NOT_SWEEP = {
+    "n_vectors",
+    "evals",
+    "target",
+    "category",
+    "n_questions",
+    "n_samples",
+    "sample_tokens",
+}
 
 
 def _sweep_key(config: dict) -> dict:
@@ -85,7 +95,9 @@ def melbo_png(res: MelboResult, sweep: list[dict] | None = None) -> bytes:
         ax.plot([v / c[0] for v in c], label=f"vector {i}", lw=1)
     ax.set_xlabel("step", fontsize=8)
     ax.set_ylabel("objective / objective at step 0", fontsize=8)
-    ax.set_title(f"MELBO objective ({res.source_hook} -> {res.target_hook}, R={res.radius:g})", fontsize=8)
+    ax.set_title(
+        f"MELBO objective ({res.source_hook} -> {res.target_hook}, R={res.radius:g})", fontsize=8
+    )
     if len(res.curves) <= 10:
         ax.legend(fontsize=6)
     ax.grid(alpha=0.3)

@@ -193,7 +193,9 @@ def train_vector(
     return u, curve
 
 
-def prompt_ids(lm: LoadedModel, cfg: MelboConfig, prompts: Prompts | None = None) -> list[list[int]]:
+def prompt_ids(
+    lm: LoadedModel, cfg: MelboConfig, prompts: Prompts | None = None
+) -> list[list[int]]:
     """Token ids of the training prompts (each cut to max_tokens): given ids as they are; given
     texts (or cfg.prompts, a .txt file, or the packaged questions) as chat prompts."""
     if prompts is None and cfg.prompts is not None:
