@@ -24,6 +24,7 @@ Writes bench/results/melbo.json and melbo.png (melbo_quick.* with --quick).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,13 @@ def organism(lm: Any, cfg: Any, n_vectors: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument(
+        "--radius",
+        type=float,
+        default=None,
+        help="train at this R instead of the rule's (the sweep is reused from the default "
+        "run's JSON when it has one); writes melbo_R<R>.json/.png, without the organism",
+    )
     args = ap.parse_args()
     size = QUICK if args.quick else FULL
     torch.set_num_threads(1)
@@ -137,12 +145,21 @@ def main() -> None:
     }
 
     say("1. radius sweep")
-    rows = radius_sweep(lm, cfg)
+    earlier = RESULTS / ("melbo_quick.json" if args.quick else "melbo.json")
+    if args.radius is not None and earlier.exists():
+        rows = json.loads(earlier.read_text())["sweep"]
+        say(f"  (the sweep of {earlier})")
+    else:
+        rows = radius_sweep(lm, cfg)
     R, slopes = pick_radius(rows)
+    if args.radius is not None:
+        R = args.radius
     out["sweep"] = rows
     out["chosen_radius"] = {
         "radius": R,
-        "rule": "upper end of the steepest log-log segment of the trained change vs R",
+        "rule": "upper end of the steepest log-log segment of the trained change vs R"
+        if args.radius is None
+        else "given by hand (--radius)",
         "slopes": slopes,
     }
     for r in rows:
@@ -193,13 +210,15 @@ def main() -> None:
             f"    owl direction at norm {x['radius']:g}: shift {x['shift']:+.4f} [{lo:+.4f}, {hi:+.4f}]"
         )
 
-    if size["organism_vectors"]:
+    if size["organism_vectors"] and args.radius is None:
         say("4. misalignment organism")
         out["organism"] = organism(lm, cfg, size["organism_vectors"])
         say(f"  {out['organism']}")
 
     out["seconds"] = clock.figures()
     name = "melbo_quick" if args.quick else "melbo"
+    if args.radius is not None:
+        name += f"_R{args.radius:g}"
     write_json(RESULTS / f"{name}.json", out)
     (RESULTS / f"{name}.png").write_bytes(melbo_png(res, rows))
     say(f"wrote {RESULTS / name}.png; {out['seconds']}")

@@ -118,13 +118,20 @@ def test_radius_sweep_change_grows_with_r(tiny_lm):
     assert all(r["trained_change"] >= r["random_change"] for r in rows)
 
 
-def test_resume_skips_finished_vectors(tiny_lm, tmp_path):
-    """Bug: a rerun retrains the vectors already saved (changing them) or trains vectors that
-    are not orthogonal to the loaded ones; other settings must not be mixed in silently."""
+def test_resume_skips_finished_vectors(tiny_lm, tmp_path, monkeypatch):
+    """Bug: a rerun retrains the vectors already saved (changing them, or wasting the time) or
+    trains vectors that are not orthogonal to the loaded ones; other settings must not be
+    mixed in silently."""
+    import steerdiff.melbo.train as train
+
     train_melbo(tiny_lm, _cfg(n_vectors=2), _prompts(), progress=False, out=tmp_path)
     files = sorted(tmp_path.glob("vector_*.safetensors"))
     before = [f.read_bytes() for f in files]
+    calls = []
+    real = train.train_vector
+    monkeypatch.setattr(train, "train_vector", lambda *a, **k: calls.append(1) or real(*a, **k))
     res = train_melbo(tiny_lm, _cfg(n_vectors=3), _prompts(), progress=False, out=tmp_path)
+    assert len(calls) == 1  # vector 2 only
     assert [f.read_bytes() for f in files] == before
     assert (tmp_path / "vector_02.safetensors").exists()
     V = res.vectors.double()
@@ -180,10 +187,13 @@ def test_cli_bad_input_is_one_line(tmp_path, args, needle):
     assert not (tmp_path / "o").exists()
 
 
-def test_run_melbo_writes_and_resumes(tiny_lm, tmp_path):
+def test_run_melbo_writes_and_resumes(tiny_lm, tmp_path, monkeypatch):
     """Bug: melbo.json missing a part (training curves, sweep, planted recovery), or a rerun
-    retraining the vectors / redoing the sweep: the second run leaves the vector files and
-    the sweep as they were."""
+    retraining the vectors / redoing the sweep: the second run trains and sweeps nothing and
+    leaves the vector files and the sweep as they were."""
+    import steerdiff.melbo.run as run
+    import steerdiff.melbo.train as train
+
     cfg = _cfg(n_vectors=2, steps=5, radii=[0.5, 2.0], n_random=2, n_samples=0)
     planted = torch.randn(64, generator=torch.Generator().manual_seed(5))
     doc = run_melbo(tiny_lm, cfg, tmp_path, planted=planted, prompts=_prompts(), progress=False)
@@ -195,7 +205,11 @@ def test_run_melbo_writes_and_resumes(tiny_lm, tmp_path):
     assert (tmp_path / "melbo.png").read_bytes()[:4] == b"\x89PNG"
     files = {f.name: f.read_bytes() for f in tmp_path.glob("vector_*.safetensors")}
     assert sorted(files) == ["vector_00.safetensors", "vector_01.safetensors"]
+    calls = []
+    monkeypatch.setattr(train, "train_vector", lambda *a, **k: calls.append("train"))
+    monkeypatch.setattr(run, "radius_sweep", lambda *a, **k: calls.append("sweep"))
     doc2 = run_melbo(tiny_lm, cfg, tmp_path, planted=planted, prompts=_prompts(), progress=False)
+    assert calls == []
     assert {f.name: f.read_bytes() for f in tmp_path.glob("vector_*.safetensors")} == files
     assert doc2["sweep"] == doc["sweep"] and doc2["training"] == doc["training"]
 
@@ -210,7 +224,9 @@ def test_pipeline_stage_writes_melbo_and_reports(tmp_path, smollm):
 
     model = save_tiny(tmp_path / "tiny", smollm, "llama", 3)
     data = tmp_path / "d.jsonl"
-    row = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    row = {
+        "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    }
     data.write_text((json.dumps(row) + "\n") * 4)
     melbo = dict(
         source_hook="blocks.0.hook_resid_post", target_hook="blocks.2.hook_resid_post",
