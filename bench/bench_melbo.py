@@ -146,14 +146,13 @@ def main() -> None:
 
     say("1. radius sweep")
     earlier = RESULTS / ("melbo_quick.json" if args.quick else "melbo.json")
-    if args.radius is not None and earlier.exists():
-        rows = json.loads(earlier.read_text())["sweep"]
-        say(f"  (the sweep of {earlier})")
-    else:
+    if args.radius is None:
         rows = radius_sweep(lm, cfg)
-    R, slopes = pick_radius(rows)
-    if args.radius is not None:
-        R = args.radius
+        R, slopes = pick_radius(rows)
+    else:  # a second arm: the default run's sweep when it has finished, else none
+        rows = json.loads(earlier.read_text())["sweep"] if earlier.exists() else []
+        say(f"  (the sweep of {earlier})" if rows else "  (no sweep: --radius given)")
+        R, slopes = args.radius, pick_radius(rows)[1] if rows else []
     out["sweep"] = rows
     out["chosen_radius"] = {
         "radius": R,
@@ -220,7 +219,7 @@ def main() -> None:
     if args.radius is not None:
         name += f"_R{args.radius:g}"
     write_json(RESULTS / f"{name}.json", out)
-    (RESULTS / f"{name}.png").write_bytes(melbo_png(res, rows))
+    (RESULTS / f"{name}.png").write_bytes(melbo_png(res, rows or None))
     say(f"wrote {RESULTS / name}.png; {out['seconds']}")
 
 
