@@ -136,6 +136,9 @@ def test_resume_skips_finished_vectors(tiny_lm, tmp_path, monkeypatch):
     assert (tmp_path / "vector_02.safetensors").exists()
     V = res.vectors.double()
     assert (V[2] @ V[:2].T).abs().max() / 4.0 < 1e-5
+    fewer = train_melbo(tiny_lm, _cfg(n_vectors=2), _prompts(), progress=False, out=tmp_path)
+    assert len(calls) == 1 and fewer.vectors.shape == (2, 64)  # the first 2, not all 3
+    torch.testing.assert_close(fewer.vectors, res.vectors[:2], rtol=0, atol=0)
     with pytest.raises(MelboError, match="other settings"):
         train_melbo(
             tiny_lm, _cfg(n_vectors=3, radius=3.0), _prompts(), progress=False, out=tmp_path

@@ -254,7 +254,7 @@ def train_melbo(
     basis, g = whitening_basis(lm, cfg, gaussian)
     tmap = TargetMap(lm, cfg.source_hook, cfg.target_hook, ids, cfg.batch_size, cfg.skip_first)
     settings = train_settings(cfg, ids)
-    done = load_done(out, settings, lm) if out is not None else []
+    done = load_done(out, settings, lm)[: cfg.n_vectors] if out is not None else []
     us = [_to_u(t, basis) for t, _ in done]
     curves = [c for _, c in done]
     dev = tmap.batches[0].mask.device
