@@ -199,7 +199,7 @@ def main() -> None:
         f"  |cos| best {rec['best_cos']:.4f} (vector {rec['best_vector']}); chance best-of-N "
         f"mean {rec['chance_best_cos_mean']:.4f}, p95 {rec['chance_best_cos_p95']:.4f}; span "
         f"fraction {rec['span_fraction']:.4f} (chance p95 {rec['chance_span_p95']:.4f}); "
-        f"recovered: {rec['recovered']}"
+        f"above chance: {rec['above_chance']}"
     )
     o = rec["owl_direction_at_R"]
     say(f"  owl direction itself at norm R: shift {o['shift']:+.4f} {o['shift_ci95']}")

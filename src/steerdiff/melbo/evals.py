@@ -116,7 +116,9 @@ def planted_recovery(
     """Is a planted direction among the learned vectors [N, d]? |cos(theta_i, planted)| per
     vector, the best, and the fraction of the planted direction inside their span; with the
     chance levels of N random Gaussian directions (n_random draws: the mean and 95th
-    percentile of the best |cos| and of the span fraction; 1/sqrt(d) for one vector)."""
+    percentile of the best |cos| and of the span fraction; 1/sqrt(d) for one vector).
+    above_chance: the best |cos| beats that 95th percentile (which says the vectors are not
+    random with respect to the planted direction, not that one of them is it)."""
     V = vectors.double()
     pl = planted.double().flatten()
     pl = pl / pl.norm()
@@ -141,6 +143,7 @@ def planted_recovery(
         "chance_best_cos_p95": float(best_r_t.quantile(0.95)),
         "chance_span_mean": float(span_r_t.mean()),
         "chance_span_p95": float(span_r_t.quantile(0.95)),
-        "recovered": bool(N) and float(cos.max()) > float(best_r_t.quantile(0.95)),
+        # a test against chance, not recovery: a best |cos| of 0.12 can be above chance
+        "above_chance": bool(N) and float(cos.max()) > float(best_r_t.quantile(0.95)),
         "n_random": n_random,
     }

@@ -87,8 +87,9 @@ def melbo_sections(r: Report, run: RunFolder) -> None:
             Text(
                 f"Teacher vector at the source hook: best |cos| {pl['best_cos']:.3f} (vector "
                 f"{pl['best_vector']}) vs {pl['chance_best_cos_p95']:.3f}, the 95th percentile "
-                f"of the best of {t['n_vectors']} random directions; recovered: "
-                f"{'yes' if pl['recovered'] else 'no'}.",
+                f"of the best of {t['n_vectors']} random directions (above chance: "
+                f"{'yes' if pl['above_chance'] else 'no'}); the teacher vector's fraction "
+                f"inside the vectors' span {pl['span_fraction']:.3f}.",
                 kind="note",
             )
         )
