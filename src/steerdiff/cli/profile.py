@@ -1,0 +1,72 @@
+"""`steerdiff sweep --profile`: layer profiles of the trait vector across model families
+(steerdiff.layer_profile); called from cli/sweep.py with the command's click context."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from click.core import ParameterSource
+
+from .common import console, fail
+
+# sweep option -> ProfileConfig field; only options given on the command line apply (the
+# sweep's own defaults, e.g. strengths 1,2,4,8 or kl-bound 0.5, are not a profile's)
+OPTIONS = {
+    "target": "target",
+    "category": "category",
+    "layers": "layers",
+    "strengths": "strengths",
+    "readouts": "readout",
+    "questions": "n_questions",
+    "kl_bound": "kl_bound",
+    "seed": "seed",
+}
+
+
+def profile_options(ctx: click.Context) -> dict:
+    """ProfileConfig fields from the options the user gave."""
+    from .sweep import parse_floats
+
+    out = {}
+    for opt, field in OPTIONS.items():
+        if ctx.get_parameter_source(opt) != ParameterSource.COMMANDLINE:
+            continue
+        value = ctx.params[opt]
+        if opt == "strengths":
+            value = parse_floats(value, "strengths")
+        if opt == "readouts" and "," in value:
+            fail(f"--profile takes one readout, e.g. --readouts last (got {value!r}).")
+        out[field] = value
+    return out
+
+
+def run_profile(ctx: click.Context) -> None:
+    """Load each model of --models, profile them, write profile.json/.png (perception.png)."""
+    from steerdiff.layer_profile import ProfileConfig, layer_profile
+    from steerdiff.models import load_model
+
+    p = ctx.params
+    names = [m.strip() for m in p["models"].split(",") if m.strip()]
+    if not names:
+        fail("--models is empty; give e.g. --models default,gemma3-270m.")
+    out = (
+        p["out"]
+        if ctx.get_parameter_source("out") == ParameterSource.COMMANDLINE
+        else "runs/profile"
+    )
+    cfg = ProfileConfig(**profile_options(ctx), perception=p["perception"])
+    cfg.check()
+    lms = [load_model(n, dtype=p["dtype"], device=p["device"]) for n in names]
+    res = layer_profile(lms, cfg, resume_dir=Path(out) / "models")
+    paths = res.write(out)
+    for pk in res.to_dict()["peaks"]:
+        for d in ("add", "subtract"):
+            x = pk.get(d)
+            if x:
+                console.print(
+                    f"{pk['model']} ({pk['family']}, {pk['n_layers']} layers) {d}: peak layer "
+                    f"{x['layer']} (relative depth {x['depth']:.2f}) effect "
+                    f"{x['effect']:+.3f} [{x['ci95'][0]:+.3f}, {x['ci95'][1]:+.3f}]"
+                )
+    console.print(f"wrote {', '.join(str(q) for q in paths.values())}")
