@@ -170,10 +170,10 @@ def log_odds(
     mask = torch.tensor([item.mask], device=lm.device)
     with torch.inference_mode():
         if vector is None or coeff == 0.0:
-            logits = lm.model(input_ids=ids).logits[0, -1]
+            logits = lm.model(input_ids=ids, logits_to_keep=1).logits[0, -1]
         else:
             with steer(lm.model, {hook: vector}, coeff, positions=mask):
-                logits = lm.model(input_ids=ids).logits[0, -1]
+                logits = lm.model(input_ids=ids, logits_to_keep=1).logits[0, -1]
     lp = torch.log_softmax(logits.float(), -1)
     return float(torch.logsumexp(lp[item.yes], 0) - torch.logsumexp(lp[item.no], 0))
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import click
-from click.core import ParameterSource
+import typer
 
 from .common import console, fail
 
@@ -24,13 +23,19 @@ OPTIONS = {
 }
 
 
-def profile_options(ctx: click.Context) -> dict:
+def given(ctx: typer.Context, name: str) -> bool:
+    """Whether the user gave option `name` on the command line (not its default)."""
+    src = ctx.get_parameter_source(name)
+    return src is not None and src.name == "COMMANDLINE"
+
+
+def profile_options(ctx: typer.Context) -> dict:
     """ProfileConfig fields from the options the user gave."""
     from .sweep import parse_floats
 
     out = {}
     for opt, field in OPTIONS.items():
-        if ctx.get_parameter_source(opt) != ParameterSource.COMMANDLINE:
+        if not given(ctx, opt):
             continue
         value = ctx.params[opt]
         if opt == "strengths":
@@ -41,7 +46,7 @@ def profile_options(ctx: click.Context) -> dict:
     return out
 
 
-def run_profile(ctx: click.Context) -> None:
+def run_profile(ctx: typer.Context) -> None:
     """Load each model of --models, profile them, write profile.json/.png (perception.png)."""
     from steerdiff.layer_profile import ProfileConfig, layer_profile
     from steerdiff.models import load_model
@@ -50,11 +55,7 @@ def run_profile(ctx: click.Context) -> None:
     names = [m.strip() for m in p["models"].split(",") if m.strip()]
     if not names:
         fail("--models is empty; give e.g. --models default,gemma3-270m.")
-    out = (
-        p["out"]
-        if ctx.get_parameter_source("out") == ParameterSource.COMMANDLINE
-        else "runs/profile"
-    )
+    out = p["out"] if given(ctx, "out") else "runs/profile"
     cfg = ProfileConfig(**profile_options(ctx), perception=p["perception"])
     cfg.check()
     lms = [load_model(n, dtype=p["dtype"], device=p["device"]) for n in names]

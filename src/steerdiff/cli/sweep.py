@@ -72,17 +72,16 @@ def sweep(
     perception: Annotated[
         bool, typer.Option("--perception", help="--profile: perception-vs-behaviour probe too")
     ] = False,
+    ctx: typer.Context = None,  # type: ignore[assignment]  # typer fills it in
 ) -> None:
     """Sweep layers x strengths x readouts of the trait system-prompt vector; write CSV, JSON, PNGs.
 
     With --profile: the add/subtract profile of the vector vs relative depth on each of
     --models (--layers 'all', 'every:k' or '0,6,12'; default strengths -8,-4,-2,2,4,8)."""
     if profile:
-        from click import get_current_context
-
         from .profile import run_profile
 
-        return run_profile(get_current_context())
+        return run_profile(ctx)
     from rich.table import Table
 
     from steerdiff.extract import READOUTS
