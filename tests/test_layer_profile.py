@@ -162,8 +162,10 @@ def test_parse_layers_and_config_errors():
 def test_perception_steers_only_the_review_and_behaviour_only_the_reply(pair):
     """The perception mask covers exactly the review's tokens and the behaviour mask exactly
     the reply's; steering with the mask changes the hook's activation by coeff x v there and
-    leaves every other position bit-identical. Bug caught: a mask off by one token (mutation
-    tried: the review's span shifted one token right -> decoded text and the diff differ)."""
+    leaves every other position bit-identical; the batched read-out equals one pass per item.
+    Bugs caught: a mask off by one token (mutation tried: the review's span shifted one token
+    right -> decoded text and the diff differ); the batch read at the padded row end
+    (mutation tried: last = width - 1 -> log-odds differ)."""
     lm = pair[0]
     tok = lm.tokenizer
     p_items, b_items = perception_items(lm), behaviour_items(lm)
@@ -184,12 +186,15 @@ def test_perception_steers_only_the_review_and_behaviour_only_the_reply(pair):
     diff = got[hook][0] - base[hook][0]
     assert torch.equal(diff[~mask[0]], torch.zeros_like(diff[~mask[0]]))
     assert torch.allclose(diff[mask[0]], (2.0 * v).expand(int(mask.sum()), -1), atol=1e-5)
-    # the probe's log-odds are those of the masked pass, and 0 coeff is the unsteered pass
-    with steer(lm.model, {hook: v}, 2.0, positions=mask):
-        lp = torch.log_softmax(lm.model(input_ids=ids).logits[0, -1].float(), -1)
-    want = float(torch.logsumexp(lp[it.yes], 0) - torch.logsumexp(lp[it.no], 0))
-    assert log_odds(lm, it, v, hook, 2.0) == pytest.approx(want, abs=1e-5)
-    assert log_odds(lm, it, v, hook, 2.0) != pytest.approx(log_odds(lm, it, None, hook, 0.0))
+    # the probe's batched (right-padded) log-odds equal each item's own masked pass
+    got = log_odds(lm, p_items, v, hook, 2.0)
+    for it, g in zip(p_items, got, strict=True):
+        ids, mask = torch.tensor([it.ids]), torch.tensor([it.mask])
+        with steer(lm.model, {hook: v}, 2.0, positions=mask):
+            lp = torch.log_softmax(lm.model(input_ids=ids).logits[0, -1].float(), -1)
+        want = float(torch.logsumexp(lp[it.yes], 0) - torch.logsumexp(lp[it.no], 0))
+        assert g == pytest.approx(want, abs=1e-4)
+    assert got != pytest.approx(log_odds(lm, p_items, None, hook, 0.0), abs=1e-3)
 
 
 def test_cli_profile_bad_input_is_one_line():

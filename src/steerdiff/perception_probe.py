@@ -34,7 +34,7 @@ from .hooks import n_layers, steer
 from .intervals import mean_ci95
 from .models import LoadedModel
 from .progress import progress as progress_bar
-from .replay import hook_activations
+from .replay import full_hidden, hook_activations, lm_head
 
 HOOK = "blocks.{layer}.hook_resid_post"
 
@@ -163,19 +163,31 @@ def behaviour_items(
 
 
 def log_odds(
-    lm: LoadedModel, item: ProbeItem, vector: torch.Tensor | None, hook: str, coeff: float
-) -> float:
-    """log-sum P(yes) - log-sum P(no) at the last position, steering only item.mask."""
-    ids = torch.tensor([item.ids], device=lm.device)
-    mask = torch.tensor([item.mask], device=lm.device)
+    lm: LoadedModel,
+    items: Sequence[ProbeItem],
+    vector: torch.Tensor | None,
+    hook: str,
+    coeff: float,
+) -> list[float]:
+    """Per item: log-sum P(yes) - log-sum P(no) at its last position, steering only its
+    mask. One batched pass, right-padded (a causal model's earlier positions never see the
+    padding after them; the padding is not steered)."""
+    width = max(len(it.ids) for it in items)
+    pad = lm.tokenizer.pad_token_id or 0
+    ids = torch.tensor([it.ids + [pad] * (width - len(it.ids)) for it in items], device=lm.device)
+    mask = torch.tensor([it.mask + [False] * (width - len(it.mask)) for it in items])
+    last = torch.tensor([len(it.ids) - 1 for it in items], device=lm.device)
     with torch.inference_mode():
         if vector is None or coeff == 0.0:
-            logits = lm.model(input_ids=ids, logits_to_keep=1).logits[0, -1]
+            h = full_hidden(lm.model, ids, None)
         else:
-            with steer(lm.model, {hook: vector}, coeff, positions=mask):
-                logits = lm.model(input_ids=ids, logits_to_keep=1).logits[0, -1]
-    lp = torch.log_softmax(logits.float(), -1)
-    return float(torch.logsumexp(lp[item.yes], 0) - torch.logsumexp(lp[item.no], 0))
+            with steer(lm.model, {hook: vector}, coeff, positions=mask.to(lm.device)):
+                h = full_hidden(lm.model, ids, None)
+        lp = torch.log_softmax(lm_head(lm.model, h[torch.arange(len(items)), last]).float(), -1)
+    return [
+        float(torch.logsumexp(lp[i, it.yes], 0) - torch.logsumexp(lp[i, it.no], 0))
+        for i, it in enumerate(items)
+    ]
 
 
 def sentiment_vectors(lm: LoadedModel, layers: Sequence[int]) -> dict[int, torch.Tensor]:
@@ -196,15 +208,20 @@ def sentiment_vectors(lm: LoadedModel, layers: Sequence[int]) -> dict[int, torch
 
 
 def effect(
-    lm: LoadedModel, items: Sequence[ProbeItem], v: torch.Tensor, hook: str, coeff: float
+    lm: LoadedModel, items: Sequence[ProbeItem], v: torch.Tensor, hook: str, coeff: float, base
 ) -> dict:
-    """(log-odds at +coeff - at -coeff) / 2 per item: {"mean", "ci95", "n", "base"}."""
-    per = [
-        (log_odds(lm, it, v, hook, coeff) - log_odds(lm, it, v, hook, -coeff)) / 2 for it in items
-    ]
+    """(log-odds at +coeff - at -coeff) / 2 per item: {"mean", "ci95", "n", "base",
+    "per_item"}; base: the unsteered log-odds per item."""
+    up, down = log_odds(lm, items, v, hook, coeff), log_odds(lm, items, v, hook, -coeff)
+    per = [(a - b) / 2 for a, b in zip(up, down, strict=True)]
     mean, ci = mean_ci95(per)
-    base = sum(log_odds(lm, it, None, hook, 0.0) for it in items) / len(items)
-    return {"mean": mean, "ci95": list(ci), "n": len(per), "base": base, "per_item": per}
+    return {
+        "mean": mean,
+        "ci95": list(ci),
+        "n": len(per),
+        "base": sum(base) / len(base),
+        "per_item": per,
+    }
 
 
 def dominant(p: dict, b: dict) -> str:
@@ -226,12 +243,14 @@ def perception_probe(
 
     vecs = sentiment_vectors(lm, layers)
     p_items, b_items = perception_items(lm), behaviour_items(lm)
+    p_base = log_odds(lm, p_items, None, "", 0.0)
+    b_base = log_odds(lm, b_items, None, "", 0.0)
     perc, beh, dom = [], [], []
     bar = progress_bar(len(layers), "perception vs behaviour", disable=not progress)
     for la in layers:
         hook = HOOK.format(layer=la)
-        perc.append(effect(lm, p_items, vecs[la], hook, coeff))
-        beh.append(effect(lm, b_items, vecs[la], hook, coeff))
+        perc.append(effect(lm, p_items, vecs[la], hook, coeff, p_base))
+        beh.append(effect(lm, b_items, vecs[la], hook, coeff, b_base))
         dom.append(dominant(perc[-1], beh[-1]))
         bar.update(1)
     bar.close()
