@@ -127,13 +127,16 @@ def main() -> None:
             print(
                 f"  {d:8s} peak layer {pk['layer']:2d} (relative depth {pk['depth']:.2f}) "
                 f"strength {pk['strength']:+g}: effect {pk['effect']:+.4f} "
-                f"[{pk['ci95'][0]:+.4f}, {pk['ci95'][1]:+.4f}]"
+                f"[{pk['ci95'][0]:+.4f}, {pk['ci95'][1]:+.4f}]; log share "
+                f"{pk['log_effect']:+.2f} [{pk['log_ci95'][0]:+.2f}, {pk['log_ci95'][1]:+.2f}]"
             )
             for la, x, row in zip(m.layers, m.depth, getattr(m, d), strict=True):
                 print(
                     f"    layer {la:2d} ({x:.2f}) s {row['strength']:+g} KL {row['kl']:.3f}"
                     f"{'' if row['within_kl'] else ' (over KL bound)'} effect "
-                    f"{row['effect']:+.4f} [{row['ci95'][0]:+.4f}, {row['ci95'][1]:+.4f}]"
+                    f"{row['effect']:+.4f} [{row['ci95'][0]:+.4f}, {row['ci95'][1]:+.4f}]; "
+                    f"log share {row['log_effect']:+.2f} "
+                    f"[{row['log_ci95'][0]:+.2f}, {row['log_ci95'][1]:+.2f}]"
                 )
         p = m.perception
         c = checks[m.model]

@@ -134,6 +134,8 @@ def test_rescored_effect_equals_the_exact_scorer_with_negative_strengths(pair, p
                 mean, ci = mean_ci95((share[:, owl] - base).tolist())
                 assert row["effect"] == pytest.approx(mean, abs=1e-5)
                 assert row["ci95"] == pytest.approx(list(ci), abs=1e-5)
+                dlog = torch.log(share[:, owl]) - torch.log(base)
+                assert row["log_effect"] == pytest.approx(float(dlog.mean()), abs=1e-4)
                 effects.append(row["effect"])
             best = max(range(len(effects)), key=lambda i: sign * effects[i])
             assert m.peak[d]["layer"] == m.layers[best]
@@ -257,3 +259,38 @@ def test_cli_profile_writes_files_and_resumes(pair, monkeypatch, tmp_path):
     r2 = CliRunner().invoke(app, args)
     assert r2.exit_code == 0, r2.output
     assert json.loads((out / "profile.json").read_text())["models"] == data["models"]
+
+
+def test_pipeline_stage_and_report_section(pair, monkeypatch, tmp_path):
+    """[profile] in an experiment: the run's model first, then the table's models, into the
+    stage folder (profile.json/.png, perception.png), cached on a rerun; the report section
+    shows the figures and one peak row per model and direction, as in profile.json. Bugs
+    caught: the run's model left out (mutation tried: models = table's only -> 1 model);
+    a peak row from the other direction (mutation tried: "add" read for both -> rows differ)."""
+    import steerdiff.models as models
+    from steerdiff.pipeline.config import parse_config
+    from steerdiff.pipeline.profile_stage import stage_profile
+    from steerdiff.pipeline.stages import RunState
+    from steerdiff.report.html import Figure, Report, Table
+    from steerdiff.report.profile import profile_sections
+    from steerdiff.report.run_folder import RunFolder, read_stage
+
+    monkeypatch.setattr(models, "load_model", lambda spec, dtype, device: pair[1])
+    table = small(models=["g"], strengths=[-2.0, 2.0], perception=True).model_dump()
+    cfg = parse_config({"name": "p", "model": "default", "profile": table}, "exp.toml")
+    state = RunState(cfg, tmp_path)
+    res = stage_profile(state, pair[0], [], [])
+    data = json.loads((res.path / "profile.json").read_text())
+    assert [m["n_layers"] for m in data["models"]] == [3, 5]
+    assert {"profile.png", "perception.png"} <= {p.name for p in res.path.iterdir()}
+    assert stage_profile(state, pair[0], [], []).cached
+
+    r = Report("t")
+    profile_sections(r, RunFolder(tmp_path, {}, [read_stage(res.path)]))
+    (sec,) = r.sections
+    assert sum(isinstance(b, Figure) for b in sec.blocks) == 2
+    peaks = [b for b in sec.blocks if isinstance(b, Table)][0].rows
+    want = [(p["model"], d, p[d]["depth"]) for p in data["peaks"] for d in ("add", "subtract")]
+    assert [(x["model"], x["direction"], x["relative depth"]) for x in peaks] == [
+        (m, d, round(x, 3)) for m, d, x in want
+    ]

@@ -9,7 +9,9 @@ largest shift of the target share in that direction whose coherence KL stays wit
 on `ci_questions` FURTHER questions (questions n_questions.. n_questions+ci_questions-1,
 disjoint from the ones that chose it, so the pick's luck does not inflate it): per question,
 effect = steered target share - unsteered target share (exact scorer, evals.FastScorer),
-mean with a 95% CI over questions (intervals.mean_ci95).
+mean with a 95% CI over questions (intervals.mean_ci95); log_effect = the change of the log
+share (nats), which has no floor where the unsteered share is already near 0 (subtracting
+a trait the model barely shows can lower its share by at most that little).
 
 x = relative depth = layer / (n_layers - 1), so models with 30 and 18 layers share one axis.
 The peak per model: the layer of the largest effect (add) and of the most negative (subtract).
@@ -111,7 +113,8 @@ class ModelProfile:
     layers: list[int]
     depth: list[float]  # layer / (n_layers - 1)
     baseline: float  # unsteered target share on the ci questions
-    add: list[dict]  # per layer: strength, kl, within_kl, sweep_effect, effect, ci95, n
+    # per layer: strength, kl, within_kl, sweep_effect, effect, ci95, n, log_effect, log_ci95
+    add: list[dict]
     subtract: list[dict]
     peak: dict  # {"add": {...}, "subtract": {...}}: layer, depth, effect, ci95
     cells: list[dict]  # the sweep's cells (sweep.Cell fields)
@@ -176,6 +179,9 @@ def peak(rows: list[dict], layers: list[int], depth: list[float], sign: float) -
         "effect": rows[i]["effect"],
         "ci95": rows[i]["ci95"],
         "strength": rows[i]["strength"],
+        "log_effect": rows[i]["log_effect"],
+        "log_ci95": rows[i]["log_ci95"],
+        "within_kl": rows[i]["within_kl"],
     }
 
 
@@ -202,7 +208,8 @@ def profile_model(lm: LoadedModel, cfg: ProfileConfig, progress: bool = True) ->
     ti = [c.lower() for c in cat.candidates].index(cfg.target.lower())
     qs = cat.questions[cfg.n_questions : cfg.n_questions + cfg.ci_questions]
     scorer = FastScorer(lm, question_prompts(lm, qs, None), cat.candidates)
-    share0 = torch.softmax(scorer.logprobs(layers[0]), -1)[:, ti]  # [Q] unsteered
+    log0 = torch.log_softmax(scorer.logprobs(layers[0]), -1)[:, ti]  # [Q] unsteered
+    share0 = log0.exp()
     base = res.baseline["target_rate"]
     rows: dict[str, list[dict]] = {d: [] for d in DIRECTIONS}
     for la in layers:
@@ -213,9 +220,14 @@ def profile_model(lm: LoadedModel, cfg: ProfileConfig, progress: bool = True) ->
                 rows[d].append({})
                 continue
             row = pick_cell(cells, base, sign, cfg.kl_bound)
-            share = torch.softmax(scorer.logprobs(la, v, row["strength"]), -1)[:, ti]
-            mean, ci = mean_ci95((share - share0).tolist())
-            rows[d].append(row | {"effect": mean, "ci95": list(ci), "n": len(qs)})
+            log = torch.log_softmax(scorer.logprobs(la, v, row["strength"]), -1)[:, ti]
+            mean, ci = mean_ci95((log.exp() - share0).tolist())
+            lmean, lci = mean_ci95((log - log0).tolist())
+            rows[d].append(
+                row
+                | {"effect": mean, "ci95": list(ci), "n": len(qs)}
+                | {"log_effect": lmean, "log_ci95": list(lci)}
+            )
     depth = [la / max(n - 1, 1) for la in layers]
     perception = None
     if cfg.perception:
@@ -273,14 +285,14 @@ def label(m: ModelProfile) -> str:
     return f"{m.model} ({m.family}, {m.n_layers} layers)"
 
 
-def _band(ax, x, rows: list[dict], key: str, lab: str, color) -> None:
+def _band(ax, x, rows: list[dict], key: str, ci: str, lab: str, color) -> None:
+    """A line of rows[i][key] at x[i] (rows without a figure skipped), its CI as a band."""
     pts = [(xi, r) for xi, r in zip(x, rows, strict=True) if r]
     xs = [p[0] for p in pts]
     ax.plot(xs, [p[1][key] for p in pts], "o-", ms=3, color=color, label=lab)
-    if pts and "ci95" in pts[0][1]:
-        lo = [p[1]["ci95"][0] for p in pts]
-        hi = [p[1]["ci95"][1] for p in pts]
-        ax.fill_between(xs, lo, hi, color=color, alpha=0.2)
+    lo = [p[1][ci][0] for p in pts]
+    hi = [p[1][ci][1] for p in pts]
+    ax.fill_between(xs, lo, hi, color=color, alpha=0.2)
 
 
 def profile_figure(result: ProfileResult):
@@ -291,27 +303,42 @@ def profile_figure(result: ProfileResult):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharex=True)
+    fig, grid = plt.subplots(2, 3, figsize=(13, 7), sharex=True)
+    axes, logs = grid[0], grid[1]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for k, m in enumerate(result.models):
         c = colors[k % len(colors)]
-        _band(axes[0], m.depth, m.add, "effect", label(m), c)
-        _band(axes[1], m.depth, m.subtract, "effect", label(m), c)
+        for j, d in enumerate(DIRECTIONS):
+            _band(axes[j], m.depth, getattr(m, d), "effect", "ci95", label(m), c)
+            _band(logs[j], m.depth, getattr(m, d), "log_effect", "log_ci95", label(m), c)
         for d, style in (("add", "-"), ("subtract", "--")):
             pts = [(x, r["kl"]) for x, r in zip(m.depth, getattr(m, d), strict=True) if r]
             axes[2].plot(*zip(*pts, strict=True), style, color=c, label=f"{m.model} {d}")
     cfg = result.config
-    for ax, title in zip(
-        axes, ("add (+coeff x vector)", "subtract (-coeff x vector)", "coherence"), strict=True
-    ):
+    titles = ("add (+coeff x vector)", "subtract (-coeff x vector)", "coherence")
+    for ax, title in zip(axes, titles, strict=True):
         ax.set_title(title, fontsize=9)
-        ax.set_xlabel("relative depth = layer / (n_layers - 1)", fontsize=8)
-        ax.set_xlim(0, 1)
         ax.legend(fontsize=6)
-        if ax is not axes[2]:
-            ax.axhline(0, color="grey", lw=0.5)
-            ax.set_ylabel(f"{cfg.target} share - unsteered (95% CI)", fontsize=8)
+    for ax in (*axes[:2], *logs[:2]):
+        ax.axhline(0, color="grey", lw=0.5)
+    for ax in (*axes, *logs[:2]):
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("relative depth = layer / (n_layers - 1)", fontsize=8)
+    axes[0].set_ylabel(f"{cfg.target} share - unsteered (95% CI)", fontsize=8)
+    logs[0].set_ylabel(f"change of log {cfg.target} share, nats (95% CI)", fontsize=8)
     axes[2].set_ylabel("KL nats/token of the chosen cell", fontsize=8)
+    logs[2].axis("off")
+    logs[2].text(
+        0,
+        0.5,
+        "\n".join(
+            f"{m.model}: unsteered {cfg.target} share {m.baseline:.4f}" for m in result.models
+        )
+        + "\n\nsubtracting can lower the share by at most\nthe unsteered share; the log "
+        "share has no floor",
+        fontsize=8,
+        va="center",
+    )
     fig.suptitle(
         f"layer profile of the {cfg.target!r} vector ({cfg.readout}); per layer the best "
         f"strength of {cfg.strengths} within KL <= {cfg.kl_bound}",
@@ -334,8 +361,9 @@ def perception_figure(result: ProfileResult):
     )
     for ax, m in zip(axes[0], ms, strict=True):
         p = m.perception
-        _band(ax, p["relative_depth"], p["perception"], "mean", "perception (review steered)", "C0")
-        _band(ax, p["relative_depth"], p["behaviour"], "mean", "behaviour (reply steered)", "C3")
+        x = p["relative_depth"]
+        _band(ax, x, p["perception"], "mean", "ci95", "perception (review steered)", "C0")
+        _band(ax, x, p["behaviour"], "mean", "ci95", "behaviour (reply steered)", "C3")
         ax.axhline(0, color="grey", lw=0.5)
         ax.set_xlim(0, 1)
         ax.set_title(f"{label(m)}, coeff +/-{p['coeff']:g}", fontsize=9)
