@@ -29,24 +29,22 @@ def given(ctx: typer.Context, name: str) -> bool:
     return src is not None and src.name == "COMMANDLINE"
 
 
-def profile_options(ctx: typer.Context) -> dict:
-    """ProfileConfig fields from the options the user gave."""
-    from .sweep import parse_floats
-
+def profile_options(ctx: typer.Context, strengths: list[float]) -> dict:
+    """ProfileConfig fields from the options the user gave (strengths: --strengths parsed)."""
     out = {}
     for opt, field in OPTIONS.items():
         if not given(ctx, opt):
             continue
         value = ctx.params[opt]
         if opt == "strengths":
-            value = parse_floats(value, "strengths")
+            value = strengths
         if opt == "readouts" and "," in value:
             fail(f"--profile takes one readout, e.g. --readouts last (got {value!r}).")
         out[field] = value
     return out
 
 
-def run_profile(ctx: typer.Context) -> None:
+def run_profile(ctx: typer.Context, strengths: list[float]) -> None:
     """Load each model of --models, profile them, write profile.json/.png (perception.png)."""
     from steerdiff.layer_profile import ProfileConfig, layer_profile
     from steerdiff.models import load_model
@@ -56,7 +54,7 @@ def run_profile(ctx: typer.Context) -> None:
     if not names:
         fail("--models is empty; give e.g. --models default,gemma3-270m.")
     out = p["out"] if given(ctx, "out") else "runs/profile"
-    cfg = ProfileConfig(**profile_options(ctx), perception=p["perception"])
+    cfg = ProfileConfig(**profile_options(ctx, strengths), perception=p["perception"])
     cfg.check()
     lms = [load_model(n, dtype=p["dtype"], device=p["device"]) for n in names]
     res = layer_profile(lms, cfg, resume_dir=Path(out) / "models")

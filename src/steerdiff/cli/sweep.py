@@ -81,7 +81,7 @@ def sweep(
     if profile:
         from .profile import run_profile
 
-        return run_profile(ctx)
+        return run_profile(ctx, parse_floats(strengths, "strengths"))
     from rich.table import Table
 
     from steerdiff.extract import READOUTS
