@@ -129,6 +129,13 @@ def main() -> None:
                 f"strength {pk['strength']:+g}: effect {pk['effect']:+.4f} "
                 f"[{pk['ci95'][0]:+.4f}, {pk['ci95'][1]:+.4f}]; log share "
                 f"{pk['log_effect']:+.2f} [{pk['log_ci95'][0]:+.2f}, {pk['log_ci95'][1]:+.2f}]"
+                f"{'' if pk['within_kl'] else ' (no layer within the KL bound)'}"
+            )
+            lg = pk["log"]
+            print(
+                f"  {d:8s} peak by log share: layer {lg['layer']:2d} (relative depth "
+                f"{lg['depth']:.2f}) strength {lg['strength']:+g}: {lg['log_effect']:+.2f} "
+                f"[{lg['log_ci95'][0]:+.2f}, {lg['log_ci95'][1]:+.2f}] nats"
             )
             for la, x, row in zip(m.layers, m.depth, getattr(m, d), strict=True):
                 print(

@@ -19,6 +19,7 @@ from steerdiff.layer_profile import (
     ProfileError,
     layer_profile,
     parse_layers,
+    peak,
     profile_figure,
 )
 from steerdiff.models import LoadedModel, wrap_model
@@ -140,6 +141,9 @@ def test_rescored_effect_equals_the_exact_scorer_with_negative_strengths(pair, p
             best = max(range(len(effects)), key=lambda i: sign * effects[i])
             assert m.peak[d]["layer"] == m.layers[best]
             assert m.peak[d]["depth"] == pytest.approx(m.layers[best] / (m.n_layers - 1))
+            logs = [r["log_effect"] for r in getattr(m, d)]
+            best = max(range(len(logs)), key=lambda i: sign * logs[i])
+            assert m.peak[d]["log"]["layer"] == m.layers[best]
     json.dumps(profiled.to_dict())  # JSON-able as written
 
 
@@ -159,6 +163,30 @@ def test_parse_layers_and_config_errors():
         small(strengths=[]).check()
     with pytest.raises(ProfileError, match="> 50"):
         small(n_questions=40, ci_questions=20).check()
+
+
+def test_peak_prefers_layers_within_the_kl_bound():
+    """The peak is the largest effect among layers within the KL bound (a broken model's
+    big shift is not a peak), all layers if none is; "log" ranks by the log-share effect.
+    Bug caught: the KL flag ignored (mutation tried: no within_kl filter -> layer 0)."""
+
+    def row(effect, log, ok):
+        return {
+            "effect": effect,
+            "ci95": [effect, effect],
+            "strength": -2.0,
+            "log_effect": log,
+            "log_ci95": [log, log],
+            "within_kl": ok,
+        }
+
+    rows = [row(-0.9, -1.0, False), row(-0.2, -5.0, True), row(-0.3, -2.0, True), {}]
+    got = peak(rows, [0, 4, 8, 12], [0.0, 1 / 3, 2 / 3, 1.0], -1.0)
+    assert (got["layer"], got["depth"], got["effect"]) == (8, 2 / 3, -0.3)
+    assert (got["log"]["layer"], got["log"]["log_effect"]) == (4, -5.0)
+    rows = [row(-0.9, -1.0, False), row(-0.2, -5.0, False)]
+    assert peak(rows, [0, 4], [0.0, 1.0], -1.0)["layer"] == 0
+    assert peak(rows, [0, 4], [0.0, 1.0], 1.0)["layer"] == 4
 
 
 def test_perception_steers_only_the_review_and_behaviour_only_the_reply(pair):

@@ -168,21 +168,26 @@ def pick_cell(cells: list[Cell], base: float, sign: float, kl_bound: float | Non
 
 
 def peak(rows: list[dict], layers: list[int], depth: list[float], sign: float) -> dict:
-    """The layer of the largest sign x effect among rows that have one."""
+    """The layer of the largest sign x effect (share) among the rows within the KL bound
+    (all rows if none is), and under "log" the same by the log-share effect (which still
+    ranks layers where subtracting has taken the share to its floor near 0)."""
     idx = [i for i, r in enumerate(rows) if r]
+    idx = [i for i in idx if rows[i]["within_kl"]] or idx
     if not idx:
         return {}
-    i = max(idx, key=lambda i: sign * rows[i]["effect"])
-    return {
-        "layer": layers[i],
-        "depth": depth[i],
-        "effect": rows[i]["effect"],
-        "ci95": rows[i]["ci95"],
-        "strength": rows[i]["strength"],
-        "log_effect": rows[i]["log_effect"],
-        "log_ci95": rows[i]["log_ci95"],
-        "within_kl": rows[i]["within_kl"],
-    }
+
+    def at(i: int) -> dict:
+        keys = ("effect", "ci95", "strength", "log_effect", "log_ci95", "within_kl")
+        return {"layer": layers[i], "depth": depth[i]} | {k: rows[i][k] for k in keys}
+
+    best = max(idx, key=lambda i: sign * rows[i]["effect"])
+    best_log = max(idx, key=lambda i: sign * rows[i]["log_effect"])
+    return at(best) | {"log": at(best_log)}
+
+
+def peaks(m: ModelProfile) -> dict:
+    """{"add": peak, "subtract": peak} of a model's rows."""
+    return {d: peak(getattr(m, d), m.layers, m.depth, s) for d, s in DIRECTIONS.items()}
 
 
 def profile_model(lm: LoadedModel, cfg: ProfileConfig, progress: bool = True) -> ModelProfile:
@@ -233,7 +238,7 @@ def profile_model(lm: LoadedModel, cfg: ProfileConfig, progress: bool = True) ->
     if cfg.perception:
         pr: PerceptionResult = perception_probe(lm, layers, cfg.perception_coeff, progress)
         perception = pr.to_dict()
-    return ModelProfile(
+    mp = ModelProfile(
         model=lm.spec,
         family=str(lm.model.config.model_type),
         n_layers=n,
@@ -242,12 +247,14 @@ def profile_model(lm: LoadedModel, cfg: ProfileConfig, progress: bool = True) ->
         baseline=float(share0.mean()),
         add=rows["add"],
         subtract=rows["subtract"],
-        peak={d: peak(rows[d], layers, depth, s) for d, s in DIRECTIONS.items()},
+        peak={},
         cells=[asdict(c) for c in res.cells],
         provenance=io.provenance(lm, config=cfg, seed=cfg.seed),
         timings=res.timings,
         perception=perception,
     )
+    mp.peak = peaks(mp)
+    return mp
 
 
 def layer_profile(
@@ -275,6 +282,8 @@ def layer_profile(
         if path is not None:
             io.atomic_write_json(path, asdict(mp))
         out.append(mp)
+    for mp in out:
+        mp.peak = peaks(mp)  # (a resumed model's as this version picks them)
     return ProfileResult(cfg, out)
 
 

@@ -18,6 +18,7 @@ def peak_rows(data: dict) -> list[dict]:
             pk = p.get(d) or {}
             if not pk:
                 continue
+            lg = pk["log"]
             rows.append(
                 {
                     "model": p["model"],
@@ -28,6 +29,9 @@ def peak_rows(data: dict) -> list[dict]:
                     "strength": pk["strength"],
                     "effect (share)": f"{pk['effect']:+.3f} "
                     f"[{pk['ci95'][0]:+.3f}, {pk['ci95'][1]:+.3f}]",
+                    "within KL bound": pk["within_kl"],
+                    "peak by log share": f"layer {lg['layer']} ({lg['depth']:.2f}): "
+                    f"{lg['log_effect']:+.2f} [{lg['log_ci95'][0]:+.2f}, {lg['log_ci95'][1]:+.2f}]",
                 }
             )
     return rows
