@@ -100,7 +100,9 @@ def main() -> None:
     checks = {lm.spec: classification_check(lm) for lm in lms}
     wall = time.perf_counter() - t0
 
-    data = res.to_dict() | {"wall_s": round(wall, 1), "dtype": "float32"}
+    # compute time per model (kept with a resumed model), and this run's wall time
+    compute = {m.model: round(m.timings["profile_s"], 1) for m in res.models}
+    data = res.to_dict() | {"wall_s": round(wall, 1), "compute_s": compute, "dtype": "float32"}
     for m in data["models"]:
         m.pop("perception")
     io.atomic_write_json(RESULTS / f"profile{suffix}.json", data)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import io as _io
 import json
 import re
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -193,6 +194,7 @@ def peaks(m: ModelProfile) -> dict:
 def profile_model(lm: LoadedModel, cfg: ProfileConfig, progress: bool = True) -> ModelProfile:
     """One model's add/subtract profile (see the module docstring)."""
     cfg.check()
+    t0 = time.perf_counter()
     n = n_layers(lm.model)
     layers = parse_layers(cfg.layers, n)
     sweep_cfg = SweepConfig(
@@ -254,6 +256,7 @@ def profile_model(lm: LoadedModel, cfg: ProfileConfig, progress: bool = True) ->
         perception=perception,
     )
     mp.peak = peaks(mp)
+    mp.timings["profile_s"] = time.perf_counter() - t0  # sweep, re-scoring and probe
     return mp
 
 
