@@ -305,6 +305,9 @@ def _band(ax, x, rows: list[dict], key: str, ci: str, lab: str, color) -> None:
     lo = [p[1][ci][0] for p in pts]
     hi = [p[1][ci][1] for p in pts]
     ax.fill_between(xs, lo, hi, color=color, alpha=0.2)
+    over = [(p[0], p[1][key]) for p in pts if p[1].get("within_kl") is False]
+    if over:  # no strength of this layer kept KL within the bound: the gentlest one, marked
+        ax.plot(*zip(*over, strict=True), "x", color="black", ms=6)
 
 
 def profile_figure(result: ProfileResult):
@@ -353,7 +356,7 @@ def profile_figure(result: ProfileResult):
     )
     fig.suptitle(
         f"layer profile of the {cfg.target!r} vector ({cfg.readout}); per layer the best "
-        f"strength of {cfg.strengths} within KL <= {cfg.kl_bound}",
+        f"strength of {cfg.strengths} within KL <= {cfg.kl_bound} (x: none is; the gentlest)",
         fontsize=9,
     )
     fig.tight_layout()
