@@ -86,7 +86,7 @@ def test_profile_plot_has_both_families_on_one_relative_depth_axis(profiled):
     """The acceptance figure: add and subtract panels share one x axis, relative depth
     layer / (n_layers - 1) in [0, 1], a line per family, labels naming both. Bug caught: the
     raw layer index (or layer / n_layers) on the x axis, so a 30- and an 18-layer model do not
-    line up (mutation tried: depth = layer -> the gemma line's x reaches 4.0, test fails)."""
+    line up (mutation tried: depth = layer -> the llama line's x is [0, 1, 2], not [0, 0.5, 1])."""
     fig = profile_figure(profiled)
     add, sub, kl = fig.axes[:3]
     assert add.get_shared_x_axes().joined(add, sub) and add.get_shared_x_axes().joined(add, kl)
