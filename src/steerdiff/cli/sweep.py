@@ -65,8 +65,25 @@ def sweep(
     device: DeviceOpt = "cpu",
     seed: Annotated[int, typer.Option(help="seed (response sampling)")] = 0,
     units: UnitsOpt = "l2",
+    profile: Annotated[
+        bool, typer.Option("--profile", help="layer profiles across --models (add and subtract)")
+    ] = False,
+    models: Annotated[
+        str, typer.Option(help="--profile: comma list of models")
+    ] = "default,gemma3-270m",
+    perception: Annotated[
+        bool, typer.Option("--perception", help="--profile: perception-vs-behaviour probe too")
+    ] = False,
+    ctx: typer.Context = None,  # type: ignore[assignment]  # typer fills it in
 ) -> None:
-    """Sweep layers x strengths x readouts of the trait system-prompt vector; write CSV, JSON, PNGs."""
+    """Sweep layers x strengths x readouts of the trait system-prompt vector; write CSV, JSON, PNGs.
+
+    With --profile: the add/subtract profile of the vector vs relative depth on each of
+    --models (--layers 'all', 'every:k' or '0,6,12'; default strengths -8,-4,-2,2,4,8)."""
+    if profile:
+        from .profile import run_profile
+
+        return run_profile(ctx, parse_floats(strengths, "strengths"))
     from rich.table import Table
 
     from steerdiff.extract import READOUTS
