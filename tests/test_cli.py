@@ -30,6 +30,12 @@ COMMANDS = [
     ["read", "monitor"],
     ["eval"],
     ["eval", "preference"],
+    ["sae"],
+    ["whiten"],
+    ["whiten", "fit"],
+    ["whiten", "norm"],
+    ["melbo"],
+    ["fuzz"],
 ]
 
 
