@@ -211,6 +211,30 @@ def pinned(**kw: Any) -> Any:
     return FitConfig(**{**base, **kw})
 
 
+def distill_config(quick: bool, epochs: int, **kw: Any) -> Any:
+    """The top-k distillation fit of one vector at HOOK that the SAE-basis and whitened-fit
+    benches share (Adam, lr 0.05 in activation units, cosine, all `epochs`; --quick: 2)."""
+    from steerdiff.fit import FitConfig
+
+    base: dict[str, Any] = dict(
+        hooks=[HOOK],
+        objective="distill",
+        optimizer="adam",
+        lr=0.05,
+        lr_units="activation",
+        schedule="cosine",
+        warmup_steps=2,
+        epochs=2 if quick else epochs,
+        converge_tol=0,
+        batch_size=8 if quick else 16,
+        micro_batch_size=8,
+        val_size=8 if quick else 32,
+        seed=0,
+        progress=False,
+    )
+    return FitConfig(**{**base, **kw})
+
+
 def describe(cfg: Any) -> dict:
     return {k: v for k, v in cfg.model_dump().items() if k not in ("progress",)}
 

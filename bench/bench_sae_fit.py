@@ -47,25 +47,7 @@ def random_sae(folder: Path, d_sae: int = 4608, d_in: int = 576, seed: int = 0) 
 
 
 def config(quick: bool, **kw: Any) -> Any:
-    from steerdiff.fit import FitConfig
-
-    base: dict[str, Any] = dict(
-        hooks=[HOOK],
-        objective="distill",
-        optimizer="adam",
-        lr=0.05,
-        lr_units="activation",
-        schedule="cosine",
-        warmup_steps=2,
-        epochs=2 if quick else 4,
-        converge_tol=0,
-        batch_size=8 if quick else 16,
-        micro_batch_size=8,
-        val_size=8 if quick else 32,
-        seed=0,
-        progress=False,
-    )
-    return FitConfig(**{**base, **kw})
+    return _owl.distill_config(quick, epochs=4, **kw)
 
 
 def figures(res: Any, clock: Clock) -> dict[str, Any]:

@@ -47,25 +47,7 @@ N_QUESTIONS = 50  # --quick: 20
 
 
 def config(quick: bool, **kw: Any) -> Any:
-    from steerdiff.fit import FitConfig
-
-    base: dict[str, Any] = dict(
-        hooks=[HOOK],
-        objective="distill",
-        optimizer="adam",
-        lr=0.05,
-        lr_units="activation",
-        schedule="cosine",
-        warmup_steps=2,
-        epochs=2 if quick else 3,
-        converge_tol=0,
-        batch_size=8 if quick else 16,
-        micro_batch_size=8,
-        val_size=8 if quick else 32,
-        seed=0,
-        progress=False,
-    )
-    return FitConfig(**{**base, **kw})
+    return _owl.distill_config(quick, epochs=3, **kw)
 
 
 def gaussian(lm: Any, n_texts: int) -> tuple[Any, Path]:
