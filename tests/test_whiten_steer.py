@@ -191,6 +191,39 @@ def test_cli_eval_whitened_needs_a_gaussian_of_the_vectors_hook(tiny_folder, tmp
     assert not (tmp_path / "data").exists()
 
 
+def test_cli_eval_in_whitened_units_is_the_l2_eval_at_c_over_the_mahalanobis_norm(
+    tiny_folder, tmp_path
+):
+    """`eval preference --vectors V --coeff c --units whitened --whiten G` scores exactly what
+    `--coeff c / ||v||_M` in L2 units scores (a change of units is a rescaling of the
+    coefficient). Bugs caught: --units whitened ignored on the happy path (mutation tried:
+    `steering_in_units` returns its input -> the whitened share equals the coeff-c L2 share,
+    not the rescaled one), the coefficient divided instead of multiplied or the L2 norm used."""
+    lm = load_model(str(tiny_folder), dtype="float32")
+    gen = torch.Generator().manual_seed(5)
+    v = torch.randn(lm.model.config.hidden_size, generator=gen) * 3.0
+    vec = VectorSet({HOOK: v}).save(tmp_path / "v.safetensors")
+    g = gaussian(HOOK, v.numel(), 3, scale=2.0)
+    g.meta["weights_hash"] = lm.weights_hash
+    gf = g.save(tmp_path / "g.safetensors")
+    c = 6.0
+    k = c / float(g.mahalanobis_norm(v.double()))
+    base = ["eval", "preference", "--model", str(tiny_folder), "--vectors", str(vec)]
+    base += ["--n-questions", "4", "--dtype", "float32"]
+
+    def share(*extra: str, name: str) -> float:
+        out = tmp_path / f"{name}.json"
+        r = CliRunner().invoke(app, [*base, *extra, "--out", str(out)])
+        assert r.exit_code == 0, r.output
+        return json.loads(out.read_text())["target_rate"]
+
+    whitened = share("--coeff", str(c), "--units", "whitened", "--whiten", str(gf), name="w")
+    rescaled = share("--coeff", repr(k), name="l2k")
+    plain = share("--coeff", str(c), name="l2c")
+    assert whitened == pytest.approx(rescaled, rel=1e-5, abs=1e-9)
+    assert abs(whitened - plain) > 1e-4  # k != c here, so the units made a difference
+
+
 def test_cli_whiten_fit_and_norm_equal_the_library(tiny_folder, tmp_path):
     """`whiten fit` saves the Gaussian fit_gaussian makes on the same corpus texts, refuses
     to overwrite; `whiten norm` writes vector_figures' numbers; a Gaussian of another hook or
