@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 import steerdiff.models as models
 from steerdiff.cli import app
-from steerdiff.fit import Example, FitConfig, annotate_topk, fit
+from steerdiff.fit import Example, FitConfig, FitError, annotate_topk, fit
 from steerdiff.fit.students import VectorStudent
 from steerdiff.fit.whitened import CACHE_FOLDER, WhitenedNorms, gaussian_file
 from steerdiff.models import wrap_model
@@ -179,6 +179,21 @@ def test_auto_gaussians_are_fitted_once_and_reused_on_resume(tmp_path, smollm, m
     assert res.extra["whiten_gaussians"][HOOK]["source"] == str(kept)
     fit(lm, exs, **{**kw, "whiten_texts": 7})  # made for 6 texts: fitted again
     assert calls == [HOOK, HOOK] and Gaussian.load(kept).meta["whiten_texts"] == 7
+
+
+def test_resume_in_another_gaussian_is_refused(setup, tmp_path):
+    """A fit resumed after its Gaussian file was replaced (same hook, same model, other
+    covariance) would go on penalising in another metric: refused, naming whiten_sha256.
+    Bug caught: the Gaussian's content not part of the resume identity (mutation tried:
+    "whiten_sha256" left out of checkpoint.run_identity's keys -> the resume runs)."""
+    lm, exs = setup
+    path = gaussian(seed=0).save(tmp_path / "g.safetensors")
+    kw = dict(QUICK, whiten=str(path), whiten_penalty=0.01, max_steps=2, out_dir=tmp_path / "f")
+    fit(lm, exs, **kw)
+    fit(lm, exs, resume=True, **kw)  # the same file: resumes
+    gaussian(seed=1).save(path)
+    with pytest.raises(FitError, match="whiten_sha256"):
+        fit(lm, exs, resume=True, **kw)
 
 
 # ---------------------------------------------------------------- bad input

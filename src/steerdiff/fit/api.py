@@ -356,6 +356,8 @@ def fit(
         student.whitened = whitened
     prov = {**model_provenance(lm, cfg), "teacher": d.teacher, "hooks": names}
     prov.update(latent_provenance(sae))
+    if whitened is not None:  # a resume in other Gaussians (a replaced file) is refused
+        prov["whiten_sha256"] = whitened.fingerprint()
 
     def save(out: Path, params: dict[str, torch.Tensor], summary: dict) -> None:
         summary = record_code(student, summary, out)  # basis "sae": latent_code.safetensors

@@ -71,7 +71,8 @@ def run_identity(
     ident: dict[str, Any] = {
         k: v for k, v in cfg.model_dump(mode="json").items() if k not in RESUME_MAY_CHANGE
     }
-    for key in ("model_id", "weights_hash", "dtype", "hooks", "lora", "baseline", "sae_sha256"):
+    keys = ("model_id", "weights_hash", "dtype", "hooks", "lora", "baseline", "sae_sha256")
+    for key in (*keys, "whiten_sha256"):
         if key in prov:
             ident[key] = json.loads(json.dumps(prov[key], default=str))
     ident["data"] = f"{len(train)} training / {len(val)} validation rows, " + _fingerprint(

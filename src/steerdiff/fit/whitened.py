@@ -21,6 +21,7 @@ fit measures in the same Gaussians.
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,16 @@ class WhitenedNorms:
         for h, n in self.norms(params).items():
             if float(n) > self.max_norm:
                 params[h].mul_(self.max_norm / float(n))
+
+    def fingerprint(self) -> str:
+        """sha256 of every hook's mean and covariance: a resume must measure in the same
+        Gaussians as the fit's start (checkpoint.run_identity compares it)."""
+        h = hashlib.sha256()
+        for hook in sorted(self.gaussians):
+            g = self.gaussians[hook]
+            h.update(hook.encode() + g.mean.double().numpy().tobytes())
+            h.update(g.cov.double().numpy().tobytes())
+        return h.hexdigest()[:16]
 
     def figures(self, params: dict[str, torch.Tensor]) -> dict[str, Any]:
         """What a fit's result records: each vector's Mahalanobis norm (float64, the
