@@ -233,6 +233,14 @@ def test_partial_forward_matches_full(chat, smollm_f32, model):
             fast = scorer.logprobs(layer, v, c)
             assert torch.allclose(fast, full[g], atol=1e-4, rtol=0), (layer, c)
             assert coherence.kl(layer, v, c) == pytest.approx(float(kls[g]), abs=1e-4)
+    # per prompt (MELBO's coherence CI is over these): [coeff, prompt], each prompt's KL is
+    # what a probe of that prompt alone measures (bug: the [G*K] rows regrouped the wrong
+    # way, e.g. .view(K, G).T -> prompt 0 of coeff 1 reads another row), and their mean is kl
+    per = probe.kl_per_prompt(steering)
+    assert per.shape == (len(coeffs), 2)
+    assert torch.allclose(per.mean(1), kls, atol=1e-6)
+    alone = CoherenceProbe(lm, read_lines_resource("neutral_prompts.txt")[1:2], 3)
+    assert torch.allclose(per[:, 1], alone.kl(steering), atol=1e-4)
 
 
 def test_coherence_responses_match_generate_with_min_new_tokens(tiny_lm):

@@ -279,10 +279,14 @@ class CoherenceProbe:
         )
         return torch.cat([first, rest], dim=1)
 
-    def kl(self, steering: Steering | None) -> torch.Tensor:
-        """KL(unsteered || steered), mean over prompts and tokens -> [G] (one per coeff)."""
+    def kl_per_prompt(self, steering: Steering | None) -> torch.Tensor:
+        """KL(unsteered || steered) per prompt, mean over its tokens -> [G, K] (G coeffs)."""
         steered = self._logprobs(steering)  # [G*K, n, vocab]
         g = steered.shape[0] // self.base.shape[0]
         base = self.base.repeat(g, 1, 1)
         kl = (base.exp() * (base - steered)).sum(-1)  # [G*K, n]
-        return kl.view(g, -1).mean(1)
+        return kl.mean(1).view(g, -1)
+
+    def kl(self, steering: Steering | None) -> torch.Tensor:
+        """KL(unsteered || steered), mean over prompts and tokens -> [G] (one per coeff)."""
+        return self.kl_per_prompt(steering).mean(1)

@@ -25,6 +25,7 @@ from ..evals.misalignment import ALL, evaluate_misalignment_mc, paired_misalignm
 from ..evals.preference import exact_preference, paired_difference, sample_answers
 from ..evals.scoring import CoherenceProbe
 from ..evals.steering import Steering
+from ..intervals import mean_ci95
 from ..models import LoadedModel
 from ..progress import progress as progress_bar
 from .config import MelboConfig, parse_evals
@@ -94,7 +95,8 @@ def evaluate_vectors(
                     "shift_ci95": d["ci95"],
                 }
             if probe is not None:
-                row["coherence_kl"] = float(probe.kl(st)[0])
+                kl, ci = mean_ci95(probe.kl_per_prompt(st)[0].tolist())  # CI over prompts
+                row["coherence_kl"], row["coherence_kl_ci95"] = kl, list(ci)
             row["samples"] = _samples(lm, cfg, st)
             rows.append(row)
             bar.update(1)

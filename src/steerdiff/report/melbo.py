@@ -36,7 +36,8 @@ def vector_rows(doc: dict) -> list[dict]:
         if "misalignment" in v:
             row["p_misaligned shift (95% CI)"] = _ci(v["misalignment"])
         if "coherence_kl" in v:
-            row["coherence KL"] = v["coherence_kl"]
+            lo, hi = v.get("coherence_kl_ci95", (float("nan"), float("nan")))
+            row["coherence KL (95% CI)"] = f"{v['coherence_kl']:.3f} [{lo:.3f}, {hi:.3f}]"
         if cos is not None:
             row["|cos| with teacher"] = cos[i]
         rows.append(row)
