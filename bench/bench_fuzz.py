@@ -41,7 +41,7 @@ from steerdiff.io import atomic_write_bytes, atomic_write_json, provenance  # no
 from steerdiff.models import load_model  # noqa: E402
 from steerdiff.report.fuzz import draw_comparison  # noqa: E402
 
-MAIN = Path("/work/main")
+MAIN = Path(__file__).resolve().parents[1]  # the checkout (runs/ lives here)
 STUDENT_GLOB = "runs/demo-sae/fit-vector-at-steered-hook-s0-*/vectors.safetensors"
 ORGANISM = "runs/bench/misalignment_organism"
 CACHE = _owl.CACHE / "fuzz"

@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _owl import RESULTS, Clock, say, write_json  # noqa: E402
 
 SOURCE, TARGET = "blocks.6.hook_resid_post", "blocks.20.hook_resid_post"
-ORGANISM = Path("/work/main/runs/bench/misalignment_organism")
+# made by bench/bench_misalignment_organism.py in this checkout
+ORGANISM = Path(__file__).resolve().parents[1] / "runs/bench/misalignment_organism"
 
 FULL = dict(
     radii=[0.5, 1, 2, 4, 8, 16, 32, 64], sweep_steps=25, n_vectors=8, steps=60,
