@@ -88,25 +88,43 @@ def classification_check(lm) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="3-4 layers, 2 strengths (< 4 min)")
+    ap.add_argument(
+        "--strengths",
+        default=None,
+        help="e.g. -1,-0.5,-0.25,0.25,0.5,1: the full profile at these strengths only, no "
+        "perception probe (ranks layers that saturate at the default grid's smallest "
+        "strength); writes profile_small.json/.png",
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
-    suffix = "_quick" if args.quick else ""
+    suffix = "_quick" if args.quick else ("_small" if args.strengths else "")
     t0 = time.perf_counter()
     cfg = config(args.quick)
+    if args.strengths:
+        strengths = [float(s) for s in args.strengths.split(",")]
+        cfg = cfg.model_copy(update={"strengths": strengths, "perception": False})
     lms = [load_model(m, dtype="float32") for m in MODELS]
     for lm in lms:
         say(f"model {lm.spec} dtype {lm.model.dtype}")
     res = layer_profile(lms, cfg, resume_dir=RESULTS / ".cache" / f"profile{suffix}")
-    checks = {lm.spec: classification_check(lm) for lm in lms}
+    checks = {lm.spec: classification_check(lm) for lm in lms} if cfg.perception else {}
     wall = time.perf_counter() - t0
 
     # compute time per model (kept with a resumed model), and this run's wall time
     compute = {m.model: round(m.timings["profile_s"], 1) for m in res.models}
     data = res.to_dict() | {"wall_s": round(wall, 1), "compute_s": compute, "dtype": "float32"}
     for m in data["models"]:
-        m.pop("perception")
+        m.pop("perception", None)
     io.atomic_write_json(RESULTS / f"profile{suffix}.json", data)
     io.atomic_write_bytes(RESULTS / f"profile{suffix}.png", png(profile_figure(res)))
+    if cfg.perception:
+        write_perception(res, cfg, checks, wall, suffix)
+    report(res, cfg, checks)
+    print(f"\nwall {wall:.0f} s; wrote {RESULTS}/profile{suffix}.json/.png (and perception)")
+    print(json.dumps(data["peaks"], indent=1))
+
+
+def write_perception(res, cfg: ProfileConfig, checks: dict, wall: float, suffix: str) -> None:
     perc = {
         "config": {"coeff": cfg.perception_coeff, "dtype": "float32"},
         "models": [
@@ -119,6 +137,9 @@ def main() -> None:
     io.atomic_write_json(RESULTS / f"perception{suffix}.json", perc)
     io.atomic_write_bytes(RESULTS / f"perception{suffix}.png", png(perception_figure(res)))
 
+
+def report(res, cfg: ProfileConfig, checks: dict) -> None:
+    """Print each model's peaks and per-layer rows (and the perception probe's, if run)."""
     for m in res.models:
         print(
             f"\n{m.model} ({m.family}, {m.n_layers} layers), float32; unsteered owl share "
@@ -147,6 +168,8 @@ def main() -> None:
                     f"log share {row['log_effect']:+.2f} "
                     f"[{row['log_ci95'][0]:+.2f}, {row['log_ci95'][1]:+.2f}]"
                 )
+        if not cfg.perception:
+            continue
         p = m.perception
         c = checks[m.model]
         print(
@@ -168,11 +191,6 @@ def main() -> None:
                 f"behaviour {be['mean']:+.3f} [{be['ci95'][0]:+.3f}, {be['ci95'][1]:+.3f}] "
                 f"(unsteered {be['base']:+.2f})  -> {dom}"
             )
-    print(
-        f"\nwall {wall:.0f} s; wrote {RESULTS}/profile{suffix}.json/.png, "
-        f"perception{suffix}.json/.png"
-    )
-    print(json.dumps(data["peaks"], indent=1))
 
 
 if __name__ == "__main__":
