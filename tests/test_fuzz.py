@@ -364,3 +364,33 @@ def test_whitened_noise_needs_a_gaussian_per_hook_of_this_hook(tiny_lm, tmp_path
         load_gaussians(tiny_lm, FuzzConfig(noise="whitened", whiten=[str(f_at)]), [AT, NEXT])
     with pytest.raises(FuzzError, match="add --noise whitened"):
         load_gaussians(tiny_lm, FuzzConfig(whiten=[str(f_next)]), [AT])
+
+
+def test_cli_whitened_noise_end_to_end(tiny_folder, tmp_path, animals):
+    """`steerdiff fuzz --noise whitened --whiten G0 --whiten G1` with Gaussians from
+    `steerdiff whiten fit`: scale 0 equals the isotropic run's scale 0 (no noise), scale 1
+    differs from it (other noise), and fuzz.json says "whitened". Bugs caught: --noise
+    whitened ignored on the CLI path (mutation tried: `noise=noise` -> `noise="isotropic"` in
+    cli/fuzz.py: the config then refuses the files, exit 2), the Gaussians given but not used
+    (the scale-1 values would equal the isotropic run's)."""
+    gs = []
+    for layer in (0, 1):
+        g = tmp_path / f"g{layer}.safetensors"
+        fit = ["whiten", "fit", "--model", str(tiny_folder), "--dtype", "float32"]
+        fit += ["--hook", f"blocks.{layer}.hook_resid_post", "--texts", "8", "--out", str(g)]
+        r = runner.invoke(app, fit)
+        assert r.exit_code == 0, r.output
+        gs += ["--whiten", str(g)]
+    vs = tmp_path / "v.safetensors"
+    VectorSet({"blocks.2.hook_resid_post": torch.ones(32)}).save(vs)
+    args = ["fuzz", "base", f"{vs}@3", "--model", str(tiny_folder), "--category", animals]
+    args += ["--n-questions", "2", "--layers", "0,1", "--scales", "0,1", "--seeds", "1"]
+    runs = {}
+    for kind, extra in (("isotropic", []), ("whitened", ["--noise", "whitened", *gs])):
+        r = runner.invoke(app, [*args, *extra, "--out", str(tmp_path / kind)])
+        assert r.exit_code == 0, r.output
+        runs[kind] = json.loads((tmp_path / kind / "fuzz.json").read_text())
+    iso, wh = runs["isotropic"]["curves"]["base"], runs["whitened"]["curves"]["base"]
+    assert wh["noise"] == "whitened" and iso["noise"] == "isotropic"
+    assert wh["values"][0] == iso["values"][0]  # scale 0: no noise either way
+    assert wh["values"][1] != iso["values"][1]
