@@ -8,12 +8,16 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from steerdiff.models import LoadedModel, wrap_model
 
 
-def make_tiny_chat(tokenizer, seed: int = 0) -> LoadedModel:
+def make_tiny_chat(
+    tokenizer, seed: int = 0, model_type: str = "llama", layers: int = 3, spec: str | None = None
+) -> LoadedModel:
+    """A tiny random model of `model_type` (llama, gemma3_text, ...) with `layers` blocks."""
+    extra = {"head_dim": 16, "sliding_window": 4} if model_type == "gemma3_text" else {}
     cfg = AutoConfig.for_model(
-        "llama",
+        model_type,
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=3,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         vocab_size=len(tokenizer),
@@ -21,13 +25,11 @@ def make_tiny_chat(tokenizer, seed: int = 0) -> LoadedModel:
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
+        **extra,
     )
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg)
-    model.eval()
-    model.requires_grad_(False)
-    lm = wrap_model(model, tokenizer, spec="tiny-chat-llama")
-    return lm
+    model = AutoModelForCausalLM.from_config(cfg).eval().requires_grad_(False)
+    return wrap_model(model, tokenizer, spec=spec or f"tiny-chat-{model_type}")
 
 
 def direct_answer_logp(

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from _chat_tiny import make_tiny_chat
 
 from steerdiff.evals import Steering, candidate_logprobs, load_category, question_prompts
 from steerdiff.extract import Exclusion, default_contrast_questions, trait_vectors
@@ -22,7 +22,7 @@ from steerdiff.layer_profile import (
     peak,
     profile_figure,
 )
-from steerdiff.models import LoadedModel, wrap_model
+from steerdiff.models import LoadedModel
 from steerdiff.perception_probe import (
     BEHAVIOUR_ITEMS,
     NEUTRAL_REVIEWS,
@@ -35,24 +35,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_chat(tokenizer, model_type: str, layers: int, seed: int = 0) -> LoadedModel:
-    extra = {"head_dim": 16, "sliding_window": 4} if model_type == "gemma3_text" else {}
-    cfg = AutoConfig.for_model(
-        model_type,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        **extra,
-    )
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg).eval().requires_grad_(False)
-    return wrap_model(model, tokenizer, spec=f"tiny-{model_type}-{layers}")
+    return make_tiny_chat(tokenizer, seed, model_type, layers, spec=f"tiny-{model_type}-{layers}")
 
 
 @pytest.fixture(scope="module")
