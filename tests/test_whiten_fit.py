@@ -149,8 +149,8 @@ def test_auto_gaussians_are_fitted_once_and_reused_on_resume(tmp_path, smollm, m
     import steerdiff.fit.whitened as fw
 
     calls = []
-    real = fw.fit_gaussian
-    monkeypatch.setattr(fw, "fit_gaussian", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    real = fw.fit_gaussians  # records the hooks it fits
+    monkeypatch.setattr(fw, "fit_gaussians", lambda *a, **k: calls.extend(a[1]) or real(*a, **k))
     tok = smollm.tokenizer  # a real tokenizer for the corpus text; the model is tiny
     cfg = AutoConfig.for_model(
         "llama",

@@ -173,7 +173,7 @@ def test_cli_eval_whitened_needs_a_gaussian_of_the_vectors_hook(tiny_folder, tmp
     """`eval preference --units whitened --whiten G` with G fitted at another hook: one line,
     exit 2, before any scoring (the acceptance item's bad input), naming both hooks. Bugs
     caught: the Gaussian not checked against the vectors' hook and model (mutation tried:
-    check_for skipped in gaussian_for_vector -> only whitened_units' later hook check stops
+    check_for skipped in whiten.resolve_gaussians -> only whitened_units' later hook check stops
     it, with a message that no longer says "fitted at X, not Y": fails), and a bad --units
     value passing."""
     vec = VectorSet({HOOK: torch.randn(32)}).save(tmp_path / "v.safetensors")

@@ -46,7 +46,13 @@ from .replay import full_hidden, lm_head
 from .sae import SAEError, load_sae
 from .teacher_config import TeacherConfig, TeacherError, persona_prompt  # noqa: F401
 from .vectors import VectorSet, VectorSetError
-from .whiten import Gaussian, WhitenError, gaussian_for_vector, whitened_coeff
+from .whiten import (
+    Gaussian,
+    WhitenError,
+    place_gaussian,
+    resolve_gaussians,
+    whitened_coeff,
+)
 
 KINDS = ("prompt", "steered", "sae", "adapter", "plain")
 
@@ -288,20 +294,17 @@ def whitened_teacher_vectors(
         raise TeacherError(f"coeff_units {units!r}: use 'l2' or 'whitened'.")
     given = dict(gaussians or {})
     recorded = spec.get("whitened_scale") or {}
-    scale: dict[str, float] = {}
     try:
-        if spec.get("whiten"):
-            g = Gaussian.load(spec["whiten"])  # one file: the hook of a one-hook set (checked)
-            given.setdefault(next(iter(vectors)) if len(vectors) == 1 else g.hook, g)
-        for hook, v in vectors.items():
-            if hook not in given and hook in recorded:
-                scale[hook] = float(recorded[hook])
-                continue
-            g = gaussian_for_vector(lm, hook, given.get(hook), texts)
-            scale[hook] = whitened_coeff(g, v, 1.0)
+        if spec.get("whiten"):  # one file: the hook of a one-hook set (checked)
+            for hook, g in place_gaussian(Gaussian.load(spec["whiten"]), list(vectors)).items():
+                given.setdefault(hook, g)
+        scale = {h: float(recorded[h]) for h in vectors if h not in given and h in recorded}
+        measured = [h for h in vectors if h not in scale]
+        gs = resolve_gaussians(lm, measured, given, texts)
+        scale |= {h: whitened_coeff(gs[h], vectors[h], 1.0) for h in measured}
     except WhitenError as e:
         raise TeacherError(f"coeff_units 'whitened' (whiten = {spec.get('whiten')!r}): {e}") from e
-    spec["whitened_scale"] = scale
+    spec["whitened_scale"] = scale = {h: scale[h] for h in vectors}  # in the set's order
     meta = {**vectors.metadata, "coeff_units": "whitened"}
     return VectorSet({h: (v.double() * scale[h]).to(v.dtype) for h, v in vectors.items()}, meta)
 

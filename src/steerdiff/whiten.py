@@ -327,22 +327,32 @@ def gaussians_for(
     return {h: out[h] for h in hooks}
 
 
-def gaussian_for_vector(
-    lm: LoadedModel, hook: str, whiten: str | Path | Gaussian | None, texts: Sequence[str] | None
-) -> Gaussian:
-    """The Gaussian that whitened units at `hook` are measured in: a saved one (path, checked
-    against the model and hook), a given one (checked), else one fitted on `texts`."""
-    if isinstance(whiten, (str, Path)):
-        whiten = Gaussian.load(whiten)
-    if whiten is not None:
-        check_for(whiten, lm, hook)
-        return whiten
-    if not texts:
+def place_gaussian(g: Gaussian, hooks: Sequence[str]) -> dict[str, Gaussian]:
+    """Where one given Gaussian applies: the only hook of a one-hook set (check_for then says
+    if it was fitted elsewhere), else its own hook."""
+    return {hooks[0]: g} if len(hooks) == 1 else {g.hook: g}
+
+
+def resolve_gaussians(
+    lm: LoadedModel,
+    hooks: Sequence[str],
+    given: Mapping[str, Gaussian],
+    texts: Sequence[str] | None,
+) -> dict[str, Gaussian]:
+    """{hook: Gaussian} that whitened units at `hooks` are measured in: the given ones
+    (each checked against the model and its hook), the rest fitted on `texts` in one pass
+    per text (fit_gaussians)."""
+    for hook in hooks:
+        if hook in given:
+            check_for(given[hook], lm, hook)
+    missing = [h for h in hooks if h not in given]
+    if missing and not texts:
         raise WhitenError(
-            f"Whitened units at {hook} need a Gaussian: give a saved one (steerdiff whiten fit "
-            f"--hook {hook} --out FILE) or texts to fit one on."
+            f"Whitened units at {missing[0]} need a Gaussian: give a saved one (steerdiff "
+            f"whiten fit --hook {missing[0]} --out FILE) or texts to fit one on."
         )
-    return fit_gaussian(lm, hook, list(texts))
+    fitted = fit_gaussians(lm, missing, list(texts or [])) if missing else {}
+    return {h: given[h] if h in given else fitted[h] for h in hooks}
 
 
 def vector_figures(g: Gaussian, v: torch.Tensor) -> dict[str, float]:

@@ -62,17 +62,12 @@ def steering_in_units(lm: Any, steering: Any, units: str, whiten: str | None, n_
             fail("--units whitened scales --vectors: give --vectors")
         return steering
     from steerdiff.interpret.corpus import load_corpus
-    from steerdiff.whiten import Gaussian, gaussian_for_vector
+    from steerdiff.whiten import Gaussian, place_gaussian, resolve_gaussians
 
-    given = Gaussian.load(whiten) if whiten else None
     hooks = list(steering.vectors)
-    texts = None if given is not None and len(hooks) == 1 else load_corpus(n=n_texts).texts
-    mine = {
-        h: given if given is not None and (len(hooks) == 1 or given.hook == h) else None
-        for h in hooks
-    }
-    gs = {h: gaussian_for_vector(lm, h, mine[h], texts) for h in hooks}
-    return steering.in_whitened_units(gs)
+    given = place_gaussian(Gaussian.load(whiten), hooks) if whiten else {}
+    texts = None if set(hooks) <= set(given) else load_corpus(n=n_texts).texts
+    return steering.in_whitened_units(resolve_gaussians(lm, hooks, given, texts))
 
 
 def teacher_in_units(cfg: Any, coeff_units: str, whiten: str | None) -> Any:

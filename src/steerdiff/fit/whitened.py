@@ -31,7 +31,7 @@ from torch import nn
 
 from ..io import atomic_write_json, read_json
 from ..models import LoadedModel
-from ..whiten import Gaussian, WhitenError, check_for, fit_gaussian
+from ..whiten import Gaussian, WhitenError, check_for, fit_gaussians
 from .config import FitConfig, FitResult
 from .distributed import rank_world
 
@@ -196,29 +196,28 @@ def auto_gaussians(
     folder = Path(out_dir) / CACHE_FOLDER if out_dir is not None else None
     out: dict[str, Gaussian] = {}
     sources: dict[str, str] = {}
-    texts: list[str] | None = None
     for hook in hooks:
         cached = gaussian_file(folder, hook) if folder is not None else None
         if cached is not None and cached.is_file():
             g = Gaussian.load(cached)
             if g.meta.get(TEXTS_KEY) == n_texts:  # else: made for another whiten_texts
                 out[hook], sources[hook] = g, str(cached)
-                continue
-        if texts is None:
-            texts = load_corpus(n=n_texts).texts
-            print(
-                f"fit: whiten auto: fitting {len(hooks)} Gaussian(s) on {len(texts)} corpus texts",
-                file=sys.stderr,
-                flush=True,
-            )
-        out[hook] = fit_gaussian(lm, hook, texts)
-        out[hook].meta[TEXTS_KEY] = n_texts
-        sources[hook] = f"auto ({len(texts)} corpus texts)"
-        if cached is not None and rank_world()[0] == 0:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            out[hook].save(cached)
-            sources[hook] = str(cached)
-    return out, sources
+    todo = [h for h in hooks if h not in out]
+    if todo:
+        texts = load_corpus(n=n_texts).texts
+        print(
+            f"fit: whiten auto: fitting {len(todo)} Gaussian(s) on {len(texts)} corpus texts",
+            file=sys.stderr,
+            flush=True,
+        )
+        for hook, g in fit_gaussians(lm, todo, texts).items():  # one pass per text
+            g.meta[TEXTS_KEY] = n_texts
+            out[hook], sources[hook] = g, f"auto ({len(texts)} corpus texts)"
+            if folder is not None and rank_world()[0] == 0:
+                folder.mkdir(parents=True, exist_ok=True)
+                g.save(gaussian_file(folder, hook))
+                sources[hook] = str(gaussian_file(folder, hook))
+    return {h: out[h] for h in hooks}, sources
 
 
 def finish_whitened_fit(
